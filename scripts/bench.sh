@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# Compare vpool with the plain member directory and with mergerfs, with fio,
+# in one run on this machine. All three targets sit on the same disk.
+#
+#   scripts/bench.sh
+#
+# Environment:
+#   BENCH_SIZE      file size per workload (fio syntax, default 1G)
+#   BENCH_RUNTIME   seconds per job (default 12)
+#   BENCH_JOBS      numjobs for the random workloads (default 2)
+#   BENCH_TARGETS   which targets to run (default "plain mergerfs vpool")
+#   BENCH_DIR       parent of the scratch dir (default ./target, i.e. the disk
+#                   the repo is on; avoid tmpfs). A vpool-bench.XXXXXX dir is
+#                   made inside it and removed afterwards.
+#   BENCH_OUT       where raw fio JSON and the table are kept
+#                   (default ./target/bench-results)
+#   BENCH_MERGERFS_OPTS  mergerfs -o options
+#                   (default cache.files=off,dropcacheonclose=true,category.create=mfs)
+#   BENCH_VPOOL_CREATE_ARGS  extra args for `vpool create` (e.g. "--extent-size 64M")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+
+SIZE="${BENCH_SIZE:-1G}"
+RUNTIME="${BENCH_RUNTIME:-12}"
+JOBS="${BENCH_JOBS:-2}"
+read -r -a TARGETS <<<"${BENCH_TARGETS:-plain mergerfs vpool}"
+BASE="${BENCH_DIR:-$PWD/target}"
+OUT="${BENCH_OUT:-$PWD/target/bench-results}"
+MERGERFS_OPTS="${BENCH_MERGERFS_OPTS:-cache.files=off,dropcacheonclose=true,category.create=mfs}"
+read -r -a VPOOL_CREATE_ARGS <<<"${BENCH_VPOOL_CREATE_ARGS:-}"
+VPOOL="$PWD/target/release/vpool"
+
+# ---------------------------------------------------------------- setup
+want() {
+    local t
+    for t in "${TARGETS[@]}"; do [[ $t == "$1" ]] && return 0; done
+    return 1
+}
+
+pkgs=()
+command -v fio >/dev/null 2>&1 || pkgs+=(fio)
+command -v fusermount3 >/dev/null 2>&1 || pkgs+=(fuse3)
+if want mergerfs && ! command -v mergerfs >/dev/null 2>&1; then
+    pkgs+=(mergerfs)
+fi
+apt_install "${pkgs[@]}"
+command -v python3 >/dev/null 2>&1 || die "python3 is needed to print the results"
+ensure_dev_fuse
+if want vpool; then
+    ensure_cargo_path
+    ensure_build_deps
+    log "cargo build --release"
+    cargo build --release
+    [[ -x $VPOOL ]] || die "$VPOOL was not built"
+fi
+
+mkdir -p "$BASE" "$OUT"
+WORK="$(mktemp -d "$(realpath "$BASE")/vpool-bench.XXXXXX")"
+if [[ $(stat -f -c %T "$WORK") == tmpfs ]]; then
+    warn "$WORK is on tmpfs: numbers will not reflect a disk (set BENCH_DIR)"
+fi
+MOUNTS=()
+
+cleanup() {
+    local rc=$? m busy=0
+    set +e
+    for m in "${MOUNTS[@]}"; do
+        if is_mounted "$m"; then
+            log "cleanup: lazy unmount $m"
+            lazy_unmount "$m"
+        fi
+        is_mounted "$m" && busy=1
+    done
+    if [[ $busy -eq 0 ]]; then
+        rm -rf --one-file-system -- "$WORK"
+    else
+        warn "leaving $WORK behind: something is still mounted in it"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+drop_caches() {
+    sync
+    as_root sh -c 'echo 3 > /proc/sys/vm/drop_caches' 2>/dev/null || true
+}
+
+# fio_job TARGET WORKLOAD DIR FIO-ARGS...: one job, JSON kept in $OUT.
+fio_job() {
+    local target="$1" workload="$2" dir="$3"
+    shift 3
+    log "[$target] $workload"
+    fio --name="$workload" --directory="$dir" --ioengine=psync \
+        --fallocate=none --group_reporting \
+        --output-format=json --output="$OUT/${target}_${workload}.json" "$@"
+}
+
+# run_workloads TARGET DIR
+run_workloads() {
+    local target="$1" dir="$2"
+    local timed=(--runtime="$RUNTIME" --time_based)
+
+    # Sequential 1 MiB write of SIZE (capped at RUNTIME), fsync at the end so
+    # the page cache cannot absorb it.
+    fio_job "$target" seqwrite "$dir" --filename=seq.dat --rw=write --bs=1M \
+        --size="$SIZE" --end_fsync=1 --runtime="$RUNTIME"
+    rm -f -- "$dir/seq.dat"
+
+    # Lay out the file the read/random jobs use (not measured).
+    log "[$target] laying out $SIZE read file"
+    fio --name=layout --directory="$dir" --filename=read.dat --ioengine=psync \
+        --fallocate=none --rw=write --bs=1M --size="$SIZE" --end_fsync=1 \
+        --output=/dev/null
+
+    drop_caches
+    fio_job "$target" seqread "$dir" --filename=read.dat --rw=read --bs=1M \
+        --size="$SIZE" --runtime="$RUNTIME"
+
+    drop_caches
+    fio_job "$target" randread "$dir" --filename=read.dat --rw=randread \
+        --bs=4k --size="$SIZE" --numjobs="$JOBS" "${timed[@]}"
+
+    drop_caches
+    fio_job "$target" randwrite "$dir" --filename=read.dat --rw=randwrite \
+        --bs=4k --size="$SIZE" --numjobs="$JOBS" --end_fsync=1 "${timed[@]}"
+
+    drop_caches
+    fio_job "$target" randread_direct "$dir" --filename=read.dat \
+        --rw=randread --bs=4k --size="$SIZE" --numjobs="$JOBS" --direct=1 \
+        "${timed[@]}"
+
+    rm -f -- "$dir/read.dat"
+}
+
+# ---------------------------------------------------------------- targets
+rm -f -- "$OUT"/*.json
+log "scratch dir $WORK; size $SIZE; ${RUNTIME}s per job; results in $OUT"
+
+if want plain; then
+    mkdir -p "$WORK/plain"
+    run_workloads plain "$WORK/plain"
+fi
+
+if want mergerfs; then
+    mkdir -p "$WORK/mfs1" "$WORK/mfs2" "$WORK/mnt-mergerfs"
+    MOUNTS+=("$WORK/mnt-mergerfs")
+    log "mergerfs $(mergerfs --version 2>&1 | head -n1) -o $MERGERFS_OPTS"
+    mergerfs -o "$MERGERFS_OPTS,fsname=bench-mergerfs" \
+        "$WORK/mfs1:$WORK/mfs2" "$WORK/mnt-mergerfs"
+    is_mounted "$WORK/mnt-mergerfs" || die "mergerfs did not mount"
+    run_workloads mergerfs "$WORK/mnt-mergerfs"
+    fusermount3 -u "$WORK/mnt-mergerfs"
+fi
+
+if want vpool; then
+    mkdir -p "$WORK/vp1" "$WORK/vp2" "$WORK/mnt-vpool"
+    MOUNTS+=("$WORK/mnt-vpool")
+    "$VPOOL" create "${VPOOL_CREATE_ARGS[@]}" "$WORK/vp1" "$WORK/vp2"
+    "$VPOOL" mount "$WORK/vp1" "$WORK/mnt-vpool"
+    is_mounted "$WORK/mnt-vpool" || die "vpool did not mount"
+    run_workloads vpool "$WORK/mnt-vpool"
+    "$VPOOL" unmount "$WORK/mnt-vpool"
+fi
+
+# ---------------------------------------------------------------- report
+{
+    echo "fio $(fio --version), ioengine=psync, size $SIZE, ${RUNTIME}s/job," \
+        "numjobs=$JOBS for random jobs, $(nproc) CPUs, $(uname -r)"
+    echo
+    python3 - "$OUT" "${TARGETS[@]}" <<'PY'
+import json, os, sys
+
+out, targets = sys.argv[1], sys.argv[2:]
+workloads = [
+    ("seqwrite", "write", "seq write 1M"),
+    ("seqread", "read", "seq read 1M"),
+    ("randread", "read", "rand read 4K"),
+    ("randwrite", "write", "rand write 4K"),
+    ("randread_direct", "read", "rand read 4K direct"),
+]
+
+def load(target, name, rw):
+    path = os.path.join(out, f"{target}_{name}.json")
+    try:
+        text = open(path).read()
+        data = json.loads(text[text.index("{"):])  # skip any warnings before the JSON
+        job = data["jobs"][0][rw]
+        return job["bw_bytes"] / 2**20, job["iops"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+def cell(r):
+    return "n/a" if r is None else f"{r[0]:8.1f} MiB/s {r[1]:9.0f} IOPS"
+
+def ratio(a, b):
+    return "n/a" if a is None or b is None or b[0] == 0 else f"{a[0] / b[0]:.2f}"
+
+head = ["workload"] + targets
+if "vpool" in targets and "plain" in targets:
+    head.append("vpool/plain")
+if "vpool" in targets and "mergerfs" in targets:
+    head.append("vpool/mergerfs")
+rows = []
+for name, rw, label in workloads:
+    r = {t: load(t, name, rw) for t in targets}
+    row = [label] + [cell(r[t]) for t in targets]
+    if "vpool/plain" in head:
+        row.append(ratio(r["vpool"], r["plain"]))
+    if "vpool/mergerfs" in head:
+        row.append(ratio(r["vpool"], r["mergerfs"]))
+    rows.append(row)
+
+print("| " + " | ".join(head) + " |")
+print("|" + "|".join("---" for _ in head) + "|")
+for row in rows:
+    print("| " + " | ".join(row) + " |")
+PY
+} | tee "$OUT/table.md"
+log "raw fio JSON and table.md are in $OUT"

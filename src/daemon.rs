@@ -1,0 +1,278 @@
+//! The mounted daemon: opens the pool, mounts it through FUSE, and serves until
+//! unmounted or signalled. Around the session it runs the control socket, the
+//! flusher (a durable commit every few seconds while anything is pending) and a
+//! signal thread that turns SIGTERM/SIGINT/SIGHUP into a clean unmount.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::control;
+use crate::error::{Error, Result};
+use crate::fs::fuse::FuseFs;
+use crate::fs::{Vfs, VfsOptions};
+use crate::pool::{OpenMode, Pool};
+
+/// How often pending changes are committed without an fsync asking for it.
+pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Mount options: the usual FUSE ones plus vpool's own.
+#[derive(Clone, Debug, Default)]
+pub struct MountOptions {
+    pub fuse: Vec<MountOption>,
+    pub acl: SessionACL,
+    pub read_only: bool,
+    pub allow_nonempty: bool,
+    pub threads: usize,
+    /// `snapdir=visible`: list `.snapshots` in the root (snapshots are a later feature).
+    pub snapdir_visible: bool,
+}
+
+impl MountOptions {
+    pub fn parse(list: &[String]) -> Result<MountOptions> {
+        let mut o = MountOptions {
+            threads: 4,
+            ..Default::default()
+        };
+        for item in list.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = match item.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (item, None),
+            };
+            match (k, v) {
+                ("allow_other", None) => o.acl = SessionACL::All,
+                ("allow_root", None) => o.acl = SessionACL::RootAndOwner,
+                ("ro", None) => {
+                    o.read_only = true;
+                    o.fuse.push(MountOption::RO);
+                }
+                ("rw", None) => o.fuse.push(MountOption::RW),
+                ("dev", None) => o.fuse.push(MountOption::Dev),
+                ("nodev", None) => o.fuse.push(MountOption::NoDev),
+                ("suid", None) => o.fuse.push(MountOption::Suid),
+                ("nosuid", None) => o.fuse.push(MountOption::NoSuid),
+                ("exec", None) => o.fuse.push(MountOption::Exec),
+                ("noexec", None) => o.fuse.push(MountOption::NoExec),
+                ("atime", None) => o.fuse.push(MountOption::Atime),
+                ("noatime", None) => o.fuse.push(MountOption::NoAtime),
+                ("sync", None) => o.fuse.push(MountOption::Sync),
+                ("async", None) => o.fuse.push(MountOption::Async),
+                ("dirsync", None) => o.fuse.push(MountOption::DirSync),
+                ("auto_unmount", None) => o.fuse.push(MountOption::AutoUnmount),
+                ("default_permissions", None) => {} // always on
+                ("nonempty", None) => o.allow_nonempty = true,
+                ("threads", Some(n)) => {
+                    o.threads = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| Error::Invalid(format!("threads={n}: expected 1 to 64")))?
+                }
+                ("snapdir", Some("visible")) => o.snapdir_visible = true,
+                ("snapdir", Some("hidden")) => o.snapdir_visible = false,
+                ("snapdir", Some(v)) => {
+                    return Err(Error::Invalid(format!("snapdir={v}: expected visible or hidden")));
+                }
+                _ => return Err(Error::Invalid(format!("unknown mount option {item:?}"))),
+            }
+        }
+        if o.fuse.contains(&MountOption::AutoUnmount) && o.acl == SessionACL::Owner {
+            o.acl = SessionACL::RootAndOwner;
+        }
+        Ok(o)
+    }
+}
+
+/// Whether `path` (canonical) is a mountpoint, and of which filesystem type.
+pub fn mount_type(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    let mut found = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 5 || unescape_mountinfo(fields[4]) != want {
+            continue;
+        }
+        let sep = fields.iter().position(|f| *f == "-")?;
+        found = fields.get(sep + 1).map(|s| s.to_string());
+    }
+    found
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = String::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v as char);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i] as char);
+        i += 1;
+    }
+    out
+}
+
+/// Validates a mountpoint before mounting: exists, is a directory, nothing is
+/// mounted on it, and (unless allowed) it is empty.
+pub fn check_mountpoint(mp: &Path, allow_nonempty: bool) -> Result<PathBuf> {
+    let md = std::fs::metadata(mp).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Other(format!("mountpoint {} does not exist", mp.display()))
+        } else if e.raw_os_error() == Some(libc::ENOTCONN) {
+            Error::Other(format!(
+                "mountpoint {} is busy: a dead FUSE mount is still attached (run `vpool unmount {}`)",
+                mp.display(),
+                mp.display()
+            ))
+        } else {
+            Error::io(mp, e)
+        }
+    })?;
+    if !md.is_dir() {
+        return Err(Error::Other(format!("mountpoint {} is not a directory", mp.display())));
+    }
+    let canon = std::fs::canonicalize(mp).map_err(|e| Error::io(mp, e))?;
+    if let Some(t) = mount_type(&canon) {
+        return Err(Error::Other(format!(
+            "mountpoint {} is busy: a {t} filesystem is already mounted there",
+            canon.display()
+        )));
+    }
+    if !allow_nonempty {
+        let mut rd = std::fs::read_dir(&canon).map_err(|e| Error::io(&canon, e))?;
+        if rd.next().is_some() {
+            return Err(Error::Other(format!(
+                "mountpoint {} is not empty (use -o nonempty to mount over its content)",
+                canon.display()
+            )));
+        }
+    }
+    Ok(canon)
+}
+
+/// Mounts and serves in this process until unmounted. `ready` is called once the
+/// mount is visible (the detaching parent waits for that).
+pub fn run(member: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl FnOnce(&str)) -> Result<()> {
+    let mp = check_mountpoint(mountpoint, opts.allow_nonempty)?;
+    let pool = Pool::open(member, OpenMode::Exclusive)?;
+    let pool_id = pool.label.pool.to_string();
+    let vfs = Arc::new(Vfs::mount(
+        pool,
+        VfsOptions {
+            read_only: opts.read_only,
+        },
+    )?);
+    vfs.pool.write_lock_info(&mp)?;
+
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("vpool:{pool_id}")),
+        MountOption::Subtype("vpool".into()),
+        MountOption::DefaultPermissions,
+    ];
+    config.mount_options.extend(opts.fuse.iter().cloned());
+    config.acl = opts.acl;
+    config.n_threads = Some(opts.threads);
+    config.clone_fd = true;
+
+    block_signals();
+    let mut session = fuser::Session::new(FuseFs::new(vfs.clone()), &mp, &config)
+        .map_err(|e| Error::Other(format!("cannot mount on {}: {e}", mp.display())))?;
+    let _server = control::Server::start(&mp, vfs.clone())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flusher = {
+        let vfs = vfs.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("vpool-flusher".into())
+            .spawn(move || flusher_loop(&vfs, &stop))
+            .map_err(|e| Error::Other(format!("cannot start flusher: {e}")))?
+    };
+    let mut unmounter = session.unmount_callable();
+    std::thread::Builder::new()
+        .name("vpool-signals".into())
+        .spawn(move || {
+            if let Some(sig) = wait_signal() {
+                tracing::info!(signal = sig, "signal received; unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    tracing::error!(error = %e, "unmount on signal failed");
+                }
+            }
+        })
+        .map_err(|e| Error::Other(format!("cannot start signal thread: {e}")))?;
+
+    ready(&format!("pool {pool_id} mounted at {}", mp.display()));
+    tracing::info!(pool = %pool_id, mountpoint = %mp.display(), "serving");
+    let res = session.run();
+    stop.store(true, Ordering::Release);
+    flusher.thread().unpark();
+    let _ = flusher.join();
+    let final_commit = vfs.commit();
+    vfs.pool.clear_lock_info();
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "session ended with an error");
+    }
+    final_commit.map_err(|e| Error::Other(format!("final commit failed: {e}")))?;
+    tracing::info!("unmounted cleanly");
+    Ok(())
+}
+
+fn flusher_loop(vfs: &Vfs, stop: &AtomicBool) {
+    while !stop.load(Ordering::Acquire) {
+        std::thread::park_timeout(COMMIT_INTERVAL);
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        if vfs.has_pending()
+            && let Err(e) = vfs.commit()
+        {
+            tracing::error!(error = %e, "periodic commit failed");
+        }
+    }
+}
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Blocks the termination signals in this thread and every thread spawned after,
+/// so only the signal thread receives them (through sigwait).
+fn block_signals() {
+    let set = signal_set();
+    // SAFETY: valid sigset pointer; a null old-set pointer is allowed.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn wait_signal() -> Option<i32> {
+    let set = signal_set();
+    let mut sig: libc::c_int = 0;
+    // SAFETY: valid sigset and out-pointer.
+    let rc = unsafe { libc::sigwait(&set, &mut sig) };
+    (rc == 0).then_some(sig)
+}
+
+/// Writes a line to stdout and flushes it (the detaching parent reads it).
+pub fn say_ready(msg: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "READY {msg}");
+    let _ = out.flush();
+}

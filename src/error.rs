@@ -1,0 +1,155 @@
+//! Error types. Pool-level errors ([`Error`]) name the member or file involved so
+//! the CLI can print them as they are; filesystem errors ([`FsError`]) map one to
+//! one onto errnos in the FUSE adapter.
+
+use std::io;
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0} does not exist")]
+    DirectoryMissing(PathBuf),
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{0} is given twice")]
+    DirectoryGivenTwice(PathBuf),
+    #[error("{path} already belongs to pool {pool}")]
+    AlreadyInPool { path: PathBuf, pool: String },
+    #[error("{inner} is inside another member, {outer}")]
+    NestedMember { inner: PathBuf, outer: PathBuf },
+    #[error("copies={copies} needs at least {copies} members, but only {members} were given")]
+    TooManyCopies { copies: u32, members: usize },
+    #[error("{0} is not a vpool member (no label found)")]
+    NotAMember(PathBuf),
+    #[error("label of {path} is corrupt: {reason}")]
+    CorruptLabel { path: PathBuf, reason: String },
+    #[error("member {path} (id {id}) of pool {pool} is missing")]
+    MemberMissing {
+        path: PathBuf,
+        id: String,
+        pool: String,
+    },
+    #[error("{path} belongs to another pool ({found}) than the one being opened ({expected})")]
+    ForeignMember {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("pool {pool} is already mounted{at} (member {path} is locked)")]
+    AlreadyMounted {
+        pool: String,
+        path: PathBuf,
+        at: String,
+    },
+    #[error("metadata of member {path} is corrupt: {reason}")]
+    CorruptMetadata { path: PathBuf, reason: String },
+    #[error("metadata store error on {path}: {reason}")]
+    Store { path: PathBuf, reason: String },
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+    pub fn store(path: impl Into<PathBuf>, e: impl std::fmt::Display) -> Self {
+        Error::Store {
+            path: path.into(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Errors of filesystem operations: a closed set the FUSE adapter maps to errnos.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("no space left in the pool")]
+    NoSpace,
+    #[error("read-only")]
+    ReadOnly,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("name too long")]
+    NameTooLong,
+    #[error("no such attribute")]
+    NoAttribute,
+    #[error("buffer too small")]
+    Range,
+    #[error("operation not supported")]
+    NotSupported,
+    #[error("file too large")]
+    FileTooLarge,
+    #[error("no data past offset")]
+    NoData,
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("corruption: {0}")]
+    Corrupt(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl FsError {
+    /// The errno this error stands for. The one table from errors to errnos.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Invalid => libc::EINVAL,
+            FsError::NoSpace => libc::ENOSPC,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::NotPermitted => libc::EPERM,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::NoAttribute => libc::ENODATA,
+            FsError::Range => libc::ERANGE,
+            FsError::NotSupported => libc::EOPNOTSUPP,
+            FsError::FileTooLarge => libc::EFBIG,
+            FsError::NoData => libc::ENXIO,
+            FsError::TooManyLinks => libc::EMLINK,
+            FsError::BadHandle => libc::EBADF,
+            FsError::Corrupt(_) => libc::EIO,
+            FsError::Io(e) => match e.raw_os_error() {
+                Some(code) => code,
+                None => libc::EIO,
+            },
+        }
+    }
+}
+
+impl From<Error> for FsError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io { source, .. } => FsError::Io(source),
+            other => FsError::Io(io::Error::other(other.to_string())),
+        }
+    }
+}
+
+pub type FsResult<T> = std::result::Result<T, FsError>;

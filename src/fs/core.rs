@@ -1,0 +1,1319 @@
+//! The filesystem core: namespace, inode table, open handles and the commit of
+//! metadata, on top of the pool and the volumes. It knows nothing of FUSE: the
+//! adapter calls these methods and maps [`FsError`] to errnos.
+//!
+//! Concurrency: the namespace (`ns`) is one `RwLock`, taken for writing by
+//! namespace changes and briefly by the committer; the data path never takes it
+//! (a handle holds its `Arc<Node>`). Lock order: `commit_lock` -> `ns` ->
+//! `Node::meta` -> volume map.
+//!
+//! Durability (the ordering invariants, also in docs/design.md):
+//! 1. Data of dirty extents is fdatasynced, and the data directories that gained
+//!    extent files are fsynced, before the metadata commit that references them.
+//! 2. The metadata commit is one redb transaction per member, durable
+//!    (`Durability::Immediate`) on every member before `fsync` returns.
+//! 3. Extent files dropped by truncate, unlink or rmdir are removed only after a
+//!    durable commit no longer references them.
+//!
+//! Commits happen on `fsync`/`fsyncdir`, every few seconds from the flusher
+//! thread, and at unmount.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::{FsError, FsResult, Result};
+use crate::pool::meta::{Batch, InodeRecord, NodeKind, ROOT_INO, Timestamp, encode_record};
+use crate::pool::{Pool, PoolSpace, PoolStatus};
+use crate::volume::{DeadExtent, Volume};
+
+/// Largest file size: keeps every offset arithmetic far from overflow.
+pub const MAX_FILE_SIZE: u64 = 1 << 60;
+pub const NAME_MAX: usize = 255;
+const XATTR_SIZE_MAX: usize = 64 * 1024;
+
+/// Attributes as the adapter reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    /// 512-byte blocks really allocated.
+    pub blocks: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum TimeSet {
+    Now,
+    At(Timestamp),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    pub ctime: Option<Timestamp>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VfsOptions {
+    pub read_only: bool,
+}
+
+/// Who is asking (for ownership of new nodes).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+struct NodeMeta {
+    kind: NodeKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u32,
+    size: u64,
+    atime: Timestamp,
+    mtime: Timestamp,
+    ctime: Timestamp,
+    rdev: u32,
+    parent: u64,
+    target: Vec<u8>,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+pub struct Node {
+    pub ino: u64,
+    meta: Mutex<NodeMeta>,
+    volume: Option<Volume>,
+    /// Changed since the last commit.
+    dirty: AtomicBool,
+    open: AtomicU32,
+}
+
+impl Node {
+    fn record(&self) -> InodeRecord {
+        let m = self.meta.lock();
+        InodeRecord {
+            kind: m.kind,
+            mode: m.mode,
+            uid: m.uid,
+            gid: m.gid,
+            nlink: m.nlink,
+            size: m.size,
+            atime: m.atime,
+            mtime: m.mtime,
+            ctime: m.ctime,
+            rdev: m.rdev,
+            parent: m.parent,
+            target: m.target.clone(),
+            xattrs: m.xattrs.clone(),
+            extents: self.volume.as_ref().map(|v| v.records()).unwrap_or_default(),
+        }
+    }
+
+    fn touch(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    pub fn kind(&self) -> NodeKind {
+        self.meta.lock().kind
+    }
+}
+
+#[derive(Default)]
+struct Namespace {
+    nodes: HashMap<u64, Arc<Node>>,
+    children: HashMap<u64, BTreeMap<Vec<u8>, u64>>,
+    next_ino: u64,
+    /// Directory entries changed since the last commit (`None`: removed).
+    dirent_changes: HashMap<(u64, Vec<u8>), Option<u64>>,
+    /// Inodes removed since the last commit.
+    deleted: HashSet<u64>,
+    /// Extent files to remove after the next durable commit.
+    dead_extents: Vec<DeadExtent>,
+}
+
+impl Namespace {
+    fn node(&self, ino: u64) -> FsResult<Arc<Node>> {
+        self.nodes.get(&ino).cloned().ok_or(FsError::NotFound)
+    }
+
+    fn dir(&self, ino: u64) -> FsResult<&BTreeMap<Vec<u8>, u64>> {
+        match self.children.get(&ino) {
+            Some(d) => Ok(d),
+            None if self.nodes.contains_key(&ino) => Err(FsError::NotDir),
+            None => Err(FsError::NotFound),
+        }
+    }
+
+    fn set_entry(&mut self, parent: u64, name: &[u8], child: Option<u64>) {
+        let dir = self.children.entry(parent).or_default();
+        match child {
+            Some(c) => {
+                dir.insert(name.to_vec(), c);
+            }
+            None => {
+                dir.remove(name);
+            }
+        }
+        self.dirent_changes.insert((parent, name.to_vec()), child);
+    }
+
+    /// Drops a node whose last link and last handle are gone.
+    fn free(&mut self, ino: u64) {
+        if let Some(n) = self.nodes.remove(&ino) {
+            if let Some(v) = &n.volume {
+                self.dead_extents.extend(v.all_files());
+            }
+            self.children.remove(&ino);
+            self.deleted.insert(ino);
+        }
+    }
+}
+
+enum Handle {
+    File { node: Arc<Node> },
+    Dir { entries: Mutex<Vec<DirEntry>> },
+}
+
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub name: Vec<u8>,
+}
+
+pub struct Vfs {
+    pub pool: Pool,
+    opts: VfsOptions,
+    ns: RwLock<Namespace>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    commit_lock: Mutex<()>,
+    generation: AtomicU64,
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(FsError::Invalid);
+    }
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
+impl Vfs {
+    /// Loads the pool's metadata, removes what a crash left behind (orphan extent
+    /// files, unlinked inodes), and returns the filesystem ready to serve.
+    pub fn mount(mut pool: Pool, opts: VfsOptions) -> Result<Vfs> {
+        let img = pool.load_metadata()?;
+        let esize = pool.config().extent_size;
+        let mut ns = Namespace {
+            next_ino: img.next_ino.max(ROOT_INO + 1),
+            ..Default::default()
+        };
+        for (ino, rec) in &img.inodes {
+            let volume = (rec.kind == NodeKind::File).then(|| Volume::new(*ino, esize, &rec.extents));
+            let node = Node {
+                ino: *ino,
+                meta: Mutex::new(NodeMeta {
+                    kind: rec.kind,
+                    mode: rec.mode,
+                    uid: rec.uid,
+                    gid: rec.gid,
+                    nlink: rec.nlink,
+                    size: rec.size,
+                    atime: rec.atime,
+                    mtime: rec.mtime,
+                    ctime: rec.ctime,
+                    rdev: rec.rdev,
+                    parent: rec.parent,
+                    target: rec.target.clone(),
+                    xattrs: rec.xattrs.clone(),
+                }),
+                volume,
+                dirty: AtomicBool::new(false),
+                open: AtomicU32::new(0),
+            };
+            if rec.kind == NodeKind::Dir {
+                ns.children.insert(*ino, BTreeMap::new());
+            }
+            ns.nodes.insert(*ino, Arc::new(node));
+            ns.next_ino = ns.next_ino.max(ino + 1);
+        }
+        for ((parent, name), child) in &img.dirents {
+            ns.children
+                .entry(*parent)
+                .or_default()
+                .insert(name.clone(), *child);
+        }
+        if !ns.nodes.contains_key(&ROOT_INO) {
+            return Err(crate::Error::CorruptMetadata {
+                path: pool.members[0].dir.clone(),
+                reason: "the root directory is missing".into(),
+            });
+        }
+        let vfs = Vfs {
+            pool,
+            opts,
+            ns: RwLock::new(ns),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            commit_lock: Mutex::new(()),
+            generation: AtomicU64::new(img.generation),
+        };
+        if !opts.read_only {
+            vfs.recover()?;
+        }
+        Ok(vfs)
+    }
+
+    /// Cleans up after an unclean stop: inodes left with no links (unlinked while
+    /// open) are freed, and extent files no committed inode references are removed.
+    fn recover(&self) -> Result<()> {
+        let mut referenced: HashSet<(u32, String)> = HashSet::new();
+        {
+            let mut ns = self.ns.write();
+            let orphans: Vec<u64> = ns
+                .nodes
+                .iter()
+                .filter(|(ino, n)| **ino != ROOT_INO && n.meta.lock().nlink == 0)
+                .map(|(ino, _)| *ino)
+                .collect();
+            for ino in orphans {
+                tracing::info!(ino, "freeing inode unlinked before an unclean stop");
+                ns.free(ino);
+            }
+            // Data written past the committed size before a crash must not show up
+            // when the file is later extended: trim every file to its size.
+            let mut trimmed = Vec::new();
+            for n in ns.nodes.values() {
+                if let Some(v) = &n.volume {
+                    let size = n.meta.lock().size;
+                    let dead = v
+                        .truncate(&self.pool, size)
+                        .map_err(|e| crate::Error::Other(format!("trimming inode {}: {e}", n.ino)))?;
+                    trimmed.extend(dead);
+                }
+            }
+            ns.dead_extents.extend(trimmed);
+            for n in ns.nodes.values() {
+                if let Some(v) = &n.volume {
+                    for (m, ino, idx, fid) in v.all_files() {
+                        referenced.insert((m, crate::pool::extent_file_name(ino, idx, fid)));
+                    }
+                }
+            }
+            // Files of freed inodes are still dead extents; keep them referenced
+            // until the commit below has dropped them.
+            for (m, ino, idx, fid) in &ns.dead_extents {
+                referenced.insert((*m, crate::pool::extent_file_name(*ino, *idx, *fid)));
+            }
+        }
+        let mut orphan_files = Vec::new();
+        for m in &self.pool.members {
+            let list = self
+                .pool
+                .list_extent_files(m)
+                .map_err(|e| crate::Error::io(&m.data_dir, e))?;
+            for (name, parsed, _) in list {
+                if let Some((ino, idx, fid)) = parsed
+                    && !referenced.contains(&(m.entry.id, name.clone()))
+                {
+                    orphan_files.push((m.entry.id, ino, idx, fid));
+                }
+            }
+        }
+        if !orphan_files.is_empty() {
+            tracing::info!(count = orphan_files.len(), "removing extent files no inode references");
+        }
+        self.commit().map_err(|e| crate::Error::Other(format!("recovery commit failed: {e}")))?;
+        self.pool.remove_extent_files(&orphan_files);
+        Ok(())
+    }
+
+    fn writable(&self) -> FsResult<()> {
+        if self.opts.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn attr_of(&self, node: &Node) -> Attr {
+        let blocks = node.volume.as_ref().map(|v| v.blocks(&self.pool));
+        let m = node.meta.lock();
+        let (size, blocks) = match m.kind {
+            NodeKind::Dir => (4096, 8),
+            NodeKind::Symlink => (m.target.len() as u64, 0),
+            NodeKind::File => (m.size, blocks.unwrap_or(0)),
+            _ => (0, 0),
+        };
+        Attr {
+            ino: node.ino,
+            kind: m.kind,
+            size,
+            blocks,
+            atime: m.atime,
+            mtime: m.mtime,
+            ctime: m.ctime,
+            mode: m.mode,
+            nlink: m.nlink,
+            uid: m.uid,
+            gid: m.gid,
+            rdev: m.rdev,
+            blksize: self.pool.config().block_size.max(4096),
+        }
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let node = {
+            let ns = self.ns.read();
+            let dir = ns.dir(parent)?;
+            let ino = match name {
+                b"." => parent,
+                b".." => ns.node(parent)?.meta.lock().parent,
+                _ => *dir.get(name).ok_or(FsError::NotFound)?,
+            };
+            ns.node(ino)?
+        };
+        Ok(self.attr_of(&node))
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let node = self.ns.read().node(ino)?;
+        Ok(self.attr_of(&node))
+    }
+
+    pub fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
+        self.writable()?;
+        let node = self.ns.read().node(ino)?;
+        let now = Timestamp::now();
+        if let Some(size) = s.size {
+            let vol = match &node.volume {
+                Some(v) => v,
+                None if node.kind() == NodeKind::Dir => return Err(FsError::IsDir),
+                None => return Err(FsError::Invalid),
+            };
+            if size > MAX_FILE_SIZE {
+                return Err(FsError::FileTooLarge);
+            }
+            let dead = {
+                let mut m = node.meta.lock();
+                let dead = if size < m.size {
+                    vol.truncate(&self.pool, size)?
+                } else {
+                    Vec::new()
+                };
+                m.size = size;
+                m.mtime = now;
+                m.ctime = now;
+                dead
+            };
+            if !dead.is_empty() {
+                self.ns.write().dead_extents.extend(dead);
+            }
+        }
+        {
+            let mut m = node.meta.lock();
+            if let Some(mode) = s.mode {
+                m.mode = mode & 0o7777;
+            }
+            if let Some(uid) = s.uid {
+                m.uid = uid;
+            }
+            if let Some(gid) = s.gid {
+                m.gid = gid;
+            }
+            if (s.uid.is_some() || s.gid.is_some()) && s.mode.is_none() && m.kind != NodeKind::Dir {
+                // chown clears set-id bits of non-directories, as the kernel does.
+                m.mode &= !(libc::S_ISUID | libc::S_ISGID);
+            }
+            let resolve = |t: TimeSet| match t {
+                TimeSet::Now => now,
+                TimeSet::At(ts) => ts,
+            };
+            if let Some(t) = s.atime {
+                m.atime = resolve(t);
+            }
+            if let Some(t) = s.mtime {
+                m.mtime = resolve(t);
+            }
+            m.ctime = s.ctime.unwrap_or(now);
+        }
+        node.touch();
+        Ok(self.attr_of(&node))
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let node = self.ns.read().node(ino)?;
+        let m = node.meta.lock();
+        if m.kind != NodeKind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        Ok(m.target.clone())
+    }
+
+    /// Creates a node of `kind` under `parent`. `mode` holds permission bits only.
+    fn make_node(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: NodeKind,
+        mode: u32,
+        rdev: u32,
+        target: Vec<u8>,
+        caller: Caller,
+    ) -> FsResult<Arc<Node>> {
+        self.writable()?;
+        check_name(name)?;
+        let mut ns = self.ns.write();
+        let pnode = ns.node(parent)?;
+        if ns.dir(parent)?.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        let now = Timestamp::now();
+        let (pgid, psetgid) = {
+            let pm = pnode.meta.lock();
+            (pm.gid, pm.mode & libc::S_ISGID != 0)
+        };
+        let mut mode = mode & 0o7777;
+        // BSD group semantics of set-group-id directories.
+        let gid = if psetgid { pgid } else { caller.gid };
+        if psetgid && kind == NodeKind::Dir {
+            mode |= libc::S_ISGID;
+        }
+        let ino = ns.next_ino;
+        ns.next_ino += 1;
+        let node = Arc::new(Node {
+            ino,
+            meta: Mutex::new(NodeMeta {
+                kind,
+                mode,
+                uid: caller.uid,
+                gid,
+                nlink: if kind == NodeKind::Dir { 2 } else { 1 },
+                size: 0,
+                atime: now,
+                mtime: now,
+                ctime: now,
+                rdev,
+                parent: if kind == NodeKind::Dir { parent } else { 0 },
+                target,
+                xattrs: BTreeMap::new(),
+            }),
+            volume: (kind == NodeKind::File)
+                .then(|| Volume::new(ino, self.pool.config().extent_size, &[])),
+            dirty: AtomicBool::new(true),
+            open: AtomicU32::new(0),
+        });
+        ns.nodes.insert(ino, node.clone());
+        if kind == NodeKind::Dir {
+            ns.children.insert(ino, BTreeMap::new());
+        }
+        ns.set_entry(parent, name, Some(ino));
+        {
+            let mut pm = pnode.meta.lock();
+            if kind == NodeKind::Dir {
+                pm.nlink += 1;
+            }
+            pm.mtime = now;
+            pm.ctime = now;
+        }
+        pnode.touch();
+        Ok(node)
+    }
+
+    pub fn mknod(&self, parent: u64, name: &[u8], mode: u32, umask: u32, rdev: u32, caller: Caller) -> FsResult<Attr> {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => NodeKind::File,
+            libc::S_IFIFO => NodeKind::Fifo,
+            libc::S_IFSOCK => NodeKind::Socket,
+            libc::S_IFCHR => NodeKind::CharDev,
+            libc::S_IFBLK => NodeKind::BlockDev,
+            libc::S_IFDIR => NodeKind::Dir,
+            _ => return Err(FsError::Invalid),
+        };
+        let node = self.make_node(parent, name, kind, mode & !umask, rdev, Vec::new(), caller)?;
+        Ok(self.attr_of(&node))
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, umask: u32, caller: Caller) -> FsResult<Attr> {
+        let node = self.make_node(parent, name, NodeKind::Dir, mode & !umask, 0, Vec::new(), caller)?;
+        Ok(self.attr_of(&node))
+    }
+
+    pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], caller: Caller) -> FsResult<Attr> {
+        if target.len() > 4096 {
+            return Err(FsError::NameTooLong);
+        }
+        let node = self.make_node(parent, name, NodeKind::Symlink, 0o777, 0, target.to_vec(), caller)?;
+        Ok(self.attr_of(&node))
+    }
+
+    pub fn create(&self, parent: u64, name: &[u8], mode: u32, umask: u32, caller: Caller) -> FsResult<(Attr, u64)> {
+        let node = self.make_node(parent, name, NodeKind::File, mode & !umask, 0, Vec::new(), caller)?;
+        let fh = self.new_file_handle(node.clone());
+        Ok((self.attr_of(&node), fh))
+    }
+
+    /// Removes one link of a non-directory; the node lives on while it is open.
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.writable()?;
+        let mut ns = self.ns.write();
+        let ino = *ns.dir(parent)?.get(name).ok_or(FsError::NotFound)?;
+        let node = ns.node(ino)?;
+        if node.kind() == NodeKind::Dir {
+            return Err(FsError::IsDir);
+        }
+        ns.set_entry(parent, name, None);
+        self.drop_link(&mut ns, &node);
+        self.touch_dir(&ns, parent);
+        Ok(())
+    }
+
+    fn drop_link(&self, ns: &mut Namespace, node: &Arc<Node>) {
+        let gone = {
+            let mut m = node.meta.lock();
+            m.nlink = m.nlink.saturating_sub(1);
+            m.ctime = Timestamp::now();
+            m.nlink == 0
+        };
+        node.touch();
+        if gone && node.open.load(Ordering::Acquire) == 0 {
+            ns.free(node.ino);
+        }
+    }
+
+    fn touch_dir(&self, ns: &Namespace, dir: u64) {
+        if let Ok(n) = ns.node(dir) {
+            let now = Timestamp::now();
+            let mut m = n.meta.lock();
+            m.mtime = now;
+            m.ctime = now;
+            drop(m);
+            n.touch();
+        }
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.writable()?;
+        if name == b"." {
+            return Err(FsError::Invalid);
+        }
+        if name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        let mut ns = self.ns.write();
+        let ino = *ns.dir(parent)?.get(name).ok_or(FsError::NotFound)?;
+        let node = ns.node(ino)?;
+        if node.kind() != NodeKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if !ns.dir(ino)?.is_empty() {
+            return Err(FsError::NotEmpty);
+        }
+        ns.set_entry(parent, name, None);
+        node.meta.lock().nlink = 0;
+        ns.free(ino);
+        if let Ok(p) = ns.node(parent) {
+            let mut pm = p.meta.lock();
+            pm.nlink = pm.nlink.saturating_sub(1);
+        }
+        self.touch_dir(&ns, parent);
+        Ok(())
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
+        self.writable()?;
+        check_name(newname)?;
+        let node = {
+            let mut ns = self.ns.write();
+            let node = ns.node(ino)?;
+            if node.kind() == NodeKind::Dir {
+                return Err(FsError::NotPermitted);
+            }
+            if ns.dir(newparent)?.contains_key(newname) {
+                return Err(FsError::Exists);
+            }
+            {
+                let mut m = node.meta.lock();
+                if m.nlink >= u32::MAX - 1 {
+                    return Err(FsError::TooManyLinks);
+                }
+                m.nlink += 1;
+                m.ctime = Timestamp::now();
+            }
+            node.touch();
+            ns.set_entry(newparent, newname, Some(ino));
+            self.touch_dir(&ns, newparent);
+            node
+        };
+        Ok(self.attr_of(&node))
+    }
+
+    /// Whether `ino` is `ancestor` or lies below it.
+    fn is_within(ns: &Namespace, mut ino: u64, ancestor: u64) -> bool {
+        loop {
+            if ino == ancestor {
+                return true;
+            }
+            if ino == ROOT_INO {
+                return false;
+            }
+            match ns.nodes.get(&ino) {
+                Some(n) => ino = n.meta.lock().parent,
+                None => return false,
+            }
+        }
+    }
+
+    pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: u32) -> FsResult<()> {
+        self.writable()?;
+        check_name(newname)?;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange) {
+            return Err(FsError::Invalid);
+        }
+        let mut ns = self.ns.write();
+        let src_ino = *ns.dir(parent)?.get(name).ok_or(FsError::NotFound)?;
+        let dst_ino = ns.dir(newparent)?.get(newname).copied();
+        let src = ns.node(src_ino)?;
+        let src_is_dir = src.kind() == NodeKind::Dir;
+        if src_is_dir && newparent != parent && Self::is_within(&ns, newparent, src_ino) {
+            return Err(FsError::Invalid);
+        }
+        let now = Timestamp::now();
+        if exchange {
+            let dst_ino = dst_ino.ok_or(FsError::NotFound)?;
+            let dst = ns.node(dst_ino)?;
+            let dst_is_dir = dst.kind() == NodeKind::Dir;
+            if dst_is_dir && newparent != parent && Self::is_within(&ns, parent, dst_ino) {
+                return Err(FsError::Invalid);
+            }
+            ns.set_entry(parent, name, Some(dst_ino));
+            ns.set_entry(newparent, newname, Some(src_ino));
+            if parent != newparent {
+                if src_is_dir {
+                    src.meta.lock().parent = newparent;
+                }
+                if dst_is_dir {
+                    dst.meta.lock().parent = parent;
+                }
+                if src_is_dir != dst_is_dir {
+                    let (gain, lose) = if src_is_dir { (newparent, parent) } else { (parent, newparent) };
+                    if let Ok(n) = ns.node(gain) {
+                        n.meta.lock().nlink += 1;
+                    }
+                    if let Ok(n) = ns.node(lose) {
+                        let mut m = n.meta.lock();
+                        m.nlink = m.nlink.saturating_sub(1);
+                    }
+                }
+            }
+            for n in [&src, &dst] {
+                n.meta.lock().ctime = now;
+                n.touch();
+            }
+            self.touch_dir(&ns, parent);
+            self.touch_dir(&ns, newparent);
+            return Ok(());
+        }
+        if let Some(dst_ino) = dst_ino {
+            if noreplace {
+                return Err(FsError::Exists);
+            }
+            if dst_ino == src_ino {
+                return Ok(());
+            }
+            let dst = ns.node(dst_ino)?;
+            let dst_is_dir = dst.kind() == NodeKind::Dir;
+            match (src_is_dir, dst_is_dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) => {
+                    if !ns.dir(dst_ino)?.is_empty() {
+                        return Err(FsError::NotEmpty);
+                    }
+                    dst.meta.lock().nlink = 0;
+                    ns.free(dst_ino);
+                    if let Ok(n) = ns.node(newparent) {
+                        let mut m = n.meta.lock();
+                        m.nlink = m.nlink.saturating_sub(1);
+                    }
+                }
+                (false, false) => self.drop_link(&mut ns, &dst),
+            }
+        }
+        ns.set_entry(parent, name, None);
+        ns.set_entry(newparent, newname, Some(src_ino));
+        if src_is_dir && parent != newparent {
+            src.meta.lock().parent = newparent;
+            if let Ok(n) = ns.node(parent) {
+                let mut m = n.meta.lock();
+                m.nlink = m.nlink.saturating_sub(1);
+            }
+            if let Ok(n) = ns.node(newparent) {
+                n.meta.lock().nlink += 1;
+            }
+        }
+        src.meta.lock().ctime = now;
+        src.touch();
+        self.touch_dir(&ns, parent);
+        self.touch_dir(&ns, newparent);
+        Ok(())
+    }
+
+    fn new_file_handle(&self, node: Arc<Node>) -> u64 {
+        node.open.fetch_add(1, Ordering::AcqRel);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().insert(fh, Arc::new(Handle::File { node }));
+        fh
+    }
+
+    fn file_node(&self, fh: u64) -> FsResult<Arc<Node>> {
+        match self.handles.read().get(&fh).map(|h| h.as_ref()) {
+            Some(Handle::File { node }) => Ok(node.clone()),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    pub fn open(&self, ino: u64, write: bool) -> FsResult<u64> {
+        if write {
+            self.writable()?;
+        }
+        let node = self.ns.read().node(ino)?;
+        match node.kind() {
+            NodeKind::Dir => return Err(FsError::IsDir),
+            NodeKind::File => {}
+            _ => return Err(FsError::Invalid),
+        }
+        Ok(self.new_file_handle(node))
+    }
+
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let h = self.handles.write().remove(&fh).ok_or(FsError::BadHandle)?;
+        if let Handle::File { node } = h.as_ref()
+            && node.open.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            if node.meta.lock().nlink == 0 {
+                let mut ns = self.ns.write();
+                // Re-check under the namespace lock: a link() may have raced.
+                if node.meta.lock().nlink == 0 && node.open.load(Ordering::Acquire) == 0 {
+                    ns.free(node.ino);
+                }
+            } else if let Some(v) = &node.volume {
+                v.close_files();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, fh: u64, off: u64, len: u32) -> FsResult<Vec<u8>> {
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let size = node.meta.lock().size;
+        vol.read(&self.pool, off, len as usize, size)
+    }
+
+    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
+        self.writable()?;
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let end = off.checked_add(data.len() as u64).ok_or(FsError::FileTooLarge)?;
+        if end > MAX_FILE_SIZE {
+            return Err(FsError::FileTooLarge);
+        }
+        vol.write(&self.pool, off, data)?;
+        let now = Timestamp::now();
+        {
+            let mut m = node.meta.lock();
+            if end > m.size {
+                m.size = end;
+            }
+            m.mtime = now;
+            m.ctime = now;
+        }
+        node.touch();
+        Ok(data.len() as u32)
+    }
+
+    /// fallocate: plain allocation (extends the size unless KEEP_SIZE), PUNCH_HOLE
+    /// (with KEEP_SIZE) and ZERO_RANGE.
+    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
+        self.writable()?;
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let end = off.checked_add(len).ok_or(FsError::FileTooLarge)?;
+        if len == 0 {
+            return Err(FsError::Invalid);
+        }
+        if end > MAX_FILE_SIZE {
+            return Err(FsError::FileTooLarge);
+        }
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let size = node.meta.lock().size;
+        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 {
+            return Err(FsError::NotSupported);
+        }
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            if !keep || mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+                return Err(FsError::NotSupported);
+            }
+            if off < size {
+                vol.punch(&self.pool, off, end.min(size) - off)?;
+            }
+        } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+            let zend = if keep { end.min(size) } else { end };
+            if zend > off {
+                vol.zero_range(&self.pool, off, zend - off)?;
+            }
+        } else {
+            vol.allocate(&self.pool, off, len)?;
+        }
+        let now = Timestamp::now();
+        {
+            let mut m = node.meta.lock();
+            if !keep && end > m.size {
+                m.size = end;
+            }
+            if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+                m.mtime = now;
+            }
+            m.ctime = now;
+        }
+        node.touch();
+        Ok(())
+    }
+
+    pub fn lseek(&self, fh: u64, off: u64, whence: i32) -> FsResult<u64> {
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let size = node.meta.lock().size;
+        let r = match whence {
+            libc::SEEK_DATA => vol.seek_data(&self.pool, off, size)?,
+            libc::SEEK_HOLE => vol.seek_hole(&self.pool, off, size)?,
+            libc::SEEK_SET => Some(off),
+            libc::SEEK_END => Some(size.saturating_add(off)),
+            _ => return Err(FsError::Invalid),
+        };
+        r.ok_or(FsError::NoData)
+    }
+
+    /// Copies through the core in 1 MiB pieces; holes in the source stay holes.
+    pub fn copy_file_range(&self, fh_in: u64, off_in: u64, fh_out: u64, off_out: u64, len: u64) -> FsResult<u64> {
+        self.writable()?;
+        let src = self.file_node(fh_in)?;
+        let size = src.meta.lock().size;
+        if off_in >= size {
+            return Ok(0);
+        }
+        let len = len.min(size - off_in);
+        let mut done = 0u64;
+        const CHUNK: u64 = 1 << 20;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            let pos = off_in + done;
+            let data_at = self.lseek(fh_in, pos, libc::SEEK_DATA).ok();
+            match data_at {
+                // The whole piece is a hole: extend the destination without writing.
+                Some(d) if d >= pos + n => {}
+                None => {}
+                _ => {
+                    let buf = self.read(fh_in, pos, n as u32)?;
+                    if buf.is_empty() {
+                        break;
+                    }
+                    self.write(fh_out, off_out + done, &buf)?;
+                }
+            }
+            done += n;
+        }
+        let dst = self.file_node(fh_out)?;
+        {
+            let mut m = dst.meta.lock();
+            if off_out + done > m.size {
+                m.size = off_out + done;
+            }
+        }
+        dst.touch();
+        Ok(done)
+    }
+
+    pub fn fsync(&self, _fh: u64) -> FsResult<()> {
+        self.commit()
+    }
+
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let entries = self.list_dir(ino)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().insert(
+            fh,
+            Arc::new(Handle::Dir {
+                entries: Mutex::new(entries),
+            }),
+        );
+        Ok(fh)
+    }
+
+    fn list_dir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        let ns = self.ns.read();
+        let dir = ns.dir(ino)?;
+        let parent = ns.node(ino)?.meta.lock().parent;
+        let mut out = Vec::with_capacity(dir.len() + 2);
+        out.push(DirEntry {
+            ino,
+            kind: NodeKind::Dir,
+            name: b".".to_vec(),
+        });
+        out.push(DirEntry {
+            ino: parent,
+            kind: NodeKind::Dir,
+            name: b"..".to_vec(),
+        });
+        for (name, child) in dir {
+            if let Some(n) = ns.nodes.get(child) {
+                out.push(DirEntry {
+                    ino: *child,
+                    kind: n.kind(),
+                    name: name.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Entries from position `offset` on; entry `i` has offset `i + 1`. The listing
+    /// is taken at opendir (and again on rewind) so removals while reading skip nothing.
+    pub fn readdir(&self, fh: u64, ino: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
+        let h = self.handles.read().get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let Handle::Dir { entries } = h.as_ref() else {
+            return Err(FsError::BadHandle);
+        };
+        let mut e = entries.lock();
+        if offset == 0 {
+            *e = self.list_dir(ino)?;
+        }
+        Ok(e.iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, d)| (i as u64 + 1, d.clone()))
+            .collect())
+    }
+
+    pub fn releasedir(&self, fh: u64) -> FsResult<()> {
+        self.handles.write().remove(&fh);
+        Ok(())
+    }
+
+    pub fn statfs(&self) -> (PoolSpace, u64) {
+        (self.pool.space(), self.ns.read().nodes.len() as u64)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        self.writable()?;
+        if name.is_empty() || name.len() > NAME_MAX {
+            return Err(FsError::Range);
+        }
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(FsError::Range);
+        }
+        let node = self.ns.read().node(ino)?;
+        {
+            let mut m = node.meta.lock();
+            let exists = m.xattrs.contains_key(name);
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(FsError::Exists);
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(FsError::NoAttribute);
+            }
+            m.xattrs.insert(name.to_vec(), value.to_vec());
+            m.ctime = Timestamp::now();
+        }
+        node.touch();
+        Ok(())
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let node = self.ns.read().node(ino)?;
+        let m = node.meta.lock();
+        m.xattrs.get(name).cloned().ok_or(FsError::NoAttribute)
+    }
+
+    /// Names, each followed by a NUL, as listxattr(2) returns them.
+    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let node = self.ns.read().node(ino)?;
+        let m = node.meta.lock();
+        let mut out = Vec::new();
+        for k in m.xattrs.keys() {
+            out.extend_from_slice(k);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
+        self.writable()?;
+        let node = self.ns.read().node(ino)?;
+        {
+            let mut m = node.meta.lock();
+            m.xattrs.remove(name).ok_or(FsError::NoAttribute)?;
+            m.ctime = Timestamp::now();
+        }
+        node.touch();
+        Ok(())
+    }
+
+    /// Whether anything awaits a commit.
+    pub fn has_pending(&self) -> bool {
+        let ns = self.ns.read();
+        !ns.dirent_changes.is_empty()
+            || !ns.deleted.is_empty()
+            || !ns.dead_extents.is_empty()
+            || ns.nodes.values().any(|n| {
+                n.dirty.load(Ordering::Acquire) || n.volume.as_ref().is_some_and(|v| v.needs_sync())
+            })
+    }
+
+    /// Makes everything written so far durable, in the order the module doc gives:
+    /// data, then directory entries of new extent files, then the metadata on every
+    /// member, then removal of extent files nothing references any more.
+    pub fn commit(&self) -> FsResult<()> {
+        if self.opts.read_only {
+            return Ok(());
+        }
+        let _g = self.commit_lock.lock();
+        let (batch, dirty_nodes, dirents, dead, volumes) = {
+            let mut ns = self.ns.write();
+            let mut batch = Batch::default();
+            let mut dirty_nodes = Vec::new();
+            for (ino, n) in &ns.nodes {
+                if n.dirty.swap(false, Ordering::AcqRel) {
+                    batch.inodes.push((*ino, Some(encode_record(&n.record()))));
+                    dirty_nodes.push(n.clone());
+                }
+            }
+            for ino in ns.deleted.drain() {
+                batch.inodes.push((ino, None));
+            }
+            let dirents: Vec<_> = ns.dirent_changes.drain().collect();
+            batch.dirents = dirents.clone();
+            batch.next_ino = ns.next_ino;
+            batch.next_file_id = self.pool.next_file_id.load(Ordering::SeqCst);
+            batch.generation = self.generation.load(Ordering::SeqCst) + 1;
+            let dead = std::mem::take(&mut ns.dead_extents);
+            let volumes: Vec<Arc<Node>> = ns.nodes.values().filter(|n| n.volume.is_some()).cloned().collect();
+            (batch, dirty_nodes, dirents, dead, volumes)
+        };
+        let result = (|| -> FsResult<()> {
+            let mut new_dirs = HashSet::new();
+            for n in &volumes {
+                if let Some(v) = &n.volume {
+                    v.sync(&self.pool, &mut new_dirs)?;
+                }
+            }
+            self.pool.sync_data_dirs(&new_dirs).map_err(FsError::Io)?;
+            self.pool.commit(&batch, true).map_err(FsError::from)
+        })();
+        match result {
+            Ok(()) => {
+                self.generation.store(batch.generation, Ordering::SeqCst);
+                self.pool.remove_extent_files(&dead);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "metadata commit failed; changes stay pending");
+                let mut ns = self.ns.write();
+                for n in dirty_nodes {
+                    n.touch();
+                }
+                for (ino, rec) in &batch.inodes {
+                    if rec.is_none() {
+                        ns.deleted.insert(*ino);
+                    }
+                }
+                for (k, v) in dirents {
+                    ns.dirent_changes.entry(k).or_insert(v);
+                }
+                ns.dead_extents.extend(dead);
+                Err(e)
+            }
+        }
+    }
+
+    /// Files and logical bytes (for status).
+    pub fn counts(&self) -> (u64, u64) {
+        let ns = self.ns.read();
+        let mut files = 0;
+        let mut bytes = 0;
+        for n in ns.nodes.values() {
+            let m = n.meta.lock();
+            if m.kind == NodeKind::File {
+                files += 1;
+                bytes += m.size;
+            }
+        }
+        (files, bytes)
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let (files, bytes) = self.counts();
+        self.pool.status(files, bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::{CreateOptions, OpenMode};
+
+    const ME: Caller = Caller { uid: 0, gid: 0 };
+
+    fn setup(n: usize, esize: u64) -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+        let d = tempfile::tempdir().unwrap();
+        let dirs: Vec<_> = (0..n)
+            .map(|i| {
+                let p = d.path().join(format!("m{i}"));
+                std::fs::create_dir(&p).unwrap();
+                p
+            })
+            .collect();
+        Pool::create(
+            &dirs,
+            CreateOptions {
+                extent_size: esize,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        (d, dirs)
+    }
+
+    fn open(dir: &std::path::Path) -> Vfs {
+        Vfs::mount(Pool::open(dir, OpenMode::Exclusive).unwrap(), VfsOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn write_read_across_extents_and_members() {
+        let (_d, dirs) = setup(2, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"img", 0o644, 0, ME).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        v.write(fh, 1000, &data).unwrap();
+        assert_eq!(v.read(fh, 1000, data.len() as u32).unwrap(), data);
+        assert_eq!(v.read(fh, 0, 1000).unwrap(), vec![0u8; 1000]);
+        assert_eq!(v.getattr(a.ino).unwrap().size, 301_000);
+        // Extents are spread over both members.
+        let per: Vec<usize> = dirs
+            .iter()
+            .map(|d| std::fs::read_dir(d.join("data")).unwrap().count())
+            .collect();
+        assert!(per.iter().all(|c| *c > 0), "{per:?}");
+        v.release(fh).unwrap();
+        v.commit().unwrap();
+        drop(v);
+        let v = open(&dirs[1]);
+        let fh = v.open(a.ino, false).unwrap();
+        assert_eq!(v.read(fh, 1000, data.len() as u32).unwrap(), data);
+    }
+
+    #[test]
+    fn truncate_punch_and_seek() {
+        let (_d, dirs) = setup(1, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
+        v.write(fh, 0, &[1u8; 200_000]).unwrap();
+        v.fallocate(fh, 65536, 65536, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+            .unwrap();
+        assert_eq!(v.read(fh, 65536, 10).unwrap(), vec![0u8; 10]);
+        assert_eq!(v.lseek(fh, 0, libc::SEEK_HOLE).unwrap(), 65536);
+        assert_eq!(v.lseek(fh, 65536, libc::SEEK_DATA).unwrap(), 131072);
+        v.setattr(a.ino, SetAttr { size: Some(70_000), ..Default::default() }).unwrap();
+        v.setattr(a.ino, SetAttr { size: Some(300_000), ..Default::default() }).unwrap();
+        assert_eq!(v.read(fh, 0, 4).unwrap(), vec![1u8; 4]);
+        assert_eq!(v.read(fh, 69_990, 20).unwrap(), vec![0u8; 20]);
+        assert!(matches!(v.lseek(fh, 70_000, libc::SEEK_DATA), Err(FsError::NoData)));
+    }
+
+    #[test]
+    fn namespace_ops_persist() {
+        let (_d, dirs) = setup(2, 1 << 20);
+        let v = open(&dirs[0]);
+        let d = v.mkdir(ROOT_INO, b"d", 0o755, 0, ME).unwrap();
+        let (f, fh) = v.create(d.ino, b"f", 0o600, 0, ME).unwrap();
+        v.write(fh, 0, b"hello").unwrap();
+        v.release(fh).unwrap();
+        v.link(f.ino, ROOT_INO, b"hard").unwrap();
+        v.symlink(ROOT_INO, b"s", b"d/f", ME).unwrap();
+        v.rename(d.ino, b"f", ROOT_INO, b"g", 0).unwrap();
+        v.setxattr(f.ino, b"user.a", b"1", 0).unwrap();
+        assert!(matches!(v.rmdir(ROOT_INO, b"nope"), Err(FsError::NotFound)));
+        v.commit().unwrap();
+        drop(v);
+        let v = open(&dirs[1]);
+        let g = v.lookup(ROOT_INO, b"g").unwrap();
+        assert_eq!(g.nlink, 2);
+        assert_eq!(v.readlink(v.lookup(ROOT_INO, b"s").unwrap().ino).unwrap(), b"d/f");
+        assert_eq!(v.getxattr(g.ino, b"user.a").unwrap(), b"1");
+        assert!(v.lookup(d.ino, b"f").is_err());
+        v.rmdir(ROOT_INO, b"d").unwrap();
+    }
+
+    #[test]
+    fn unlinked_open_file_stays_readable_then_is_freed() {
+        let (_d, dirs) = setup(1, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
+        v.write(fh, 0, b"data").unwrap();
+        v.unlink(ROOT_INO, b"f").unwrap();
+        assert_eq!(v.read(fh, 0, 4).unwrap(), b"data");
+        v.release(fh).unwrap();
+        assert!(v.getattr(a.ino).is_err());
+        v.commit().unwrap();
+        assert_eq!(std::fs::read_dir(dirs[0].join("data")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn rename_rules() {
+        let (_d, dirs) = setup(1, 1 << 20);
+        let v = open(&dirs[0]);
+        let a = v.mkdir(ROOT_INO, b"a", 0o755, 0, ME).unwrap();
+        v.mkdir(a.ino, b"b", 0o755, 0, ME).unwrap();
+        assert!(matches!(v.rename(ROOT_INO, b"a", a.ino, b"x", 0), Err(FsError::Invalid)));
+        v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
+        assert!(matches!(v.rename(ROOT_INO, b"f", ROOT_INO, b"a", 0), Err(FsError::IsDir)));
+        v.mkdir(ROOT_INO, b"c", 0o755, 0, ME).unwrap();
+        assert!(matches!(v.rename(ROOT_INO, b"c", ROOT_INO, b"a", 0), Err(FsError::NotEmpty)));
+        assert!(matches!(
+            v.rename(ROOT_INO, b"f", ROOT_INO, b"c", libc::RENAME_NOREPLACE),
+            Err(FsError::Exists)
+        ));
+        v.rename(ROOT_INO, b"f", ROOT_INO, b"c", libc::RENAME_EXCHANGE).unwrap();
+        assert_eq!(v.lookup(ROOT_INO, b"f").unwrap().kind, NodeKind::Dir);
+        assert_eq!(v.getattr(ROOT_INO).unwrap().nlink, 4);
+    }
+}

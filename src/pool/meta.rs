@@ -1,0 +1,378 @@
+//! The metadata store: one redb database (`meta.redb`) per member, all holding the
+//! same content. Every commit goes to every member with the same generation number;
+//! at open the member with the highest generation wins and lagging copies are
+//! rewritten from it, so losing one member's copy loses nothing.
+//!
+//! Tables (keys and values are fixed-width little-endian or versioned records):
+//! - `inodes`: `u64` inode number -> [`encode_record`] of an [`InodeRecord`]
+//! - `dirents`: `(u64 parent, &[u8] name)` -> `u64` child inode number
+//! - `super`: `&str` -> `u64` (`generation`, `next_ino`, `next_file_id`, `format`)
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const META_FILE: &str = "meta.redb";
+pub const META_FORMAT: u64 = 1;
+/// Version of the [`InodeRecord`] envelope.
+pub const RECORD_VERSION: u16 = 1;
+pub const ROOT_INO: u64 = 1;
+
+const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
+const DIRENTS: TableDefinition<(u64, &[u8]), u64> = TableDefinition::new("dirents");
+const SUPER: TableDefinition<&str, u64> = TableDefinition::new("super");
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    pub fn now() -> Self {
+        let (secs, nanos) = crate::util::now();
+        Timestamp { secs, nanos }
+    }
+}
+
+/// Where one extent of a file lives. `members` has one entry per copy (one today).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ExtentRecord {
+    /// Extent number within the file: bytes `[index*E, (index+1)*E)`.
+    pub index: u64,
+    /// Pool-unique id naming the member file (`data/<ino>.<index>.<file_id>`).
+    pub file_id: u64,
+    /// Member ids holding a copy.
+    pub members: Vec<u32>,
+}
+
+/// Everything vpool knows about one inode.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct InodeRecord {
+    pub kind: NodeKind,
+    /// Permission and set-id bits (no file type bits).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub rdev: u32,
+    /// Directories: the parent directory (the root is its own parent).
+    pub parent: u64,
+    /// Symlinks: the target.
+    pub target: Vec<u8>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Regular files: allocated extents, sorted by index.
+    pub extents: Vec<ExtentRecord>,
+}
+
+/// Record envelope: `u16 version | u16 reserved | u32 crc32c(payload) | payload`,
+/// payload = bincode (fixed-width little-endian integers) of the record.
+pub fn encode_record(r: &InodeRecord) -> Vec<u8> {
+    let payload = bincode::serialize(r).unwrap_or_default();
+    let mut b = Vec::with_capacity(8 + payload.len());
+    b.extend_from_slice(&RECORD_VERSION.to_le_bytes());
+    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    b.extend_from_slice(&payload);
+    b
+}
+
+pub fn decode_record(b: &[u8]) -> std::result::Result<InodeRecord, String> {
+    if b.len() < 8 {
+        return Err("record too short".into());
+    }
+    let version = u16::from_le_bytes([b[0], b[1]]);
+    if version != RECORD_VERSION {
+        return Err(format!("unsupported record version {version}"));
+    }
+    let crc = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    if crc32c::crc32c(&b[8..]) != crc {
+        return Err("record checksum mismatch".into());
+    }
+    bincode::deserialize(&b[8..]).map_err(|e| format!("record undecodable: {e}"))
+}
+
+/// The whole metadata of a pool, as loaded at open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetaImage {
+    pub generation: u64,
+    pub next_ino: u64,
+    pub next_file_id: u64,
+    pub inodes: BTreeMap<u64, InodeRecord>,
+    pub dirents: BTreeMap<(u64, Vec<u8>), u64>,
+    /// Inodes whose record failed its checksum (reported by check).
+    pub corrupt: Vec<(u64, String)>,
+}
+
+/// One atomic change to the metadata, applied to every member.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub generation: u64,
+    pub next_ino: u64,
+    pub next_file_id: u64,
+    /// `None` deletes the inode.
+    pub inodes: Vec<(u64, Option<Vec<u8>>)>,
+    /// `None` deletes the entry.
+    pub dirents: Vec<((u64, Vec<u8>), Option<u64>)>,
+}
+
+pub struct MemberStore {
+    path: PathBuf,
+    db: Database,
+}
+
+impl MemberStore {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates a new store holding `image`.
+    pub fn create(dir: &Path, image: &MetaImage) -> Result<MemberStore> {
+        let path = dir.join(META_FILE);
+        let db = Database::create(&path).map_err(|e| Error::store(&path, e))?;
+        let s = MemberStore { path, db };
+        s.replace_all(image)?;
+        Ok(s)
+    }
+
+    pub fn open(dir: &Path) -> Result<MemberStore> {
+        let path = dir.join(META_FILE);
+        if !path.exists() {
+            return Err(Error::CorruptMetadata {
+                path: path.clone(),
+                reason: "metadata file is missing".into(),
+            });
+        }
+        let db = Database::open(&path).map_err(|e| Error::store(&path, e))?;
+        Ok(MemberStore { path, db })
+    }
+
+    pub fn generation(&self) -> Result<u64> {
+        let p = &self.path;
+        let rt = self.db.begin_read().map_err(|e| Error::store(p, e))?;
+        let t = rt.open_table(SUPER).map_err(|e| Error::store(p, e))?;
+        let g = t.get("generation").map_err(|e| Error::store(p, e))?;
+        Ok(g.map(|v| v.value()).unwrap_or(0))
+    }
+
+    pub fn load(&self) -> Result<MetaImage> {
+        load_from(&self.db, &self.path)
+    }
+
+    /// Applies one batch in one transaction.
+    pub fn apply(&self, batch: &Batch, durable: bool) -> Result<()> {
+        let p = &self.path;
+        let mut wt = self.db.begin_write().map_err(|e| Error::store(p, e))?;
+        wt.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| Error::store(p, e))?;
+        {
+            let mut inodes = wt.open_table(INODES).map_err(|e| Error::store(p, e))?;
+            for (ino, rec) in &batch.inodes {
+                match rec {
+                    Some(b) => inodes.insert(*ino, b.as_slice()),
+                    None => inodes.remove(*ino),
+                }
+                .map_err(|e| Error::store(p, e))?;
+            }
+            let mut dirents = wt.open_table(DIRENTS).map_err(|e| Error::store(p, e))?;
+            for ((parent, name), child) in &batch.dirents {
+                match child {
+                    Some(c) => dirents.insert((*parent, name.as_slice()), *c),
+                    None => dirents.remove((*parent, name.as_slice())),
+                }
+                .map_err(|e| Error::store(p, e))?;
+            }
+            let mut sup = wt.open_table(SUPER).map_err(|e| Error::store(p, e))?;
+            sup.insert("generation", batch.generation)
+                .map_err(|e| Error::store(p, e))?;
+            sup.insert("next_ino", batch.next_ino)
+                .map_err(|e| Error::store(p, e))?;
+            sup.insert("next_file_id", batch.next_file_id)
+                .map_err(|e| Error::store(p, e))?;
+            sup.insert("format", META_FORMAT)
+                .map_err(|e| Error::store(p, e))?;
+        }
+        wt.commit().map_err(|e| Error::store(p, e))?;
+        Ok(())
+    }
+
+    /// Replaces the whole content with `image` (creation, and resync of a lagging copy).
+    pub fn replace_all(&self, image: &MetaImage) -> Result<()> {
+        let p = &self.path;
+        let mut wt = self.db.begin_write().map_err(|e| Error::store(p, e))?;
+        wt.set_durability(Durability::Immediate)
+            .map_err(|e| Error::store(p, e))?;
+        {
+            // Deleting and re-creating the tables empties them in one transaction.
+            let _ = wt.delete_table(INODES).map_err(|e| Error::store(p, e))?;
+            let _ = wt.delete_table(DIRENTS).map_err(|e| Error::store(p, e))?;
+            let mut inodes = wt.open_table(INODES).map_err(|e| Error::store(p, e))?;
+            for (ino, rec) in &image.inodes {
+                inodes
+                    .insert(*ino, encode_record(rec).as_slice())
+                    .map_err(|e| Error::store(p, e))?;
+            }
+            let mut dirents = wt.open_table(DIRENTS).map_err(|e| Error::store(p, e))?;
+            for ((parent, name), child) in &image.dirents {
+                dirents
+                    .insert((*parent, name.as_slice()), *child)
+                    .map_err(|e| Error::store(p, e))?;
+            }
+            let mut sup = wt.open_table(SUPER).map_err(|e| Error::store(p, e))?;
+            for (k, v) in [
+                ("generation", image.generation),
+                ("next_ino", image.next_ino),
+                ("next_file_id", image.next_file_id),
+                ("format", META_FORMAT),
+            ] {
+                sup.insert(k, v).map_err(|e| Error::store(p, e))?;
+            }
+        }
+        wt.commit().map_err(|e| Error::store(p, e))?;
+        Ok(())
+    }
+}
+
+/// Loads a member's metadata read-only (for `status` and `check` of an unmounted pool).
+pub fn load_readonly(dir: &Path) -> Result<MetaImage> {
+    let path = dir.join(META_FILE);
+    if !path.exists() {
+        return Err(Error::CorruptMetadata {
+            path,
+            reason: "metadata file is missing".into(),
+        });
+    }
+    let db = redb::ReadOnlyDatabase::open(&path).map_err(|e| Error::store(&path, e))?;
+    load_from(&db, &path)
+}
+
+fn load_from(db: &impl ReadableDatabase, p: &Path) -> Result<MetaImage> {
+    let rt = db.begin_read().map_err(|e| Error::store(p, e))?;
+    let mut img = MetaImage::default();
+    {
+        let sup = rt.open_table(SUPER).map_err(|e| Error::store(p, e))?;
+        let get = |k: &str| -> Result<u64> {
+            Ok(sup
+                .get(k)
+                .map_err(|e| Error::store(p, e))?
+                .map(|v| v.value())
+                .unwrap_or(0))
+        };
+        let format = get("format")?;
+        if format != META_FORMAT {
+            return Err(Error::CorruptMetadata {
+                path: p.to_path_buf(),
+                reason: format!("unsupported metadata format {format}"),
+            });
+        }
+        img.generation = get("generation")?;
+        img.next_ino = get("next_ino")?;
+        img.next_file_id = get("next_file_id")?;
+    }
+    let inodes = rt.open_table(INODES).map_err(|e| Error::store(p, e))?;
+    for row in inodes.iter().map_err(|e| Error::store(p, e))? {
+        let (k, v) = row.map_err(|e| Error::store(p, e))?;
+        match decode_record(v.value()) {
+            Ok(r) => {
+                img.inodes.insert(k.value(), r);
+            }
+            Err(e) => img.corrupt.push((k.value(), e)),
+        }
+    }
+    let dirents = rt.open_table(DIRENTS).map_err(|e| Error::store(p, e))?;
+    for row in dirents.iter().map_err(|e| Error::store(p, e))? {
+        let (k, v) = row.map_err(|e| Error::store(p, e))?;
+        let (parent, name) = k.value();
+        img.dirents.insert((parent, name.to_vec()), v.value());
+    }
+    Ok(img)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec() -> InodeRecord {
+        InodeRecord {
+            kind: NodeKind::File,
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            nlink: 1,
+            size: 10,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            rdev: 0,
+            parent: 0,
+            target: vec![],
+            xattrs: BTreeMap::new(),
+            extents: vec![ExtentRecord {
+                index: 0,
+                file_id: 5,
+                members: vec![1],
+            }],
+        }
+    }
+
+    #[test]
+    fn record_roundtrip_and_checksum() {
+        let b = encode_record(&rec());
+        assert_eq!(u16::from_le_bytes([b[0], b[1]]), RECORD_VERSION);
+        assert_eq!(decode_record(&b).unwrap(), rec());
+        let mut bad = b.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x40;
+        assert!(decode_record(&bad).unwrap_err().contains("checksum"));
+    }
+
+    #[test]
+    fn store_apply_and_load() {
+        let d = tempfile::tempdir().unwrap();
+        let mut img = MetaImage {
+            generation: 1,
+            next_ino: 2,
+            next_file_id: 1,
+            ..Default::default()
+        };
+        img.inodes.insert(1, rec());
+        let s = MemberStore::create(d.path(), &img).unwrap();
+        let batch = Batch {
+            generation: 2,
+            next_ino: 3,
+            next_file_id: 6,
+            inodes: vec![(2, Some(encode_record(&rec())))],
+            dirents: vec![((1, b"a".to_vec()), Some(2))],
+        };
+        s.apply(&batch, true).unwrap();
+        let got = s.load().unwrap();
+        assert_eq!(got.generation, 2);
+        assert_eq!(got.inodes.len(), 2);
+        assert_eq!(got.dirents.get(&(1, b"a".to_vec())), Some(&2));
+        drop(s);
+        assert_eq!(load_readonly(d.path()).unwrap().generation, 2);
+    }
+}

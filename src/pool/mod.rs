@@ -1,0 +1,807 @@
+//! The pool: its members (directories, each with a label, a metadata store and a
+//! `data/` directory of extent files), placement of new extents, space accounting,
+//! and the locks that keep two daemons off one pool.
+//!
+//! Member directory layout:
+//! ```text
+//! DIR/vpool-label.0, DIR/vpool-label.1   two copies of the label (label.rs)
+//! DIR/meta.redb                          this member's copy of the metadata (meta.rs)
+//! DIR/data/<ino>.<index>.<file_id>       one sparse file per extent copy
+//! DIR/vpool.lock                         flock held by the daemon; holds pid and mountpoint
+//! ```
+
+pub mod inspect;
+pub mod label;
+pub mod meta;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::error::{Error, FsError, FsResult, Result};
+use crate::util::{fsync_dir, statvfs};
+use label::{Label, MemberEntry, PoolConfig, has_label, read_label, write_label};
+use meta::{Batch, InodeRecord, MemberStore, MetaImage, NodeKind, ROOT_INO, Timestamp};
+
+pub const DATA_DIR: &str = "data";
+pub const LOCK_FILE: &str = "vpool.lock";
+pub const DEFAULT_EXTENT_SIZE: u64 = 64 << 20;
+pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
+/// How long a member's free-space reading is trusted on the write path.
+const SPACE_TTL: Duration = Duration::from_millis(100);
+
+/// Options of `vpool create`.
+#[derive(Clone, Copy, Debug)]
+pub struct CreateOptions {
+    pub copies: u32,
+    pub extent_size: u64,
+    pub block_size: u32,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            copies: 1,
+            extent_size: DEFAULT_EXTENT_SIZE,
+            block_size: DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
+/// How a pool is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Lock every member; the metadata may be written (mount, check).
+    Exclusive,
+    /// No locks and no writes (status of an unmounted pool).
+    ReadOnly,
+}
+
+struct SpaceReading {
+    at: Instant,
+    avail: u64,
+}
+
+pub struct Member {
+    pub entry: MemberEntry,
+    /// The directory as opened now (may differ from the label's last-seen path).
+    pub dir: PathBuf,
+    pub data_dir: PathBuf,
+    /// Device of the filesystem holding the member: members on one filesystem
+    /// share capacity and are counted once.
+    pub dev: u64,
+    store: Option<MemberStore>,
+    _lock: Option<File>,
+    space: Mutex<Option<SpaceReading>>,
+    /// Number of extent files on this member (placement tie-break).
+    pub extents: AtomicU64,
+}
+
+impl Member {
+    /// Bytes the pool keeps free on each member so metadata commits never fail
+    /// for lack of space: 1/64 of the filesystem, between 2 MiB and 256 MiB.
+    pub fn reserve(total: u64) -> u64 {
+        (total / 64).clamp(2 << 20, 256 << 20)
+    }
+
+    /// Free bytes available to new data (after the reserve), cached briefly.
+    pub fn available(&self) -> io::Result<u64> {
+        let mut g = self.space.lock();
+        if let Some(r) = g.as_ref()
+            && r.at.elapsed() < SPACE_TTL
+        {
+            return Ok(r.avail);
+        }
+        let st = statvfs(&self.dir)?;
+        let frsize = st.f_frsize as u64;
+        let total = st.f_blocks as u64 * frsize;
+        let avail = (st.f_bavail as u64 * frsize).saturating_sub(Self::reserve(total));
+        *g = Some(SpaceReading {
+            at: Instant::now(),
+            avail,
+        });
+        Ok(avail)
+    }
+
+    pub fn invalidate_space(&self) {
+        *self.space.lock() = None;
+    }
+}
+
+pub struct Pool {
+    pub label: Label,
+    pub members: Vec<Member>,
+    pub mode: OpenMode,
+    pub next_file_id: AtomicU64,
+}
+
+/// Space of the pool as statfs reports it (bytes).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PoolSpace {
+    pub size: u64,
+    pub free: u64,
+    pub avail: u64,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct MemberStatus {
+    pub path: PathBuf,
+    pub id: String,
+    pub size: u64,
+    pub used: u64,
+    pub free: u64,
+    pub health: String,
+    pub stored_bytes: u64,
+    pub extents: u64,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct PoolStatus {
+    pub pool: String,
+    pub state: String,
+    pub mounted: bool,
+    pub mountpoint: Option<PathBuf>,
+    pub pid: Option<u32>,
+    pub copies: u32,
+    pub extent_size: u64,
+    pub block_size: u32,
+    pub members: Vec<MemberStatus>,
+    pub size: u64,
+    pub used: u64,
+    pub free: u64,
+    pub files: u64,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+fn canonical_dir(dir: &Path) -> Result<PathBuf> {
+    let md = fs::metadata(dir).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::DirectoryMissing(dir.to_path_buf())
+        } else {
+            Error::io(dir, e)
+        }
+    })?;
+    if !md.is_dir() {
+        return Err(Error::NotADirectory(dir.to_path_buf()));
+    }
+    fs::canonicalize(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Name of the member file holding one extent copy.
+pub fn extent_file_name(ino: u64, index: u64, file_id: u64) -> String {
+    format!("{ino}.{index}.{file_id}")
+}
+
+/// Parses an extent file name back into `(ino, index, file_id)`.
+pub fn parse_extent_file_name(name: &str) -> Option<(u64, u64, u64)> {
+    let mut it = name.split('.');
+    let ino = it.next()?.parse().ok()?;
+    let index = it.next()?.parse().ok()?;
+    let fid = it.next()?.parse().ok()?;
+    if it.next().is_some() {
+        return None;
+    }
+    Some((ino, index, fid))
+}
+
+fn root_record() -> InodeRecord {
+    let now = Timestamp::now();
+    // SAFETY: geteuid/getegid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    InodeRecord {
+        kind: NodeKind::Dir,
+        mode: 0o755,
+        uid,
+        gid,
+        nlink: 2,
+        size: 0,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        rdev: 0,
+        parent: ROOT_INO,
+        target: Vec::new(),
+        xattrs: BTreeMap::new(),
+        extents: Vec::new(),
+    }
+}
+
+/// Reads the mountpoint and pid a running daemon wrote into a member's lock file.
+pub fn read_lock_info(dir: &Path) -> Option<(u32, PathBuf)> {
+    let s = fs::read_to_string(dir.join(LOCK_FILE)).ok()?;
+    let mut lines = s.lines();
+    let pid = lines.next()?.trim().parse().ok()?;
+    let mp = PathBuf::from(lines.next()?.trim());
+    Some((pid, mp))
+}
+
+fn try_lock(dir: &Path, pool: &Uuid) -> Result<File> {
+    let p = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&p)
+        .map_err(|e| Error::io(&p, e))?;
+    // SAFETY: flock on a valid open descriptor; no memory is touched.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let at = match read_lock_info(dir) {
+                Some((pid, mp)) => format!(" at {} by pid {pid}", mp.display()),
+                None => String::new(),
+            };
+            return Err(Error::AlreadyMounted {
+                pool: pool.to_string(),
+                path: dir.to_path_buf(),
+                at,
+            });
+        }
+        return Err(Error::io(&p, e));
+    }
+    Ok(f)
+}
+
+impl Pool {
+    /// Creates a pool over `dirs`. Validates everything before writing anything;
+    /// writes each member's metadata before its label, so a directory with a label
+    /// is always a complete member.
+    pub fn create(dirs: &[PathBuf], opts: CreateOptions) -> Result<Label> {
+        if dirs.is_empty() {
+            return Err(Error::Invalid("at least one member directory is needed".into()));
+        }
+        if opts.copies == 0 {
+            return Err(Error::Invalid("copies must be at least 1".into()));
+        }
+        if opts.copies as usize > dirs.len() {
+            return Err(Error::TooManyCopies {
+                copies: opts.copies,
+                members: dirs.len(),
+            });
+        }
+        if !opts.block_size.is_power_of_two() || opts.block_size < 512 {
+            return Err(Error::Invalid(format!(
+                "block size {} must be a power of two of at least 512",
+                opts.block_size
+            )));
+        }
+        if !opts.extent_size.is_power_of_two() || opts.extent_size < opts.block_size as u64 {
+            return Err(Error::Invalid(format!(
+                "extent size {} must be a power of two and at least the block size {}",
+                opts.extent_size, opts.block_size
+            )));
+        }
+        let mut canon: Vec<PathBuf> = Vec::new();
+        for d in dirs {
+            let c = canonical_dir(d)?;
+            if canon.contains(&c) {
+                return Err(Error::DirectoryGivenTwice(d.clone()));
+            }
+            if has_label(&c) {
+                let pool = match read_label(&c) {
+                    Ok(l) => l.pool.to_string(),
+                    Err(_) => "(unreadable label)".to_string(),
+                };
+                return Err(Error::AlreadyInPool { path: c, pool });
+            }
+            if c.join(meta::META_FILE).exists() {
+                return Err(Error::Invalid(format!(
+                    "{} holds vpool metadata without a label; refusing to overwrite it",
+                    c.display()
+                )));
+            }
+            canon.push(c);
+        }
+        for a in &canon {
+            for b in &canon {
+                if a != b && a.starts_with(b) {
+                    return Err(Error::NestedMember {
+                        inner: a.clone(),
+                        outer: b.clone(),
+                    });
+                }
+            }
+        }
+        let pool = Uuid::new_v4();
+        let members: Vec<MemberEntry> = canon
+            .iter()
+            .enumerate()
+            .map(|(i, p)| MemberEntry {
+                uuid: Uuid::new_v4(),
+                id: i as u32,
+                path: p.clone(),
+            })
+            .collect();
+        let mut image = MetaImage {
+            generation: 1,
+            next_ino: ROOT_INO + 1,
+            next_file_id: 1,
+            ..Default::default()
+        };
+        image.inodes.insert(ROOT_INO, root_record());
+        let config = PoolConfig {
+            copies: opts.copies,
+            block_size: opts.block_size,
+            extent_size: opts.extent_size,
+        };
+        let mut label = Label {
+            pool,
+            member: members[0].uuid,
+            generation: 1,
+            created: crate::util::now().0,
+            config,
+            members: members.clone(),
+        };
+        let mut done: Vec<&PathBuf> = Vec::new();
+        let result = (|| -> Result<()> {
+            for m in &members {
+                let data = m.path.join(DATA_DIR);
+                fs::create_dir_all(&data).map_err(|e| Error::io(&data, e))?;
+                done.push(&m.path);
+                MemberStore::create(&m.path, &image)?;
+                fsync_dir(&m.path).map_err(|e| Error::io(&m.path, e))?;
+            }
+            for m in &members {
+                label.member = m.uuid;
+                write_label(&m.path, &label)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for p in done {
+                let _ = fs::remove_file(p.join(meta::META_FILE));
+                let _ = fs::remove_dir(p.join(DATA_DIR));
+                for f in label::LABEL_FILES {
+                    let _ = fs::remove_file(p.join(f));
+                }
+            }
+            return Err(e);
+        }
+        label.member = members[0].uuid;
+        Ok(label)
+    }
+
+    /// Opens the pool that `dir` belongs to. Every member the label lists must be
+    /// present and carry this pool's label.
+    pub fn open(dir: &Path, mode: OpenMode) -> Result<Pool> {
+        let dir = canonical_dir(dir)?;
+        let first = read_label(&dir)?;
+        let mut label = first.clone();
+        let mut found: Vec<(MemberEntry, PathBuf, Label)> = Vec::new();
+        for entry in &first.members {
+            let path = if entry.uuid == first.member {
+                dir.clone()
+            } else {
+                entry.path.clone()
+            };
+            let l = match read_label(&path) {
+                Ok(l) => l,
+                Err(Error::NotAMember(_)) | Err(Error::DirectoryMissing(_)) => {
+                    return Err(Error::MemberMissing {
+                        path,
+                        id: entry.uuid.to_string(),
+                        pool: first.pool.to_string(),
+                    });
+                }
+                Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    return Err(Error::MemberMissing {
+                        path,
+                        id: entry.uuid.to_string(),
+                        pool: first.pool.to_string(),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            if l.pool != first.pool || l.member != entry.uuid {
+                return Err(Error::ForeignMember {
+                    path,
+                    found: format!("pool {} member {}", l.pool, l.member),
+                    expected: format!("pool {} member {}", first.pool, entry.uuid),
+                });
+            }
+            if l.generation > label.generation {
+                label = l.clone();
+            }
+            found.push((entry.clone(), path, l));
+        }
+        let mut members = Vec::new();
+        for (entry, path, _) in found {
+            let lock = match mode {
+                OpenMode::Exclusive => Some(try_lock(&path, &label.pool)?),
+                OpenMode::ReadOnly => None,
+            };
+            let dev = fs::metadata(&path).map_err(|e| Error::io(&path, e))?.dev();
+            members.push(Member {
+                data_dir: path.join(DATA_DIR),
+                entry: MemberEntry {
+                    path: path.clone(),
+                    ..entry
+                },
+                dir: path,
+                dev,
+                store: None,
+                _lock: lock,
+                space: Mutex::new(None),
+                extents: AtomicU64::new(0),
+            });
+        }
+        Ok(Pool {
+            label,
+            members,
+            mode,
+            next_file_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Loads the metadata: opens every member's store, takes the newest copy and
+    /// (when exclusive) rewrites lagging copies from it. Also rewrites labels whose
+    /// recorded paths are stale.
+    pub fn load_metadata(&mut self) -> Result<MetaImage> {
+        if self.mode == OpenMode::ReadOnly {
+            let mut best: Option<MetaImage> = None;
+            for m in &self.members {
+                let img = meta::load_readonly(&m.dir)?;
+                if best.as_ref().is_none_or(|b| img.generation > b.generation) {
+                    best = Some(img);
+                }
+            }
+            let img = best.ok_or_else(|| Error::Other("pool has no members".into()))?;
+            self.after_load(&img);
+            return Ok(img);
+        }
+        let mut gens = Vec::new();
+        for m in &mut self.members {
+            let s = MemberStore::open(&m.dir)?;
+            gens.push(s.generation()?);
+            m.store = Some(s);
+        }
+        let (best_i, _) = gens
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, g)| **g)
+            .ok_or_else(|| Error::Other("pool has no members".into()))?;
+        let img = self.members[best_i]
+            .store
+            .as_ref()
+            .ok_or_else(|| Error::Other("store not open".into()))?
+            .load()?;
+        for (i, m) in self.members.iter().enumerate() {
+            if gens[i] != img.generation
+                && let Some(s) = &m.store
+            {
+                tracing::warn!(
+                    member = %m.dir.display(),
+                    have = gens[i],
+                    newest = img.generation,
+                    "metadata copy lags; rewriting it from the newest copy"
+                );
+                s.replace_all(&img)?;
+            }
+        }
+        self.refresh_label_paths()?;
+        self.after_load(&img);
+        Ok(img)
+    }
+
+    fn after_load(&self, img: &MetaImage) {
+        let mut max_fid = img.next_file_id;
+        for rec in img.inodes.values() {
+            for e in &rec.extents {
+                max_fid = max_fid.max(e.file_id + 1);
+                for id in &e.members {
+                    if let Some(m) = self.member(*id) {
+                        m.extents.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        self.next_file_id.store(max_fid, Ordering::SeqCst);
+    }
+
+    /// Rewrites labels when a member was found at another path than recorded.
+    fn refresh_label_paths(&mut self) -> Result<()> {
+        let stale = self
+            .members
+            .iter()
+            .any(|m| self.label.members.iter().any(|e| e.uuid == m.entry.uuid && e.path != m.dir));
+        if !stale {
+            return Ok(());
+        }
+        let mut l = self.label.clone();
+        l.generation += 1;
+        for e in &mut l.members {
+            if let Some(m) = self.members.iter().find(|m| m.entry.uuid == e.uuid) {
+                e.path = m.dir.clone();
+            }
+        }
+        for m in &self.members {
+            l.member = m.entry.uuid;
+            write_label(&m.dir, &l)?;
+        }
+        self.label = l;
+        Ok(())
+    }
+
+    pub fn config(&self) -> PoolConfig {
+        self.label.config
+    }
+
+    pub fn member(&self, id: u32) -> Option<&Member> {
+        self.members.iter().find(|m| m.entry.id == id)
+    }
+
+    pub fn extent_path(&self, member: u32, ino: u64, index: u64, file_id: u64) -> Option<PathBuf> {
+        self.member(member)
+            .map(|m| m.data_dir.join(extent_file_name(ino, index, file_id)))
+    }
+
+    /// Records in every member's lock file who holds the pool (pid, mountpoint).
+    pub fn write_lock_info(&self, mountpoint: &Path) -> Result<()> {
+        for m in &self.members {
+            let p = m.dir.join(LOCK_FILE);
+            let mut f = OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(&p)
+                .map_err(|e| Error::io(&p, e))?;
+            writeln!(f, "{}\n{}", std::process::id(), mountpoint.display())
+                .map_err(|e| Error::io(&p, e))?;
+        }
+        Ok(())
+    }
+
+    pub fn clear_lock_info(&self) {
+        for m in &self.members {
+            let _ = OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(m.dir.join(LOCK_FILE));
+        }
+    }
+
+    /// Chooses the member for a new extent copy: the most available space after the
+    /// reserve, ties broken by the fewest extents. `exclude` holds members that
+    /// already have a copy.
+    pub fn place(&self, exclude: &[u32]) -> FsResult<u32> {
+        let mut best: Option<(u64, u64, u32)> = None;
+        // Members on one filesystem share its free space: read it once per device so
+        // that they tie and the extent count decides between them.
+        let mut per_dev: Vec<(u64, u64)> = Vec::new();
+        for m in &self.members {
+            if exclude.contains(&m.entry.id) {
+                continue;
+            }
+            let avail = match per_dev.iter().find(|(d, _)| *d == m.dev) {
+                Some((_, a)) => *a,
+                None => match m.available() {
+                    Ok(a) => {
+                        per_dev.push((m.dev, a));
+                        a
+                    }
+                    Err(e) => {
+                        tracing::warn!(member = %m.dir.display(), error = %e, "cannot read free space");
+                        continue;
+                    }
+                },
+            };
+            if avail == 0 {
+                continue;
+            }
+            let count = m.extents.load(Ordering::Relaxed);
+            let better = match best {
+                None => true,
+                Some((ba, bc, _)) => avail > ba || (avail == ba && count < bc),
+            };
+            if better {
+                best = Some((avail, count, m.entry.id));
+            }
+        }
+        best.map(|(_, _, id)| id).ok_or(FsError::NoSpace)
+    }
+
+    /// Creates the member file of a new extent copy on a placed member.
+    pub fn create_extent_file(&self, ino: u64, index: u64, exclude: &[u32]) -> FsResult<(u32, u64, File)> {
+        let member_id = self.place(exclude)?;
+        let m = self.member(member_id).ok_or(FsError::NoSpace)?;
+        loop {
+            let fid = self.next_file_id.fetch_add(1, Ordering::SeqCst);
+            let p = m.data_dir.join(extent_file_name(ino, index, fid));
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)
+            {
+                Ok(f) => {
+                    m.extents.fetch_add(1, Ordering::Relaxed);
+                    return Ok((member_id, fid, f));
+                }
+                // A leftover of a crash (never published): pick the next id.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Err(FsError::NoSpace),
+                Err(e) => return Err(FsError::Io(e)),
+            }
+        }
+    }
+
+    pub fn open_extent_file(&self, member: u32, ino: u64, index: u64, file_id: u64) -> FsResult<File> {
+        let p = self
+            .extent_path(member, ino, index, file_id)
+            .ok_or_else(|| FsError::Corrupt(format!("extent on unknown member {member}")))?;
+        match OpenOptions::new().read(true).write(self.mode == OpenMode::Exclusive).open(&p) {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(FsError::Corrupt(format!(
+                "extent file {} is missing",
+                p.display()
+            ))),
+            Err(e) => Err(FsError::Io(e)),
+        }
+    }
+
+    /// Removes extent files (after the commit that dropped them is durable).
+    pub fn remove_extent_files(&self, files: &[(u32, u64, u64, u64)]) {
+        for (member, ino, index, fid) in files {
+            if let Some(p) = self.extent_path(*member, *ino, *index, *fid) {
+                match fs::remove_file(&p) {
+                    Ok(()) => {
+                        if let Some(m) = self.member(*member) {
+                            m.extents.fetch_sub(1, Ordering::Relaxed);
+                            m.invalidate_space();
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot remove extent file"),
+                }
+            }
+        }
+    }
+
+    /// fsyncs the data directories of the given members (new extent files durable).
+    pub fn sync_data_dirs(&self, members: &HashSet<u32>) -> io::Result<()> {
+        for id in members {
+            if let Some(m) = self.member(*id) {
+                fsync_dir(&m.data_dir)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a metadata batch to every member. Durable commits are what fsync
+    /// promises; the batch's generation is the same everywhere.
+    pub fn commit(&self, batch: &Batch, durable: bool) -> Result<()> {
+        for m in &self.members {
+            let s = m
+                .store
+                .as_ref()
+                .ok_or_else(|| Error::Other("pool opened without metadata store".into()))?;
+            s.apply(batch, durable)?;
+        }
+        Ok(())
+    }
+
+    /// Pooled capacity: each distinct filesystem under the members counted once,
+    /// less the per-member reserve, divided by the copies setting.
+    pub fn space(&self) -> PoolSpace {
+        let mut seen = HashSet::new();
+        let mut s = PoolSpace::default();
+        for m in &self.members {
+            if !seen.insert(m.dev) {
+                continue;
+            }
+            if let Ok(st) = statvfs(&m.dir) {
+                let fr = st.f_frsize as u64;
+                let total = st.f_blocks as u64 * fr;
+                let reserve = Member::reserve(total);
+                s.size += total.saturating_sub(reserve);
+                s.free += (st.f_bfree as u64 * fr).saturating_sub(reserve);
+                s.avail += (st.f_bavail as u64 * fr).saturating_sub(reserve);
+            }
+        }
+        let c = self.label.config.copies.max(1) as u64;
+        PoolSpace {
+            size: s.size / c,
+            free: s.free / c,
+            avail: s.avail / c,
+        }
+    }
+
+    /// Lists extent files on a member: `(name, ino, index, file_id, allocated bytes)`.
+    pub fn list_extent_files(&self, member: &Member) -> io::Result<Vec<(String, Option<(u64, u64, u64)>, u64)>> {
+        let mut out = Vec::new();
+        let rd = match fs::read_dir(&member.data_dir) {
+            Ok(rd) => rd,
+            Err(e) => return Err(e),
+        };
+        for ent in rd {
+            let ent = ent?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let blocks = ent.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+            out.push((name.clone(), parse_extent_file_name(&name), blocks));
+        }
+        Ok(out)
+    }
+
+    /// Status of the pool as `vpool status` shows it, computed from the metadata
+    /// image and the member directories.
+    pub fn status(&self, files: u64, logical_bytes: u64) -> PoolStatus {
+        let mut members = Vec::new();
+        let mut seen = HashSet::new();
+        let (mut size, mut free) = (0u64, 0u64);
+        let mut stored_total = 0u64;
+        for m in &self.members {
+            let (msize, mfree) = match statvfs(&m.dir) {
+                Ok(st) => {
+                    let fr = st.f_frsize as u64;
+                    (st.f_blocks as u64 * fr, st.f_bavail as u64 * fr)
+                }
+                Err(_) => (0, 0),
+            };
+            if seen.insert(m.dev) {
+                size += msize;
+                free += mfree;
+            }
+            let mut stored = 0;
+            let mut count = 0;
+            if let Ok(list) = self.list_extent_files(m) {
+                for (_, parsed, bytes) in list {
+                    if parsed.is_some() {
+                        stored += bytes;
+                        count += 1;
+                    }
+                }
+            }
+            stored_total += stored;
+            let health = if m.dir.join(label::LABEL_FILES[0]).exists() || m.dir.join(label::LABEL_FILES[1]).exists() {
+                "ONLINE"
+            } else {
+                "FAULTED"
+            };
+            members.push(MemberStatus {
+                path: m.dir.clone(),
+                id: m.entry.uuid.to_string(),
+                size: msize,
+                used: msize.saturating_sub(mfree),
+                free: mfree,
+                health: health.to_string(),
+                stored_bytes: stored,
+                extents: count,
+            });
+        }
+        let state = if members.iter().all(|m| m.health == "ONLINE") {
+            "ONLINE"
+        } else {
+            "DEGRADED"
+        };
+        PoolStatus {
+            pool: self.label.pool.to_string(),
+            state: state.to_string(),
+            mounted: false,
+            mountpoint: None,
+            pid: None,
+            copies: self.label.config.copies,
+            extent_size: self.label.config.extent_size,
+            block_size: self.label.config.block_size,
+            members,
+            size,
+            used: size.saturating_sub(free),
+            free,
+            files,
+            logical_bytes,
+            stored_bytes: stored_total,
+        }
+    }
+}
