@@ -58,7 +58,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// Socket path of the daemon serving `mountpoint` (canonical path expected).
 pub fn socket_path(mountpoint: &Path) -> PathBuf {
     use std::os::unix::ffi::OsStrExt;
-    runtime_dir().join(format!("{:016x}.sock", fnv1a(mountpoint.as_os_str().as_bytes())))
+    runtime_dir().join(format!(
+        "{:016x}.sock",
+        fnv1a(mountpoint.as_os_str().as_bytes())
+    ))
 }
 
 /// Log file of the detached daemon serving `mountpoint`.
@@ -69,7 +72,8 @@ pub fn log_path(mountpoint: &Path) -> PathBuf {
 pub fn ensure_runtime_dir() -> Result<PathBuf> {
     let d = runtime_dir();
     std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
-    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(&d, e))?;
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(&d, e))?;
     Ok(d)
 }
 
@@ -101,7 +105,8 @@ impl Server {
         let path = socket_path(mountpoint);
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(|e| Error::io(&path, e))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|e| Error::io(&path, e))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(&path, e))?;
         let mp = mountpoint.to_path_buf();
         std::thread::Builder::new()
             .name("vpool-control".into())

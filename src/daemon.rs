@@ -38,7 +38,12 @@ impl MountOptions {
             threads: 4,
             ..Default::default()
         };
-        for item in list.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()) {
+        for item in list
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
             let (k, v) = match item.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
                 None => (item, None),
@@ -75,7 +80,9 @@ impl MountOptions {
                 ("snapdir", Some("visible")) => o.snapdir_visible = true,
                 ("snapdir", Some("hidden")) => o.snapdir_visible = false,
                 ("snapdir", Some(v)) => {
-                    return Err(Error::Invalid(format!("snapdir={v}: expected visible or hidden")));
+                    return Err(Error::Invalid(format!(
+                        "snapdir={v}: expected visible or hidden"
+                    )));
                 }
                 _ => return Err(Error::Invalid(format!("unknown mount option {item:?}"))),
             }
@@ -108,12 +115,13 @@ fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
-                i += 4;
-                continue;
-            }
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v as char);
+            i += 4;
+            continue;
         }
         out.push(b[i] as char);
         i += 1;
@@ -138,7 +146,10 @@ pub fn check_mountpoint(mp: &Path, allow_nonempty: bool) -> Result<PathBuf> {
         }
     })?;
     if !md.is_dir() {
-        return Err(Error::Other(format!("mountpoint {} is not a directory", mp.display())));
+        return Err(Error::Other(format!(
+            "mountpoint {} is not a directory",
+            mp.display()
+        )));
     }
     let canon = std::fs::canonicalize(mp).map_err(|e| Error::io(mp, e))?;
     if let Some(t) = mount_type(&canon) {
@@ -161,7 +172,12 @@ pub fn check_mountpoint(mp: &Path, allow_nonempty: bool) -> Result<PathBuf> {
 
 /// Mounts and serves in this process until unmounted. `ready` is called once the
 /// mount is visible (the detaching parent waits for that).
-pub fn run(member: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl FnOnce(&str)) -> Result<()> {
+pub fn run(
+    member: &Path,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    ready: impl FnOnce(&str),
+) -> Result<()> {
     let mp = check_mountpoint(mountpoint, opts.allow_nonempty)?;
     let pool = Pool::open(member, OpenMode::Exclusive)?;
     let pool_id = pool.label.pool.to_string();
@@ -187,6 +203,7 @@ pub fn run(member: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl Fn
     block_signals();
     let mut session = fuser::Session::new(FuseFs::new(vfs.clone()), &mp, &config)
         .map_err(|e| Error::Other(format!("cannot mount on {}: {e}", mp.display())))?;
+    raise_readahead(&mp);
     let _server = control::Server::start(&mp, vfs.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
     let flusher = {
@@ -224,6 +241,24 @@ pub fn run(member: &Path, mountpoint: &Path, opts: &MountOptions, ready: impl Fn
     final_commit.map_err(|e| Error::Other(format!("final commit failed: {e}")))?;
     tracing::info!("unmounted cleanly");
     Ok(())
+}
+
+/// The kernel reads ahead 128 KiB on a FUSE mount by default; volume images are
+/// read in long runs, and 1 MiB matches the request size. Needs root; best effort.
+fn raise_readahead(mp: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let want = mp.to_string_lossy();
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() > 4 && unescape_mountinfo(f[4]) == want {
+            let p = format!("/sys/class/bdi/{}/read_ahead_kb", f[2]);
+            if let Err(e) = std::fs::write(&p, (crate::fs::fuse::MAX_WRITE / 1024).to_string()) {
+                tracing::debug!(path = %p, error = %e, "cannot raise readahead");
+            }
+        }
+    }
 }
 
 fn flusher_loop(vfs: &Vfs, stop: &AtomicBool) {

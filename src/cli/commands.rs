@@ -53,7 +53,8 @@ fn init_logging(default: &str) {
 }
 
 fn create(dirs: &[PathBuf], copies: u32, extent_size: u64, block_size: u64) -> Result<i32> {
-    let block_size = u32::try_from(block_size).map_err(|_| anyhow!("block size {block_size} is too large"))?;
+    let block_size =
+        u32::try_from(block_size).map_err(|_| anyhow!("block size {block_size} is too large"))?;
     let label = Pool::create(
         dirs,
         CreateOptions {
@@ -76,7 +77,13 @@ fn create(dirs: &[PathBuf], copies: u32, extent_size: u64, block_size: u64) -> R
     Ok(0)
 }
 
-fn mount(dir: &Path, mountpoint: &Path, options: &[String], foreground: bool, daemon_child: bool) -> Result<i32> {
+fn mount(
+    dir: &Path,
+    mountpoint: &Path,
+    options: &[String],
+    foreground: bool,
+    daemon_child: bool,
+) -> Result<i32> {
     let opts = MountOptions::parse(options)?;
     if foreground || daemon_child {
         init_logging("info");
@@ -109,7 +116,9 @@ fn mount(dir: &Path, mountpoint: &Path, options: &[String], foreground: bool, da
         cmd.arg("-o").arg(o);
     }
     cmd.arg(dir).arg(&mp);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(log));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our session.
     unsafe {
         cmd.pre_exec(|| {
@@ -118,7 +127,10 @@ fn mount(dir: &Path, mountpoint: &Path, options: &[String], foreground: bool, da
         });
     }
     let mut child = cmd.spawn().context("cannot start the daemon")?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("daemon has no stdout"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("daemon has no stdout"))?;
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -143,7 +155,14 @@ fn mount(dir: &Path, mountpoint: &Path, options: &[String], foreground: bool, da
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let errors: Vec<&str> = log.lines().filter(|l| l.contains("error")).collect();
             let text = if errors.is_empty() {
-                log.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+                log.lines()
+                    .rev()
+                    .take(10)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
             } else {
                 errors.join("\n")
             };
@@ -193,7 +212,9 @@ fn unmount(mountpoint: &Path) -> Result<i32> {
             println!("vpool: {} is not mounted; nothing done", mp.display());
             return Ok(0);
         }
-        Some(t) if !t.starts_with("fuse") => bail!("{} is a {t} mount, not a vpool mount", mp.display()),
+        Some(t) if !t.starts_with("fuse") => {
+            bail!("{} is a {t} mount, not a vpool mount", mp.display())
+        }
         Some(_) => {}
     }
     let pid = match control::request(&mp, &Request::Status) {
@@ -204,27 +225,39 @@ fn unmount(mountpoint: &Path) -> Result<i32> {
         // No daemon answers: a dead mount. Detach it so the mountpoint is usable.
         let out = fusermount(&["-u", "-z"], &mp)?;
         if !out.status.success() {
-            bail!("fusermount3 -u -z {}: {}", mp.display(), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "fusermount3 -u -z {}: {}",
+                mp.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        println!("vpool: no daemon was serving {}; detached the dead mount", mp.display());
+        println!(
+            "vpool: no daemon was serving {}; detached the dead mount",
+            mp.display()
+        );
         return Ok(0);
     };
-    match control::request(&mp, &Request::Sync)? {
-        Response::Error { message } => bail!("flushing before unmount failed: {message}"),
-        _ => {}
+    if let Response::Error { message } = control::request(&mp, &Request::Sync)? {
+        bail!("flushing before unmount failed: {message}")
     }
     let out = fusermount(&["-u"], &mp)?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr);
         if msg.contains("busy") {
-            bail!("{} is busy: close the files and shells using it, then retry", mp.display());
+            bail!(
+                "{} is busy: close the files and shells using it, then retry",
+                mp.display()
+            );
         }
         bail!("fusermount3 -u {}: {}", mp.display(), msg.trim());
     }
     let start = Instant::now();
     while pid_alive(pid) {
         if start.elapsed() > EXIT_TIMEOUT {
-            bail!("unmounted, but the daemon (pid {pid}) has not exited after {}s", EXIT_TIMEOUT.as_secs());
+            bail!(
+                "unmounted, but the daemon (pid {pid}) has not exited after {}s",
+                EXIT_TIMEOUT.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -233,7 +266,8 @@ fn unmount(mountpoint: &Path) -> Result<i32> {
 }
 
 fn status_of(target: &Path) -> Result<PoolStatus> {
-    let canon = std::fs::canonicalize(target).with_context(|| format!("{} does not exist", target.display()))?;
+    let canon = std::fs::canonicalize(target)
+        .with_context(|| format!("{} does not exist", target.display()))?;
     let ask = |mp: &Path| -> Result<PoolStatus> {
         match control::request(mp, &Request::Status)? {
             Response::Status(st) => Ok(*st),
@@ -252,9 +286,13 @@ fn status_of(target: &Path) -> Result<PoolStatus> {
         return Ok(inspect::offline_status(&canon)?);
     }
     if daemon::mount_type(&canon).is_some() {
-        return ask(&canon).with_context(|| format!("no vpool daemon answers for {}", canon.display()));
+        return ask(&canon)
+            .with_context(|| format!("no vpool daemon answers for {}", canon.display()));
     }
-    bail!("{} is neither a vpool mountpoint nor a member directory", canon.display())
+    bail!(
+        "{} is neither a vpool mountpoint nor a member directory",
+        canon.display()
+    )
 }
 
 fn status(target: &Path, json: bool) -> Result<i32> {
@@ -264,7 +302,12 @@ fn status(target: &Path, json: bool) -> Result<i32> {
         return Ok(0);
     }
     match (&st.mountpoint, st.pid) {
-        (Some(mp), Some(pid)) => println!("pool {}  {}  mounted at {} (pid {pid})", st.pool, st.state, mp.display()),
+        (Some(mp), Some(pid)) => println!(
+            "pool {}  {}  mounted at {} (pid {pid})",
+            st.pool,
+            st.state,
+            mp.display()
+        ),
         _ => println!("pool {}  {}  not mounted", st.pool, st.state),
     }
     println!(

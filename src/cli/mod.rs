@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "vpool", version, about = "Pool directories or disks into one FUSE filesystem of volume images")]
+#[command(
+    name = "vpool",
+    version,
+    about = "Pool directories or disks into one FUSE filesystem of volume images"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -98,6 +98,14 @@ struct NodeMeta {
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
+/// What a new node is made of (`mode`: permission bits only).
+struct NewNode {
+    kind: NodeKind,
+    mode: u32,
+    rdev: u32,
+    target: Vec<u8>,
+}
+
 pub struct Node {
     pub ino: u64,
     meta: Mutex<NodeMeta>,
@@ -124,7 +132,11 @@ impl Node {
             parent: m.parent,
             target: m.target.clone(),
             xattrs: m.xattrs.clone(),
-            extents: self.volume.as_ref().map(|v| v.records()).unwrap_or_default(),
+            extents: self
+                .volume
+                .as_ref()
+                .map(|v| v.records())
+                .unwrap_or_default(),
         }
     }
 
@@ -224,14 +236,15 @@ impl Vfs {
     /// Loads the pool's metadata, removes what a crash left behind (orphan extent
     /// files, unlinked inodes), and returns the filesystem ready to serve.
     pub fn mount(mut pool: Pool, opts: VfsOptions) -> Result<Vfs> {
-        let img = pool.load_metadata()?;
+        let img = pool.load_metadata(!opts.read_only)?;
         let esize = pool.config().extent_size;
         let mut ns = Namespace {
             next_ino: img.next_ino.max(ROOT_INO + 1),
             ..Default::default()
         };
         for (ino, rec) in &img.inodes {
-            let volume = (rec.kind == NodeKind::File).then(|| Volume::new(*ino, esize, &rec.extents));
+            let volume =
+                (rec.kind == NodeKind::File).then(|| Volume::new(*ino, esize, &rec.extents));
             let node = Node {
                 ino: *ino,
                 meta: Mutex::new(NodeMeta {
@@ -308,9 +321,12 @@ impl Vfs {
             for n in ns.nodes.values() {
                 if let Some(v) = &n.volume {
                     let size = n.meta.lock().size;
-                    let dead = v
-                        .truncate(&self.pool, size)
-                        .map_err(|e| crate::Error::Other(format!("trimming inode {}: {e}", n.ino)))?;
+                    let dead = v.truncate(&self.pool, size).map_err(|e| {
+                        crate::Error::Other(format!("trimming inode {}: {e}", n.ino))
+                    })?;
+                    if !dead.is_empty() {
+                        n.touch();
+                    }
                     trimmed.extend(dead);
                 }
             }
@@ -334,18 +350,22 @@ impl Vfs {
                 .pool
                 .list_extent_files(m)
                 .map_err(|e| crate::Error::io(&m.data_dir, e))?;
-            for (name, parsed, _) in list {
-                if let Some((ino, idx, fid)) = parsed
-                    && !referenced.contains(&(m.entry.id, name.clone()))
+            for f in list {
+                if let Some((ino, idx, fid)) = f.parsed
+                    && !referenced.contains(&(m.entry.id, f.name))
                 {
                     orphan_files.push((m.entry.id, ino, idx, fid));
                 }
             }
         }
         if !orphan_files.is_empty() {
-            tracing::info!(count = orphan_files.len(), "removing extent files no inode references");
+            tracing::info!(
+                count = orphan_files.len(),
+                "removing extent files no inode references"
+            );
         }
-        self.commit().map_err(|e| crate::Error::Other(format!("recovery commit failed: {e}")))?;
+        self.commit()
+            .map_err(|e| crate::Error::Other(format!("recovery commit failed: {e}")))?;
         self.pool.remove_extent_files(&orphan_files);
         Ok(())
     }
@@ -475,17 +495,20 @@ impl Vfs {
         Ok(m.target.clone())
     }
 
-    /// Creates a node of `kind` under `parent`. `mode` holds permission bits only.
+    /// Creates a node under `parent`.
     fn make_node(
         &self,
         parent: u64,
         name: &[u8],
-        kind: NodeKind,
-        mode: u32,
-        rdev: u32,
-        target: Vec<u8>,
+        new: NewNode,
         caller: Caller,
     ) -> FsResult<Arc<Node>> {
+        let NewNode {
+            kind,
+            mode,
+            rdev,
+            target,
+        } = new;
         self.writable()?;
         check_name(name)?;
         let mut ns = self.ns.write();
@@ -545,7 +568,15 @@ impl Vfs {
         Ok(node)
     }
 
-    pub fn mknod(&self, parent: u64, name: &[u8], mode: u32, umask: u32, rdev: u32, caller: Caller) -> FsResult<Attr> {
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
         let kind = match mode & libc::S_IFMT {
             libc::S_IFREG | 0 => NodeKind::File,
             libc::S_IFIFO => NodeKind::Fifo,
@@ -555,25 +586,85 @@ impl Vfs {
             libc::S_IFDIR => NodeKind::Dir,
             _ => return Err(FsError::Invalid),
         };
-        let node = self.make_node(parent, name, kind, mode & !umask, rdev, Vec::new(), caller)?;
+        let node = self.make_node(
+            parent,
+            name,
+            NewNode {
+                kind,
+                mode: mode & !umask,
+                rdev,
+                target: Vec::new(),
+            },
+            caller,
+        )?;
         Ok(self.attr_of(&node))
     }
 
-    pub fn mkdir(&self, parent: u64, name: &[u8], mode: u32, umask: u32, caller: Caller) -> FsResult<Attr> {
-        let node = self.make_node(parent, name, NodeKind::Dir, mode & !umask, 0, Vec::new(), caller)?;
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        let node = self.make_node(
+            parent,
+            name,
+            NewNode {
+                kind: NodeKind::Dir,
+                mode: mode & !umask,
+                rdev: 0,
+                target: Vec::new(),
+            },
+            caller,
+        )?;
         Ok(self.attr_of(&node))
     }
 
-    pub fn symlink(&self, parent: u64, name: &[u8], target: &[u8], caller: Caller) -> FsResult<Attr> {
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+        caller: Caller,
+    ) -> FsResult<Attr> {
         if target.len() > 4096 {
             return Err(FsError::NameTooLong);
         }
-        let node = self.make_node(parent, name, NodeKind::Symlink, 0o777, 0, target.to_vec(), caller)?;
+        let node = self.make_node(
+            parent,
+            name,
+            NewNode {
+                kind: NodeKind::Symlink,
+                mode: 0o777,
+                rdev: 0,
+                target: target.to_vec(),
+            },
+            caller,
+        )?;
         Ok(self.attr_of(&node))
     }
 
-    pub fn create(&self, parent: u64, name: &[u8], mode: u32, umask: u32, caller: Caller) -> FsResult<(Attr, u64)> {
-        let node = self.make_node(parent, name, NodeKind::File, mode & !umask, 0, Vec::new(), caller)?;
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> FsResult<(Attr, u64)> {
+        let node = self.make_node(
+            parent,
+            name,
+            NewNode {
+                kind: NodeKind::File,
+                mode: mode & !umask,
+                rdev: 0,
+                target: Vec::new(),
+            },
+            caller,
+        )?;
         let fh = self.new_file_handle(node.clone());
         Ok((self.attr_of(&node), fh))
     }
@@ -689,12 +780,20 @@ impl Vfs {
         }
     }
 
-    pub fn rename(&self, parent: u64, name: &[u8], newparent: u64, newname: &[u8], flags: u32) -> FsResult<()> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
         self.writable()?;
         check_name(newname)?;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange) {
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange)
+        {
             return Err(FsError::Invalid);
         }
         let mut ns = self.ns.write();
@@ -723,7 +822,11 @@ impl Vfs {
                     dst.meta.lock().parent = parent;
                 }
                 if src_is_dir != dst_is_dir {
-                    let (gain, lose) = if src_is_dir { (newparent, parent) } else { (parent, newparent) };
+                    let (gain, lose) = if src_is_dir {
+                        (newparent, parent)
+                    } else {
+                        (parent, newparent)
+                    };
                     if let Ok(n) = ns.node(gain) {
                         n.meta.lock().nlink += 1;
                     }
@@ -789,7 +892,9 @@ impl Vfs {
     fn new_file_handle(&self, node: Arc<Node>) -> u64 {
         node.open.fetch_add(1, Ordering::AcqRel);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().insert(fh, Arc::new(Handle::File { node }));
+        self.handles
+            .write()
+            .insert(fh, Arc::new(Handle::File { node }));
         fh
     }
 
@@ -842,7 +947,9 @@ impl Vfs {
         self.writable()?;
         let node = self.file_node(fh)?;
         let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
-        let end = off.checked_add(data.len() as u64).ok_or(FsError::FileTooLarge)?;
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::FileTooLarge)?;
         if end > MAX_FILE_SIZE {
             return Err(FsError::FileTooLarge);
         }
@@ -875,7 +982,8 @@ impl Vfs {
         }
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let size = node.meta.lock().size;
-        let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
         if mode & !known != 0 {
             return Err(FsError::NotSupported);
         }
@@ -924,7 +1032,14 @@ impl Vfs {
     }
 
     /// Copies through the core in 1 MiB pieces; holes in the source stay holes.
-    pub fn copy_file_range(&self, fh_in: u64, off_in: u64, fh_out: u64, off_out: u64, len: u64) -> FsResult<u64> {
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> FsResult<u64> {
         self.writable()?;
         let src = self.file_node(fh_in)?;
         let size = src.meta.lock().size;
@@ -1009,7 +1124,12 @@ impl Vfs {
     /// Entries from position `offset` on; entry `i` has offset `i + 1`. The listing
     /// is taken at opendir (and again on rewind) so removals while reading skip nothing.
     pub fn readdir(&self, fh: u64, ino: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
-        let h = self.handles.read().get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let h = self
+            .handles
+            .read()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
         let Handle::Dir { entries } = h.as_ref() else {
             return Err(FsError::BadHandle);
         };
@@ -1126,14 +1246,20 @@ impl Vfs {
             batch.next_file_id = self.pool.next_file_id.load(Ordering::SeqCst);
             batch.generation = self.generation.load(Ordering::SeqCst) + 1;
             let dead = std::mem::take(&mut ns.dead_extents);
-            let volumes: Vec<Arc<Node>> = ns.nodes.values().filter(|n| n.volume.is_some()).cloned().collect();
+            let volumes: Vec<Arc<Node>> = ns
+                .nodes
+                .values()
+                .filter(|n| n.volume.is_some())
+                .cloned()
+                .collect();
             (batch, dirty_nodes, dirents, dead, volumes)
         };
+        let mut fresh = Vec::new();
         let result = (|| -> FsResult<()> {
             let mut new_dirs = HashSet::new();
             for n in &volumes {
                 if let Some(v) = &n.volume {
-                    v.sync(&self.pool, &mut new_dirs)?;
+                    v.sync(&self.pool, &mut new_dirs, &mut fresh)?;
                 }
             }
             self.pool.sync_data_dirs(&new_dirs).map_err(FsError::Io)?;
@@ -1141,6 +1267,9 @@ impl Vfs {
         })();
         match result {
             Ok(()) => {
+                for e in fresh {
+                    e.mark_published();
+                }
                 self.generation.store(batch.generation, Ordering::SeqCst);
                 self.pool.remove_extent_files(&dead);
                 Ok(())
@@ -1214,7 +1343,11 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> Vfs {
-        Vfs::mount(Pool::open(dir, OpenMode::Exclusive).unwrap(), VfsOptions::default()).unwrap()
+        Vfs::mount(
+            Pool::open(dir, OpenMode::Exclusive).unwrap(),
+            VfsOptions::default(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -1247,16 +1380,38 @@ mod tests {
         let v = open(&dirs[0]);
         let (a, fh) = v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
         v.write(fh, 0, &[1u8; 200_000]).unwrap();
-        v.fallocate(fh, 65536, 65536, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-            .unwrap();
+        v.fallocate(
+            fh,
+            65536,
+            65536,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        )
+        .unwrap();
         assert_eq!(v.read(fh, 65536, 10).unwrap(), vec![0u8; 10]);
         assert_eq!(v.lseek(fh, 0, libc::SEEK_HOLE).unwrap(), 65536);
         assert_eq!(v.lseek(fh, 65536, libc::SEEK_DATA).unwrap(), 131072);
-        v.setattr(a.ino, SetAttr { size: Some(70_000), ..Default::default() }).unwrap();
-        v.setattr(a.ino, SetAttr { size: Some(300_000), ..Default::default() }).unwrap();
+        v.setattr(
+            a.ino,
+            SetAttr {
+                size: Some(70_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        v.setattr(
+            a.ino,
+            SetAttr {
+                size: Some(300_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(v.read(fh, 0, 4).unwrap(), vec![1u8; 4]);
         assert_eq!(v.read(fh, 69_990, 20).unwrap(), vec![0u8; 20]);
-        assert!(matches!(v.lseek(fh, 70_000, libc::SEEK_DATA), Err(FsError::NoData)));
+        assert!(matches!(
+            v.lseek(fh, 70_000, libc::SEEK_DATA),
+            Err(FsError::NoData)
+        ));
     }
 
     #[test]
@@ -1277,7 +1432,10 @@ mod tests {
         let v = open(&dirs[1]);
         let g = v.lookup(ROOT_INO, b"g").unwrap();
         assert_eq!(g.nlink, 2);
-        assert_eq!(v.readlink(v.lookup(ROOT_INO, b"s").unwrap().ino).unwrap(), b"d/f");
+        assert_eq!(
+            v.readlink(v.lookup(ROOT_INO, b"s").unwrap().ino).unwrap(),
+            b"d/f"
+        );
         assert_eq!(v.getxattr(g.ino, b"user.a").unwrap(), b"1");
         assert!(v.lookup(d.ino, b"f").is_err());
         v.rmdir(ROOT_INO, b"d").unwrap();
@@ -1303,17 +1461,90 @@ mod tests {
         let v = open(&dirs[0]);
         let a = v.mkdir(ROOT_INO, b"a", 0o755, 0, ME).unwrap();
         v.mkdir(a.ino, b"b", 0o755, 0, ME).unwrap();
-        assert!(matches!(v.rename(ROOT_INO, b"a", a.ino, b"x", 0), Err(FsError::Invalid)));
+        assert!(matches!(
+            v.rename(ROOT_INO, b"a", a.ino, b"x", 0),
+            Err(FsError::Invalid)
+        ));
         v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
-        assert!(matches!(v.rename(ROOT_INO, b"f", ROOT_INO, b"a", 0), Err(FsError::IsDir)));
+        assert!(matches!(
+            v.rename(ROOT_INO, b"f", ROOT_INO, b"a", 0),
+            Err(FsError::IsDir)
+        ));
         v.mkdir(ROOT_INO, b"c", 0o755, 0, ME).unwrap();
-        assert!(matches!(v.rename(ROOT_INO, b"c", ROOT_INO, b"a", 0), Err(FsError::NotEmpty)));
+        assert!(matches!(
+            v.rename(ROOT_INO, b"c", ROOT_INO, b"a", 0),
+            Err(FsError::NotEmpty)
+        ));
         assert!(matches!(
             v.rename(ROOT_INO, b"f", ROOT_INO, b"c", libc::RENAME_NOREPLACE),
             Err(FsError::Exists)
         ));
-        v.rename(ROOT_INO, b"f", ROOT_INO, b"c", libc::RENAME_EXCHANGE).unwrap();
+        v.rename(ROOT_INO, b"f", ROOT_INO, b"c", libc::RENAME_EXCHANGE)
+            .unwrap();
         assert_eq!(v.lookup(ROOT_INO, b"f").unwrap().kind, NodeKind::Dir);
         assert_eq!(v.getattr(ROOT_INO).unwrap().nlink, 4);
+    }
+
+    /// Overwrites inode `ino`'s record on member `dir` with garbage, keeping the generation.
+    fn damage_record(dir: &std::path::Path, ino: u64) {
+        use crate::pool::meta::MemberStore;
+        let s = MemberStore::open(dir).unwrap();
+        let img = s.load().unwrap();
+        let batch = crate::pool::meta::Batch {
+            generation: img.generation,
+            next_ino: img.next_ino,
+            next_file_id: img.next_file_id,
+            inodes: vec![(ino, Some(vec![1, 0, 0, 0, 9, 9, 9, 9, 42]))],
+            dirents: vec![],
+        };
+        s.apply(&batch, true).unwrap();
+    }
+
+    #[test]
+    fn damaged_record_is_repaired_from_another_member() {
+        let (_d, dirs) = setup(2, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
+        v.write(fh, 0, &[5u8; 100_000]).unwrap();
+        v.release(fh).unwrap();
+        v.commit().unwrap();
+        drop(v);
+        damage_record(&dirs[0], a.ino);
+        let v = open(&dirs[0]);
+        let fh = v.open(a.ino, false).unwrap();
+        assert_eq!(v.read(fh, 0, 100_000).unwrap(), vec![5u8; 100_000]);
+        v.release(fh).unwrap();
+        drop(v);
+        let r = crate::pool::inspect::check(&dirs[0]).unwrap();
+        assert!(r.is_clean(), "{:?}", r.problems);
+    }
+
+    #[test]
+    fn record_damaged_everywhere_refuses_mount_and_keeps_data() {
+        let (_d, dirs) = setup(2, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
+        v.write(fh, 0, &[5u8; 100_000]).unwrap();
+        v.release(fh).unwrap();
+        v.commit().unwrap();
+        drop(v);
+        let count = |dirs: &[std::path::PathBuf]| -> usize {
+            dirs.iter()
+                .map(|d| std::fs::read_dir(d.join("data")).unwrap().count())
+                .sum()
+        };
+        let before = count(&dirs);
+        damage_record(&dirs[0], a.ino);
+        damage_record(&dirs[1], a.ino);
+        let err = Vfs::mount(
+            Pool::open(&dirs[0], OpenMode::Exclusive).unwrap(),
+            VfsOptions::default(),
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("no readable copy"), "{err}");
+        assert_eq!(count(&dirs), before);
+        let r = crate::pool::inspect::check(&dirs[0]).unwrap();
+        assert!(!r.is_clean());
     }
 }

@@ -9,8 +9,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::label::label_problems;
-use super::meta::{MemberStore, MetaImage, NodeKind, ROOT_INO};
-use super::{OpenMode, Pool, PoolStatus, parse_extent_file_name};
+use super::meta::{MetaImage, NodeKind, ROOT_INO};
+use super::{OpenMode, Pool, PoolStatus};
 use crate::error::Result;
 
 #[derive(Debug, Default, Serialize)]
@@ -39,7 +39,7 @@ fn counts(img: &MetaImage) -> (u64, u64) {
 /// Status of an unmounted pool, from its members and newest metadata copy.
 pub fn offline_status(dir: &Path) -> Result<PoolStatus> {
     let mut pool = Pool::open(dir, OpenMode::ReadOnly)?;
-    let img = pool.load_metadata()?;
+    let img = pool.load_metadata(false)?;
     let (files, bytes) = counts(&img);
     Ok(pool.status(files, bytes))
 }
@@ -48,6 +48,12 @@ pub fn offline_status(dir: &Path) -> Result<PoolStatus> {
 /// against the member files. Takes the pool's locks, so it refuses a mounted pool.
 pub fn check(dir: &Path) -> Result<CheckReport> {
     let pool = Pool::open(dir, OpenMode::Exclusive)?;
+    check_open(&pool)
+}
+
+/// The checks of [`check`] on a pool already opened (used by tests on a live pool
+/// right after a commit).
+pub fn check_open(pool: &Pool) -> Result<CheckReport> {
     let mut r = CheckReport {
         pool: pool.label.pool.to_string(),
         members: pool.members.len(),
@@ -61,23 +67,31 @@ pub fn check(dir: &Path) -> Result<CheckReport> {
     // Every metadata copy must open and decode; the newest one is checked in depth.
     let mut newest: Option<MetaImage> = None;
     let mut gens = Vec::new();
-    for m in &pool.members {
-        match MemberStore::open(&m.dir).and_then(|s| s.load()) {
+    for (m, loaded) in pool.members.iter().zip(pool.member_images()) {
+        match loaded {
             Ok(img) => {
                 for (ino, e) in &img.corrupt {
-                    r.problems
-                        .push(format!("{}: inode {ino} record is corrupt: {e}", m.dir.display()));
+                    r.problems.push(format!(
+                        "{}: inode {ino} record is corrupt: {e}",
+                        m.dir.display()
+                    ));
                 }
                 gens.push((m.dir.clone(), img.generation));
-                if newest.as_ref().is_none_or(|n| img.generation > n.generation) {
+                if newest
+                    .as_ref()
+                    .is_none_or(|n| img.generation > n.generation)
+                {
                     newest = Some(img);
                 }
             }
-            Err(e) => r.problems.push(format!("metadata of {}: {e}", m.dir.display())),
+            Err(e) => r
+                .problems
+                .push(format!("metadata of {}: {e}", m.dir.display())),
         }
     }
     let Some(img) = newest else {
-        r.problems.push("no readable metadata copy on any member".into());
+        r.problems
+            .push("no readable metadata copy on any member".into());
         return Ok(r);
     };
     for (dir, g) in gens {
@@ -91,7 +105,7 @@ pub fn check(dir: &Path) -> Result<CheckReport> {
     }
     r.inodes = img.inodes.len();
     check_namespace(&img, &mut r);
-    check_extents(&pool, &img, &mut r);
+    check_extents(pool, &img, &mut r);
     Ok(r)
 }
 
@@ -107,12 +121,12 @@ fn check_namespace(img: &MetaImage, r: &mut CheckReport) {
         let name_s = String::from_utf8_lossy(name);
         match img.inodes.get(parent) {
             Some(p) if p.kind == NodeKind::Dir => {}
-            Some(_) => r
-                .problems
-                .push(format!("entry {name_s:?} lives in inode {parent}, which is not a directory")),
-            None => r
-                .problems
-                .push(format!("entry {name_s:?} lives in missing directory inode {parent}")),
+            Some(_) => r.problems.push(format!(
+                "entry {name_s:?} lives in inode {parent}, which is not a directory"
+            )),
+            None => r.problems.push(format!(
+                "entry {name_s:?} lives in missing directory inode {parent}"
+            )),
         }
         match img.inodes.get(child) {
             Some(c) => {
@@ -127,9 +141,9 @@ fn check_namespace(img: &MetaImage, r: &mut CheckReport) {
                     }
                 }
             }
-            None => r
-                .problems
-                .push(format!("entry {name_s:?} in directory {parent} points to missing inode {child}")),
+            None => r.problems.push(format!(
+                "entry {name_s:?} in directory {parent} points to missing inode {child}"
+            )),
         }
     }
     for (ino, rec) in &img.inodes {
@@ -139,38 +153,47 @@ fn check_namespace(img: &MetaImage, r: &mut CheckReport) {
         let found = links.get(ino).copied().unwrap_or(0);
         if rec.nlink == 0 {
             if found == 0 {
-                r.notes
-                    .push(format!("inode {ino} was unlinked while open; it is freed at the next mount"));
+                r.notes.push(format!(
+                    "inode {ino} was unlinked while open; it is freed at the next mount"
+                ));
             } else {
-                r.problems
-                    .push(format!("inode {ino} has link count 0 but {found} directory entries"));
+                r.problems.push(format!(
+                    "inode {ino} has link count 0 but {found} directory entries"
+                ));
             }
             continue;
         }
         if found == 0 {
-            r.problems
-                .push(format!("inode {ino} has {} links but no directory entry", rec.nlink));
+            r.problems.push(format!(
+                "inode {ino} has {} links but no directory entry",
+                rec.nlink
+            ));
             continue;
         }
         let expect = if rec.kind == NodeKind::Dir {
             if found > 1 {
-                r.problems
-                    .push(format!("directory inode {ino} has {found} directory entries"));
+                r.problems.push(format!(
+                    "directory inode {ino} has {found} directory entries"
+                ));
             }
             2 + subdirs.get(ino).copied().unwrap_or(0)
         } else {
             found
         };
         if rec.nlink != expect {
-            r.problems
-                .push(format!("inode {ino} has link count {} but should have {expect}", rec.nlink));
+            r.problems.push(format!(
+                "inode {ino} has link count {} but should have {expect}",
+                rec.nlink
+            ));
         }
     }
     if let Some(root) = img.inodes.get(&ROOT_INO) {
         let expect = 2 + subdirs.get(&ROOT_INO).copied().unwrap_or(0);
         if root.nlink != expect {
-            r.problems
-                .push(format!("root directory has link count {} but should have {expect}", root.nlink));
+            r.problems.push(format!(
+                "root directory has link count {} but should have {expect}",
+                root.nlink
+            ));
         }
     }
 }
@@ -181,7 +204,8 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
     let mut file_ids: BTreeMap<u64, u64> = BTreeMap::new();
     for (ino, rec) in &img.inodes {
         if rec.kind != NodeKind::File && !rec.extents.is_empty() {
-            r.problems.push(format!("inode {ino} is not a regular file but has extents"));
+            r.problems
+                .push(format!("inode {ino} is not a regular file but has extents"));
         }
         for e in &rec.extents {
             r.extents += 1;
@@ -191,21 +215,24 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
                     e.file_id
                 ));
             }
-            if e.index.saturating_mul(esize) >= rec.size.max(1).next_multiple_of(esize) {
+            if e.index >= rec.size.div_ceil(esize) {
                 r.notes.push(format!(
                     "inode {ino} has extent {} past its size {}; it is trimmed at the next mount",
                     e.index, rec.size
                 ));
             }
             if e.members.is_empty() {
-                r.problems.push(format!("inode {ino} extent {} has no copy", e.index));
+                r.problems
+                    .push(format!("inode {ino} extent {} has no copy", e.index));
             }
             for m in &e.members {
                 let name = super::extent_file_name(*ino, e.index, e.file_id);
                 referenced.insert((*m, name.clone()));
                 let Some(path) = pool.extent_path(*m, *ino, e.index, e.file_id) else {
-                    r.problems
-                        .push(format!("inode {ino} extent {} is on unknown member id {m}", e.index));
+                    r.problems.push(format!(
+                        "inode {ino} extent {} is on unknown member id {m}",
+                        e.index
+                    ));
                     continue;
                 };
                 match std::fs::metadata(&path) {
@@ -226,8 +253,8 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
     for m in &pool.members {
         match pool.list_extent_files(m) {
             Ok(list) => {
-                for (name, parsed, _) in list {
-                    if parsed.is_none() || parse_extent_file_name(&name).is_none() {
+                for super::ExtentFileEntry { name, parsed, .. } in list {
+                    if parsed.is_none() {
                         r.notes.push(format!(
                             "{}: {name:?} is not an extent file of vpool",
                             m.data_dir.display()

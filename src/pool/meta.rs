@@ -123,6 +123,9 @@ pub struct MetaImage {
     pub corrupt: Vec<(u64, String)>,
 }
 
+/// Key of a directory entry: parent inode and name.
+pub type DirentKey = (u64, Vec<u8>);
+
 /// One atomic change to the metadata, applied to every member.
 #[derive(Clone, Debug, Default)]
 pub struct Batch {
@@ -132,7 +135,7 @@ pub struct Batch {
     /// `None` deletes the inode.
     pub inodes: Vec<(u64, Option<Vec<u8>>)>,
     /// `None` deletes the entry.
-    pub dirents: Vec<((u64, Vec<u8>), Option<u64>)>,
+    pub dirents: Vec<(DirentKey, Option<u64>)>,
 }
 
 pub struct MemberStore {

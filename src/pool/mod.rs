@@ -177,6 +177,15 @@ fn canonical_dir(dir: &Path) -> Result<PathBuf> {
     fs::canonicalize(dir).map_err(|e| Error::io(dir, e))
 }
 
+/// A file found in a member's data directory.
+pub struct ExtentFileEntry {
+    pub name: String,
+    /// `(ino, index, file_id)` when the name is an extent file name.
+    pub parsed: Option<(u64, u64, u64)>,
+    /// Allocated bytes.
+    pub bytes: u64,
+}
+
 /// Name of the member file holding one extent copy.
 pub fn extent_file_name(ino: u64, index: u64, file_id: u64) -> String {
     format!("{ino}.{index}.{file_id}")
@@ -261,7 +270,9 @@ impl Pool {
     /// is always a complete member.
     pub fn create(dirs: &[PathBuf], opts: CreateOptions) -> Result<Label> {
         if dirs.is_empty() {
-            return Err(Error::Invalid("at least one member directory is needed".into()));
+            return Err(Error::Invalid(
+                "at least one member directory is needed".into(),
+            ));
         }
         if opts.copies == 0 {
             return Err(Error::Invalid("copies must be at least 1".into()));
@@ -446,52 +457,75 @@ impl Pool {
         })
     }
 
-    /// Loads the metadata: opens every member's store, takes the newest copy and
-    /// (when exclusive) rewrites lagging copies from it. Also rewrites labels whose
-    /// recorded paths are stale.
-    pub fn load_metadata(&mut self) -> Result<MetaImage> {
-        if self.mode == OpenMode::ReadOnly {
-            let mut best: Option<MetaImage> = None;
-            for m in &self.members {
-                let img = meta::load_readonly(&m.dir)?;
-                if best.as_ref().is_none_or(|b| img.generation > b.generation) {
-                    best = Some(img);
+    /// Loads the metadata: opens every member's store and takes the copy with the
+    /// highest generation. Records of that copy that fail their checksum are taken
+    /// from another copy of the same generation; if no good copy exists the open
+    /// fails (so recovery never mistakes the files of an unreadable inode for
+    /// orphans). With `repair`, lagging or damaged copies are rewritten from the
+    /// result and labels with stale paths are rewritten.
+    pub fn load_metadata(&mut self, repair: bool) -> Result<MetaImage> {
+        let mut images = Vec::with_capacity(self.members.len());
+        for m in &mut self.members {
+            let img = match self.mode {
+                OpenMode::ReadOnly => meta::load_readonly(&m.dir)?,
+                OpenMode::Exclusive => {
+                    let s = MemberStore::open(&m.dir)?;
+                    let img = s.load()?;
+                    m.store = Some(s);
+                    img
+                }
+            };
+            images.push(img);
+        }
+        let best_i = (0..images.len())
+            .max_by_key(|i| images[*i].generation)
+            .ok_or_else(|| Error::Other("pool has no members".into()))?;
+        let mut img = images[best_i].clone();
+        for (ino, why) in std::mem::take(&mut img.corrupt) {
+            let good = images
+                .iter()
+                .enumerate()
+                .filter(|(i, o)| *i != best_i && o.generation == img.generation)
+                .find_map(|(_, o)| o.inodes.get(&ino).cloned());
+            match good {
+                Some(r) => {
+                    tracing::warn!(ino, reason = %why, "inode record damaged on one member; using another copy");
+                    img.inodes.insert(ino, r);
+                }
+                None => img.corrupt.push((ino, why)),
+            }
+        }
+        if !img.corrupt.is_empty() {
+            let list: Vec<String> = img
+                .corrupt
+                .iter()
+                .map(|(i, w)| format!("inode {i} ({w})"))
+                .collect();
+            return Err(Error::CorruptMetadata {
+                path: self.members[best_i].dir.join(meta::META_FILE),
+                reason: format!(
+                    "{} have no readable copy on any member; refusing to open the pool so that nothing is removed (run `vpool check`)",
+                    list.join(", ")
+                ),
+            });
+        }
+        if repair && self.mode == OpenMode::Exclusive {
+            for (m, have) in self.members.iter().zip(&images) {
+                if have.generation == img.generation && have.corrupt.is_empty() {
+                    continue;
+                }
+                if let Some(s) = &m.store {
+                    tracing::warn!(
+                        member = %m.dir.display(),
+                        have = have.generation,
+                        newest = img.generation,
+                        "metadata copy lags or is damaged; rewriting it from the newest copy"
+                    );
+                    s.replace_all(&img)?;
                 }
             }
-            let img = best.ok_or_else(|| Error::Other("pool has no members".into()))?;
-            self.after_load(&img);
-            return Ok(img);
+            self.refresh_label_paths()?;
         }
-        let mut gens = Vec::new();
-        for m in &mut self.members {
-            let s = MemberStore::open(&m.dir)?;
-            gens.push(s.generation()?);
-            m.store = Some(s);
-        }
-        let (best_i, _) = gens
-            .iter()
-            .enumerate()
-            .max_by_key(|(_, g)| **g)
-            .ok_or_else(|| Error::Other("pool has no members".into()))?;
-        let img = self.members[best_i]
-            .store
-            .as_ref()
-            .ok_or_else(|| Error::Other("store not open".into()))?
-            .load()?;
-        for (i, m) in self.members.iter().enumerate() {
-            if gens[i] != img.generation
-                && let Some(s) = &m.store
-            {
-                tracing::warn!(
-                    member = %m.dir.display(),
-                    have = gens[i],
-                    newest = img.generation,
-                    "metadata copy lags; rewriting it from the newest copy"
-                );
-                s.replace_all(&img)?;
-            }
-        }
-        self.refresh_label_paths()?;
         self.after_load(&img);
         Ok(img)
     }
@@ -513,10 +547,12 @@ impl Pool {
 
     /// Rewrites labels when a member was found at another path than recorded.
     fn refresh_label_paths(&mut self) -> Result<()> {
-        let stale = self
-            .members
-            .iter()
-            .any(|m| self.label.members.iter().any(|e| e.uuid == m.entry.uuid && e.path != m.dir));
+        let stale = self.members.iter().any(|m| {
+            self.label
+                .members
+                .iter()
+                .any(|e| e.uuid == m.entry.uuid && e.path != m.dir)
+        });
         if !stale {
             return Ok(());
         }
@@ -533,6 +569,20 @@ impl Pool {
         }
         self.label = l;
         Ok(())
+    }
+
+    /// Every member's metadata copy, loaded through the open store when there is one.
+    pub fn member_images(&self) -> Vec<Result<MetaImage>> {
+        self.members
+            .iter()
+            .map(|m| match &m.store {
+                Some(s) => s.load(),
+                None => match self.mode {
+                    OpenMode::Exclusive => MemberStore::open(&m.dir).and_then(|s| s.load()),
+                    OpenMode::ReadOnly => meta::load_readonly(&m.dir),
+                },
+            })
+            .collect()
     }
 
     pub fn config(&self) -> PoolConfig {
@@ -613,7 +663,12 @@ impl Pool {
     }
 
     /// Creates the member file of a new extent copy on a placed member.
-    pub fn create_extent_file(&self, ino: u64, index: u64, exclude: &[u32]) -> FsResult<(u32, u64, File)> {
+    pub fn create_extent_file(
+        &self,
+        ino: u64,
+        index: u64,
+        exclude: &[u32],
+    ) -> FsResult<(u32, u64, File)> {
         let member_id = self.place(exclude)?;
         let m = self.member(member_id).ok_or(FsError::NoSpace)?;
         loop {
@@ -638,11 +693,21 @@ impl Pool {
         }
     }
 
-    pub fn open_extent_file(&self, member: u32, ino: u64, index: u64, file_id: u64) -> FsResult<File> {
+    pub fn open_extent_file(
+        &self,
+        member: u32,
+        ino: u64,
+        index: u64,
+        file_id: u64,
+    ) -> FsResult<File> {
         let p = self
             .extent_path(member, ino, index, file_id)
             .ok_or_else(|| FsError::Corrupt(format!("extent on unknown member {member}")))?;
-        match OpenOptions::new().read(true).write(self.mode == OpenMode::Exclusive).open(&p) {
+        match OpenOptions::new()
+            .read(true)
+            .write(self.mode == OpenMode::Exclusive)
+            .open(&p)
+        {
             Ok(f) => Ok(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(FsError::Corrupt(format!(
                 "extent file {} is missing",
@@ -664,7 +729,9 @@ impl Pool {
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot remove extent file"),
+                    Err(e) => {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot remove extent file")
+                    }
                 }
             }
         }
@@ -703,12 +770,12 @@ impl Pool {
                 continue;
             }
             if let Ok(st) = statvfs(&m.dir) {
-                let fr = st.f_frsize as u64;
-                let total = st.f_blocks as u64 * fr;
+                let fr = st.f_frsize;
+                let total = st.f_blocks * fr;
                 let reserve = Member::reserve(total);
                 s.size += total.saturating_sub(reserve);
-                s.free += (st.f_bfree as u64 * fr).saturating_sub(reserve);
-                s.avail += (st.f_bavail as u64 * fr).saturating_sub(reserve);
+                s.free += (st.f_bfree * fr).saturating_sub(reserve);
+                s.avail += (st.f_bavail * fr).saturating_sub(reserve);
             }
         }
         let c = self.label.config.copies.max(1) as u64;
@@ -719,18 +786,18 @@ impl Pool {
         }
     }
 
-    /// Lists extent files on a member: `(name, ino, index, file_id, allocated bytes)`.
-    pub fn list_extent_files(&self, member: &Member) -> io::Result<Vec<(String, Option<(u64, u64, u64)>, u64)>> {
+    /// Lists the files in a member's data directory.
+    pub fn list_extent_files(&self, member: &Member) -> io::Result<Vec<ExtentFileEntry>> {
         let mut out = Vec::new();
-        let rd = match fs::read_dir(&member.data_dir) {
-            Ok(rd) => rd,
-            Err(e) => return Err(e),
-        };
-        for ent in rd {
+        for ent in fs::read_dir(&member.data_dir)? {
             let ent = ent?;
             let name = ent.file_name().to_string_lossy().into_owned();
-            let blocks = ent.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
-            out.push((name.clone(), parse_extent_file_name(&name), blocks));
+            let bytes = ent.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+            out.push(ExtentFileEntry {
+                parsed: parse_extent_file_name(&name),
+                name,
+                bytes,
+            });
         }
         Ok(out)
     }
@@ -745,8 +812,8 @@ impl Pool {
         for m in &self.members {
             let (msize, mfree) = match statvfs(&m.dir) {
                 Ok(st) => {
-                    let fr = st.f_frsize as u64;
-                    (st.f_blocks as u64 * fr, st.f_bavail as u64 * fr)
+                    let fr = st.f_frsize;
+                    (st.f_blocks * fr, st.f_bavail * fr)
                 }
                 Err(_) => (0, 0),
             };
@@ -757,15 +824,15 @@ impl Pool {
             let mut stored = 0;
             let mut count = 0;
             if let Ok(list) = self.list_extent_files(m) {
-                for (_, parsed, bytes) in list {
-                    if parsed.is_some() {
-                        stored += bytes;
-                        count += 1;
-                    }
+                for f in list.iter().filter(|f| f.parsed.is_some()) {
+                    stored += f.bytes;
+                    count += 1;
                 }
             }
             stored_total += stored;
-            let health = if m.dir.join(label::LABEL_FILES[0]).exists() || m.dir.join(label::LABEL_FILES[1]).exists() {
+            let health = if m.dir.join(label::LABEL_FILES[0]).exists()
+                || m.dir.join(label::LABEL_FILES[1]).exists()
+            {
                 "ONLINE"
             } else {
                 "FAULTED"

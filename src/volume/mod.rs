@@ -67,6 +67,11 @@ impl Extent {
         Ok(f)
     }
 
+    /// The commit referencing this extent is durable, its directory entry too.
+    pub fn mark_published(&self) {
+        self.fresh.store(false, Ordering::Release);
+    }
+
     fn written(&self) {
         self.dirty.store(true, Ordering::Release);
         self.blocks_stale.store(true, Ordering::Release);
@@ -158,9 +163,12 @@ impl Volume {
         let map = records
             .iter()
             .filter_map(|r| {
-                r.members
-                    .first()
-                    .map(|m| (r.index, Arc::new(Extent::new(r.index, r.file_id, *m, None, false))))
+                r.members.first().map(|m| {
+                    (
+                        r.index,
+                        Arc::new(Extent::new(r.index, r.file_id, *m, None, false)),
+                    )
+                })
             })
             .collect();
         Volume {
@@ -208,7 +216,9 @@ impl Volume {
         let len = (len as u64).min(size - off) as usize;
         let mut buf = vec![0u8; len];
         for p in pieces(self.esize, off, len) {
-            let Some(ext) = self.get(p.index) else { continue };
+            let Some(ext) = self.get(p.index) else {
+                continue;
+            };
             let f = ext.file(pool, self.ino)?;
             let dst = &mut buf[p.buf_off..p.buf_off + p.len];
             let mut done = 0;
@@ -251,7 +261,9 @@ impl Volume {
     /// Deallocates `[off, off+len)`; reads of it return zeros afterwards.
     pub fn punch(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
-            let Some(ext) = self.get(p.index) else { continue };
+            let Some(ext) = self.get(p.index) else {
+                continue;
+            };
             let f = ext.file(pool, self.ino)?;
             fallocate(
                 &f,
@@ -426,9 +438,16 @@ impl Volume {
         total
     }
 
-    /// fdatasyncs written extents. Returns the members whose data directory gained
-    /// entries since the last durable commit (the caller fsyncs those directories).
-    pub fn sync(&self, pool: &Pool, new_dirs: &mut HashSet<u32>) -> FsResult<()> {
+    /// fdatasyncs written extents. Adds the members whose data directory gained
+    /// entries to `new_dirs` (the caller fsyncs those directories) and the new
+    /// extents to `fresh`; the caller marks them published once the commit that
+    /// references them is durable.
+    pub fn sync(
+        &self,
+        pool: &Pool,
+        new_dirs: &mut HashSet<u32>,
+        fresh: &mut Vec<Arc<Extent>>,
+    ) -> FsResult<()> {
         let exts: Vec<Arc<Extent>> = self.map.read().values().cloned().collect();
         for e in exts {
             if e.dirty.swap(false, Ordering::AcqRel) {
@@ -438,8 +457,9 @@ impl Volume {
                     return Err(FsError::Io(err));
                 }
             }
-            if e.fresh.swap(false, Ordering::AcqRel) {
+            if e.fresh.load(Ordering::Acquire) {
                 new_dirs.insert(e.member);
+                fresh.push(e);
             }
         }
         Ok(())
