@@ -75,7 +75,7 @@ struct Harness {
 }
 
 impl Harness {
-    fn new() -> Harness {
+    fn new(copies: u32) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<PathBuf> = (0..2)
             .map(|i| {
@@ -87,6 +87,7 @@ impl Harness {
         Pool::create(
             &members,
             CreateOptions {
+                copies,
                 extent_size: EXTENT,
                 ..Default::default()
             },
@@ -273,8 +274,8 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
         })
 }
 
-fn run(ops: &[Op]) {
-    let mut h = Harness::new();
+fn run(copies: u32, ops: &[Op]) {
+    let mut h = Harness::new(copies);
     for op in ops {
         h.apply(op);
     }
@@ -284,22 +285,25 @@ fn run(ops: &[Op]) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
-    fn core_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
-        run(&ops);
+    fn core_matches_model(copies in 1..=2u32, ops in proptest::collection::vec(op(), 1..40)) {
+        run(copies, &ops);
     }
 }
 
 #[test]
 fn regression_truncate_then_extend_reads_zeros() {
-    run(&[
-        Op::Write {
-            f: 0,
-            off: 0,
-            len: 40_000,
-            byte: 7,
-        },
-        Op::Truncate { f: 0, size: 10_000 },
-        Op::Truncate { f: 0, size: 60_000 },
-        Op::Remount { member: 0 },
-    ]);
+    run(
+        1,
+        &[
+            Op::Write {
+                f: 0,
+                off: 0,
+                len: 40_000,
+                byte: 7,
+            },
+            Op::Truncate { f: 0, size: 10_000 },
+            Op::Truncate { f: 0, size: 60_000 },
+            Op::Remount { member: 0 },
+        ],
+    );
 }

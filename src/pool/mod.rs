@@ -662,34 +662,55 @@ impl Pool {
         best.map(|(_, _, id)| id).ok_or(FsError::NoSpace)
     }
 
-    /// Creates the member file of a new extent copy on a placed member.
-    pub fn create_extent_file(
-        &self,
-        ino: u64,
-        index: u64,
-        exclude: &[u32],
-    ) -> FsResult<(u32, u64, File)> {
-        let member_id = self.place(exclude)?;
-        let m = self.member(member_id).ok_or(FsError::NoSpace)?;
-        loop {
+    /// Creates the member files of a new extent: one copy per `copies`, each on a
+    /// distinct member chosen by [`Pool::place`], all named with one fresh file id.
+    /// Returns the copies as `(member, file)` and the file id.
+    pub fn create_extent_files(&self, ino: u64, index: u64) -> FsResult<(u64, Vec<(u32, File)>)> {
+        let copies = self.label.config.copies.max(1) as usize;
+        'fid: loop {
             let fid = self.next_file_id.fetch_add(1, Ordering::SeqCst);
-            let p = m.data_dir.join(extent_file_name(ino, index, fid));
-            match OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&p)
-            {
-                Ok(f) => {
-                    m.extents.fetch_add(1, Ordering::Relaxed);
-                    return Ok((member_id, fid, f));
+            let mut made: Vec<(u32, File)> = Vec::with_capacity(copies);
+            while made.len() < copies {
+                let exclude: Vec<u32> = made.iter().map(|(m, _)| *m).collect();
+                let placed = self.place(&exclude).and_then(|member_id| {
+                    let m = self.member(member_id).ok_or(FsError::NoSpace)?;
+                    let p = m.data_dir.join(extent_file_name(ino, index, fid));
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&p)
+                        .map(|f| (member_id, f))
+                        .map_err(FsError::Io)
+                });
+                match placed {
+                    Ok(c) => made.push(c),
+                    Err(e) => {
+                        for (m, _) in &made {
+                            if let Some(p) = self.extent_path(*m, ino, index, fid) {
+                                let _ = fs::remove_file(p);
+                            }
+                        }
+                        match e {
+                            // A leftover of a crash (never published): take the next id.
+                            FsError::Io(io) if io.kind() == io::ErrorKind::AlreadyExists => {
+                                continue 'fid;
+                            }
+                            FsError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => {
+                                return Err(FsError::NoSpace);
+                            }
+                            other => return Err(other),
+                        }
+                    }
                 }
-                // A leftover of a crash (never published): pick the next id.
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Err(FsError::NoSpace),
-                Err(e) => return Err(FsError::Io(e)),
             }
+            for (m, _) in &made {
+                if let Some(m) = self.member(*m) {
+                    m.extents.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return Ok((fid, made));
         }
     }
 

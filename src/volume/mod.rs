@@ -1,12 +1,14 @@
 //! A file's data: its extent map and the read/write/punch/seek path.
 //!
 //! The life of an extent: a write lands in extent `i` (bytes `[i*E, (i+1)*E)`) of
-//! a file that has none there; the pool places it on a member and creates the
-//! sparse member file `data/<ino>.<i>.<file_id>`; data is written at the same
-//! offset within it as within the extent, so holes stay holes. The extent is
-//! `fresh` until a durable commit has fsynced its directory entry, and `dirty`
-//! until its data has been fdatasynced. It leaves the map on truncate or delete,
-//! and its file is removed only after the commit that dropped it is durable.
+//! a file that has none there; the pool places its copies (one per `copies`, on
+//! distinct members) and creates the sparse member files
+//! `data/<ino>.<i>.<file_id>`; data is written at the same offset within them as
+//! within the extent, so holes stay holes. Every write goes to every copy; reads
+//! are served by the first copy that answers. The extent is `fresh` until a
+//! durable commit has fsynced its directory entries, and `dirty` until its data
+//! has been fdatasynced. It leaves the map on truncate or delete, and its files
+//! are removed only after the commit that dropped it is durable.
 //!
 //! Locking: the map is behind an `RwLock` taken for reading on every I/O and for
 //! writing only to add or drop extents; member file I/O is positional
@@ -26,27 +28,38 @@ use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
 use crate::pool::meta::ExtentRecord;
 
+/// One copy of an extent, on one member.
+pub struct ExtentCopy {
+    pub member: u32,
+    file: RwLock<Option<Arc<File>>>,
+}
+
 pub struct Extent {
     pub index: u64,
     pub file_id: u64,
-    pub member: u32,
-    file: RwLock<Option<Arc<File>>>,
+    /// At least one; the first is read first.
+    pub copies: Vec<ExtentCopy>,
     /// Data written since the last fdatasync.
     dirty: AtomicBool,
-    /// Created since the last durable commit (its directory entry needs an fsync).
+    /// Created since the last durable commit (its directory entries need an fsync).
     fresh: AtomicBool,
-    /// Allocated bytes of the member file, valid unless `blocks_stale`.
+    /// Allocated bytes of the first copy, valid unless `blocks_stale`.
     blocks: AtomicU64,
     blocks_stale: AtomicBool,
 }
 
 impl Extent {
-    fn new(index: u64, file_id: u64, member: u32, file: Option<File>, fresh: bool) -> Extent {
+    fn new(index: u64, file_id: u64, copies: Vec<(u32, Option<File>)>, fresh: bool) -> Extent {
         Extent {
             index,
             file_id,
-            member,
-            file: RwLock::new(file.map(Arc::new)),
+            copies: copies
+                .into_iter()
+                .map(|(member, f)| ExtentCopy {
+                    member,
+                    file: RwLock::new(f.map(Arc::new)),
+                })
+                .collect(),
             dirty: AtomicBool::new(fresh),
             fresh: AtomicBool::new(fresh),
             blocks: AtomicU64::new(0),
@@ -54,20 +67,35 @@ impl Extent {
         }
     }
 
-    fn file(&self, pool: &Pool, ino: u64) -> FsResult<Arc<File>> {
-        if let Some(f) = self.file.read().as_ref() {
+    fn file(&self, pool: &Pool, ino: u64, copy: usize) -> FsResult<Arc<File>> {
+        let c = &self.copies[copy];
+        if let Some(f) = c.file.read().as_ref() {
             return Ok(f.clone());
         }
-        let mut g = self.file.write();
+        let mut g = c.file.write();
         if let Some(f) = g.as_ref() {
             return Ok(f.clone());
         }
-        let f = Arc::new(pool.open_extent_file(self.member, ino, self.index, self.file_id)?);
+        let f = Arc::new(pool.open_extent_file(c.member, ino, self.index, self.file_id)?);
         *g = Some(f.clone());
         Ok(f)
     }
 
-    /// The commit referencing this extent is durable, its directory entry too.
+    /// Runs `op` on every copy's file; stops at the first error.
+    fn each_copy(
+        &self,
+        pool: &Pool,
+        ino: u64,
+        mut op: impl FnMut(u32, &File) -> FsResult<()>,
+    ) -> FsResult<()> {
+        for (i, c) in self.copies.iter().enumerate() {
+            let f = self.file(pool, ino, i)?;
+            op(c.member, &f)?;
+        }
+        Ok(())
+    }
+
+    /// The commit referencing this extent is durable, its directory entries too.
     pub fn mark_published(&self) {
         self.fresh.store(false, Ordering::Release);
     }
@@ -75,6 +103,12 @@ impl Extent {
     fn written(&self) {
         self.dirty.store(true, Ordering::Release);
         self.blocks_stale.store(true, Ordering::Release);
+    }
+
+    fn dead(&self, ino: u64) -> impl Iterator<Item = DeadExtent> + '_ {
+        self.copies
+            .iter()
+            .map(move |c| (c.member, ino, self.index, self.file_id))
     }
 }
 
@@ -132,6 +166,20 @@ fn lseek(f: &File, off: u64, whence: i32) -> io::Result<Option<u64>> {
     Ok(Some(r as u64))
 }
 
+/// Fills `dst` from `f` at `off`; past the member file's end is a hole (zeros).
+fn read_full(f: &File, dst: &mut [u8], off: u64) -> FsResult<()> {
+    let mut done = 0;
+    while done < dst.len() {
+        match f.read_at(&mut dst[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FsError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
 fn map_write_err(e: io::Error) -> FsError {
     if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
         FsError::NoSpace
@@ -158,17 +206,37 @@ pub struct Volume {
 /// `(member, ino, index, file_id)`.
 pub type DeadExtent = (u32, u64, u64, u64);
 
+/// Refuses a write of `len` bytes at `within` of `f` on `member` when the member is
+/// down to its reserve, unless the range is already allocated (overwrites need no space).
+fn check_room(pool: &Pool, member: u32, f: &File, within: u64, len: u64) -> FsResult<()> {
+    let m = pool
+        .member(member)
+        .ok_or_else(|| FsError::Corrupt(format!("unknown member {member}")))?;
+    if m.available().map_err(FsError::Io)? < len
+        && !fully_allocated(f, within, len).map_err(FsError::Io)?
+    {
+        return Err(FsError::NoSpace);
+    }
+    Ok(())
+}
+
+fn invalidate_space(pool: &Pool, member: u32) {
+    if let Some(m) = pool.member(member) {
+        m.invalidate_space();
+    }
+}
+
 impl Volume {
     pub fn new(ino: u64, esize: u64, records: &[ExtentRecord]) -> Volume {
         let map = records
             .iter()
-            .filter_map(|r| {
-                r.members.first().map(|m| {
-                    (
-                        r.index,
-                        Arc::new(Extent::new(r.index, r.file_id, *m, None, false)),
-                    )
-                })
+            .filter(|r| !r.members.is_empty())
+            .map(|r| {
+                let copies = r.members.iter().map(|m| (*m, None)).collect();
+                (
+                    r.index,
+                    Arc::new(Extent::new(r.index, r.file_id, copies, false)),
+                )
             })
             .collect();
         Volume {
@@ -185,7 +253,7 @@ impl Volume {
             .map(|e| ExtentRecord {
                 index: e.index,
                 file_id: e.file_id,
-                members: vec![e.member],
+                members: e.copies.iter().map(|c| c.member).collect(),
             })
             .collect()
     }
@@ -202,13 +270,15 @@ impl Volume {
         if let Some(e) = m.get(&index) {
             return Ok(e.clone());
         }
-        let (member, fid, file) = pool.create_extent_file(self.ino, index, &[])?;
-        let e = Arc::new(Extent::new(index, fid, member, Some(file), true));
+        let (fid, files) = pool.create_extent_files(self.ino, index)?;
+        let copies = files.into_iter().map(|(m, f)| (m, Some(f))).collect();
+        let e = Arc::new(Extent::new(index, fid, copies, true));
         m.insert(index, e.clone());
         Ok(e)
     }
 
     /// Reads `len` bytes at `off` of a file of `size` bytes; holes read as zeros.
+    /// Each piece comes from the first copy that can be read.
     pub fn read(&self, pool: &Pool, off: u64, len: usize, size: u64) -> FsResult<Vec<u8>> {
         if off >= size {
             return Ok(Vec::new());
@@ -219,41 +289,45 @@ impl Volume {
             let Some(ext) = self.get(p.index) else {
                 continue;
             };
-            let f = ext.file(pool, self.ino)?;
             let dst = &mut buf[p.buf_off..p.buf_off + p.len];
-            let mut done = 0;
-            while done < dst.len() {
-                match f.read_at(&mut dst[done..], p.within + done as u64) {
-                    Ok(0) => break, // past the member file's end: a hole
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(FsError::Io(e)),
+            let mut last_err = None;
+            for copy in 0..ext.copies.len() {
+                match ext
+                    .file(pool, self.ino, copy)
+                    .and_then(|f| read_full(&f, dst, p.within))
+                {
+                    Ok(()) => {
+                        last_err = None;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(ino = self.ino, extent = p.index, copy, error = %e, "read failed; trying the next copy");
+                        dst.fill(0);
+                        last_err = Some(e);
+                    }
                 }
+            }
+            if let Some(e) = last_err {
+                return Err(e);
             }
         }
         Ok(buf)
     }
 
-    /// Writes `data` at `off`, placing new extents as needed.
+    /// Writes `data` at `off` to every copy, placing new extents as needed.
     pub fn write(&self, pool: &Pool, off: u64, data: &[u8]) -> FsResult<()> {
         for p in pieces(self.esize, off, data.len()) {
             let ext = self.get_or_alloc(pool, p.index)?;
-            let f = ext.file(pool, self.ino)?;
-            let member = pool
-                .member(ext.member)
-                .ok_or_else(|| FsError::Corrupt(format!("unknown member {}", ext.member)))?;
-            // Near the reserve, only overwrites of allocated ranges may proceed.
-            if member.available().map_err(FsError::Io)? < p.len as u64
-                && !fully_allocated(&f, p.within, p.len as u64).map_err(FsError::Io)?
-            {
-                return Err(FsError::NoSpace);
-            }
-            let res = f.write_all_at(&data[p.buf_off..p.buf_off + p.len], p.within);
+            let piece = &data[p.buf_off..p.buf_off + p.len];
+            let res = ext.each_copy(pool, self.ino, |member, f| {
+                check_room(pool, member, f, p.within, p.len as u64)?;
+                f.write_all_at(piece, p.within).map_err(|e| {
+                    invalidate_space(pool, member);
+                    map_write_err(e)
+                })
+            });
             ext.written();
-            if let Err(e) = res {
-                member.invalidate_space();
-                return Err(map_write_err(e));
-            }
+            res?;
         }
         Ok(())
     }
@@ -264,18 +338,19 @@ impl Volume {
             let Some(ext) = self.get(p.index) else {
                 continue;
             };
-            let f = ext.file(pool, self.ino)?;
-            fallocate(
-                &f,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                p.within,
-                p.len as u64,
-            )
-            .map_err(FsError::Io)?;
+            let res = ext.each_copy(pool, self.ino, |member, f| {
+                fallocate(
+                    f,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    p.within,
+                    p.len as u64,
+                )
+                .map_err(FsError::Io)?;
+                invalidate_space(pool, member);
+                Ok(())
+            });
             ext.written();
-            if let Some(m) = pool.member(ext.member) {
-                m.invalidate_space();
-            }
+            res?;
         }
         Ok(())
     }
@@ -284,51 +359,49 @@ impl Volume {
     pub fn zero_range(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
             let ext = self.get_or_alloc(pool, p.index)?;
-            let f = ext.file(pool, self.ino)?;
-            let zr = fallocate(
-                &f,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                p.within,
-                p.len as u64,
-            );
-            if let Err(e) = zr {
-                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                    return Err(map_write_err(e));
-                }
-                // The member filesystem lacks ZERO_RANGE: punch, then allocate.
-                fallocate(
-                    &f,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            let res = ext.each_copy(pool, self.ino, |_, f| {
+                let zr = fallocate(
+                    f,
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
                     p.within,
                     p.len as u64,
-                )
-                .map_err(FsError::Io)?;
-                fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, p.within, p.len as u64)
-                    .map_err(map_write_err)?;
-            }
+                );
+                match zr {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                        // The member filesystem lacks ZERO_RANGE: punch, then allocate.
+                        fallocate(
+                            f,
+                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                            p.within,
+                            p.len as u64,
+                        )
+                        .map_err(FsError::Io)?;
+                        fallocate(f, libc::FALLOC_FL_KEEP_SIZE, p.within, p.len as u64)
+                            .map_err(map_write_err)
+                    }
+                    Err(e) => Err(map_write_err(e)),
+                }
+            });
             ext.written();
+            res?;
         }
         Ok(())
     }
 
-    /// Preallocates `[off, off+len)`.
+    /// Preallocates `[off, off+len)` on every copy.
     pub fn allocate(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
             let ext = self.get_or_alloc(pool, p.index)?;
-            let f = ext.file(pool, self.ino)?;
-            let member = pool
-                .member(ext.member)
-                .ok_or_else(|| FsError::Corrupt(format!("unknown member {}", ext.member)))?;
-            if member.available().map_err(FsError::Io)? < p.len as u64
-                && !fully_allocated(&f, p.within, p.len as u64).map_err(FsError::Io)?
-            {
-                return Err(FsError::NoSpace);
-            }
-            fallocate(&f, libc::FALLOC_FL_KEEP_SIZE, p.within, p.len as u64).map_err(|e| {
-                member.invalidate_space();
-                map_write_err(e)
-            })?;
+            let res = ext.each_copy(pool, self.ino, |member, f| {
+                check_room(pool, member, f, p.within, p.len as u64)?;
+                fallocate(f, libc::FALLOC_FL_KEEP_SIZE, p.within, p.len as u64).map_err(|e| {
+                    invalidate_space(pool, member);
+                    map_write_err(e)
+                })
+            });
             ext.written();
+            res?;
         }
         Ok(())
     }
@@ -341,19 +414,20 @@ impl Volume {
         if cut != 0
             && let Some(ext) = self.get(new_size / self.esize)
         {
-            let f = ext.file(pool, self.ino)?;
-            let len = f.metadata().map_err(FsError::Io)?.len();
-            if len > cut {
-                f.set_len(cut).map_err(FsError::Io)?;
-                ext.written();
-            }
+            ext.each_copy(pool, self.ino, |_, f| {
+                if f.metadata().map_err(FsError::Io)?.len() > cut {
+                    f.set_len(cut).map_err(FsError::Io)?;
+                }
+                Ok(())
+            })?;
+            ext.written();
         }
         let mut m = self.map.write();
         let dead: Vec<u64> = m.range(first_dead..).map(|(k, _)| *k).collect();
         let mut out = Vec::new();
         for k in dead {
             if let Some(e) = m.remove(&k) {
-                out.push((e.member, self.ino, e.index, e.file_id));
+                out.extend(e.dead(self.ino));
             }
         }
         Ok(out)
@@ -364,7 +438,7 @@ impl Volume {
         self.map
             .read()
             .values()
-            .map(|e| (e.member, self.ino, e.index, e.file_id))
+            .flat_map(|e| e.dead(self.ino).collect::<Vec<_>>())
             .collect()
     }
 
@@ -385,7 +459,7 @@ impl Volume {
                 break;
             }
             let within = off.saturating_sub(start);
-            let f = ext.file(pool, self.ino)?;
+            let f = ext.file(pool, self.ino, 0)?;
             if let Some(pos) = lseek(&f, within, libc::SEEK_DATA).map_err(FsError::Io)? {
                 let abs = start + pos;
                 if pos < self.esize && abs < size {
@@ -408,7 +482,7 @@ impl Volume {
             let Some(ext) = self.get(index) else {
                 return Ok(Some(pos));
             };
-            let f = ext.file(pool, self.ino)?;
+            let f = ext.file(pool, self.ino, 0)?;
             match lseek(&f, pos - start, libc::SEEK_HOLE).map_err(FsError::Io)? {
                 Some(h) if h < self.esize => return Ok(Some((start + h).min(size))),
                 // Past the member file's end (ENXIO) is a hole too.
@@ -419,14 +493,15 @@ impl Volume {
         Ok(Some(size))
     }
 
-    /// Allocated 512-byte blocks over all extents (what `st_blocks` reports).
+    /// Allocated 512-byte blocks of one copy of each extent (what `st_blocks`
+    /// reports: the file's own allocation, as statfs divides by the copies too).
     pub fn blocks(&self, pool: &Pool) -> u64 {
         let exts: Vec<Arc<Extent>> = self.map.read().values().cloned().collect();
         let mut total = 0;
         for e in exts {
             if e.blocks_stale.swap(false, Ordering::AcqRel) {
                 let b = e
-                    .file(pool, self.ino)
+                    .file(pool, self.ino, 0)
                     .ok()
                     .and_then(|f| f.metadata().ok())
                     .map(|m| m.blocks())
@@ -450,15 +525,15 @@ impl Volume {
     ) -> FsResult<()> {
         let exts: Vec<Arc<Extent>> = self.map.read().values().cloned().collect();
         for e in exts {
-            if e.dirty.swap(false, Ordering::AcqRel) {
-                let f = e.file(pool, self.ino)?;
-                if let Err(err) = f.sync_data() {
-                    e.dirty.store(true, Ordering::Release);
-                    return Err(FsError::Io(err));
-                }
+            if e.dirty.swap(false, Ordering::AcqRel)
+                && let Err(err) =
+                    e.each_copy(pool, self.ino, |_, f| f.sync_data().map_err(FsError::Io))
+            {
+                e.dirty.store(true, Ordering::Release);
+                return Err(err);
             }
             if e.fresh.load(Ordering::Acquire) {
-                new_dirs.insert(e.member);
+                new_dirs.extend(e.copies.iter().map(|c| c.member));
                 fresh.push(e);
             }
         }
@@ -477,7 +552,9 @@ impl Volume {
     pub fn close_files(&self) {
         for e in self.map.read().values() {
             if !e.dirty.load(Ordering::Acquire) {
-                *e.file.write() = None;
+                for c in &e.copies {
+                    *c.file.write() = None;
+                }
             }
         }
     }
