@@ -20,6 +20,13 @@ const MAX_OFF: u64 = 200 * 1024;
 
 #[derive(Clone, Debug)]
 enum Op {
+    Copy {
+        from: usize,
+        to: usize,
+        off_in: u64,
+        off_out: u64,
+        len: u64,
+    },
     Write {
         f: usize,
         off: u64,
@@ -62,6 +69,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..4usize, 0..MAX_OFF, 1..50_000u64).prop_map(|(f, off, len)| Op::ZeroRange { f, off, len }),
         1 => (0..4usize, 0..4usize).prop_map(|(from, to)| Op::Rename { from, to }),
         1 => (0..4usize).prop_map(|f| Op::Unlink { f }),
+        1 => (0..4usize, 0..4usize, 0..MAX_OFF, 0..MAX_OFF, 1..60_000u64)
+            .prop_map(|(from, to, off_in, off_out, len)| Op::Copy { from, to, off_in, off_out, len }),
         1 => Just(Op::Commit),
         1 => (0..2usize).prop_map(|member| Op::Remount { member }),
     ]
@@ -241,6 +250,43 @@ impl Harness {
                     None => assert!(r.is_err()),
                 }
                 self.verify(a);
+                self.verify(b);
+            }
+            Op::Copy {
+                from,
+                to,
+                off_in,
+                off_out,
+                len,
+            } => {
+                let (a, b) = (NAMES[from], NAMES[to]);
+                if from == to || !self.model.contains_key(a) {
+                    return;
+                }
+                let fa = self.handle(a);
+                let fb = self.handle(b);
+                let n = self
+                    .vfs()
+                    .copy_file_range(fa, off_in, fb, off_out, len)
+                    .unwrap();
+                self.vfs().release(fa).unwrap();
+                self.vfs().release(fb).unwrap();
+                let src = self.model[a].clone();
+                let want = if off_in as usize >= src.len() {
+                    0
+                } else {
+                    (len as usize).min(src.len() - off_in as usize)
+                };
+                assert_eq!(n as usize, want);
+                let dst = self.model.entry(b).or_default();
+                if want > 0 {
+                    let end = off_out as usize + want;
+                    if dst.len() < end {
+                        dst.resize(end, 0);
+                    }
+                    dst[off_out as usize..end]
+                        .copy_from_slice(&src[off_in as usize..off_in as usize + want]);
+                }
                 self.verify(b);
             }
             Op::Unlink { f } => {

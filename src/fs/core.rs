@@ -112,6 +112,8 @@ pub struct Node {
     volume: Option<Volume>,
     /// Changed since the last commit.
     dirty: AtomicBool,
+    /// Size in the last durable commit (fdatasync needs no commit while it holds).
+    committed_size: AtomicU64,
     open: AtomicU32,
 }
 
@@ -264,6 +266,7 @@ impl Vfs {
                 }),
                 volume,
                 dirty: AtomicBool::new(false),
+                committed_size: AtomicU64::new(rec.size),
                 open: AtomicU32::new(0),
             };
             if rec.kind == NodeKind::Dir {
@@ -555,6 +558,7 @@ impl Vfs {
             volume: (kind == NodeKind::File)
                 .then(|| Volume::new(ino, self.pool.config().extent_size, &[])),
             dirty: AtomicBool::new(true),
+            committed_size: AtomicU64::new(u64::MAX),
             open: AtomicU32::new(0),
         });
         ns.nodes.insert(ino, node.clone());
@@ -1060,9 +1064,10 @@ impl Vfs {
             let pos = off_in + done;
             let data_at = self.lseek(fh_in, pos, libc::SEEK_DATA).ok();
             match data_at {
-                // The whole piece is a hole: extend the destination without writing.
-                Some(d) if d >= pos + n => {}
-                None => {}
+                // The whole piece is a hole: the destination must read zeros there
+                // too, so deallocate what it holds (past its end it reads zeros).
+                Some(d) if d >= pos + n => self.punch_within_size(fh_out, off_out + done, n)?,
+                None => self.punch_within_size(fh_out, off_out + done, n)?,
                 _ => {
                     let buf = self.read(fh_in, pos, n as u32)?;
                     if buf.is_empty() {
@@ -1084,8 +1089,15 @@ impl Vfs {
         Ok(done)
     }
 
-    pub fn fsync(&self, _fh: u64) -> FsResult<()> {
-        self.commit()
+    /// Deallocates `[off, off+len)` of an open file, clipped to its size.
+    fn punch_within_size(&self, fh: u64, off: u64, len: u64) -> FsResult<()> {
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let size = node.meta.lock().size;
+        if off < size {
+            vol.punch(&self.pool, off, len.min(size - off))?;
+        }
+        Ok(())
     }
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
@@ -1233,14 +1245,60 @@ impl Vfs {
             return Ok(());
         }
         let _g = self.commit_lock.lock();
+        self.commit_locked()
+    }
+
+    /// Whether a commit is needed to make the layout durable (the namespace, a
+    /// size or an extent map changed); timestamps alone do not count.
+    fn layout_pending(&self) -> bool {
+        let ns = self.ns.read();
+        !ns.dirent_changes.is_empty()
+            || !ns.deleted.is_empty()
+            || !ns.dead_extents.is_empty()
+            || ns.nodes.values().any(|n| {
+                n.meta.lock().size != n.committed_size.load(Ordering::Acquire)
+                    || n.volume.as_ref().is_some_and(|v| v.has_fresh())
+            })
+    }
+
+    /// fsync/fdatasync of an open file. fdatasync of a file whose layout is
+    /// already durable only flushes its data (what VM images do all the time);
+    /// everything else is a full commit, skipped when nothing is pending.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
+        if self.opts.read_only {
+            return Ok(());
+        }
+        let node = self.file_node(fh)?;
+        // Holding the commit lock also waits for a commit in flight, whose data
+        // syncs this call must not overtake.
+        let _g = self.commit_lock.lock();
+        if datasync && !self.layout_pending() {
+            if let Some(v) = &node.volume {
+                let (mut dirs, mut fresh) = (HashSet::new(), Vec::new());
+                v.sync(&self.pool, &mut dirs, &mut fresh)?;
+                if fresh.is_empty() {
+                    return Ok(());
+                }
+            } else {
+                return Ok(());
+            }
+        }
+        if !self.has_pending() {
+            return Ok(());
+        }
+        self.commit_locked()
+    }
+
+    fn commit_locked(&self) -> FsResult<()> {
         let (batch, dirty_nodes, dirents, dead, volumes) = {
             let mut ns = self.ns.write();
             let mut batch = Batch::default();
             let mut dirty_nodes = Vec::new();
             for (ino, n) in &ns.nodes {
                 if n.dirty.swap(false, Ordering::AcqRel) {
-                    batch.inodes.push((*ino, Some(encode_record(&n.record()))));
-                    dirty_nodes.push(n.clone());
+                    let rec = n.record();
+                    batch.inodes.push((*ino, Some(encode_record(&rec))));
+                    dirty_nodes.push((n.clone(), rec.size));
                 }
             }
             for ino in ns.deleted.drain() {
@@ -1276,6 +1334,9 @@ impl Vfs {
                 for e in fresh {
                     e.mark_published();
                 }
+                for (n, size) in &dirty_nodes {
+                    n.committed_size.store(*size, Ordering::Release);
+                }
                 self.generation.store(batch.generation, Ordering::SeqCst);
                 self.pool.remove_extent_files(&dead);
                 Ok(())
@@ -1283,7 +1344,7 @@ impl Vfs {
             Err(e) => {
                 tracing::error!(error = %e, "metadata commit failed; changes stay pending");
                 let mut ns = self.ns.write();
-                for n in dirty_nodes {
+                for (n, _) in dirty_nodes {
                     n.touch();
                 }
                 for (ino, rec) in &batch.inodes {
@@ -1598,5 +1659,28 @@ mod tests {
         let v = open(&dirs[1]);
         let fh = v.open(a.ino, false).unwrap();
         assert_eq!(v.read(fh, 0, data.len() as u32).unwrap(), data);
+    }
+
+    #[test]
+    fn copy_file_range_of_a_hole_zeroes_the_destination() {
+        let (_d, dirs) = setup(1, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (_, src) = v.create(ROOT_INO, b"src", 0o644, 0, ME).unwrap();
+        v.setattr(
+            v.lookup(ROOT_INO, b"src").unwrap().ino,
+            SetAttr {
+                size: Some(300_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        v.write(src, 200_000, b"tail").unwrap();
+        let (_, dst) = v.create(ROOT_INO, b"dst", 0o644, 0, ME).unwrap();
+        v.write(dst, 0, &[9u8; 250_000]).unwrap();
+        assert_eq!(v.copy_file_range(src, 0, dst, 0, 300_000).unwrap(), 300_000);
+        let got = v.read(dst, 0, 300_000).unwrap();
+        let mut want = vec![0u8; 300_000];
+        want[200_000..200_004].copy_from_slice(b"tail");
+        assert!(got == want);
     }
 }

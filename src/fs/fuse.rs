@@ -371,10 +371,10 @@ impl Filesystem for FuseFs {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _datasync: bool,
+        datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.vfs.fsync(fh.0));
+        empty(reply, self.vfs.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

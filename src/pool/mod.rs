@@ -771,14 +771,28 @@ impl Pool {
     /// Applies a metadata batch to every member. Durable commits are what fsync
     /// promises; the batch's generation is the same everywhere.
     pub fn commit(&self, batch: &Batch, durable: bool) -> Result<()> {
-        for m in &self.members {
-            let s = m
-                .store
-                .as_ref()
-                .ok_or_else(|| Error::Other("pool opened without metadata store".into()))?;
-            s.apply(batch, durable)?;
-        }
-        Ok(())
+        // One transaction per member, run side by side: each waits on its own disk.
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = self
+                .members
+                .iter()
+                .map(|m| {
+                    sc.spawn(move || match m.store.as_ref() {
+                        Some(s) => s.apply(batch, durable),
+                        None => Err(Error::Other("pool opened without metadata store".into())),
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::Other("metadata commit thread panicked".into()))
+                    })
+                })
+                .collect::<Result<Vec<()>>>()
+                .map(|_| ())
+        })
     }
 
     /// Pooled capacity: each distinct filesystem under the members counted once,

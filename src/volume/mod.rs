@@ -540,6 +540,14 @@ impl Volume {
         Ok(())
     }
 
+    /// Whether extents were added since the last durable commit.
+    pub fn has_fresh(&self) -> bool {
+        self.map
+            .read()
+            .values()
+            .any(|e| e.fresh.load(Ordering::Acquire))
+    }
+
     /// Whether any extent has unsynced data or an unsynced directory entry.
     pub fn needs_sync(&self) -> bool {
         self.map
