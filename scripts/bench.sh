@@ -8,6 +8,8 @@
 #   BENCH_SIZE      file size per workload (fio syntax, default 1G)
 #   BENCH_RUNTIME   seconds per job (default 12)
 #   BENCH_JOBS      numjobs for the random workloads (default 2)
+#   BENCH_REPEAT    rounds over all targets; the table shows each cell's median
+#                   (default 1; use 3 on noisy virtual disks)
 #   BENCH_TARGETS   which targets to run (default "plain mergerfs vpool")
 #   BENCH_DIR       parent of the scratch dir (default ./target, i.e. the disk
 #                   the repo is on; avoid tmpfs). A vpool-bench.XXXXXX dir is
@@ -25,6 +27,8 @@ cd "$(dirname "$0")/.."
 SIZE="${BENCH_SIZE:-1G}"
 RUNTIME="${BENCH_RUNTIME:-12}"
 JOBS="${BENCH_JOBS:-2}"
+REPEAT="${BENCH_REPEAT:-1}"
+ROUND=1
 read -r -a TARGETS <<<"${BENCH_TARGETS:-plain mergerfs vpool}"
 BASE="${BENCH_DIR:-$PWD/target}"
 OUT="${BENCH_OUT:-$PWD/target/bench-results}"
@@ -92,10 +96,10 @@ drop_caches() {
 fio_job() {
     local target="$1" workload="$2" dir="$3"
     shift 3
-    log "[$target] $workload"
+    log "[$target] $workload (round $ROUND/$REPEAT)"
     fio --name="$workload" --directory="$dir" --ioengine=psync \
         --fallocate=none --group_reporting \
-        --output-format=json --output="$OUT/${target}_${workload}.json" "$@"
+        --output-format=json --output="$OUT/${target}_${workload}_r${ROUND}.json" "$@"
 }
 
 # run_workloads TARGET DIR
@@ -139,39 +143,43 @@ run_workloads() {
 rm -f -- "$OUT"/*.json
 log "scratch dir $WORK; size $SIZE; ${RUNTIME}s per job; results in $OUT"
 
-if want plain; then
-    mkdir -p "$WORK/plain"
-    run_workloads plain "$WORK/plain"
-fi
+for ((ROUND = 1; ROUND <= REPEAT; ROUND++)); do
+    if want plain; then
+        mkdir -p "$WORK/plain"
+        run_workloads plain "$WORK/plain"
+    fi
 
-if want mergerfs; then
-    mkdir -p "$WORK/mfs1" "$WORK/mfs2" "$WORK/mnt-mergerfs"
-    MOUNTS+=("$WORK/mnt-mergerfs")
-    log "mergerfs $(mergerfs --version 2>&1 | head -n1) -o $MERGERFS_OPTS"
-    mergerfs -o "$MERGERFS_OPTS,fsname=bench-mergerfs" \
-        "$WORK/mfs1:$WORK/mfs2" "$WORK/mnt-mergerfs"
-    is_mounted "$WORK/mnt-mergerfs" || die "mergerfs did not mount"
-    run_workloads mergerfs "$WORK/mnt-mergerfs"
-    fusermount3 -u "$WORK/mnt-mergerfs"
-fi
+    if want mergerfs; then
+        mkdir -p "$WORK/mfs1" "$WORK/mfs2" "$WORK/mnt-mergerfs"
+        MOUNTS+=("$WORK/mnt-mergerfs")
+        log "mergerfs $(mergerfs --version 2>&1 | head -n1) -o $MERGERFS_OPTS"
+        mergerfs -o "$MERGERFS_OPTS,fsname=bench-mergerfs" \
+            "$WORK/mfs1:$WORK/mfs2" "$WORK/mnt-mergerfs"
+        is_mounted "$WORK/mnt-mergerfs" || die "mergerfs did not mount"
+        run_workloads mergerfs "$WORK/mnt-mergerfs"
+        fusermount3 -u "$WORK/mnt-mergerfs"
+    fi
 
-if want vpool; then
-    mkdir -p "$WORK/vp1" "$WORK/vp2" "$WORK/mnt-vpool"
-    MOUNTS+=("$WORK/mnt-vpool")
-    "$VPOOL" create "${VPOOL_CREATE_ARGS[@]}" "$WORK/vp1" "$WORK/vp2"
-    "$VPOOL" mount "$WORK/vp1" "$WORK/mnt-vpool"
-    is_mounted "$WORK/mnt-vpool" || die "vpool did not mount"
-    run_workloads vpool "$WORK/mnt-vpool"
-    "$VPOOL" unmount "$WORK/mnt-vpool"
-fi
+    if want vpool; then
+        rm -rf -- "$WORK/vp1" "$WORK/vp2" # a fresh pool each round
+        mkdir -p "$WORK/vp1" "$WORK/vp2" "$WORK/mnt-vpool"
+        MOUNTS+=("$WORK/mnt-vpool")
+        "$VPOOL" create "${VPOOL_CREATE_ARGS[@]}" "$WORK/vp1" "$WORK/vp2"
+        "$VPOOL" mount "$WORK/vp1" "$WORK/mnt-vpool"
+        is_mounted "$WORK/mnt-vpool" || die "vpool did not mount"
+        run_workloads vpool "$WORK/mnt-vpool"
+        "$VPOOL" unmount "$WORK/mnt-vpool"
+    fi
+done
 
 # ---------------------------------------------------------------- report
 {
     echo "fio $(fio --version), ioengine=psync, size $SIZE, ${RUNTIME}s/job," \
-        "numjobs=$JOBS for random jobs, $(nproc) CPUs, $(uname -r)"
+        "numjobs=$JOBS for random jobs, median of $REPEAT round(s)," \
+        "$(nproc) CPUs, $(uname -r)"
     echo
     python3 - "$OUT" "${TARGETS[@]}" <<'PY'
-import json, os, sys
+import glob, json, os, sys
 
 out, targets = sys.argv[1], sys.argv[2:]
 workloads = [
@@ -182,8 +190,7 @@ workloads = [
     ("randread_direct", "read", "rand read 4K direct"),
 ]
 
-def load(target, name, rw):
-    path = os.path.join(out, f"{target}_{name}.json")
+def load_one(path, rw):
     try:
         text = open(path).read()
         data = json.loads(text[text.index("{"):])  # skip any warnings before the JSON
@@ -191,6 +198,14 @@ def load(target, name, rw):
         return job["bw_bytes"] / 2**20, job["iops"]
     except (OSError, ValueError, KeyError, IndexError):
         return None
+
+def load(target, name, rw):
+    """Median over rounds (by bandwidth) of one target's workload."""
+    runs = sorted(
+        r for r in (load_one(p, rw) for p in glob.glob(os.path.join(out, f"{target}_{name}_r*.json")))
+        if r is not None
+    )
+    return runs[len(runs) // 2] if runs else None
 
 def cell(r):
     return "n/a" if r is None else f"{r[0]:8.1f} MiB/s {r[1]:9.0f} IOPS"

@@ -61,21 +61,42 @@ fn kill9_after_fsync_keeps_synced_data() {
         fs::write(m.join("unsynced"), pattern(4, 2 * MIB as usize)).unwrap();
         m.kill9();
     }
-    let st = status_json(&pool.members[0]);
-    assert_eq!(st["mounted"], serde_json::json!(false), "status after crash: {st}");
     pool.assert_check_clean();
 
     let m = pool.mount();
-    assert_same(&read_all(&m.join("a")), &a_final, "fsynced file after kill -9");
-    assert_same(&read_all(&m.join("d/b")), &b, "fsynced file in subdir after kill -9");
-    assert_eq!(read_all(&m.join("final")), b"renamed", "fsynced rename after kill -9");
-    assert!(!m.join("tmpname").exists(), "old name of fsynced rename reappeared");
+    assert_same(
+        &read_all(&m.join("a")),
+        &a_final,
+        "fsynced file after kill -9",
+    );
+    assert_same(
+        &read_all(&m.join("d/b")),
+        &b,
+        "fsynced file in subdir after kill -9",
+    );
+    assert_eq!(
+        read_all(&m.join("final")),
+        b"renamed",
+        "fsynced rename after kill -9"
+    );
+    assert!(
+        !m.join("tmpname").exists(),
+        "old name of fsynced rename reappeared"
+    );
     if m.join("unsynced").exists() {
         let _ = read_all(&m.join("unsynced")); // readable, whatever it holds
     }
     // The pool is fully usable afterwards.
     write_file_synced(&m.join("after"), &pattern(5, MIB as usize));
-    m.unmount();
+    // Crash again, and `vpool status` on the dead pool reports it unmounted.
+    m.kill9();
+    let st = status_json(&pool.members[0]);
+    assert_eq!(
+        st["mounted"],
+        serde_json::json!(false),
+        "status after crash: {st}"
+    );
+    assert!(st["pid"].is_null(), "status after crash: {st}");
     pool.assert_check_clean();
 }
 
@@ -91,14 +112,24 @@ fn kill9_during_heavy_writes_stays_consistent() {
     let chunks = Arc::new(AtomicU64::new(0));
     let writer = {
         let (stop, chunks) = (stop.clone(), chunks.clone());
-        let dir = m.path().to_path_buf();
+        // Paths go through /proc/self/fd/N of a descriptor on the mount, so
+        // once the dead mount is lazily detached the writer gets errors
+        // instead of silently writing into the bare mountpoint directory.
+        let dir_fd = File::open(m.path()).unwrap();
         thread::spawn(move || -> Option<io::Error> {
+            use std::os::unix::io::AsRawFd;
+            let dir = PathBuf::from(format!("/proc/self/fd/{}", dir_fd.as_raw_fd()));
             let chunk = pattern(11, 256 * KIB as usize);
             let start = Instant::now();
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(60) {
                 let name = dir.join(format!("stream{}", n % 4));
-                let f = match OpenOptions::new().create(true).write(true).open(&name) {
+                let f = match OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&name)
+                {
                     Ok(f) => f,
                     Err(e) => return Some(e),
                 };
@@ -107,12 +138,12 @@ fn kill9_during_heavy_writes_stays_consistent() {
                         return Some(e);
                     }
                 }
-                if n % 3 == 0 {
-                    if let Err(e) = f.sync_data() {
-                        return Some(e);
-                    }
+                if n.is_multiple_of(3)
+                    && let Err(e) = f.sync_data()
+                {
+                    return Some(e);
                 }
-                if n % 5 == 0 {
+                if n.is_multiple_of(5) {
                     let _ = fs::rename(&name, dir.join(format!("renamed{}", n % 3)));
                 }
                 n += 1;
@@ -122,7 +153,9 @@ fn kill9_during_heavy_writes_stays_consistent() {
         })
     };
     // Let it run a bit (at least a few rounds), then crash the daemon mid-stream.
-    wait_until(Duration::from_secs(20), || chunks.load(Ordering::SeqCst) >= 8);
+    wait_until(Duration::from_secs(20), || {
+        chunks.load(Ordering::SeqCst) >= 8
+    });
     thread::sleep(Duration::from_millis(300));
     m.kill9();
     stop.store(true, Ordering::SeqCst);
@@ -135,7 +168,11 @@ fn kill9_during_heavy_writes_stays_consistent() {
 
     pool.assert_check_clean();
     let m = pool.mount();
-    assert_same(&read_all(&m.join("keep")), &keep, "fsynced file after crash under load");
+    assert_same(
+        &read_all(&m.join("keep")),
+        &keep,
+        "fsynced file after crash under load",
+    );
     // Every surviving file is fully readable (no EIO / dangling extents).
     for e in fs::read_dir(m.path()).unwrap() {
         let p = e.unwrap().path();
@@ -162,7 +199,12 @@ fn enospc_on_full_pool_and_recovery() {
     fsync_dir(m.path());
 
     let chunk = pattern(21, MIB as usize);
-    let f = OpenOptions::new().read(true).write(true).create_new(true).open(m.join("fill")).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(m.join("fill"))
+        .unwrap();
     let mut written = 0u64;
     let err = loop {
         if let Err(e) = f.write_all_at(&chunk, written) {
@@ -172,7 +214,10 @@ fn enospc_on_full_pool_and_recovery() {
             break e;
         }
         written += MIB;
-        assert!(written <= 200 * MIB, "wrote 200 MiB into a pool of two 24 MiB members without ENOSPC");
+        assert!(
+            written <= 200 * MIB,
+            "wrote 200 MiB into a pool of two 24 MiB members without ENOSPC"
+        );
     };
     assert_eq!(
         errno(&err),
@@ -187,7 +232,11 @@ fn enospc_on_full_pool_and_recovery() {
     );
 
     // Everything written before is intact; the fs still works.
-    assert_same(&read_all(&m.join("keep")), &keep, "fsynced file after ENOSPC");
+    assert_same(
+        &read_all(&m.join("keep")),
+        &keep,
+        "fsynced file after ENOSPC",
+    );
     for i in 0..written / MIB {
         let mut buf = vec![0u8; MIB as usize];
         f.read_exact_at(&mut buf, i * MIB).unwrap();
@@ -201,15 +250,95 @@ fn enospc_on_full_pool_and_recovery() {
     // Freeing space makes writes succeed again.
     fs::remove_file(m.join("fill")).unwrap();
     let again = pattern(22, 8 * MIB as usize);
-    let ok = wait_until(Duration::from_secs(10), || {
-        let p = m.join("again");
-        let f = OpenOptions::new().write(true).create(true).truncate(true).open(&p).unwrap();
-        f.write_all_at(&again, 0).is_ok() && f.sync_all().is_ok()
+    let mut last_err = None;
+    let ok = wait_until(Duration::from_secs(15), || {
+        let r = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(m.join("again"))
+            .and_then(|f| f.write_all_at(&again, 0).and_then(|_| f.sync_all()));
+        last_err = r.err();
+        last_err.is_none()
     });
-    assert!(ok, "writing 8 MiB still fails after deleting the file that filled the pool");
+    assert!(
+        ok,
+        "writing 8 MiB still fails 15 s after deleting the file that filled the pool: {last_err:?}"
+    );
     assert_same(&read_all(&m.join("again")), &again, "write after recovery");
     m.unmount();
     pool.assert_check_clean();
+}
+
+/// Filling the pool with many small fsynced files grows the metadata on the
+/// members as well; running out of space there must also surface as ENOSPC
+/// and must not wedge the metadata store (deleting files frees space again,
+/// and unmount still flushes).
+#[test]
+fn enospc_with_many_small_files_then_recovery() {
+    let pool = Pool::new_on_tmpfs(2, "16M", &["--extent-size", "1M"]);
+    let m = pool.mount();
+    let body = pattern(25, 20 * KIB as usize);
+    let mut n = 0usize;
+    // The file whose write/fsync failed stays open (with whatever dirty pages
+    // the kernel still holds) through the recovery phase, as an application
+    // that does not clean up would leave it.
+    let (err, _failed_file) = loop {
+        let p = m.join(format!("f{n:05}"));
+        let f = match OpenOptions::new().write(true).create_new(true).open(&p) {
+            Ok(f) => f,
+            Err(e) => break (e, None),
+        };
+        match f.write_all_at(&body, 0).and_then(|_| f.sync_all()) {
+            Ok(()) => n += 1,
+            Err(e) => break (e, Some(f)),
+        }
+        assert!(n < 20_000, "20000 x 20 KiB files fit in two 16 MiB members");
+    };
+    assert_eq!(
+        errno(&err),
+        libc::ENOSPC,
+        "filling with small files failed with {err} instead of ENOSPC after {n} files"
+    );
+    for i in (0..n).step_by(2) {
+        fs::remove_file(m.join(format!("f{i:05}"))).unwrap();
+    }
+    let big = pattern(26, 2 * MIB as usize);
+    let mut last_err = None;
+    let ok = wait_until(Duration::from_secs(15), || {
+        let r = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(m.join("again"))
+            .and_then(|f| f.write_all_at(&big, 0).and_then(|_| f.sync_all()));
+        last_err = r.err();
+        last_err.is_none()
+    });
+    assert!(
+        ok,
+        "writing 2 MiB still fails 15 s after deleting half of {n} files: {last_err:?}"
+    );
+    drop(_failed_file);
+    m.unmount();
+    pool.assert_check_clean();
+    let m = pool.mount();
+    for i in (1..n).step_by(2).take(50) {
+        assert_same(
+            &read_all(&m.join(format!("f{i:05}"))),
+            &body,
+            &format!("kept file f{i:05} after remount"),
+        );
+    }
+    assert!(
+        !m.join("f00000").exists(),
+        "deleted file is back after remount"
+    );
+    assert_same(
+        &read_all(&m.join("again")),
+        &big,
+        "file written after recovery",
+    );
 }
 
 #[test]
@@ -231,17 +360,29 @@ fn full_member_spills_to_the_other() {
     assert_eq!(members.len(), 2, "status: {st}");
 
     let data = pattern(30, 16 * MIB as usize);
-    let f = OpenOptions::new().write(true).create_new(true).open(m.join("big")).unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(m.join("big"))
+        .unwrap();
     for (i, c) in data.chunks(MIB as usize).enumerate() {
-        f.write_all_at(c, i as u64 * MIB)
-            .unwrap_or_else(|e| panic!("write of MiB {i} failed ({e}) although member B has ~20 MiB free"));
+        f.write_all_at(c, i as u64 * MIB).unwrap_or_else(|e| {
+            panic!("write of MiB {i} failed ({e}) although member B has ~20 MiB free")
+        });
     }
     f.sync_all()
         .unwrap_or_else(|e| panic!("fsync failed ({e}) although member B has ~20 MiB free"));
     drop(f);
-    assert_same(&read_all(&m.join("big")), &data, "16 MiB file spanning a nearly full member");
+    assert_same(
+        &read_all(&m.join("big")),
+        &data,
+        "16 MiB file spanning a nearly full member",
+    );
     let on_b = du_bytes(&mb.join("data"));
-    assert!(on_b >= 12 * MIB, "member B holds only {on_b} bytes of the 16 MiB file");
+    assert!(
+        on_b >= 12 * MIB,
+        "member B holds only {on_b} bytes of the 16 MiB file"
+    );
     m.unmount();
     pool.assert_check_clean();
     let m = pool.mount();
@@ -258,12 +399,23 @@ fn copies_two_stores_every_extent_on_both_members() {
     assert_eq!(st["copies"].as_u64(), Some(2), "status: {st}");
     let logical = st["logical_bytes"].as_u64().expect("logical_bytes");
     let stored = st["stored_bytes"].as_u64().expect("stored_bytes");
-    assert!(logical >= data.len() as u64, "logical_bytes {logical} < {} written", data.len());
-    assert!(stored >= 2 * data.len() as u64 * 9 / 10, "stored_bytes {stored} with copies=2 for {} bytes", data.len());
+    assert!(
+        logical >= data.len() as u64,
+        "logical_bytes {logical} < {} written",
+        data.len()
+    );
+    assert!(
+        stored >= 2 * data.len() as u64 * 9 / 10,
+        "stored_bytes {stored} with copies=2 for {} bytes",
+        data.len()
+    );
     m.unmount();
     for mem in &pool.members {
         let d = du_bytes(&mem.join("data"));
-        assert!(d >= 6 * MIB, "member {mem:?} holds {d} bytes; with copies=2 each should hold all 6 MiB");
+        assert!(
+            d >= 6 * MIB,
+            "member {mem:?} holds {d} bytes; with copies=2 each should hold all 6 MiB"
+        );
     }
     pool.assert_check_clean();
 }
@@ -283,19 +435,33 @@ fn status_json_fields() {
     write_file_synced(&m.join("x"), &pattern(50, MIB as usize));
     write_file_synced(&m.join("y"), &pattern(51, MIB as usize));
     let st = m.status();
-    let uuid = st["pool"].as_str().unwrap_or_else(|| panic!("pool uuid missing: {st}"));
+    let uuid = st["pool"]
+        .as_str()
+        .unwrap_or_else(|| panic!("pool uuid missing: {st}"));
     assert_eq!(uuid.len(), 36, "pool uuid {uuid:?}");
     assert_eq!(st["state"], "ONLINE", "{st}");
     assert_eq!(st["mounted"], true, "{st}");
-    assert_eq!(st["mountpoint"].as_str().map(PathBuf::from), Some(m.path().to_path_buf()), "{st}");
-    let pid = st["pid"].as_i64().unwrap_or_else(|| panic!("pid missing: {st}"));
-    assert!(pid_alive(pid as i32), "status pid {pid} is not a live process");
+    assert_eq!(
+        st["mountpoint"].as_str().map(PathBuf::from),
+        Some(m.path().to_path_buf()),
+        "{st}"
+    );
+    let pid = st["pid"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("pid missing: {st}"));
+    assert!(
+        pid_alive(pid as i32),
+        "status pid {pid} is not a live process"
+    );
     assert_eq!(st["copies"].as_u64(), Some(1));
     assert_eq!(st["extent_size"].as_u64(), Some(MIB));
     assert!(st["block_size"].as_u64().unwrap_or(0) > 0, "{st}");
     let members = st["members"].as_array().unwrap();
     assert_eq!(members.len(), 2);
-    let mut paths: Vec<PathBuf> = members.iter().map(|x| PathBuf::from(x["path"].as_str().unwrap())).collect();
+    let mut paths: Vec<PathBuf> = members
+        .iter()
+        .map(|x| PathBuf::from(x["path"].as_str().unwrap()))
+        .collect();
     paths.sort();
     let mut want: Vec<PathBuf> = pool.members.iter().map(|p| canon(p)).collect();
     want.sort();
@@ -308,12 +474,22 @@ fn status_json_fields() {
             assert!(mem[k].is_u64(), "member field {k} missing: {mem}");
         }
     }
-    for k in ["size", "used", "free", "files", "logical_bytes", "stored_bytes"] {
+    for k in [
+        "size",
+        "used",
+        "free",
+        "files",
+        "logical_bytes",
+        "stored_bytes",
+    ] {
         assert!(st[k].is_u64(), "field {k} missing or not a number: {st}");
     }
     assert!(st["files"].as_u64().unwrap() >= 2, "{st}");
     assert!(st["logical_bytes"].as_u64().unwrap() >= 2 * MIB, "{st}");
-    assert!(st["stored_bytes"].as_u64().unwrap() >= 2 * MIB * 9 / 10, "{st}");
+    assert!(
+        st["stored_bytes"].as_u64().unwrap() >= 2 * MIB * 9 / 10,
+        "{st}"
+    );
 
     // Same pool seen through a member directory.
     let via_member = status_json(&pool.members[1]);
@@ -322,7 +498,11 @@ fn status_json_fields() {
 
     // Human-readable status works too.
     let o = vpool_ok(&args!["status", m.path()]);
-    assert!(text(&o).contains(uuid) || text(&o).to_uppercase().contains("ONLINE"), "{}", describe(&o));
+    assert!(
+        text(&o).contains(uuid) || text(&o).to_uppercase().contains("ONLINE"),
+        "{}",
+        describe(&o)
+    );
 
     m.unmount();
     let st = status_json(&pool.members[0]);
@@ -339,18 +519,26 @@ fn check_detects_missing_extent_file() {
     write_file_synced(&m.join("f"), &pattern(60, 4 * MIB as usize));
     m.unmount();
     pool.assert_check_clean();
-    // Remove one extent file: data/<ino>/<index>.
+    // Remove one extent file (any regular file under a member's data/).
+    fn first_file(dir: &Path) -> Option<PathBuf> {
+        for e in fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            let ft = e.file_type().ok()?;
+            if ft.is_file() {
+                return Some(p);
+            }
+            if ft.is_dir()
+                && let Some(f) = first_file(&p)
+            {
+                return Some(f);
+            }
+        }
+        None
+    }
     let victim = pool
         .members
         .iter()
-        .filter_map(|mem| fs::read_dir(mem.join("data")).ok())
-        .flatten()
-        .flatten()
-        .filter_map(|ino_dir| fs::read_dir(ino_dir.path()).ok())
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.is_file())
+        .find_map(|mem| first_file(&mem.join("data")))
         .expect("no extent file found under any member's data/");
     fs::remove_file(&victim).unwrap();
     let o = pool.check();
@@ -359,7 +547,10 @@ fn check_detects_missing_extent_file() {
         "vpool check exits 0 although extent file {victim:?} was deleted\n{}",
         describe(&o)
     );
-    assert!(!text(&o).trim().is_empty(), "vpool check failed without printing the problem");
+    assert!(
+        !text(&o).trim().is_empty(),
+        "vpool check failed without printing the problem"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -378,14 +569,26 @@ fn create_refusals() {
     let o = vpool(&args!["create", m0, m0]);
     assert_refused(&o, &["twice"], "create with the same directory twice");
     let o = vpool(&args!["create", m0, format!("{}/.", m0.display())]);
-    assert_refused(&o, &["twice"], "create with the same directory twice (spelled differently)");
+    assert_refused(
+        &o,
+        &["twice"],
+        "create with the same directory twice (spelled differently)",
+    );
 
     let sub = m1.join("sub");
     fs::create_dir(&sub).unwrap();
     let o = vpool(&args!["create", m1, &sub]);
-    assert_refused(&o, &["inside"], "create with a directory inside another member");
+    assert_refused(
+        &o,
+        &["inside"],
+        "create with a directory inside another member",
+    );
     let o = vpool(&args!["create", &sub, m1]);
-    assert_refused(&o, &["inside"], "create with a member inside a later member");
+    assert_refused(
+        &o,
+        &["inside"],
+        "create with a member inside a later member",
+    );
     fs::remove_dir(&sub).unwrap();
 
     let o = vpool(&args!["create", "--copies", "3", m0, m1]);
@@ -393,21 +596,49 @@ fn create_refusals() {
 
     // None of the refusals left anything behind.
     for m in [m0, m1] {
-        let left: Vec<_> = fs::read_dir(m).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert!(left.is_empty(), "refused create left files in {m:?}: {left:?}");
+        let left: Vec<_> = fs::read_dir(m)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            left.is_empty(),
+            "refused create left files in {m:?}: {left:?}"
+        );
     }
     vpool_ok(&args!["create", m0, m1]);
 
     let o = vpool(&args!["create", m1, m2]);
-    assert_refused(&o, &["already belongs to pool"], "create with a directory of an existing pool");
-    let nested = m0.join("data").join("nested");
-    fs::create_dir_all(&nested).unwrap();
-    let o = vpool(&args!["create", &nested, m2]);
-    assert_refused(&o, &["inside", "already belongs"], "create inside an existing pool's member");
-    fs::remove_dir(&nested).unwrap();
+    assert_refused(
+        &o,
+        &["already belongs to pool"],
+        "create with a directory of an existing pool",
+    );
     // m2 is still free.
     let left: Vec<_> = fs::read_dir(m2).unwrap().collect();
     assert!(left.is_empty(), "refused create left files in {m2:?}");
+    p.assert_check_clean();
+}
+
+#[test]
+fn create_refuses_dir_inside_existing_pool_member() {
+    let p = Pool::new(2, &[]);
+    let other = p.dir.path().join("other");
+    fs::create_dir(&other).unwrap();
+    for nested in [
+        p.members[0].join("nested"),
+        p.members[0].join("data").join("nested"),
+    ] {
+        fs::create_dir_all(&nested).unwrap();
+        let o = vpool(&args!["create", &nested, &other]);
+        assert_refused(
+            &o,
+            &["inside", "already belongs"],
+            &format!("create with {nested:?}, inside a member of an existing pool"),
+        );
+        fs::remove_dir(&nested).unwrap();
+        let left: Vec<_> = fs::read_dir(&other).unwrap().collect();
+        assert!(left.is_empty(), "refused create left files in {other:?}");
+    }
     p.assert_check_clean();
 }
 
@@ -427,22 +658,38 @@ fn mount_refusals() {
     fs::create_dir(&full).unwrap();
     fs::write(full.join("something"), b"x").unwrap();
     let o = vpool(&args!["mount", &m0, &full]);
-    assert_refused(&o, &["not empty", "busy"], "mount on a non-empty mountpoint");
+    assert_refused(
+        &o,
+        &["not empty", "busy"],
+        "mount on a non-empty mountpoint",
+    );
     assert!(!is_mounted(&full));
 
     // Mountpoint already a mount.
     let t = Tmpfs::new("1M");
     let o = vpool(&args!["mount", &m0, &t.path]);
-    assert_refused(&o, &["busy"], "mount on a mountpoint that is already a mount");
+    assert_refused(
+        &o,
+        &["busy"],
+        "mount on a mountpoint that is already a mount",
+    );
 
     // Not a member.
     let plain = base.join("plain");
     fs::create_dir(&plain).unwrap();
     let o = vpool(&args!["mount", &plain, pool.mnt()]);
-    assert_refused(&o, &["not a vpool member"], "mount of an empty non-member directory");
+    assert_refused(
+        &o,
+        &["not a vpool member"],
+        "mount of an empty non-member directory",
+    );
     fs::write(plain.join("file"), b"x").unwrap();
     let o = vpool(&args!["mount", &plain, pool.mnt()]);
-    assert_refused(&o, &["not a vpool member"], "mount of a non-member directory with files");
+    assert_refused(
+        &o,
+        &["not a vpool member"],
+        "mount of a non-member directory with files",
+    );
     assert!(!is_mounted(&pool.mnt()));
 
     // Pool already mounted (via either member).
@@ -510,18 +757,30 @@ fn unmount_and_foreground_mount() {
         .stderr(log.try_clone().unwrap())
         .spawn()
         .unwrap();
-    let mut fg = Foreground { child, mnt: mnt.clone() };
+    let mut fg = Foreground {
+        child,
+        mnt: mnt.clone(),
+    };
     assert!(
         wait_until(Duration::from_secs(20), || is_mounted(&mnt)),
         "mount --foreground did not mount within 20 s"
     );
     fs::write(mnt.join("f"), b"fg").unwrap();
     let o = vpool(&args!["unmount", &mnt]);
-    let exited = wait_until(Duration::from_secs(30), || matches!(fg.child.try_wait(), Ok(Some(_))));
-    assert!(exited, "foreground daemon still running 30 s after vpool unmount\n{}", describe(&o));
+    let exited = wait_until(Duration::from_secs(30), || {
+        matches!(fg.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(
+        exited,
+        "foreground daemon still running 30 s after vpool unmount\n{}",
+        describe(&o)
+    );
     assert!(o.status.success(), "vpool unmount failed\n{}", describe(&o));
     let status = fg.child.wait().unwrap();
-    assert!(status.success(), "foreground vpool mount exited with {status:?} after unmount");
+    assert!(
+        status.success(),
+        "foreground vpool mount exited with {status:?} after unmount"
+    );
     assert!(!is_mounted(&mnt));
     drop(fg);
     pool.assert_check_clean();

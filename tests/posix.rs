@@ -9,7 +9,7 @@ mod common;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{symlink, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -81,6 +81,18 @@ fn wait_stored_at_most(pool: &Pool, max: u64) -> u64 {
     last
 }
 
+/// st_blocks*512 of `p`, polled for up to 3 s until `ok` holds (the kernel may
+/// serve attributes from its cache for up to the attribute TTL; the test
+/// `st_blocks_current_right_after_fsync` checks freshness separately).
+fn alloc_bytes_when(p: &Path, ok: impl Fn(u64) -> bool) -> u64 {
+    let mut last = 0;
+    wait_until(Duration::from_secs(3), || {
+        last = alloc_bytes(p);
+        ok(last)
+    });
+    last
+}
+
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -114,11 +126,19 @@ fn write_read_at_offsets() {
         (model.len() - 10, 10),
     ] {
         let len = len.min(model.len() - off);
-        assert_same(&read_at(&f, off as u64, len), &model[off..off + len], &format!("pread({off},{len})"));
+        assert_same(
+            &read_at(&f, off as u64, len),
+            &model[off..off + len],
+            &format!("pread({off},{len})"),
+        );
     }
     // Read past EOF returns 0 bytes.
     let mut buf = [0u8; 10];
-    assert_eq!(f.read_at(&mut buf, model.len() as u64 + 5).unwrap(), 0, "read past EOF");
+    assert_eq!(
+        f.read_at(&mut buf, model.len() as u64 + 5).unwrap(),
+        0,
+        "read past EOF"
+    );
     drop(f);
 
     // Whole-file read through a fresh descriptor.
@@ -134,7 +154,11 @@ fn write_read_at_offsets() {
 
     // O_TRUNC empties the file.
     {
-        let mut t = OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
+        let mut t = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
         t.write_all(b"new").unwrap();
     }
     assert_eq!(read_all(&p), b"new", "after O_TRUNC + write");
@@ -154,7 +178,11 @@ fn truncate_up_and_down() {
     let cut = MIB + 10;
     f.set_len(cut).unwrap();
     assert_eq!(f.metadata().unwrap().len(), cut);
-    assert_same(&read_at(&f, 0, cut as usize), &data[..cut as usize], "prefix after shrink");
+    assert_same(
+        &read_at(&f, 0, cut as usize),
+        &data[..cut as usize],
+        "prefix after shrink",
+    );
 
     // Grow again: everything past the old cut must read as zeros, not as the
     // data that used to be there.
@@ -162,12 +190,19 @@ fn truncate_up_and_down() {
     f.set_len(grown).unwrap();
     assert_eq!(f.metadata().unwrap().len(), grown);
     let all = read_at(&f, 0, grown as usize);
-    assert_same(&all[..cut as usize], &data[..cut as usize], "prefix after regrow");
+    assert_same(
+        &all[..cut as usize],
+        &data[..cut as usize],
+        "prefix after regrow",
+    );
     assert!(
         all[cut as usize..].iter().all(|&b| b == 0),
         "bytes past the truncation point are not zero after growing the file again \
          (first non-zero at {:?})",
-        all[cut as usize..].iter().position(|&b| b != 0).map(|i| i + cut as usize)
+        all[cut as usize..]
+            .iter()
+            .position(|&b| b != 0)
+            .map(|i| i + cut as usize)
     );
 
     // Same via truncate(2) on the path.
@@ -180,20 +215,30 @@ fn truncate_up_and_down() {
     // Down to zero frees the space (st_blocks and the member data).
     write_at(&f, 0, &pattern(11, 4 * MIB as usize));
     f.sync_all().unwrap();
-    let before = alloc_bytes(&p);
-    assert!(before >= 3 * MIB, "4 MiB written but st_blocks*512 = {before}");
+    let before = alloc_bytes_when(&p, |b| b >= 3 * MIB);
+    assert!(
+        before >= 3 * MIB,
+        "4 MiB written but st_blocks*512 = {before}"
+    );
     f.set_len(0).unwrap();
     f.sync_all().unwrap();
     assert_eq!(f.metadata().unwrap().len(), 0);
-    let after = alloc_bytes(&p);
-    assert!(after < MIB, "st_blocks*512 after truncate to 0 is {after} (was {before})");
+    let after = alloc_bytes_when(&p, |b| b < MIB);
+    assert!(
+        after < MIB,
+        "st_blocks*512 after truncate to 0 is {after} (was {before})"
+    );
     let stored = wait_stored_at_most(&pool, MIB);
     assert!(
         stored <= MIB,
         "member data dirs still hold {stored} bytes after truncating the only file to 0"
     );
     f.set_len(8192).unwrap();
-    assert_eq!(read_at(&f, 0, 8192), vec![0u8; 8192], "regrow from 0 reads zeros");
+    assert_eq!(
+        read_at(&f, 0, 8192),
+        vec![0u8; 8192],
+        "regrow from 0 reads zeros"
+    );
 }
 
 #[test]
@@ -218,14 +263,26 @@ fn unlink_while_open() {
         "unlinked file still listed by readdir"
     );
     assert_eq!(f.metadata().unwrap().nlink(), 0, "fstat nlink after unlink");
-    assert_same(&read_at(&r, 0, data.len()), &data, "read via fd after unlink");
+    assert_same(
+        &read_at(&r, 0, data.len()),
+        &data,
+        "read via fd after unlink",
+    );
     // Still writable through the open descriptor.
     write_at(&f, MIB, b"still alive");
     f.sync_all().unwrap();
-    assert_eq!(read_at(&r, MIB, 11), b"still alive", "write after unlink visible via other fd");
+    assert_eq!(
+        read_at(&r, MIB, 11),
+        b"still alive",
+        "write after unlink visible via other fd"
+    );
     // A new file with the same name is a different file.
     fs::write(&p, b"new").unwrap();
-    assert_same(&read_at(&r, 0, 16), &data[..16], "old fd unaffected by new file of same name");
+    assert_same(
+        &read_at(&r, 0, 16),
+        &data[..16],
+        "old fd unaffected by new file of same name",
+    );
     fs::remove_file(&p).unwrap();
     drop(f);
     drop(r);
@@ -253,7 +310,11 @@ fn rename_files_and_dirs() {
 
     fs::rename(&a, &b).unwrap();
     assert!(!a.exists(), "old name still exists after rename");
-    assert_eq!(fs::metadata(&b).unwrap().ino(), ino_a, "rename changed the inode number");
+    assert_eq!(
+        fs::metadata(&b).unwrap().ino(),
+        ino_a,
+        "rename changed the inode number"
+    );
     assert_same(&read_all(&b), &da, "content after rename");
 
     // Rename over an existing file; an fd on the old target keeps its data.
@@ -261,8 +322,16 @@ fn rename_files_and_dirs() {
     let old_c = File::open(&c).unwrap();
     fs::rename(&b, &c).unwrap();
     assert!(!b.exists());
-    assert_same(&read_all(&c), &da, "target content after rename over existing");
-    assert_same(&read_at(&old_c, 0, dc.len()), &dc, "replaced file via open fd");
+    assert_same(
+        &read_all(&c),
+        &da,
+        "target content after rename over existing",
+    );
+    assert_same(
+        &read_at(&old_c, 0, dc.len()),
+        &dc,
+        "replaced file via open fd",
+    );
     drop(old_c);
     let stored = wait_stored_at_most(&pool, 2 * MIB);
     assert!(
@@ -280,18 +349,42 @@ fn rename_files_and_dirs() {
     // Directory over an empty directory: allowed.
     fs::create_dir(m.join("empty")).unwrap();
     fs::rename(m.join("e"), m.join("empty")).unwrap();
-    assert_same(&read_all(&m.join("empty/c")), &da, "dir renamed over empty dir");
+    assert_same(
+        &read_all(&m.join("empty/c")),
+        &da,
+        "dir renamed over empty dir",
+    );
 
     // Error cases.
     fs::create_dir(m.join("full")).unwrap();
     fs::write(m.join("full/x"), b"x").unwrap();
     fs::create_dir(m.join("src")).unwrap();
-    expect_errno(fs::rename(m.join("src"), m.join("full")), libc::ENOTEMPTY, "dir over non-empty dir");
+    expect_errno(
+        fs::rename(m.join("src"), m.join("full")),
+        libc::ENOTEMPTY,
+        "dir over non-empty dir",
+    );
     fs::write(m.join("file"), b"f").unwrap();
-    expect_errno(fs::rename(m.join("file"), m.join("src")), libc::EISDIR, "file over dir");
-    expect_errno(fs::rename(m.join("src"), m.join("file")), libc::ENOTDIR, "dir over file");
-    expect_errno(fs::rename(m.join("nope"), m.join("x")), libc::ENOENT, "missing source");
-    expect_errno(fs::rename(m.join("src"), m.join("src/sub")), libc::EINVAL, "dir into itself");
+    expect_errno(
+        fs::rename(m.join("file"), m.join("src")),
+        libc::EISDIR,
+        "file over dir",
+    );
+    expect_errno(
+        fs::rename(m.join("src"), m.join("file")),
+        libc::ENOTDIR,
+        "dir over file",
+    );
+    expect_errno(
+        fs::rename(m.join("nope"), m.join("x")),
+        libc::ENOENT,
+        "missing source",
+    );
+    expect_errno(
+        fs::rename(m.join("src"), m.join("src/sub")),
+        libc::EINVAL,
+        "dir into itself",
+    );
 
     // Names survive remount.
     drop(m);
@@ -310,13 +403,29 @@ fn rename_noreplace() {
     let (cx, cy, cz) = (cstr(&m.join("x")), cstr(&m.join("y")), cstr(&m.join("z")));
     // SAFETY: valid NUL-terminated paths, AT_FDCWD.
     let r = unsafe {
-        libc::renameat2(libc::AT_FDCWD, cx.as_ptr(), libc::AT_FDCWD, cy.as_ptr(), libc::RENAME_NOREPLACE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cx.as_ptr(),
+            libc::AT_FDCWD,
+            cy.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
     };
-    expect_errno(cvt(r), libc::EEXIST, "renameat2(RENAME_NOREPLACE) onto existing name");
+    expect_errno(
+        cvt(r),
+        libc::EEXIST,
+        "renameat2(RENAME_NOREPLACE) onto existing name",
+    );
     assert_eq!(fs::read(m.join("y")).unwrap(), b"y");
     // SAFETY: as above.
     let r = unsafe {
-        libc::renameat2(libc::AT_FDCWD, cx.as_ptr(), libc::AT_FDCWD, cz.as_ptr(), libc::RENAME_NOREPLACE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cx.as_ptr(),
+            libc::AT_FDCWD,
+            cz.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
     };
     cvt(r).expect("renameat2(RENAME_NOREPLACE) onto a free name");
     assert_eq!(fs::read(m.join("z")).unwrap(), b"x");
@@ -329,11 +438,17 @@ fn directories() {
     fs::create_dir_all(m.join("a/b/c")).unwrap();
     assert!(fs::metadata(m.join("a/b/c")).unwrap().is_dir());
     expect_errno(fs::create_dir(m.join("a")), libc::EEXIST, "mkdir existing");
-    expect_errno(fs::create_dir(m.join("nope/x")), libc::ENOENT, "mkdir in missing parent");
+    expect_errno(
+        fs::create_dir(m.join("nope/x")),
+        libc::ENOENT,
+        "mkdir in missing parent",
+    );
 
     // Enough entries that readdir needs several batches.
     let n = 600;
-    let mut want: Vec<String> = (0..n).map(|i| format!("file-{i:04}-{}", "x".repeat(i % 40))).collect();
+    let mut want: Vec<String> = (0..n)
+        .map(|i| format!("file-{i:04}-{}", "x".repeat(i % 40)))
+        .collect();
     for name in &want {
         fs::write(m.join("a").join(name), name.as_bytes()).unwrap();
     }
@@ -357,14 +472,30 @@ fn directories() {
         }
     }
 
-    expect_errno(fs::remove_dir(m.join("a")), libc::ENOTEMPTY, "rmdir non-empty");
-    expect_errno(fs::remove_dir(m.join("a/file-0000-")), libc::ENOTDIR, "rmdir on a file");
-    expect_errno(fs::remove_file(m.join("a/b")), libc::EISDIR, "unlink on a dir");
+    expect_errno(
+        fs::remove_dir(m.join("a")),
+        libc::ENOTEMPTY,
+        "rmdir non-empty",
+    );
+    expect_errno(
+        fs::remove_dir(m.join("a/file-0000-")),
+        libc::ENOTDIR,
+        "rmdir on a file",
+    );
+    expect_errno(
+        fs::remove_file(m.join("a/b")),
+        libc::EISDIR,
+        "unlink on a dir",
+    );
     fs::remove_dir(m.join("a/b/c")).unwrap();
     assert!(!m.join("a/b/c").exists());
     fs::remove_dir_all(m.join("a")).unwrap();
     assert!(!m.join("a").exists());
-    assert_eq!(fs::read_dir(m.path()).unwrap().count(), 0, "root not empty after removing everything");
+    assert_eq!(
+        fs::read_dir(m.path()).unwrap().count(),
+        0,
+        "root not empty after removing everything"
+    );
     drop(m);
     pool.assert_check_clean();
 }
@@ -382,7 +513,10 @@ fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<()> {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 #[test]
@@ -402,17 +536,41 @@ fn chmod_chown_utimens() {
     let md = fs::metadata(&p).unwrap();
     assert_eq!((md.uid(), md.gid()), (1234, 5678), "owner after chown");
     // Linux clears set-user-ID on chown of a regular file, even for root.
-    assert_eq!(md.mode() & 0o7777, 0o755, "chown did not clear the setuid bit");
+    assert_eq!(
+        md.mode() & 0o7777,
+        0o755,
+        "chown did not clear the setuid bit"
+    );
     std::os::unix::fs::chown(&p, None, Some(42)).unwrap();
     let md = fs::metadata(&p).unwrap();
-    assert_eq!((md.uid(), md.gid()), (1234, 42), "chown with uid -1 keeps uid");
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (1234, 42),
+        "chown with uid -1 keeps uid"
+    );
 
-    set_times(&p, (1_000_000_000, 123_456_789), (1_500_000_000, 987_654_321)).unwrap();
+    set_times(
+        &p,
+        (1_000_000_000, 123_456_789),
+        (1_500_000_000, 987_654_321),
+    )
+    .unwrap();
     let md = fs::metadata(&p).unwrap();
-    assert_eq!((md.atime(), md.atime_nsec()), (1_000_000_000, 123_456_789), "atime");
-    assert_eq!((md.mtime(), md.mtime_nsec()), (1_500_000_000, 987_654_321), "mtime");
+    assert_eq!(
+        (md.atime(), md.atime_nsec()),
+        (1_000_000_000, 123_456_789),
+        "atime"
+    );
+    assert_eq!(
+        (md.mtime(), md.mtime_nsec()),
+        (1_500_000_000, 987_654_321),
+        "mtime"
+    );
     let ctime = md.ctime();
-    assert!((ctime - now_secs()).abs() < 120, "ctime {ctime} not near now after utimens");
+    assert!(
+        (ctime - now_secs()).abs() < 120,
+        "ctime {ctime} not near now after utimens"
+    );
 
     // A write moves mtime to about now.
     set_times(&p, (1_000_000_000, 0), (1_000_000_000, 0)).unwrap();
@@ -421,7 +579,10 @@ fn chmod_chown_utimens() {
         write_at(&f, 0, b"DATA");
     }
     let mt = fs::metadata(&p).unwrap().mtime();
-    assert!((mt - now_secs()).abs() < 120, "mtime {mt} not updated by write");
+    assert!(
+        (mt - now_secs()).abs() < 120,
+        "mtime {mt} not updated by write"
+    );
     fs::set_permissions(&p, fs::Permissions::from_mode(0o4755)).unwrap();
 
     // Directories too.
@@ -442,7 +603,11 @@ fn chmod_chown_utimens() {
     assert_eq!(md.mode() & 0o7777, 0o4755, "mode after remount");
     assert_eq!((md.uid(), md.gid()), (1234, 42), "owner after remount");
     let md = fs::metadata(m.join("d")).unwrap();
-    assert_eq!((md.mtime(), md.mtime_nsec()), (2_000_000_001, 6), "dir mtime after remount");
+    assert_eq!(
+        (md.mtime(), md.mtime_nsec()),
+        (2_000_000_001, 6),
+        "dir mtime after remount"
+    );
 }
 
 #[test]
@@ -469,8 +634,16 @@ fn hard_links() {
     fs::create_dir(m.join("sub")).unwrap();
     fs::hard_link(&f, m.join("sub/h")).unwrap();
     assert_eq!(fs::metadata(&f).unwrap().nlink(), 3);
-    expect_errno(fs::hard_link(&f, &g), libc::EEXIST, "link onto existing name");
-    expect_errno(fs::hard_link(m.join("sub"), m.join("dirlink")), libc::EPERM, "link to a directory");
+    expect_errno(
+        fs::hard_link(&f, &g),
+        libc::EEXIST,
+        "link onto existing name",
+    );
+    expect_errno(
+        fs::hard_link(m.join("sub"), m.join("dirlink")),
+        libc::EPERM,
+        "link to a directory",
+    );
 
     fs::remove_file(&f).unwrap();
     let mg = fs::metadata(&g).unwrap();
@@ -482,7 +655,11 @@ fn hard_links() {
     drop(m);
     pool.assert_check_clean();
     let m = pool.mount();
-    assert_eq!(fs::metadata(m.join("g")).unwrap().nlink(), 2, "nlink after remount");
+    assert_eq!(
+        fs::metadata(m.join("g")).unwrap().nlink(),
+        2,
+        "nlink after remount"
+    );
     assert_eq!(
         fs::metadata(m.join("g")).unwrap().ino(),
         fs::metadata(m.join("sub/h")).unwrap().ino()
@@ -490,7 +667,10 @@ fn hard_links() {
     fs::remove_file(m.join("g")).unwrap();
     fs::remove_file(m.join("sub/h")).unwrap();
     let stored = wait_stored_at_most(&pool, 256 * KIB);
-    assert!(stored <= 256 * KIB, "last link removed but {stored} bytes still stored");
+    assert!(
+        stored <= 256 * KIB,
+        "last link removed but {stored} bytes still stored"
+    );
 }
 
 #[test]
@@ -502,14 +682,25 @@ fn symlinks() {
     assert_eq!(fs::read_link(m.join("l")).unwrap(), Path::new("target"));
     let lmd = fs::symlink_metadata(m.join("l")).unwrap();
     assert!(lmd.file_type().is_symlink());
-    assert_eq!(lmd.len(), "target".len() as u64, "lstat size of a symlink is its target length");
-    assert!(fs::metadata(m.join("l")).unwrap().is_file(), "stat follows the link");
+    assert_eq!(
+        lmd.len(),
+        "target".len() as u64,
+        "lstat size of a symlink is its target length"
+    );
+    assert!(
+        fs::metadata(m.join("l")).unwrap().is_file(),
+        "stat follows the link"
+    );
     assert_eq!(fs::read(m.join("l")).unwrap(), b"T");
 
     // Dangling link.
     symlink("does/not/exist", m.join("dangling")).unwrap();
     assert!(fs::symlink_metadata(m.join("dangling")).is_ok());
-    expect_errno(fs::metadata(m.join("dangling")), libc::ENOENT, "stat of dangling link");
+    expect_errno(
+        fs::metadata(m.join("dangling")),
+        libc::ENOENT,
+        "stat of dangling link",
+    );
 
     // Long target, link to a directory, traversal.
     let long = "x/".repeat(500) + "end";
@@ -519,13 +710,24 @@ fn symlinks() {
     fs::write(m.join("dir/inner"), b"I").unwrap();
     symlink("dir", m.join("dl")).unwrap();
     assert_eq!(fs::read(m.join("dl/inner")).unwrap(), b"I");
-    expect_errno(symlink("t", m.join("l")), libc::EEXIST, "symlink onto existing name");
+    expect_errno(
+        symlink("t", m.join("l")),
+        libc::EEXIST,
+        "symlink onto existing name",
+    );
     fs::remove_file(m.join("l")).unwrap();
-    assert!(m.join("target").exists(), "removing the link removed its target");
+    assert!(
+        m.join("target").exists(),
+        "removing the link removed its target"
+    );
 
     drop(m);
     let m = pool.mount();
-    assert_eq!(fs::read_link(m.join("long")).unwrap(), Path::new(&long), "after remount");
+    assert_eq!(
+        fs::read_link(m.join("long")).unwrap(),
+        Path::new(&long),
+        "after remount"
+    );
     assert_eq!(fs::read_link(m.join("dl")).unwrap(), Path::new("dir"));
 }
 
@@ -551,9 +753,17 @@ fn mmap_shared_write_then_reopen() {
                 f.as_raw_fd(),
                 0,
             );
-            assert_ne!(addr, libc::MAP_FAILED, "mmap: {}", io::Error::last_os_error());
+            assert_ne!(
+                addr,
+                libc::MAP_FAILED,
+                "mmap: {}",
+                io::Error::last_os_error()
+            );
             let s = std::slice::from_raw_parts_mut(addr as *mut u8, len);
-            assert!(s.iter().all(|&b| b == 0), "fresh mapping of a truncated-up file is not zero");
+            assert!(
+                s.iter().all(|&b| b == 0),
+                "fresh mapping of a truncated-up file is not zero"
+            );
             s.copy_from_slice(&data);
             assert_eq!(libc::munmap(addr, len), 0, "munmap");
         }
@@ -572,8 +782,20 @@ fn mmap_shared_write_then_reopen() {
         // SAFETY: read-only shared mapping of a file of size `len`; only read
         // through `s` before munmap.
         unsafe {
-            let addr = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
-            assert_ne!(addr, libc::MAP_FAILED, "mmap ro: {}", io::Error::last_os_error());
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(
+                addr,
+                libc::MAP_FAILED,
+                "mmap ro: {}",
+                io::Error::last_os_error()
+            );
             let s = std::slice::from_raw_parts(addr as *const u8, len);
             assert_same(s, &want, "read through mapping");
             libc::munmap(addr, len);
@@ -596,7 +818,12 @@ fn mmap_shared_write_then_reopen() {
             assert_ne!(addr, libc::MAP_FAILED);
             let s = std::slice::from_raw_parts_mut(addr as *mut u8, len);
             s[len - 5..].copy_from_slice(b"TAIL!");
-            assert_eq!(libc::msync(addr, len, libc::MS_SYNC), 0, "msync: {}", io::Error::last_os_error());
+            assert_eq!(
+                libc::msync(addr, len, libc::MS_SYNC),
+                0,
+                "msync: {}",
+                io::Error::last_os_error()
+            );
             libc::munmap(addr, len);
         }
     }
@@ -604,7 +831,11 @@ fn mmap_shared_write_then_reopen() {
     m.unmount();
     pool.assert_check_clean();
     let m = pool.mount();
-    assert_same(&read_all(&m.join("mapped")), &want, "mmap-written data after remount");
+    assert_same(
+        &read_all(&m.join("mapped")),
+        &want,
+        "mmap-written data after remount",
+    );
 }
 
 #[test]
@@ -621,7 +852,14 @@ fn copy_file_range_between_files() {
     while left > 0 {
         // SAFETY: valid fds and pointers to live loff_t variables.
         let r = unsafe {
-            libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, left, 0)
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
         };
         assert!(r >= 0, "copy_file_range: {}", io::Error::last_os_error());
         assert!(r > 0, "copy_file_range returned 0 with {left} bytes left");
@@ -629,8 +867,15 @@ fn copy_file_range_between_files() {
     }
     let got = read_all(&m.join("dst"));
     assert_eq!(got.len(), out0 as usize + n, "dst size");
-    assert!(got[..out0 as usize].iter().all(|&b| b == 0), "bytes before the copied range");
-    assert_same(&got[out0 as usize..], &src_data[in0 as usize..in0 as usize + n], "copied range");
+    assert!(
+        got[..out0 as usize].iter().all(|&b| b == 0),
+        "bytes before the copied range"
+    );
+    assert_same(
+        &got[out0 as usize..],
+        &src_data[in0 as usize..in0 as usize + n],
+        "copied range",
+    );
     assert_same(&read_all(&m.join("src")), &src_data, "source unchanged");
 }
 
@@ -639,17 +884,34 @@ fn copy_file_range_between_files() {
 fn setxattr(p: &Path, name: &str, val: &[u8], flags: libc::c_int) -> io::Result<()> {
     let (c, n) = (cstr(p), CString::new(name).unwrap());
     // SAFETY: valid C strings and a buffer of val.len() bytes.
-    cvt(unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), val.as_ptr().cast(), val.len(), flags) }).map(|_| ())
+    cvt(unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            val.as_ptr().cast(),
+            val.len(),
+            flags,
+        )
+    })
+    .map(|_| ())
 }
 
 fn getxattr_into(p: &Path, name: &str, buf: &mut [u8]) -> io::Result<usize> {
     let (c, n) = (cstr(p), CString::new(name).unwrap());
     // SAFETY: valid C strings; buf is writable for buf.len() bytes (null when empty).
     let r = unsafe {
-        let ptr = if buf.is_empty() { std::ptr::null_mut() } else { buf.as_mut_ptr().cast() };
+        let ptr = if buf.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            buf.as_mut_ptr().cast()
+        };
         libc::getxattr(c.as_ptr(), n.as_ptr(), ptr, buf.len())
     };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as usize) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
 }
 
 fn getxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
@@ -695,7 +957,11 @@ fn xattrs() {
     fs::write(&p, b"x").unwrap();
 
     setxattr(&p, "user.test", b"hello", 0).unwrap();
-    assert_eq!(getxattr_into(&p, "user.test", &mut []).unwrap(), 5, "size query");
+    assert_eq!(
+        getxattr_into(&p, "user.test", &mut []).unwrap(),
+        5,
+        "size query"
+    );
     assert_eq!(getxattr(&p, "user.test").unwrap(), b"hello");
     let big = pattern(70, 3000);
     setxattr(&p, "user.big", &big, 0).unwrap();
@@ -706,19 +972,47 @@ fn xattrs() {
     let mut names = listxattr(&p).unwrap();
     names.retain(|n| n.starts_with("user."));
     names.sort();
-    assert_eq!(names, vec!["user.big", "user.empty", "user.test"], "listxattr");
+    assert_eq!(
+        names,
+        vec!["user.big", "user.empty", "user.test"],
+        "listxattr"
+    );
 
-    expect_errno(setxattr(&p, "user.test", b"x", libc::XATTR_CREATE), libc::EEXIST, "XATTR_CREATE on existing");
-    expect_errno(setxattr(&p, "user.nope", b"x", libc::XATTR_REPLACE), libc::ENODATA, "XATTR_REPLACE on missing");
+    expect_errno(
+        setxattr(&p, "user.test", b"x", libc::XATTR_CREATE),
+        libc::EEXIST,
+        "XATTR_CREATE on existing",
+    );
+    expect_errno(
+        setxattr(&p, "user.nope", b"x", libc::XATTR_REPLACE),
+        libc::ENODATA,
+        "XATTR_REPLACE on missing",
+    );
     setxattr(&p, "user.test", b"replaced", libc::XATTR_REPLACE).unwrap();
     assert_eq!(getxattr(&p, "user.test").unwrap(), b"replaced");
     let mut small = [0u8; 3];
-    expect_errno(getxattr_into(&p, "user.test", &mut small), libc::ERANGE, "getxattr into too small a buffer");
-    expect_errno(getxattr(&p, "user.missing"), libc::ENODATA, "getxattr missing");
+    expect_errno(
+        getxattr_into(&p, "user.test", &mut small),
+        libc::ERANGE,
+        "getxattr into too small a buffer",
+    );
+    expect_errno(
+        getxattr(&p, "user.missing"),
+        libc::ENODATA,
+        "getxattr missing",
+    );
 
     removexattr(&p, "user.empty").unwrap();
-    expect_errno(getxattr(&p, "user.empty"), libc::ENODATA, "getxattr after remove");
-    expect_errno(removexattr(&p, "user.empty"), libc::ENODATA, "remove missing");
+    expect_errno(
+        getxattr(&p, "user.empty"),
+        libc::ENODATA,
+        "getxattr after remove",
+    );
+    expect_errno(
+        removexattr(&p, "user.empty"),
+        libc::ENODATA,
+        "remove missing",
+    );
 
     // On a directory.
     fs::create_dir(m.join("d")).unwrap();
@@ -727,21 +1021,38 @@ fn xattrs() {
 
     drop(m);
     let m = pool.mount();
-    assert_eq!(getxattr(&m.join("f"), "user.test").unwrap(), b"replaced", "xattr after remount");
+    assert_eq!(
+        getxattr(&m.join("f"), "user.test").unwrap(),
+        b"replaced",
+        "xattr after remount"
+    );
     assert_eq!(getxattr(&m.join("f"), "user.big").unwrap(), big);
     assert_eq!(getxattr(&m.join("d"), "user.dir").unwrap(), b"D");
-    expect_errno(getxattr(&m.join("f"), "user.empty"), libc::ENODATA, "removed xattr after remount");
+    expect_errno(
+        getxattr(&m.join("f"), "user.empty"),
+        libc::ENODATA,
+        "removed xattr after remount",
+    );
 }
 
+// statvfs field types differ between targets; the casts are no-ops on x86_64.
+#[allow(clippy::unnecessary_cast)]
 fn fs_bytes(s: &libc::statvfs) -> (u64, u64, u64) {
     let fr = s.f_frsize as u64;
-    (s.f_blocks as u64 * fr, s.f_bfree as u64 * fr, s.f_bavail as u64 * fr)
+    (
+        s.f_blocks as u64 * fr,
+        s.f_bfree as u64 * fr,
+        s.f_bavail as u64 * fr,
+    )
 }
 
 fn assert_close(got: u64, want: u64, tol_frac: f64, tol_abs: u64, what: &str) {
     let diff = got.abs_diff(want);
     let tol = ((want as f64 * tol_frac) as u64).max(tol_abs);
-    assert!(diff <= tol, "{what}: got {got}, expected about {want} (tolerance {tol})");
+    assert!(
+        diff <= tol,
+        "{what}: got {got}, expected about {want} (tolerance {tol})"
+    );
 }
 
 #[test]
@@ -752,11 +1063,29 @@ fn statfs_members_on_same_fs_count_once() {
         let under = fs_bytes(&statvfs(&pool.members[0]));
         let s = statvfs(m.path());
         let (total, free, avail) = fs_bytes(&s);
-        assert!(s.f_frsize > 0 && s.f_bsize > 0, "statvfs block sizes are zero");
-        assert_close(total, under.0 / copies, 0.02, 64 * MIB, &format!("f_blocks*f_frsize, copies={copies}"));
-        assert!(free <= total && avail <= free, "free {free} / avail {avail} / total {total} inconsistent");
+        assert!(
+            s.f_frsize > 0 && s.f_bsize > 0,
+            "statvfs block sizes are zero"
+        );
+        assert_close(
+            total,
+            under.0 / copies,
+            0.02,
+            64 * MIB,
+            &format!("f_blocks*f_frsize, copies={copies}"),
+        );
+        assert!(
+            free <= total && avail <= free,
+            "free {free} / avail {avail} / total {total} inconsistent"
+        );
         // Other tests write concurrently, so only roughly.
-        assert_close(avail, under.2 / copies, 0.10, 512 * MIB, &format!("f_bavail*f_frsize, copies={copies}"));
+        assert_close(
+            avail,
+            under.2 / copies,
+            0.10,
+            512 * MIB,
+            &format!("f_bavail*f_frsize, copies={copies}"),
+        );
         assert!(s.f_namemax >= 255, "f_namemax {}", s.f_namemax);
     }
 }
@@ -772,7 +1101,13 @@ fn statfs_distinct_filesystems_sum() {
         let (total, _, _) = fs_bytes(&statvfs(m.path()));
         let ua = fs_bytes(&statvfs(&a.path)).0;
         let ub = fs_bytes(&statvfs(&b.path)).0;
-        assert_close(total, (ua + ub) / copies, 0.05, 2 * MIB, &format!("total of 32M+64M tmpfs, copies={copies}"));
+        assert_close(
+            total,
+            (ua + ub) / copies,
+            0.05,
+            2 * MIB,
+            &format!("total of 32M+64M tmpfs, copies={copies}"),
+        );
         drop(m);
     }
 }
@@ -788,11 +1123,24 @@ fn sparse_write_far_offset() {
     f.sync_all().unwrap();
     assert_eq!(f.metadata().unwrap().len(), off + 4096);
     let ab = alloc_bytes(&p);
-    assert!(ab < 2 * MIB, "st_blocks*512 of a 4 KiB write at 100 MiB is {ab}: file is not sparse");
+    assert!(
+        ab < 2 * MIB,
+        "st_blocks*512 of a 4 KiB write at 100 MiB is {ab}: file is not sparse"
+    );
     let stored = pool.stored_bytes_on_disk();
-    assert!(stored < 4 * MIB, "members store {stored} bytes for a 4 KiB write at 100 MiB");
-    assert!(read_at(&f, 50 * MIB, MIB as usize).iter().all(|&b| b == 0), "hole does not read as zeros");
-    assert_same(&read_at(&f, off, 4096), &pattern(80, 4096), "data at 100 MiB");
+    assert!(
+        stored < 4 * MIB,
+        "members store {stored} bytes for a 4 KiB write at 100 MiB"
+    );
+    assert!(
+        read_at(&f, 50 * MIB, MIB as usize).iter().all(|&b| b == 0),
+        "hole does not read as zeros"
+    );
+    assert_same(
+        &read_at(&f, off, 4096),
+        &pattern(80, 4096),
+        "data at 100 MiB",
+    );
 }
 
 #[test]
@@ -814,12 +1162,23 @@ fn seek_data_and_hole() {
         (4096..=MIB).contains(&h),
         "SEEK_HOLE(0) = {h}: expected the hole after the first 4 KiB (at most one 1 MiB extent later)"
     );
-    assert_eq!(sd(h).unwrap() as u64, 10 * MIB, "SEEK_DATA from the first hole");
+    assert_eq!(
+        sd(h).unwrap() as u64,
+        10 * MIB,
+        "SEEK_DATA from the first hole"
+    );
     assert_eq!(sd(5 * MIB).unwrap() as u64, 10 * MIB, "SEEK_DATA(5 MiB)");
     let h2 = sh(10 * MIB).unwrap() as u64;
-    assert!((10 * MIB + 4096..=11 * MIB).contains(&h2), "SEEK_HOLE(10 MiB) = {h2}");
+    assert!(
+        (10 * MIB + 4096..=11 * MIB).contains(&h2),
+        "SEEK_HOLE(10 MiB) = {h2}"
+    );
     expect_errno(sd(11 * MIB), libc::ENXIO, "SEEK_DATA in the trailing hole");
-    assert_eq!(sh(19 * MIB).unwrap() as u64, 19 * MIB, "SEEK_HOLE inside the trailing hole");
+    assert_eq!(
+        sh(19 * MIB).unwrap() as u64,
+        19 * MIB,
+        "SEEK_HOLE inside the trailing hole"
+    );
     expect_errno(sd(20 * MIB), libc::ENXIO, "SEEK_DATA at EOF");
     expect_errno(sh(20 * MIB), libc::ENXIO, "SEEK_HOLE at EOF");
 }
@@ -832,20 +1191,34 @@ fn fallocate_plain_and_keep_size() {
     let f = open_rw_new(&p);
     fallocate(&f, 0, 0, 8 * MIB).expect("fallocate(mode 0)");
     assert_eq!(f.metadata().unwrap().len(), 8 * MIB, "size after fallocate");
-    assert!(read_at(&f, 0, 8 * MIB as usize).iter().all(|&b| b == 0), "fallocated range not zero");
+    assert!(
+        read_at(&f, 0, 8 * MIB as usize).iter().all(|&b| b == 0),
+        "fallocated range not zero"
+    );
     let ab = alloc_bytes(&p);
-    assert!(ab >= 8 * MIB, "fallocate must reserve space: st_blocks*512 = {ab} < 8 MiB");
+    assert!(
+        ab >= 8 * MIB,
+        "fallocate must reserve space: st_blocks*512 = {ab} < 8 MiB"
+    );
 
     let p2 = m.join("fk");
     let f2 = open_rw_new(&p2);
     write_at(&f2, 0, &[7u8; 4096]);
     fallocate(&f2, libc::FALLOC_FL_KEEP_SIZE, 0, 2 * MIB).expect("fallocate(KEEP_SIZE)");
-    assert_eq!(f2.metadata().unwrap().len(), 4096, "KEEP_SIZE changed the size");
+    assert_eq!(
+        f2.metadata().unwrap().len(),
+        4096,
+        "KEEP_SIZE changed the size"
+    );
     assert_eq!(read_at(&f2, 0, 4096), vec![7u8; 4096]);
     // Extending write into the preallocated range.
     write_at(&f2, MIB, b"abc");
     assert_eq!(f2.metadata().unwrap().len(), MIB + 3);
-    assert!(read_at(&f2, 4096, (MIB - 4096) as usize).iter().all(|&b| b == 0));
+    assert!(
+        read_at(&f2, 4096, (MIB - 4096) as usize)
+            .iter()
+            .all(|&b| b == 0)
+    );
 }
 
 #[test]
@@ -857,16 +1230,26 @@ fn fallocate_punch_hole() {
     let data = pattern(100, 4 * MIB as usize);
     write_at(&f, 0, &data);
     f.sync_all().unwrap();
-    let before = alloc_bytes(&p);
+    let before = alloc_bytes_when(&p, |b| b >= 4 * MIB);
     let stored_before = pool.stored_bytes_on_disk();
 
-    fallocate(&f, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, MIB, 2 * MIB).expect("punch hole");
+    fallocate(
+        &f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        MIB,
+        2 * MIB,
+    )
+    .expect("punch hole");
     f.sync_all().unwrap();
-    assert_eq!(f.metadata().unwrap().len(), 4 * MIB, "punch hole changed the size");
+    assert_eq!(
+        f.metadata().unwrap().len(),
+        4 * MIB,
+        "punch hole changed the size"
+    );
     let mut want = data.clone();
     want[MIB as usize..3 * MIB as usize].fill(0);
     assert_same(&read_at(&f, 0, want.len()), &want, "after punching 1M..3M");
-    let after = alloc_bytes(&p);
+    let after = alloc_bytes_when(&p, |a| a + 3 * MIB / 2 <= before);
     assert!(
         after + 3 * MIB / 2 <= before,
         "st_blocks*512 did not drop by ~2 MiB after punching 2 MiB: {before} -> {after}"
@@ -878,13 +1261,29 @@ fn fallocate_punch_hole() {
     );
 
     // Unaligned, inside a block.
-    fallocate(&f, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 100, 4900).unwrap();
+    fallocate(
+        &f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        100,
+        4900,
+    )
+    .unwrap();
     want[100..5000].fill(0);
     // Straddling the end of the file.
-    fallocate(&f, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 4 * MIB - 777, MIB).unwrap();
+    fallocate(
+        &f,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        4 * MIB - 777,
+        MIB,
+    )
+    .unwrap();
     want[4 * MIB as usize - 777..].fill(0);
     assert_eq!(f.metadata().unwrap().len(), 4 * MIB);
-    assert_same(&read_at(&f, 0, want.len()), &want, "after unaligned punches");
+    assert_same(
+        &read_at(&f, 0, want.len()),
+        &want,
+        "after unaligned punches",
+    );
     drop(f);
     assert_same(&read_all(&p), &want, "after reopen");
     m.unmount();
@@ -905,18 +1304,36 @@ fn fallocate_zero_range() {
     let (off, len) = (512 * KIB + 3, MIB + 5);
     fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, off, len).expect("fallocate(ZERO_RANGE)");
     want[off as usize..(off + len) as usize].fill(0);
-    assert_eq!(f.metadata().unwrap().len(), 3 * MIB, "ZERO_RANGE inside the file changed the size");
+    assert_eq!(
+        f.metadata().unwrap().len(),
+        3 * MIB,
+        "ZERO_RANGE inside the file changed the size"
+    );
     assert_same(&read_at(&f, 0, want.len()), &want, "after ZERO_RANGE");
 
     // Beyond EOF without KEEP_SIZE extends the file.
     fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, 3 * MIB - 10, MIB).expect("ZERO_RANGE past EOF");
     want.truncate(3 * MIB as usize - 10);
     want.resize(4 * MIB as usize - 10, 0);
-    assert_eq!(f.metadata().unwrap().len(), 4 * MIB - 10, "size after ZERO_RANGE past EOF");
-    assert_same(&read_at(&f, 0, want.len()), &want, "after ZERO_RANGE past EOF");
+    assert_eq!(
+        f.metadata().unwrap().len(),
+        4 * MIB - 10,
+        "size after ZERO_RANGE past EOF"
+    );
+    assert_same(
+        &read_at(&f, 0, want.len()),
+        &want,
+        "after ZERO_RANGE past EOF",
+    );
 
     // With KEEP_SIZE beyond EOF: size unchanged.
-    fallocate(&f, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, 4 * MIB, MIB).unwrap();
+    fallocate(
+        &f,
+        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        4 * MIB,
+        MIB,
+    )
+    .unwrap();
     assert_eq!(f.metadata().unwrap().len(), 4 * MIB - 10);
     drop(f);
     m.unmount();
@@ -945,11 +1362,19 @@ fn o_direct_aligned_io() {
         let mut rbuf = AlignedBuf::new(n, 4096);
         f.read_exact_at(rbuf.as_mut_slice(), off)
             .unwrap_or_else(|e| panic!("O_DIRECT pread at {off}: {e}"));
-        assert_same(rbuf.as_slice(), wbuf.as_slice(), &format!("O_DIRECT read back at {off}"));
+        assert_same(
+            rbuf.as_slice(),
+            wbuf.as_slice(),
+            &format!("O_DIRECT read back at {off}"),
+        );
     }
     // Coherence with buffered I/O in both directions.
     let buffered = File::open(&p).unwrap();
-    assert_same(&read_at(&buffered, 3 * MIB, n), wbuf.as_slice(), "buffered read of O_DIRECT data");
+    assert_same(
+        &read_at(&buffered, 3 * MIB, n),
+        wbuf.as_slice(),
+        "buffered read of O_DIRECT data",
+    );
     {
         let w = open_rw(&p);
         write_at(&w, 2 * MIB, &pattern(121, n));
@@ -957,7 +1382,11 @@ fn o_direct_aligned_io() {
     }
     let mut rbuf = AlignedBuf::new(n, 4096);
     f.read_exact_at(rbuf.as_mut_slice(), 2 * MIB).unwrap();
-    assert_same(rbuf.as_slice(), &pattern(121, n), "O_DIRECT read of buffered data");
+    assert_same(
+        rbuf.as_slice(),
+        &pattern(121, n),
+        "O_DIRECT read of buffered data",
+    );
     f.sync_all().unwrap();
 }
 
@@ -970,9 +1399,15 @@ fn fsync_fdatasync_dirsync() {
     f.sync_data().expect("fdatasync");
     f.write_all(b"more").unwrap();
     f.sync_all().expect("fsync");
-    File::open(m.path()).unwrap().sync_all().expect("fsync on the root directory");
+    File::open(m.path())
+        .unwrap()
+        .sync_all()
+        .expect("fsync on the root directory");
     fs::create_dir(m.join("d")).unwrap();
-    File::open(m.join("d")).unwrap().sync_all().expect("fsync on a subdirectory");
+    File::open(m.join("d"))
+        .unwrap()
+        .sync_all()
+        .expect("fsync on a subdirectory");
     let mut r = File::open(m.join("f")).unwrap();
     let mut v = Vec::new();
     r.read_to_end(&mut v).unwrap();
@@ -1002,7 +1437,11 @@ fn data_survives_unmount_and_remount() {
     pool.assert_check_clean();
     for round in 0..2 {
         let m = pool.mount();
-        assert_same(&read_all(&m.join("dir/big")), &big, &format!("big, round {round}"));
+        assert_same(
+            &read_all(&m.join("dir/big")),
+            &big,
+            &format!("big, round {round}"),
+        );
         assert_same(&read_all(&m.join("dir/sub/small")), &small, "small");
         let sp = read_all(&m.join("sparse"));
         assert_eq!(sp.len() as u64, 50 * MIB + 8);
@@ -1037,27 +1476,58 @@ fn permissions_enforced_with_allow_other() {
 
     // Positive control: another user can read a world-readable file.
     let o = run_as_nobody("cat", &args![&public]);
-    assert!(o.status.success(), "uid 65534 cannot read a 0644 file with allow_other\n{}", describe(&o));
+    assert!(
+        o.status.success(),
+        "uid 65534 cannot read a 0644 file with allow_other\n{}",
+        describe(&o)
+    );
     assert_eq!(o.stdout, b"hello world\n");
 
     let o = run_as_nobody("cat", &args![&secret]);
-    assert!(!o.status.success(), "uid 65534 read a 0600 root-owned file!\n{}", describe(&o));
-    assert!(text(&o).contains("Permission denied"), "expected EACCES\n{}", describe(&o));
+    assert!(
+        !o.status.success(),
+        "uid 65534 read a 0600 root-owned file!\n{}",
+        describe(&o)
+    );
+    assert!(
+        text(&o).contains("Permission denied"),
+        "expected EACCES\n{}",
+        describe(&o)
+    );
 
     // Cannot write a 0644 root file or create in a 0755 root dir.
-    let o = run_as_nobody("sh", &args!["-c", format!("echo x >> {}", public.display())]);
-    assert!(!o.status.success(), "uid 65534 appended to a 0644 root-owned file\n{}", describe(&o));
+    let o = run_as_nobody(
+        "sh",
+        &args!["-c", format!("echo x >> {}", public.display())],
+    );
+    assert!(
+        !o.status.success(),
+        "uid 65534 appended to a 0644 root-owned file\n{}",
+        describe(&o)
+    );
     fs::set_permissions(m.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let o = run_as_nobody("touch", &args![m.join("intruder")]);
-    assert!(!o.status.success(), "uid 65534 created a file in a 0755 root-owned dir\n{}", describe(&o));
+    assert!(
+        !o.status.success(),
+        "uid 65534 created a file in a 0755 root-owned dir\n{}",
+        describe(&o)
+    );
 
     // In a world-writable dir it can, and owns the new file.
     fs::create_dir(m.join("tmp")).unwrap();
     fs::set_permissions(m.join("tmp"), fs::Permissions::from_mode(0o777)).unwrap();
     let o = run_as_nobody("touch", &args![m.join("tmp/mine")]);
-    assert!(o.status.success(), "uid 65534 cannot create in a 0777 dir\n{}", describe(&o));
+    assert!(
+        o.status.success(),
+        "uid 65534 cannot create in a 0777 dir\n{}",
+        describe(&o)
+    );
     let md = fs::metadata(m.join("tmp/mine")).unwrap();
-    assert_eq!((md.uid(), md.gid()), (65534, 65534), "new file not owned by its creator");
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (65534, 65534),
+        "new file not owned by its creator"
+    );
 }
 
 #[test]
@@ -1068,14 +1538,203 @@ fn other_users_denied_without_allow_other() {
     fs::set_permissions(m.join("f"), fs::Permissions::from_mode(0o644)).unwrap();
     // Control: uid 65534 can reach the mountpoint's parent.
     let o = run_as_nobody("stat", &args![pool.dir.path()]);
-    assert!(o.status.success(), "control failed: nobody cannot stat the temp dir\n{}", describe(&o));
+    assert!(
+        o.status.success(),
+        "control failed: nobody cannot stat the temp dir\n{}",
+        describe(&o)
+    );
 
     let o = run_as_nobody("stat", &args![m.path()]);
-    assert!(!o.status.success(), "uid 65534 could stat the mount without allow_other\n{}", describe(&o));
-    assert!(text(&o).contains("Permission denied"), "expected EACCES\n{}", describe(&o));
+    assert!(
+        !o.status.success(),
+        "uid 65534 could stat the mount without allow_other\n{}",
+        describe(&o)
+    );
+    assert!(
+        text(&o).contains("Permission denied"),
+        "expected EACCES\n{}",
+        describe(&o)
+    );
     let o = run_as_nobody("cat", &args![m.join("f")]);
-    assert!(!o.status.success(), "uid 65534 read a file without allow_other\n{}", describe(&o));
-    assert!(text(&o).contains("Permission denied"), "expected EACCES\n{}", describe(&o));
+    assert!(
+        !o.status.success(),
+        "uid 65534 read a file without allow_other\n{}",
+        describe(&o)
+    );
+    assert!(
+        text(&o).contains("Permission denied"),
+        "expected EACCES\n{}",
+        describe(&o)
+    );
     // root still can.
     assert_eq!(fs::read(m.join("f")).unwrap(), b"x");
+}
+
+#[test]
+fn read_only_mount() {
+    let pool = pool();
+    let data = pattern(150, 2 * MIB as usize + 1);
+    {
+        let m = pool.mount();
+        fs::write(m.join("f"), &data).unwrap();
+        fs::create_dir(m.join("d")).unwrap();
+    }
+    let m = pool.mount_opts(&["ro"]);
+    assert_same(&read_all(&m.join("f")), &data, "read on a ro mount");
+    expect_errno(
+        OpenOptions::new().write(true).open(m.join("f")),
+        libc::EROFS,
+        "open for write on ro mount",
+    );
+    expect_errno(
+        fs::write(m.join("new"), b"x"),
+        libc::EROFS,
+        "create on ro mount",
+    );
+    expect_errno(
+        fs::create_dir(m.join("d2")),
+        libc::EROFS,
+        "mkdir on ro mount",
+    );
+    expect_errno(
+        fs::remove_file(m.join("f")),
+        libc::EROFS,
+        "unlink on ro mount",
+    );
+    expect_errno(
+        fs::rename(m.join("f"), m.join("g")),
+        libc::EROFS,
+        "rename on ro mount",
+    );
+    expect_errno(
+        fs::set_permissions(m.join("f"), fs::Permissions::from_mode(0o600)),
+        libc::EROFS,
+        "chmod on ro mount",
+    );
+    let st = statvfs(m.path());
+    assert!(
+        st.f_flag & libc::ST_RDONLY != 0,
+        "statvfs does not report ST_RDONLY"
+    );
+    drop(m);
+    pool.assert_check_clean();
+}
+
+/// Copying a hole must leave zeros in the destination, not its old bytes.
+#[test]
+fn copy_file_range_from_hole_zeroes_destination() {
+    let pool = pool();
+    let m = pool.mount();
+    let dst = open_rw_new(&m.join("dst"));
+    write_at(&dst, 0, &vec![0xaa; 3 * MIB as usize]);
+    let src = open_rw_new(&m.join("src"));
+    src.set_len(4 * MIB).unwrap(); // all hole
+    write_at(&src, 2 * MIB + 100, b"island"); // a little data inside the range
+    let (mut off_in, mut off_out): (libc::loff_t, libc::loff_t) = (0, 4096);
+    let mut left = (2 * MIB + 200) as usize;
+    while left > 0 {
+        // SAFETY: valid fds and pointers to live loff_t variables.
+        let r = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
+        };
+        assert!(
+            r > 0,
+            "copy_file_range returned {r}: {}",
+            io::Error::last_os_error()
+        );
+        left -= r as usize;
+    }
+    let mut want = vec![0xaa; 3 * MIB as usize];
+    want[4096..4096 + (2 * MIB + 200) as usize].fill(0);
+    want[4096 + (2 * MIB + 100) as usize..][..6].copy_from_slice(b"island");
+    assert_same(
+        &read_at(&dst, 0, want.len()),
+        &want,
+        "destination after copying a mostly-hole range",
+    );
+    drop(dst);
+    drop(src);
+    m.unmount();
+    let m = pool.mount();
+    assert_same(&read_all(&m.join("dst")), &want, "after remount");
+}
+
+/// Same-file copy from the trailing hole over data (what fsx does).
+#[test]
+fn copy_file_range_same_file_hole_over_data() {
+    let pool = pool();
+    let m = pool.mount();
+    let f = open_rw_new(&m.join("f"));
+    write_at(&f, 0, &vec![0xbb; MIB as usize]);
+    f.set_len(4 * MIB).unwrap();
+    let (mut off_in, mut off_out): (libc::loff_t, libc::loff_t) = (3 * MIB as i64, 1000);
+    let mut left = (MIB / 2) as usize;
+    while left > 0 {
+        // SAFETY: valid fd and pointers to live loff_t variables.
+        let r = unsafe {
+            libc::copy_file_range(
+                f.as_raw_fd(),
+                &mut off_in,
+                f.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
+        };
+        assert!(
+            r > 0,
+            "copy_file_range returned {r}: {}",
+            io::Error::last_os_error()
+        );
+        left -= r as usize;
+    }
+    let mut want = vec![0xbb; MIB as usize];
+    want[1000..1000 + (MIB / 2) as usize].fill(0);
+    assert_same(
+        &read_at(&f, 0, MIB as usize),
+        &want,
+        "after copying a hole over data in the same file",
+    );
+}
+
+/// st_blocks via plain stat(2)/fstat(2) (what coreutils, tar and Python
+/// use). Rust's `metadata()` uses statx with extra fields, which makes the
+/// kernel refresh FUSE attributes and would hide a stale attribute cache.
+fn plain_stat_blocks(p: &Path, f: &File) -> (u64, u64) {
+    let c = cstr(p);
+    // SAFETY: zeroed stat buffers are valid out-parameters; c is NUL-terminated
+    // and f is an open descriptor.
+    unsafe {
+        let mut a: libc::stat = std::mem::zeroed();
+        let mut b: libc::stat = std::mem::zeroed();
+        cvt(libc::stat(c.as_ptr(), &mut a)).expect("stat");
+        cvt(libc::fstat(f.as_raw_fd(), &mut b)).expect("fstat");
+        (a.st_blocks as u64 * 512, b.st_blocks as u64 * 512)
+    }
+}
+
+/// After write + fsync, stat must already count the blocks (du must not show
+/// 0 for a file full of synced data; sparse-detection heuristics in some tools
+/// treat st_blocks == 0 with a non-zero size as "all holes").
+#[test]
+fn st_blocks_current_right_after_fsync() {
+    let pool = pool();
+    let m = pool.mount();
+    let p = m.join("f");
+    let f = open_rw_new(&p);
+    write_at(&f, 0, &vec![0xaa; 4 * MIB as usize]);
+    f.sync_all().unwrap();
+    let (via_path, via_fd) = plain_stat_blocks(&p, &f);
+    assert!(
+        via_fd >= 4 * MIB && via_path >= 4 * MIB,
+        "immediately after writing 4 MiB and fsync: st_blocks*512 = {via_path} (stat), \
+         {via_fd} (fstat); expected >= 4 MiB"
+    );
 }

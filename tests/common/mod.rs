@@ -19,8 +19,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -39,9 +39,11 @@ pub const GIB: u64 = 1024 * MIB;
 /// Build a `Vec<OsString>` from a mix of `&str`, `&Path`, `&PathBuf`, `String`...
 #[macro_export]
 macro_rules! args {
-    ($($a:expr),* $(,)?) => {
-        vec![$(::std::ffi::OsString::from($a)),*]
-    };
+    ($($a:expr),* $(,)?) => {{
+        #[allow(clippy::useless_vec)]
+        let v: Vec<::std::ffi::OsString> = vec![$(::std::ffi::OsString::from($a)),*];
+        v
+    }};
 }
 
 // ---------------------------------------------------------------------------
@@ -137,7 +139,9 @@ pub fn run_ok<S: AsRef<OsStr>>(program: impl AsRef<OsStr>, args: &[S]) -> Output
         o.status.success(),
         "command failed: {:?} {:?}\n{}",
         program.as_ref(),
-        args.iter().map(|a| a.as_ref().to_owned()).collect::<Vec<_>>(),
+        args.iter()
+            .map(|a| a.as_ref().to_owned())
+            .collect::<Vec<_>>(),
         describe(&o)
     );
     o
@@ -213,6 +217,8 @@ pub fn tempdir() -> TempDir {
 pub struct Pool {
     pub dir: TempDir,
     pub members: Vec<PathBuf>,
+    /// tmpfs mounts backing the members, if any (unmounted after `dir` is gone).
+    pub tmpfs: Vec<Tmpfs>,
 }
 
 impl Pool {
@@ -224,7 +230,22 @@ impl Pool {
             fs::create_dir(m).unwrap();
         }
         fs::create_dir(dir.path().join("mnt")).unwrap();
-        Pool { dir, members }
+        Pool {
+            dir,
+            members,
+            tmpfs: Vec::new(),
+        }
+    }
+
+    /// `n` members, each the root of its own tmpfs of `size` (e.g. "256M"),
+    /// created with `extra` options. fsync on tmpfs is free, so fsync-heavy
+    /// tests measure vpool rather than the disk.
+    pub fn new_on_tmpfs(n: usize, size: &str, extra: &[&str]) -> Pool {
+        let tmpfs: Vec<Tmpfs> = (0..n).map(|_| Tmpfs::new(size)).collect();
+        let mut p = Pool::from_dirs(tmpfs.iter().map(|t| t.path.clone()).collect());
+        p.tmpfs = tmpfs;
+        p.create_ok(extra);
+        p
     }
 
     /// Use existing directories (e.g. tmpfs mounts) as members; the mountpoint
@@ -232,7 +253,11 @@ impl Pool {
     pub fn from_dirs(members: Vec<PathBuf>) -> Pool {
         let dir = tempdir();
         fs::create_dir(dir.path().join("mnt")).unwrap();
-        Pool { dir, members }
+        Pool {
+            dir,
+            members,
+            tmpfs: Vec::new(),
+        }
     }
 
     /// `n` members, created with `extra` options (e.g. `["--extent-size", "1M"]`).
@@ -308,10 +333,10 @@ pub fn is_mounted(path: &Path) -> bool {
     let want = path.as_os_str().as_bytes();
     for line in info.split(|&b| b == b'\n') {
         let mut fields = line.split(|&b| b == b' ');
-        if let Some(mp) = fields.nth(4) {
-            if unescape_mountinfo(mp) == want {
-                return true;
-            }
+        if let Some(mp) = fields.nth(4)
+            && unescape_mountinfo(mp) == want
+        {
+            return true;
         }
     }
     false
@@ -321,7 +346,10 @@ fn unescape_mountinfo(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
-        if s[i] == b'\\' && i + 3 < s.len() && s[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if s[i] == b'\\'
+            && i + 3 < s.len()
+            && s[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (s[i + 1] - b'0') * 64 + (s[i + 2] - b'0') * 8 + (s[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -379,11 +407,8 @@ fn find_daemon_pid(mnt: &Path) -> Option<i32> {
             Err(_) => continue,
         };
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let is_vpool = args
-            .first()
-            .map(|a| a.ends_with(b"vpool"))
-            .unwrap_or(false);
-        if is_vpool && args.iter().any(|a| *a == want) && pid_alive(pid) {
+        let is_vpool = args.first().map(|a| a.ends_with(b"vpool")).unwrap_or(false);
+        if is_vpool && args.contains(&want) && pid_alive(pid) {
             return Some(pid);
         }
     }
@@ -474,12 +499,11 @@ impl Mount {
 
     fn lookup_pid(&self) -> Option<i32> {
         let o = run_t(30, VPOOL, &args!["status", "--json", &self.path]);
-        if o.status.success() {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
-                if let Some(p) = v.get("pid").and_then(|p| p.as_i64()) {
-                    return Some(p as i32);
-                }
-            }
+        if o.status.success()
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            && let Some(p) = v.get("pid").and_then(|p| p.as_i64())
+        {
+            return Some(p as i32);
         }
         find_daemon_pid(&self.path)
     }
@@ -556,7 +580,9 @@ impl Mount {
     /// unmount the dead mount.
     pub fn kill9(mut self) {
         self.done.store(true, Ordering::SeqCst);
-        let pid = self.pid.expect("no daemon pid known (status --json gave none)");
+        let pid = self
+            .pid
+            .expect("no daemon pid known (status --json gave none)");
         // SAFETY: kill(2) has no memory-safety preconditions.
         let r = unsafe { libc::kill(pid, libc::SIGKILL) };
         assert_eq!(r, 0, "kill -9 {pid}: {}", io::Error::last_os_error());
@@ -585,14 +611,14 @@ fn drop_cleanup(path: &Path, pid: Option<i32>) {
     if is_mounted(path) {
         let _ = run_t(30, "umount", &args!["-l", path]);
     }
-    if let Some(pid) = pid {
-        if !wait_until(Duration::from_secs(10), || !pid_alive(pid)) {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-            wait_until(Duration::from_secs(10), || !pid_alive(pid));
+    if let Some(pid) = pid
+        && !wait_until(Duration::from_secs(10), || !pid_alive(pid))
+    {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
         }
+        wait_until(Duration::from_secs(10), || !pid_alive(pid));
     }
 }
 
@@ -634,7 +660,14 @@ impl Tmpfs {
         let o = run_t(
             30,
             "mount",
-            &args!["-t", "tmpfs", "-o", format!("size={size},mode=0755"), "tmpfs", &path],
+            &args![
+                "-t",
+                "tmpfs",
+                "-o",
+                format!("size={size},mode=0755"),
+                "tmpfs",
+                &path
+            ],
         );
         assert!(o.status.success(), "mount tmpfs failed\n{}", describe(&o));
         Tmpfs { path, _dir: dir }
@@ -749,11 +782,11 @@ pub fn du_bytes(p: &Path) -> u64 {
         Err(_) => return 0,
     };
     let mut total = md.blocks() * 512;
-    if md.is_dir() {
-        if let Ok(rd) = fs::read_dir(p) {
-            for e in rd.flatten() {
-                total += du_bytes(&e.path());
-            }
+    if md.is_dir()
+        && let Ok(rd) = fs::read_dir(p)
+    {
+        for e in rd.flatten() {
+            total += du_bytes(&e.path());
         }
     }
     total
