@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::Weak;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -100,7 +100,9 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(mountpoint: &Path, vfs: Arc<Vfs>) -> Result<Server> {
+    /// Holds the filesystem weakly: the daemon drops its last strong reference at
+    /// exit, which closes the metadata stores cleanly.
+    pub fn start(mountpoint: &Path, vfs: Weak<Vfs>) -> Result<Server> {
         ensure_runtime_dir()?;
         let path = socket_path(mountpoint);
         let _ = std::fs::remove_file(&path);
@@ -119,6 +121,7 @@ impl Server {
                         Some(uid) if uid == me || uid == 0 => {}
                         _ => continue,
                     }
+                    let Some(vfs) = vfs.upgrade() else { break };
                     let _ = serve_one(conn, &vfs, &mp);
                 }
             })

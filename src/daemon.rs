@@ -204,7 +204,7 @@ pub fn run(
     let mut session = fuser::Session::new(FuseFs::new(vfs.clone()), &mp, &config)
         .map_err(|e| Error::Other(format!("cannot mount on {}: {e}", mp.display())))?;
     raise_readahead(&mp);
-    let _server = control::Server::start(&mp, vfs.clone())?;
+    let _server = control::Server::start(&mp, Arc::downgrade(&vfs))?;
     let stop = Arc::new(AtomicBool::new(false));
     let flusher = {
         let vfs = vfs.clone();
@@ -235,6 +235,8 @@ pub fn run(
     let _ = flusher.join();
     let final_commit = vfs.commit();
     vfs.pool.clear_lock_info();
+    // The last strong reference: dropping it closes the metadata stores.
+    drop(vfs);
     if let Err(e) = res {
         tracing::warn!(error = %e, "session ended with an error");
     }

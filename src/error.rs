@@ -19,7 +19,7 @@ pub enum Error {
     DirectoryGivenTwice(PathBuf),
     #[error("{path} already belongs to pool {pool}")]
     AlreadyInPool { path: PathBuf, pool: String },
-    #[error("{inner} is inside another member, {outer}")]
+    #[error("{inner} is inside {outer}, which is (or will be) a pool member")]
     NestedMember { inner: PathBuf, outer: PathBuf },
     #[error("copies={copies} needs at least {copies} members, but only {members} were given")]
     TooManyCopies { copies: u32, members: usize },

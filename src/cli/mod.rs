@@ -73,6 +73,14 @@ pub enum Command {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Mount { .. }) {
+        // Like other Unix tools, die quietly when the reader of our output goes
+        // away (`vpool status | head`). The daemon keeps SIGPIPE ignored.
+        // SAFETY: setting a signal disposition to its default has no preconditions.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match commands::run(cli.command) {
         Ok(code) => code,
         Err(e) => {

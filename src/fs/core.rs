@@ -963,7 +963,10 @@ impl Vfs {
         if end > MAX_FILE_SIZE {
             return Err(FsError::FileTooLarge);
         }
-        vol.write(&self.pool, off, data)?;
+        match vol.write(&self.pool, off, data) {
+            Err(FsError::NoSpace) if self.reclaim_space() => vol.write(&self.pool, off, data)?,
+            r => r?,
+        }
         let now = Timestamp::now();
         {
             let mut m = node.meta.lock();
@@ -1224,6 +1227,16 @@ impl Vfs {
         }
         node.touch();
         Ok(())
+    }
+
+    /// When a write runs out of space while files removed since the last commit
+    /// still hold theirs, commit now so their extent files go. Returns whether
+    /// anything was freed (worth retrying the write).
+    fn reclaim_space(&self) -> bool {
+        if self.ns.read().dead_extents.is_empty() {
+            return false;
+        }
+        self.commit().is_ok()
     }
 
     /// Whether anything awaits a commit.

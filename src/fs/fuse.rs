@@ -107,9 +107,15 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// Attributes of regular files are not cached: their allocation (`st_blocks`)
+/// changes with every write and `du` right after `fsync` must see it.
+fn attr_ttl(a: &Attr) -> Duration {
+    if a.kind == NodeKind::File { Duration::ZERO } else { TTL }
+}
+
 fn entry(reply: ReplyEntry, r: FsResult<Attr>) {
     match r {
-        Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+        Ok(a) => reply.entry_with_ttls(&attr_ttl(&a), &TTL, &file_attr(&a), Generation(0)),
         Err(e) => reply.error(errno(&e)),
     }
 }
@@ -160,7 +166,7 @@ impl Filesystem for FuseFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.vfs.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(&attr_ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -193,7 +199,7 @@ impl Filesystem for FuseFs {
             ctime: ctime.map(from_system_time),
         };
         match self.vfs.setattr(ino.0, s) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(&attr_ttl(&a), &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -496,7 +502,7 @@ impl Filesystem for FuseFs {
             .create(parent.0, name.as_bytes(), mode, umask, caller(req))
         {
             Ok((a, fh)) => reply.created(
-                &TTL,
+                &Duration::ZERO,
                 &file_attr(&a),
                 Generation(0),
                 FileHandle(fh),

@@ -38,7 +38,9 @@ fn counts(img: &MetaImage) -> (u64, u64) {
 
 /// Status of an unmounted pool, from its members and newest metadata copy.
 pub fn offline_status(dir: &Path) -> Result<PoolStatus> {
-    let mut pool = Pool::open(dir, OpenMode::ReadOnly)?;
+    // Exclusive, so that a store left unclosed by a crash can be recovered by
+    // redb on open; nothing else is written (no repair of copies or labels).
+    let mut pool = Pool::open(dir, OpenMode::Exclusive)?;
     let img = pool.load_metadata(false)?;
     let (files, bytes) = counts(&img);
     Ok(pool.status(files, bytes))

@@ -38,6 +38,8 @@ pub const DEFAULT_EXTENT_SIZE: u64 = 64 << 20;
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// How long a member's free-space reading is trusted on the write path.
 const SPACE_TTL: Duration = Duration::from_millis(100);
+/// Below this many available bytes, free space is read on every check.
+const NEAR_FULL: u64 = 64 << 20;
 
 /// Options of `vpool create`.
 #[derive(Clone, Copy, Debug)]
@@ -79,7 +81,9 @@ pub struct Member {
     /// Device of the filesystem holding the member: members on one filesystem
     /// share capacity and are counted once.
     pub dev: u64,
-    store: Option<MemberStore>,
+    /// This member's metadata store; reopened after a failed commit (redb refuses
+    /// further transactions after an I/O error until the database is reopened).
+    store: Mutex<Option<MemberStore>>,
     _lock: Option<File>,
     space: Mutex<Option<SpaceReading>>,
     /// Number of extent files on this member (placement tie-break).
@@ -88,16 +92,19 @@ pub struct Member {
 
 impl Member {
     /// Bytes the pool keeps free on each member so metadata commits never fail
-    /// for lack of space: 1/64 of the filesystem, between 2 MiB and 256 MiB.
+    /// for lack of space: 1/64 of the filesystem, between 4 MiB and 256 MiB.
     pub fn reserve(total: u64) -> u64 {
-        (total / 64).clamp(2 << 20, 256 << 20)
+        (total / 64).clamp(4 << 20, 256 << 20)
     }
 
     /// Free bytes available to new data (after the reserve), cached briefly.
     pub fn available(&self) -> io::Result<u64> {
         let mut g = self.space.lock();
+        // Near the reserve every call reads the filesystem afresh, so that writes
+        // racing within one cache period cannot eat into the reserve.
         if let Some(r) = g.as_ref()
             && r.at.elapsed() < SPACE_TTL
+            && r.avail > NEAR_FULL
         {
             return Ok(r.avail);
         }
@@ -308,6 +315,12 @@ impl Pool {
                 };
                 return Err(Error::AlreadyInPool { path: c, pool });
             }
+            if let Some(owner) = c.ancestors().skip(1).find(|a| has_label(a)) {
+                return Err(Error::NestedMember {
+                    inner: c.clone(),
+                    outer: owner.to_path_buf(),
+                });
+            }
             if c.join(meta::META_FILE).exists() {
                 return Err(Error::Invalid(format!(
                     "{} holds vpool metadata without a label; refusing to overwrite it",
@@ -443,7 +456,7 @@ impl Pool {
                 },
                 dir: path,
                 dev,
-                store: None,
+                store: Mutex::new(None),
                 _lock: lock,
                 space: Mutex::new(None),
                 extents: AtomicU64::new(0),
@@ -471,7 +484,7 @@ impl Pool {
                 OpenMode::Exclusive => {
                     let s = MemberStore::open(&m.dir)?;
                     let img = s.load()?;
-                    m.store = Some(s);
+                    *m.store.lock() = Some(s);
                     img
                 }
             };
@@ -514,7 +527,7 @@ impl Pool {
                 if have.generation == img.generation && have.corrupt.is_empty() {
                     continue;
                 }
-                if let Some(s) = &m.store {
+                if let Some(s) = m.store.lock().as_ref() {
                     tracing::warn!(
                         member = %m.dir.display(),
                         have = have.generation,
@@ -575,7 +588,7 @@ impl Pool {
     pub fn member_images(&self) -> Vec<Result<MetaImage>> {
         self.members
             .iter()
-            .map(|m| match &m.store {
+            .map(|m| match m.store.lock().as_ref() {
                 Some(s) => s.load(),
                 None => match self.mode {
                     OpenMode::Exclusive => MemberStore::open(&m.dir).and_then(|s| s.load()),
@@ -777,9 +790,22 @@ impl Pool {
                 .members
                 .iter()
                 .map(|m| {
-                    sc.spawn(move || match m.store.as_ref() {
-                        Some(s) => s.apply(batch, durable),
-                        None => Err(Error::Other("pool opened without metadata store".into())),
+                    sc.spawn(move || {
+                        let mut g = m.store.lock();
+                        let res = match g.as_ref() {
+                            Some(s) => s.apply(batch, durable),
+                            None => Err(Error::Other("pool opened without metadata store".into())),
+                        };
+                        if res.is_err() && g.is_some() {
+                            // Close and reopen so the next commit can go through once
+                            // the cause (a full disk, say) is gone.
+                            *g = None;
+                            match MemberStore::open(&m.dir) {
+                                Ok(s) => *g = Some(s),
+                                Err(e) => tracing::error!(member = %m.dir.display(), error = %e, "cannot reopen metadata store"),
+                            }
+                        }
+                        res
                     })
                 })
                 .collect();
@@ -796,7 +822,8 @@ impl Pool {
     }
 
     /// Pooled capacity: each distinct filesystem under the members counted once,
-    /// less the per-member reserve, divided by the copies setting.
+    /// divided by the copies setting; the per-member reserve is not free (like
+    /// ext4's reserved blocks, it counts in the size but not in free space).
     pub fn space(&self) -> PoolSpace {
         let mut seen = HashSet::new();
         let mut s = PoolSpace::default();
@@ -808,7 +835,7 @@ impl Pool {
                 let fr = st.f_frsize;
                 let total = st.f_blocks * fr;
                 let reserve = Member::reserve(total);
-                s.size += total.saturating_sub(reserve);
+                s.size += total;
                 s.free += (st.f_bfree * fr).saturating_sub(reserve);
                 s.avail += (st.f_bavail * fr).saturating_sub(reserve);
             }
