@@ -39,8 +39,10 @@ fn kill9_after_fsync_keeps_synced_data() {
     let a = pattern(1, 5 * MIB as usize + 17);
     let b = pattern(2, 100_000);
     let patch = pattern(3, 300_000);
+    let dpatch = pattern(6, 200_000);
     let mut a_final = a.clone();
     a_final[2 * MIB as usize..2 * MIB as usize + patch.len()].copy_from_slice(&patch);
+    a_final[4 * MIB as usize..4 * MIB as usize + dpatch.len()].copy_from_slice(&dpatch);
     {
         let m = pool.mount();
         write_file_synced(&m.join("a"), &a);
@@ -52,6 +54,9 @@ fn kill9_after_fsync_keeps_synced_data() {
         let f = OpenOptions::new().write(true).open(m.join("a")).unwrap();
         f.write_all_at(&patch, 2 * MIB).unwrap();
         f.sync_all().unwrap();
+        // Overwrite of allocated data, then fdatasync (the data-only fast path).
+        f.write_all_at(&dpatch, 4 * MIB).unwrap();
+        f.sync_data().unwrap();
         drop(f);
         // Renamed and fsynced.
         write_file_synced(&m.join("tmpname"), b"renamed");

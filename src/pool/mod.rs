@@ -672,7 +672,10 @@ impl Pool {
                 best = Some((avail, count, m.entry.id));
             }
         }
-        best.map(|(_, _, id)| id).ok_or(FsError::NoSpace)
+        best.map(|(_, _, id)| id).ok_or_else(|| {
+            tracing::debug!(?per_dev, "no member has room for a new extent");
+            FsError::NoSpace
+        })
     }
 
     /// Creates the member files of a new extent: one copy per `copies`, each on a

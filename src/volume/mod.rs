@@ -212,9 +212,9 @@ fn check_room(pool: &Pool, member: u32, f: &File, within: u64, len: u64) -> FsRe
     let m = pool
         .member(member)
         .ok_or_else(|| FsError::Corrupt(format!("unknown member {member}")))?;
-    if m.available().map_err(FsError::Io)? < len
-        && !fully_allocated(f, within, len).map_err(FsError::Io)?
-    {
+    let avail = m.available().map_err(FsError::Io)?;
+    if avail < len && !fully_allocated(f, within, len).map_err(FsError::Io)? {
+        tracing::debug!(member = %m.dir.display(), avail, len, "member full: write refused");
         return Err(FsError::NoSpace);
     }
     Ok(())
