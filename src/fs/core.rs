@@ -1351,7 +1351,12 @@ impl Vfs {
                     n.committed_size.store(*size, Ordering::Release);
                 }
                 self.generation.store(batch.generation, Ordering::SeqCst);
-                tracing::debug!(generation = batch.generation, inodes = batch.inodes.len(), removed_files = dead.len(), "committed");
+                tracing::debug!(
+                    generation = batch.generation,
+                    inodes = batch.inodes.len(),
+                    removed_files = dead.len(),
+                    "committed"
+                );
                 self.pool.remove_extent_files(&dead);
                 Ok(())
             }

@@ -110,7 +110,11 @@ fn caller(req: &Request) -> Caller {
 /// Attributes of regular files are not cached: their allocation (`st_blocks`)
 /// changes with every write and `du` right after `fsync` must see it.
 fn attr_ttl(a: &Attr) -> Duration {
-    if a.kind == NodeKind::File { Duration::ZERO } else { TTL }
+    if a.kind == NodeKind::File {
+        Duration::ZERO
+    } else {
+        TTL
+    }
 }
 
 fn entry(reply: ReplyEntry, r: FsResult<Attr>) {
