@@ -638,7 +638,10 @@ impl Pool {
     /// Chooses the member for a new extent copy: the most available space after the
     /// reserve, ties broken by the fewest extents. `exclude` holds members that
     /// already have a copy.
-    pub fn place(&self, exclude: &[u32]) -> FsResult<u32> {
+    /// Only members with at least `need` bytes available are considered: an
+    /// extent placed on a member that cannot take the write that asked for it
+    /// would stay there, refusing writes, while others have room.
+    pub fn place(&self, exclude: &[u32], need: u64) -> FsResult<u32> {
         let mut best: Option<(u64, u64, u32)> = None;
         // Members on one filesystem share its free space: read it once per device so
         // that they tie and the extent count decides between them.
@@ -660,7 +663,7 @@ impl Pool {
                     }
                 },
             };
-            if avail == 0 {
+            if avail == 0 || avail < need {
                 continue;
             }
             let count = m.extents.load(Ordering::Relaxed);
@@ -681,14 +684,14 @@ impl Pool {
     /// Creates the member files of a new extent: one copy per `copies`, each on a
     /// distinct member chosen by [`Pool::place`], all named with one fresh file id.
     /// Returns the copies as `(member, file)` and the file id.
-    pub fn create_extent_files(&self, ino: u64, index: u64) -> FsResult<(u64, Vec<(u32, File)>)> {
+    pub fn create_extent_files(&self, ino: u64, index: u64, need: u64) -> FsResult<(u64, Vec<(u32, File)>)> {
         let copies = self.label.config.copies.max(1) as usize;
         'fid: loop {
             let fid = self.next_file_id.fetch_add(1, Ordering::SeqCst);
             let mut made: Vec<(u32, File)> = Vec::with_capacity(copies);
             while made.len() < copies {
                 let exclude: Vec<u32> = made.iter().map(|(m, _)| *m).collect();
-                let placed = self.place(&exclude).and_then(|member_id| {
+                let placed = self.place(&exclude, need).and_then(|member_id| {
                     let m = self.member(member_id).ok_or(FsError::NoSpace)?;
                     let p = m.data_dir.join(extent_file_name(ino, index, fid));
                     OpenOptions::new()

@@ -262,7 +262,9 @@ impl Volume {
         self.map.read().get(&index).cloned()
     }
 
-    fn get_or_alloc(&self, pool: &Pool, index: u64) -> FsResult<Arc<Extent>> {
+    /// The extent at `index`, placed now if absent; `need` is the size of the
+    /// write asking for it (members with less room are not chosen).
+    fn get_or_alloc(&self, pool: &Pool, index: u64, need: u64) -> FsResult<Arc<Extent>> {
         if let Some(e) = self.get(index) {
             return Ok(e);
         }
@@ -270,7 +272,7 @@ impl Volume {
         if let Some(e) = m.get(&index) {
             return Ok(e.clone());
         }
-        let (fid, files) = pool.create_extent_files(self.ino, index)?;
+        let (fid, files) = pool.create_extent_files(self.ino, index, need)?;
         let copies = files.into_iter().map(|(m, f)| (m, Some(f))).collect();
         let e = Arc::new(Extent::new(index, fid, copies, true));
         m.insert(index, e.clone());
@@ -317,7 +319,7 @@ impl Volume {
     /// Writes `data` at `off` to every copy, placing new extents as needed.
     pub fn write(&self, pool: &Pool, off: u64, data: &[u8]) -> FsResult<()> {
         for p in pieces(self.esize, off, data.len()) {
-            let ext = self.get_or_alloc(pool, p.index)?;
+            let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
             let piece = &data[p.buf_off..p.buf_off + p.len];
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
@@ -358,7 +360,7 @@ impl Volume {
     /// Makes `[off, off+len)` read as zeros and stay allocated.
     pub fn zero_range(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
-            let ext = self.get_or_alloc(pool, p.index)?;
+            let ext = self.get_or_alloc(pool, p.index, 0)?;
             let res = ext.each_copy(pool, self.ino, |_, f| {
                 let zr = fallocate(
                     f,
@@ -392,7 +394,7 @@ impl Volume {
     /// Preallocates `[off, off+len)` on every copy.
     pub fn allocate(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
-            let ext = self.get_or_alloc(pool, p.index)?;
+            let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
                 fallocate(f, libc::FALLOC_FL_KEEP_SIZE, p.within, p.len as u64).map_err(|e| {
