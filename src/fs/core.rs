@@ -12,7 +12,7 @@
 //!    extent files are fsynced, before the metadata commit that references them.
 //! 2. The metadata commit is one redb transaction per member, durable
 //!    (`Durability::Immediate`) on every member before `fsync` returns.
-//! 3. Extent files dropped by truncate, unlink or rmdir are removed only after a
+//! 3. Extent files dropped by truncate, unlink, rename over a file or rmdir are removed only after a
 //!    durable commit no longer references them.
 //!
 //! Commits happen on `fsync`/`fsyncdir`, every few seconds from the flusher
@@ -1065,7 +1065,11 @@ impl Vfs {
         while done < len {
             let n = (len - done).min(CHUNK);
             let pos = off_in + done;
-            let data_at = self.lseek(fh_in, pos, libc::SEEK_DATA).ok();
+            let data_at = match self.lseek(fh_in, pos, libc::SEEK_DATA) {
+                Ok(d) => Some(d),
+                Err(FsError::NoData) => None,
+                Err(e) => return Err(e),
+            };
             match data_at {
                 // The whole piece is a hole: the destination must read zeros there
                 // too, so deallocate what it holds (past its end it reads zeros).
@@ -1361,6 +1365,9 @@ impl Vfs {
                 Ok(())
             }
             Err(e) => {
+                // Some members may hold this generation already: the retry must
+                // use a new number, so that equal generations mean equal content.
+                self.generation.store(batch.generation, Ordering::SeqCst);
                 tracing::error!(error = %e, "metadata commit failed; changes stay pending");
                 let mut ns = self.ns.write();
                 for (n, _) in dirty_nodes {

@@ -50,7 +50,7 @@ impl Timestamp {
     }
 }
 
-/// Where one extent of a file lives. `members` has one entry per copy (one today).
+/// Where one extent of a file lives. `members` has one entry per copy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ExtentRecord {
     /// Extent number within the file: bytes `[index*E, (index+1)*E)`.

@@ -684,7 +684,12 @@ impl Pool {
     /// Creates the member files of a new extent: one copy per `copies`, each on a
     /// distinct member chosen by [`Pool::place`], all named with one fresh file id.
     /// Returns the copies as `(member, file)` and the file id.
-    pub fn create_extent_files(&self, ino: u64, index: u64, need: u64) -> FsResult<(u64, Vec<(u32, File)>)> {
+    pub fn create_extent_files(
+        &self,
+        ino: u64,
+        index: u64,
+        need: u64,
+    ) -> FsResult<(u64, Vec<(u32, File)>)> {
         let copies = self.label.config.copies.max(1) as usize;
         'fid: loop {
             let fid = self.next_file_id.fetch_add(1, Ordering::SeqCst);

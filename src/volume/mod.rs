@@ -360,8 +360,9 @@ impl Volume {
     /// Makes `[off, off+len)` read as zeros and stay allocated.
     pub fn zero_range(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
-            let ext = self.get_or_alloc(pool, p.index, 0)?;
-            let res = ext.each_copy(pool, self.ino, |_, f| {
+            let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
+            let res = ext.each_copy(pool, self.ino, |member, f| {
+                check_room(pool, member, f, p.within, p.len as u64)?;
                 let zr = fallocate(
                     f,
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
