@@ -30,12 +30,15 @@ pub struct MountOptions {
     pub threads: usize,
     /// `snapdir=visible`: list `.snapshots` in the root (snapshots are a later feature).
     pub snapdir_visible: bool,
+    /// `nowritebackcache` turns the kernel's writeback cache off.
+    pub writeback_cache: bool,
 }
 
 impl MountOptions {
     pub fn parse(list: &[String]) -> Result<MountOptions> {
         let mut o = MountOptions {
             threads: 4,
+            writeback_cache: true,
             ..Default::default()
         };
         for item in list
@@ -70,6 +73,8 @@ impl MountOptions {
                 ("auto_unmount", None) => o.fuse.push(MountOption::AutoUnmount),
                 ("default_permissions", None) => {} // always on
                 ("nonempty", None) => o.allow_nonempty = true,
+                ("nowritebackcache", None) => o.writeback_cache = false,
+                ("writebackcache", None) => o.writeback_cache = true,
                 ("threads", Some(n)) => {
                     o.threads = n
                         .parse()
@@ -201,8 +206,9 @@ pub fn run(
     config.clone_fd = true;
 
     block_signals();
-    let mut session = fuser::Session::new(FuseFs::new(vfs.clone()), &mp, &config)
-        .map_err(|e| Error::Other(format!("cannot mount on {}: {e}", mp.display())))?;
+    let mut session =
+        fuser::Session::new(FuseFs::new(vfs.clone(), opts.writeback_cache), &mp, &config)
+            .map_err(|e| Error::Other(format!("cannot mount on {}: {e}", mp.display())))?;
     raise_readahead(&mp);
     let _server = control::Server::start(&mp, Arc::downgrade(&vfs))?;
     let stop = Arc::new(AtomicBool::new(false));

@@ -28,11 +28,17 @@ pub const MAX_WRITE: u32 = 1 << 20;
 
 pub struct FuseFs {
     vfs: Arc<Vfs>,
+    writeback_cache: bool,
 }
 
 impl FuseFs {
-    pub fn new(vfs: Arc<Vfs>) -> FuseFs {
-        FuseFs { vfs }
+    /// `writeback_cache`: let the kernel gather writes in its page cache (faster
+    /// small and sequential writes; data reaches the daemon at writeback or fsync).
+    pub fn new(vfs: Arc<Vfs>, writeback_cache: bool) -> FuseFs {
+        FuseFs {
+            vfs,
+            writeback_cache,
+        }
     }
 }
 
@@ -154,7 +160,9 @@ impl Filesystem for FuseFs {
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
-        let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        if self.writeback_cache {
+            let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
         Ok(())
     }
 
