@@ -45,7 +45,8 @@ pub enum Command {
         /// Stay in the foreground (logs to stderr) instead of detaching.
         #[arg(long)]
         foreground: bool,
-        /// Mount options: allow_other, allow_root, ro, noatime, ..., nonempty, threads=N.
+        /// Mount options: allow_other, allow_root, ro, noatime, ..., nonempty, threads=N,
+        /// nowritebackcache.
         #[arg(short = 'o', value_name = "OPTION,...")]
         options: Vec<String>,
         /// Internal: this process is the detached daemon started by `vpool mount`.
