@@ -846,25 +846,8 @@ fn copy_file_range_between_files() {
     fs::write(m.join("src"), &src_data).unwrap();
     let src = File::open(m.join("src")).unwrap();
     let dst = open_rw_new(&m.join("dst"));
-    let (in0, out0, n) = (1000i64, 4096i64 + 7, 2 * MIB as usize + 3);
-    let (mut off_in, mut off_out) = (in0 as libc::loff_t, out0 as libc::loff_t);
-    let mut left = n;
-    while left > 0 {
-        // SAFETY: valid fds and pointers to live loff_t variables.
-        let r = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                left,
-                0,
-            )
-        };
-        assert!(r >= 0, "copy_file_range: {}", io::Error::last_os_error());
-        assert!(r > 0, "copy_file_range returned 0 with {left} bytes left");
-        left -= r as usize;
-    }
+    let (in0, out0, n) = (1000u64, 4096u64 + 7, 2 * MIB as usize + 3);
+    copy_range(&src, in0, &dst, out0, n);
     let got = read_all(&m.join("dst"));
     assert_eq!(got.len(), out0 as usize + n, "dst size");
     assert!(
@@ -1620,18 +1603,10 @@ fn read_only_mount() {
     pool.assert_check_clean();
 }
 
-/// Copying a hole must leave zeros in the destination, not its old bytes.
-#[test]
-fn copy_file_range_from_hole_zeroes_destination() {
-    let pool = pool();
-    let m = pool.mount();
-    let dst = open_rw_new(&m.join("dst"));
-    write_at(&dst, 0, &vec![0xaa; 3 * MIB as usize]);
-    let src = open_rw_new(&m.join("src"));
-    src.set_len(4 * MIB).unwrap(); // all hole
-    write_at(&src, 2 * MIB + 100, b"island"); // a little data inside the range
-    let (mut off_in, mut off_out): (libc::loff_t, libc::loff_t) = (0, 4096);
-    let mut left = (2 * MIB + 200) as usize;
+/// copy_file_range(2) of `len` bytes, looping over short copies.
+fn copy_range(src: &File, off_in: u64, dst: &File, off_out: u64, len: usize) {
+    let (mut off_in, mut off_out) = (off_in as libc::loff_t, off_out as libc::loff_t);
+    let mut left = len;
     while left > 0 {
         // SAFETY: valid fds and pointers to live loff_t variables.
         let r = unsafe {
@@ -1651,6 +1626,19 @@ fn copy_file_range_from_hole_zeroes_destination() {
         );
         left -= r as usize;
     }
+}
+
+/// Copying a hole must leave zeros in the destination, not its old bytes.
+#[test]
+fn copy_file_range_from_hole_zeroes_destination() {
+    let pool = pool();
+    let m = pool.mount();
+    let dst = open_rw_new(&m.join("dst"));
+    write_at(&dst, 0, &vec![0xaa; 3 * MIB as usize]);
+    let src = open_rw_new(&m.join("src"));
+    src.set_len(4 * MIB).unwrap(); // all hole
+    write_at(&src, 2 * MIB + 100, b"island"); // a little data inside the range
+    copy_range(&src, 0, &dst, 4096, (2 * MIB + 200) as usize);
     let mut want = vec![0xaa; 3 * MIB as usize];
     want[4096..4096 + (2 * MIB + 200) as usize].fill(0);
     want[4096 + (2 * MIB + 100) as usize..][..6].copy_from_slice(b"island");
@@ -1674,27 +1662,7 @@ fn copy_file_range_same_file_hole_over_data() {
     let f = open_rw_new(&m.join("f"));
     write_at(&f, 0, &vec![0xbb; MIB as usize]);
     f.set_len(4 * MIB).unwrap();
-    let (mut off_in, mut off_out): (libc::loff_t, libc::loff_t) = (3 * MIB as i64, 1000);
-    let mut left = (MIB / 2) as usize;
-    while left > 0 {
-        // SAFETY: valid fd and pointers to live loff_t variables.
-        let r = unsafe {
-            libc::copy_file_range(
-                f.as_raw_fd(),
-                &mut off_in,
-                f.as_raw_fd(),
-                &mut off_out,
-                left,
-                0,
-            )
-        };
-        assert!(
-            r > 0,
-            "copy_file_range returned {r}: {}",
-            io::Error::last_os_error()
-        );
-        left -= r as usize;
-    }
+    copy_range(&f, 3 * MIB, &f, 1000, (MIB / 2) as usize);
     let mut want = vec![0xbb; MIB as usize];
     want[1000..1000 + (MIB / 2) as usize].fill(0);
     assert_same(

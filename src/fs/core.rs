@@ -1416,6 +1416,16 @@ mod tests {
     const ME: Caller = Caller { uid: 0, gid: 0 };
 
     fn setup(n: usize, esize: u64) -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
+        setup_with(
+            n,
+            CreateOptions {
+                extent_size: esize,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn setup_with(n: usize, opts: CreateOptions) -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
         let d = tempfile::tempdir().unwrap();
         let dirs: Vec<_> = (0..n)
             .map(|i| {
@@ -1424,14 +1434,7 @@ mod tests {
                 p
             })
             .collect();
-        Pool::create(
-            &dirs,
-            CreateOptions {
-                extent_size: esize,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        Pool::create(&dirs, opts).unwrap();
         (d, dirs)
     }
 
@@ -1643,23 +1646,14 @@ mod tests {
 
     #[test]
     fn copies_land_on_distinct_members_and_cover_a_lost_copy() {
-        let d = tempfile::tempdir().unwrap();
-        let dirs: Vec<_> = (0..3)
-            .map(|i| {
-                let p = d.path().join(format!("m{i}"));
-                std::fs::create_dir(&p).unwrap();
-                p
-            })
-            .collect();
-        Pool::create(
-            &dirs,
+        let (_d, dirs) = setup_with(
+            3,
             CreateOptions {
                 copies: 2,
                 extent_size: 64 * 1024,
                 ..Default::default()
             },
-        )
-        .unwrap();
+        );
         let v = open(&dirs[0]);
         let (a, fh) = v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
         let data: Vec<u8> = (0..500_000u32).map(|i| (i % 253) as u8).collect();
