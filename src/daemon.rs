@@ -15,7 +15,7 @@ use crate::control;
 use crate::error::{Error, Result};
 use crate::fs::fuse::FuseFs;
 use crate::fs::{Vfs, VfsOptions};
-use crate::pool::{OpenMode, Pool};
+use crate::pool::Pool;
 
 /// How often pending changes are committed without an fsync asking for it.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
@@ -184,7 +184,7 @@ pub fn run(
     ready: impl FnOnce(&str),
 ) -> Result<()> {
     let mp = check_mountpoint(mountpoint, opts.allow_nonempty)?;
-    let pool = Pool::open(member, OpenMode::Exclusive)?;
+    let pool = Pool::open(member)?;
     let pool_id = pool.label.pool.to_string();
     let vfs = Arc::new(Vfs::mount(
         pool,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use proptest::prelude::*;
 use vpool::fs::core::{Caller, SetAttr, Vfs, VfsOptions};
 use vpool::pool::meta::ROOT_INO;
-use vpool::pool::{CreateOptions, OpenMode, Pool};
+use vpool::pool::{CreateOptions, Pool};
 
 const ME: Caller = Caller { uid: 0, gid: 0 };
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
@@ -112,11 +112,7 @@ impl Harness {
     }
 
     fn open(member: &std::path::Path) -> Vfs {
-        Vfs::mount(
-            Pool::open(member, OpenMode::Exclusive).unwrap(),
-            VfsOptions::default(),
-        )
-        .unwrap()
+        Vfs::mount(Pool::open(member).unwrap(), VfsOptions::default()).unwrap()
     }
 
     fn vfs(&self) -> &Vfs {

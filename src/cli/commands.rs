@@ -14,7 +14,7 @@ use super::Command;
 use crate::control::{self, Request, Response};
 use crate::daemon::{self, MountOptions};
 use crate::pool::inspect;
-use crate::pool::{CreateOptions, OpenMode, Pool, PoolStatus, read_lock_info};
+use crate::pool::{CreateOptions, Pool, PoolStatus, read_lock_info};
 use crate::util::human;
 
 /// How long `vpool mount` waits for the daemon to report the mount ready.
@@ -99,7 +99,7 @@ fn mount(
     }
     // Validate in the foreground so refusals come back as plain errors.
     let mp = daemon::check_mountpoint(mountpoint, opts.allow_nonempty)?;
-    drop(Pool::open(dir, OpenMode::Exclusive)?);
+    drop(Pool::open(dir)?);
 
     control::ensure_runtime_dir()?;
     let log_path = control::log_path(&mp);

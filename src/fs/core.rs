@@ -1411,7 +1411,7 @@ impl Vfs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::{CreateOptions, OpenMode};
+    use crate::pool::CreateOptions;
 
     const ME: Caller = Caller { uid: 0, gid: 0 };
 
@@ -1439,11 +1439,7 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> Vfs {
-        Vfs::mount(
-            Pool::open(dir, OpenMode::Exclusive).unwrap(),
-            VfsOptions::default(),
-        )
-        .unwrap()
+        Vfs::mount(Pool::open(dir).unwrap(), VfsOptions::default()).unwrap()
     }
 
     #[test]
@@ -1632,12 +1628,9 @@ mod tests {
         let before = count(&dirs);
         damage_record(&dirs[0], a.ino);
         damage_record(&dirs[1], a.ino);
-        let err = Vfs::mount(
-            Pool::open(&dirs[0], OpenMode::Exclusive).unwrap(),
-            VfsOptions::default(),
-        )
-        .err()
-        .unwrap();
+        let err = Vfs::mount(Pool::open(&dirs[0]).unwrap(), VfsOptions::default())
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("no readable copy"), "{err}");
         assert_eq!(count(&dirs), before);
         let r = crate::pool::inspect::check(&dirs[0]).unwrap();

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::label::label_problems;
 use super::meta::{MetaImage, NodeKind, ROOT_INO};
-use super::{OpenMode, Pool, PoolStatus};
+use super::{Pool, PoolStatus};
 use crate::error::Result;
 
 #[derive(Debug, Default, Serialize)]
@@ -40,7 +40,7 @@ fn counts(img: &MetaImage) -> (u64, u64) {
 pub fn offline_status(dir: &Path) -> Result<PoolStatus> {
     // Exclusive, so that a store left unclosed by a crash can be recovered by
     // redb on open; nothing else is written (no repair of copies or labels).
-    let mut pool = Pool::open(dir, OpenMode::Exclusive)?;
+    let mut pool = Pool::open(dir)?;
     let img = pool.load_metadata(false)?;
     let (files, bytes) = counts(&img);
     Ok(pool.status(files, bytes))
@@ -49,7 +49,7 @@ pub fn offline_status(dir: &Path) -> Result<PoolStatus> {
 /// Checks labels, every metadata copy, the namespace graph and the extent maps
 /// against the member files. Takes the pool's locks, so it refuses a mounted pool.
 pub fn check(dir: &Path) -> Result<CheckReport> {
-    let pool = Pool::open(dir, OpenMode::Exclusive)?;
+    let pool = Pool::open(dir)?;
     check_open(&pool)
 }
 

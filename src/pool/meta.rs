@@ -259,19 +259,6 @@ impl MemberStore {
     }
 }
 
-/// Loads a member's metadata read-only (for `status` and `check` of an unmounted pool).
-pub fn load_readonly(dir: &Path) -> Result<MetaImage> {
-    let path = dir.join(META_FILE);
-    if !path.exists() {
-        return Err(Error::CorruptMetadata {
-            path,
-            reason: "metadata file is missing".into(),
-        });
-    }
-    let db = redb::ReadOnlyDatabase::open(&path).map_err(|e| Error::store(&path, e))?;
-    load_from(&db, &path)
-}
-
 fn load_from(db: &impl ReadableDatabase, p: &Path) -> Result<MetaImage> {
     let rt = db.begin_read().map_err(|e| Error::store(p, e))?;
     let mut img = MetaImage::default();
@@ -376,6 +363,7 @@ mod tests {
         assert_eq!(got.inodes.len(), 2);
         assert_eq!(got.dirents.get(&(1, b"a".to_vec())), Some(&2));
         drop(s);
-        assert_eq!(load_readonly(d.path()).unwrap().generation, 2);
+        let s = MemberStore::open(d.path()).unwrap();
+        assert_eq!(s.load().unwrap().generation, 2);
     }
 }

@@ -59,15 +59,6 @@ impl Default for CreateOptions {
     }
 }
 
-/// How a pool is opened.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OpenMode {
-    /// Lock every member; the metadata may be written (mount, check).
-    Exclusive,
-    /// No locks and no writes (status of an unmounted pool).
-    ReadOnly,
-}
-
 struct SpaceReading {
     at: Instant,
     avail: u64,
@@ -84,7 +75,7 @@ pub struct Member {
     /// This member's metadata store; reopened after a failed commit (redb refuses
     /// further transactions after an I/O error until the database is reopened).
     store: Mutex<Option<MemberStore>>,
-    _lock: Option<File>,
+    _lock: File,
     space: Mutex<Option<SpaceReading>>,
     /// Number of extent files on this member (placement tie-break).
     pub extents: AtomicU64,
@@ -127,7 +118,6 @@ impl Member {
 pub struct Pool {
     pub label: Label,
     pub members: Vec<Member>,
-    pub mode: OpenMode,
     pub next_file_id: AtomicU64,
 }
 
@@ -398,9 +388,10 @@ impl Pool {
         Ok(label)
     }
 
-    /// Opens the pool that `dir` belongs to. Every member the label lists must be
-    /// present and carry this pool's label.
-    pub fn open(dir: &Path, mode: OpenMode) -> Result<Pool> {
+    /// Opens the pool that `dir` belongs to and locks every member (one daemon,
+    /// `check` or offline `status` at a time). Every member the label lists must
+    /// be present and carry this pool's label.
+    pub fn open(dir: &Path) -> Result<Pool> {
         let dir = canonical_dir(dir)?;
         let first = read_label(&dir)?;
         let mut label = first.clone();
@@ -443,10 +434,7 @@ impl Pool {
         }
         let mut members = Vec::new();
         for (entry, path, _) in found {
-            let lock = match mode {
-                OpenMode::Exclusive => Some(try_lock(&path, &label.pool)?),
-                OpenMode::ReadOnly => None,
-            };
+            let lock = try_lock(&path, &label.pool)?;
             let dev = fs::metadata(&path).map_err(|e| Error::io(&path, e))?.dev();
             members.push(Member {
                 data_dir: path.join(DATA_DIR),
@@ -465,7 +453,6 @@ impl Pool {
         Ok(Pool {
             label,
             members,
-            mode,
             next_file_id: AtomicU64::new(1),
         })
     }
@@ -479,16 +466,9 @@ impl Pool {
     pub fn load_metadata(&mut self, repair: bool) -> Result<MetaImage> {
         let mut images = Vec::with_capacity(self.members.len());
         for m in &mut self.members {
-            let img = match self.mode {
-                OpenMode::ReadOnly => meta::load_readonly(&m.dir)?,
-                OpenMode::Exclusive => {
-                    let s = MemberStore::open(&m.dir)?;
-                    let img = s.load()?;
-                    *m.store.lock() = Some(s);
-                    img
-                }
-            };
-            images.push(img);
+            let s = MemberStore::open(&m.dir)?;
+            images.push(s.load()?);
+            *m.store.lock() = Some(s);
         }
         let best_i = (0..images.len())
             .max_by_key(|i| images[*i].generation)
@@ -522,7 +502,7 @@ impl Pool {
                 ),
             });
         }
-        if repair && self.mode == OpenMode::Exclusive {
+        if repair {
             for (m, have) in self.members.iter().zip(&images) {
                 if have.generation == img.generation && have.corrupt.is_empty() {
                     continue;
@@ -590,10 +570,7 @@ impl Pool {
             .iter()
             .map(|m| match m.store.lock().as_ref() {
                 Some(s) => s.load(),
-                None => match self.mode {
-                    OpenMode::Exclusive => MemberStore::open(&m.dir).and_then(|s| s.load()),
-                    OpenMode::ReadOnly => meta::load_readonly(&m.dir),
-                },
+                None => MemberStore::open(&m.dir).and_then(|s| s.load()),
             })
             .collect()
     }
@@ -748,11 +725,7 @@ impl Pool {
         let p = self
             .extent_path(member, ino, index, file_id)
             .ok_or_else(|| FsError::Corrupt(format!("extent on unknown member {member}")))?;
-        match OpenOptions::new()
-            .read(true)
-            .write(self.mode == OpenMode::Exclusive)
-            .open(&p)
-        {
+        match OpenOptions::new().read(true).write(true).open(&p) {
             Ok(f) => Ok(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(FsError::Corrupt(format!(
                 "extent file {} is missing",
