@@ -101,6 +101,17 @@ impl MountOptions {
 
 /// Whether `path` (canonical) is a mountpoint, and of which filesystem type.
 pub fn mount_type(path: &Path) -> Option<String> {
+    mountinfo(path).map(|m| m.fstype)
+}
+
+/// The topmost mount at `path` (canonical) in /proc/self/mountinfo.
+struct MountEntry {
+    /// `major:minor` of the mounted filesystem (names its bdi in sysfs).
+    dev: String,
+    fstype: String,
+}
+
+fn mountinfo(path: &Path) -> Option<MountEntry> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
     let mut found = None;
@@ -110,7 +121,10 @@ pub fn mount_type(path: &Path) -> Option<String> {
             continue;
         }
         let sep = fields.iter().position(|f| *f == "-")?;
-        found = fields.get(sep + 1).map(|s| s.to_string());
+        found = Some(MountEntry {
+            dev: fields[2].to_string(),
+            fstype: fields.get(sep + 1)?.to_string(),
+        });
     }
     found
 }
@@ -254,18 +268,10 @@ pub fn run(
 /// The kernel reads ahead 128 KiB on a FUSE mount by default; volume images are
 /// read in long runs, and 1 MiB matches the request size. Needs root; best effort.
 fn raise_readahead(mp: &Path) {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let want = mp.to_string_lossy();
-    for line in info.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        if f.len() > 4 && unescape_mountinfo(f[4]) == want {
-            let p = format!("/sys/class/bdi/{}/read_ahead_kb", f[2]);
-            if let Err(e) = std::fs::write(&p, (crate::fs::fuse::MAX_WRITE / 1024).to_string()) {
-                tracing::debug!(path = %p, error = %e, "cannot raise readahead");
-            }
-        }
+    let Some(m) = mountinfo(mp) else { return };
+    let p = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
+    if let Err(e) = std::fs::write(&p, (crate::fs::fuse::MAX_WRITE / 1024).to_string()) {
+        tracing::debug!(path = %p, error = %e, "cannot raise readahead");
     }
 }
 

@@ -25,6 +25,23 @@ fn write_file_synced(p: &Path, data: &[u8]) {
     f.sync_all().unwrap();
 }
 
+/// Retries (create, truncate, write `data`, fsync) of `p` until it succeeds or
+/// `limit` passes; returns the last error, `None` on success.
+fn write_synced_within(p: &Path, data: &[u8], limit: Duration) -> Option<std::io::Error> {
+    let mut last_err = None;
+    wait_until(limit, || {
+        let r = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(p)
+            .and_then(|f| f.write_all_at(data, 0).and_then(|_| f.sync_all()));
+        last_err = r.err();
+        last_err.is_none()
+    });
+    last_err
+}
+
 fn fsync_dir(p: &Path) {
     File::open(p).unwrap().sync_all().unwrap();
 }
@@ -255,19 +272,9 @@ fn enospc_on_full_pool_and_recovery() {
     // Freeing space makes writes succeed again.
     fs::remove_file(m.join("fill")).unwrap();
     let again = pattern(22, 8 * MIB as usize);
-    let mut last_err = None;
-    let ok = wait_until(Duration::from_secs(15), || {
-        let r = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(m.join("again"))
-            .and_then(|f| f.write_all_at(&again, 0).and_then(|_| f.sync_all()));
-        last_err = r.err();
-        last_err.is_none()
-    });
+    let last_err = write_synced_within(&m.join("again"), &again, Duration::from_secs(15));
     assert!(
-        ok,
+        last_err.is_none(),
         "writing 8 MiB still fails 15 s after deleting the file that filled the pool: {last_err:?}"
     );
     assert_same(&read_all(&m.join("again")), &again, "write after recovery");
@@ -309,19 +316,9 @@ fn enospc_with_many_small_files_then_recovery() {
         fs::remove_file(m.join(format!("f{i:05}"))).unwrap();
     }
     let big = pattern(26, 2 * MIB as usize);
-    let mut last_err = None;
-    let ok = wait_until(Duration::from_secs(15), || {
-        let r = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(m.join("again"))
-            .and_then(|f| f.write_all_at(&big, 0).and_then(|_| f.sync_all()));
-        last_err = r.err();
-        last_err.is_none()
-    });
+    let last_err = write_synced_within(&m.join("again"), &big, Duration::from_secs(15));
     assert!(
-        ok,
+        last_err.is_none(),
         "writing 2 MiB still fails 15 s after deleting half of {n} files: {last_err:?}"
     );
     drop(_failed_file);

@@ -177,6 +177,11 @@ impl Namespace {
         }
     }
 
+    /// Entries, removed inodes or dead extent files await a commit.
+    fn namespace_pending(&self) -> bool {
+        !self.dirent_changes.is_empty() || !self.deleted.is_empty() || !self.dead_extents.is_empty()
+    }
+
     fn set_entry(&mut self, parent: u64, name: &[u8], child: Option<u64>) {
         let dir = self.children.entry(parent).or_default();
         match child {
@@ -340,17 +345,15 @@ impl Vfs {
                 }
             }
             ns.dead_extents.extend(trimmed);
-            for n in ns.nodes.values() {
-                if let Some(v) = &n.volume {
-                    for (m, ino, idx, fid) in v.all_files() {
-                        referenced.insert((m, crate::pool::extent_file_name(ino, idx, fid)));
-                    }
-                }
-            }
-            // Files of freed inodes are still dead extents; keep them referenced
-            // until the commit below has dropped them.
-            for (m, ino, idx, fid) in &ns.dead_extents {
-                referenced.insert((*m, crate::pool::extent_file_name(*ino, *idx, *fid)));
+            // Live extents, and the files of freed inodes and trimmed extents (dead
+            // extents, removed only after the commit below), are not orphans.
+            let live = ns
+                .nodes
+                .values()
+                .filter_map(|n| n.volume.as_ref())
+                .flat_map(|v| v.all_files());
+            for (m, ino, idx, fid) in live.chain(ns.dead_extents.iter().copied()) {
+                referenced.insert((m, crate::pool::extent_file_name(ino, idx, fid)));
             }
         }
         let mut orphan_files = Vec::new();
@@ -1246,9 +1249,7 @@ impl Vfs {
     /// Whether anything awaits a commit.
     pub fn has_pending(&self) -> bool {
         let ns = self.ns.read();
-        !ns.dirent_changes.is_empty()
-            || !ns.deleted.is_empty()
-            || !ns.dead_extents.is_empty()
+        ns.namespace_pending()
             || ns.nodes.values().any(|n| {
                 n.dirty.load(Ordering::Acquire) || n.volume.as_ref().is_some_and(|v| v.needs_sync())
             })
@@ -1269,9 +1270,7 @@ impl Vfs {
     /// size or an extent map changed); timestamps alone do not count.
     fn layout_pending(&self) -> bool {
         let ns = self.ns.read();
-        !ns.dirent_changes.is_empty()
-            || !ns.deleted.is_empty()
-            || !ns.dead_extents.is_empty()
+        ns.namespace_pending()
             || ns.nodes.values().any(|n| {
                 n.meta.lock().size != n.committed_size.load(Ordering::Acquire)
                     || n.volume.as_ref().is_some_and(|v| v.has_fresh())
