@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, FsError, Result};
 use crate::fs::Vfs;
+use crate::fs::snapview::RestoreReport;
 use crate::pool::PoolStatus;
+use crate::snapshot::{Kind, PrunePolicy, SnapshotInfo};
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -23,6 +25,30 @@ pub enum Request {
     Status,
     /// Commit everything durably (before an unmount, or on demand).
     Sync,
+    SnapshotCreate {
+        name: String,
+        kind: Option<Kind>,
+        /// Answer only once the background capture is complete.
+        wait: bool,
+    },
+    SnapshotList,
+    SnapshotDelete {
+        name: String,
+    },
+    /// Paths are pool-relative.
+    SnapshotRestore {
+        name: String,
+        paths: Vec<String>,
+    },
+    SnapshotClone {
+        name: String,
+        path: String,
+        newpath: String,
+    },
+    SnapshotPrune {
+        policy: PrunePolicy,
+        dry_run: bool,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -30,7 +56,81 @@ pub enum Request {
 pub enum Response {
     Status(Box<PoolStatus>),
     Done,
+    Snapshot(SnapshotInfo),
+    Snapshots { list: Vec<SnapshotInfo> },
+    Restored(RestoreReport),
+    Pruned { names: Vec<String> },
     Error { message: String },
+}
+
+/// The message for a failed snapshot command about snapshot `name`.
+pub fn snapshot_error(name: &str, e: &FsError) -> String {
+    match e {
+        FsError::Exists => format!("a snapshot (or file) named {name} already exists"),
+        FsError::NotFound => format!("{name}: no such snapshot, or no such path in it"),
+        FsError::Invalid => format!(
+            "{name}: invalid name or path (a snapshot name must not be empty, contain '/' or start with '.')"
+        ),
+        FsError::ReadOnly => "the pool is mounted read-only".into(),
+        other => format!("{name}: {other}"),
+    }
+}
+
+/// Runs one request against a filesystem (a daemon's, or one the CLI opened).
+pub fn execute(vfs: &Vfs, req: &Request) -> Response {
+    let err = |name: &str, e: FsError| Response::Error {
+        message: snapshot_error(name, &e),
+    };
+    match req {
+        Request::Status => Response::Status(Box::new(vfs.status())),
+        Request::Sync => match vfs.commit() {
+            Ok(()) => Response::Done,
+            Err(e) => Response::Error {
+                message: format!("commit failed: {e}"),
+            },
+        },
+        Request::SnapshotCreate { name, kind, wait } => match vfs.snapshot_create(name, *kind) {
+            Ok(info) => {
+                if *wait && let Err(e) = vfs.snapshot_wait() {
+                    return err(name, e);
+                }
+                match vfs.snapshot_list().into_iter().find(|i| i.id == info.id) {
+                    Some(i) => Response::Snapshot(i),
+                    None => Response::Snapshot(info),
+                }
+            }
+            Err(e) => err(name, e),
+        },
+        Request::SnapshotList => Response::Snapshots {
+            list: vfs.snapshot_list(),
+        },
+        Request::SnapshotDelete { name } => match vfs.snapshot_delete(name) {
+            Ok(()) => Response::Done,
+            Err(e) => err(name, e),
+        },
+        Request::SnapshotRestore { name, paths } => {
+            let paths: Vec<Vec<u8>> = paths.iter().map(|p| p.as_bytes().to_vec()).collect();
+            match vfs.snapshot_restore(name, &paths) {
+                Ok(r) => Response::Restored(r),
+                Err(e) => err(name, e),
+            }
+        }
+        Request::SnapshotClone {
+            name,
+            path,
+            newpath,
+        } => match vfs.snapshot_clone(name, path.as_bytes(), newpath.as_bytes()) {
+            Ok(_) => Response::Done,
+            Err(FsError::Exists) => Response::Error {
+                message: format!("{newpath} already exists"),
+            },
+            Err(e) => err(name, e),
+        },
+        Request::SnapshotPrune { policy, dry_run } => match vfs.snapshot_prune(policy, *dry_run) {
+            Ok(names) => Response::Pruned { names },
+            Err(e) => err("prune", e),
+        },
+    }
 }
 
 /// Directory holding sockets and logs of this user's daemons.
@@ -122,7 +222,11 @@ impl Server {
                         _ => continue,
                     }
                     let Some(vfs) = vfs.upgrade() else { break };
-                    let _ = serve_one(conn, &vfs, &mp);
+                    let mp = mp.clone();
+                    // One thread per connection: a long restore must not hold up status.
+                    let _ = std::thread::Builder::new()
+                        .name("vpool-control-req".into())
+                        .spawn(move || serve_one(conn, &vfs, &mp));
                 }
             })
             .map_err(|e| Error::Other(format!("cannot start control thread: {e}")))?;
@@ -140,19 +244,16 @@ fn serve_one(conn: UnixStream, vfs: &Vfs, mp: &Path) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
+    conn.set_read_timeout(None)?;
     let resp = match serde_json::from_str::<Request>(&line) {
-        Ok(Request::Status) => {
-            let mut st = vfs.status();
-            st.mounted = true;
-            st.mountpoint = Some(mp.to_path_buf());
-            st.pid = Some(std::process::id());
-            Response::Status(Box::new(st))
-        }
-        Ok(Request::Sync) => match vfs.commit() {
-            Ok(()) => Response::Done,
-            Err(e) => Response::Error {
-                message: format!("commit failed: {e}"),
-            },
+        Ok(req) => match execute(vfs, &req) {
+            Response::Status(mut st) => {
+                st.mounted = true;
+                st.mountpoint = Some(mp.to_path_buf());
+                st.pid = Some(std::process::id());
+                Response::Status(st)
+            }
+            other => other,
         },
         Err(e) => Response::Error {
             message: format!("bad request: {e}"),
@@ -168,7 +269,12 @@ fn serve_one(conn: UnixStream, vfs: &Vfs, mp: &Path) -> std::io::Result<()> {
 pub fn request(mountpoint: &Path, req: &Request) -> Result<Response> {
     let path = socket_path(mountpoint);
     let mut s = UnixStream::connect(&path).map_err(|e| Error::io(&path, e))?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))
+    // Status and sync answer quickly; snapshot work takes as long as the data.
+    let timeout = match req {
+        Request::Status | Request::Sync => Some(Duration::from_secs(120)),
+        _ => None,
+    };
+    s.set_read_timeout(timeout)
         .map_err(|e| Error::io(&path, e))?;
     let mut msg = serde_json::to_vec(req).map_err(|e| Error::Other(e.to_string()))?;
     msg.push(b'\n');

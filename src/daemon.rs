@@ -28,7 +28,7 @@ pub struct MountOptions {
     pub read_only: bool,
     pub allow_nonempty: bool,
     pub threads: usize,
-    /// `snapdir=visible`: list `.snapshots` in the root (snapshots are a later feature).
+    /// `snapdir=visible`: list `.snapshots` in the root (it is always reachable by name).
     pub snapdir_visible: bool,
     /// `nowritebackcache` turns the kernel's writeback cache off.
     pub writeback_cache: bool,
@@ -204,6 +204,7 @@ pub fn run(
         pool,
         VfsOptions {
             read_only: opts.read_only,
+            snapdir_visible: opts.snapdir_visible,
         },
     )?);
     vfs.pool.write_lock_info(&mp)?;
@@ -224,6 +225,7 @@ pub fn run(
         fuser::Session::new(FuseFs::new(vfs.clone(), opts.writeback_cache), &mp, &config)
             .map_err(|e| Error::Other(format!("cannot mount on {}: {e}", mp.display())))?;
     raise_readahead(&mp);
+    vfs.set_kernel_cache(Box::new(crate::fs::fuse::Invalidator(session.notifier())));
     let _server = control::Server::start(&mp, Arc::downgrade(&vfs))?;
     let stop = Arc::new(AtomicBool::new(false));
     let flusher = {
@@ -253,6 +255,8 @@ pub fn run(
     stop.store(true, Ordering::Release);
     flusher.thread().unpark();
     let _ = flusher.join();
+    // A snapshot still being captured finishes first (it holds the pool).
+    vfs.snaps.wait_idle();
     let final_commit = vfs.commit();
     vfs.pool.clear_lock_info();
     // The last strong reference: dropping it closes the metadata stores.

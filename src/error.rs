@@ -109,6 +109,11 @@ pub enum FsError {
     BadHandle,
     #[error("corruption: {0}")]
     Corrupt(String),
+    #[error("busy")]
+    Busy,
+    /// A refusal explained in words (EINVAL to the kernel; the message to the CLI).
+    #[error("{0}")]
+    Message(String),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -135,6 +140,8 @@ impl FsError {
             FsError::TooManyLinks => libc::EMLINK,
             FsError::BadHandle => libc::EBADF,
             FsError::Corrupt(_) => libc::EIO,
+            FsError::Busy => libc::EBUSY,
+            FsError::Message(_) => libc::EINVAL,
             FsError::Io(e) => match e.raw_os_error() {
                 Some(code) => code,
                 None => libc::EIO,

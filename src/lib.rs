@@ -8,6 +8,7 @@
 //! - [`fs`]: the POSIX view (namespace, handles) and the thin `fuser` adapter.
 //! - [`volume`]: a file's extent map and its read/write/punch/seek path.
 //! - [`pool`]: members, their labels, the metadata store, placement, space.
+//! - [`snapshot`]: snapshot records, delta files, capture, chain reads, merge.
 //!
 //! The storage core ([`pool`], [`volume`], [`fs::core`]) never imports `fuser`
 //! or `clap`.
@@ -18,6 +19,7 @@ pub mod daemon;
 pub mod error;
 pub mod fs;
 pub mod pool;
+pub mod snapshot;
 pub mod util;
 pub mod volume;
 

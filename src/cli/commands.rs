@@ -40,6 +40,7 @@ pub fn run(cmd: Command) -> Result<i32> {
         Command::Unmount { mountpoint } => unmount(&mountpoint),
         Command::Status { json, target } => status(&target, json),
         Command::Check { json, dir } => check(&dir, json),
+        Command::Snapshot { cmd } => super::snapshot::run(cmd),
     }
 }
 
@@ -197,7 +198,7 @@ fn fusermount(args: &[&str], mp: &Path) -> Result<std::process::Output> {
         .context("cannot run fusermount3 (is fuse3 installed?)")
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(super) fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence.
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
@@ -272,7 +273,7 @@ fn status_of(target: &Path) -> Result<PoolStatus> {
         match control::request(mp, &Request::Status)? {
             Response::Status(st) => Ok(*st),
             Response::Error { message } => bail!("daemon: {message}"),
-            Response::Done => bail!("daemon gave no status"),
+            _ => bail!("daemon gave no status"),
         }
     };
     if crate::pool::label::has_label(&canon) {
@@ -345,7 +346,7 @@ fn status(target: &Path, json: bool) -> Result<i32> {
 }
 
 fn check(dir: &Path, json: bool) -> Result<i32> {
-    let r = inspect::check(dir)?;
+    let r = crate::snapshot::check_pool(dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

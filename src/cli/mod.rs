@@ -3,6 +3,7 @@
 //! formats.
 
 mod commands;
+mod snapshot;
 
 use std::path::PathBuf;
 
@@ -68,6 +69,73 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         dir: PathBuf,
+    },
+    /// Create, list, delete, restore, clone and prune snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotCmd,
+    },
+}
+
+fn kind_arg(s: &str) -> Result<crate::snapshot::Kind, String> {
+    crate::snapshot::Kind::parse(s)
+        .ok_or_else(|| format!("{s}: expected full, incremental or differential"))
+}
+
+/// TARGET is a mountpoint or a member directory (of a mounted pool or not).
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Take a snapshot of the whole pool (browsable at TARGET/.snapshots/NAME).
+    Create {
+        /// full, incremental or differential (default: full when the pool has no
+        /// full snapshot yet, otherwise incremental).
+        #[arg(long, value_parser = kind_arg)]
+        kind: Option<crate::snapshot::Kind>,
+        /// Return only once the snapshot's data is fully captured.
+        #[arg(long)]
+        wait: bool,
+        target: PathBuf,
+        name: String,
+    },
+    /// List snapshots: kind, base, creation time, sizes, changed blocks, state.
+    List {
+        #[arg(long)]
+        json: bool,
+        target: PathBuf,
+    },
+    /// Delete a snapshot; every other one stays readable and unchanged.
+    Delete { target: PathBuf, name: String },
+    /// Roll files (all of them when no PATH is given) back to their content in
+    /// the snapshot. PATH is a path inside the pool (vms/disk.img) or under the
+    /// mountpoint.
+    Restore {
+        target: PathBuf,
+        name: String,
+        paths: Vec<PathBuf>,
+    },
+    /// Make NEWPATH a new writable file with PATH's content in the snapshot.
+    Clone {
+        target: PathBuf,
+        name: String,
+        path: PathBuf,
+        newpath: PathBuf,
+    },
+    /// Delete the snapshots the keep rules do not keep (restic's rules).
+    Prune {
+        target: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        /// Only print what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 

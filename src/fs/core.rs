@@ -24,9 +24,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
+use super::snapview::{SNAPDIR_INO, SNAPDIR_NAME, is_snap};
 use crate::error::{FsError, FsResult, Result};
-use crate::pool::meta::{Batch, InodeRecord, NodeKind, ROOT_INO, Timestamp, encode_record};
+use crate::pool::meta::{
+    Batch, InodeRecord, NodeKind, ROOT_INO, Timestamp, check_blob, encode_blob, encode_record,
+};
 use crate::pool::{Pool, PoolSpace, PoolStatus};
+use crate::snapshot::SnapshotStore;
 use crate::volume::{DeadExtent, Volume};
 
 /// Largest file size: keeps every offset arithmetic far from overflow.
@@ -73,6 +77,8 @@ pub struct SetAttr {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct VfsOptions {
     pub read_only: bool,
+    /// List `.snapshots` in the root directory (it is always reachable by name).
+    pub snapdir_visible: bool,
 }
 
 /// Who is asking (for ownership of new nodes).
@@ -99,17 +105,17 @@ struct NodeMeta {
 }
 
 /// What a new node is made of (`mode`: permission bits only).
-struct NewNode {
-    kind: NodeKind,
-    mode: u32,
-    rdev: u32,
-    target: Vec<u8>,
+pub(crate) struct NewNode {
+    pub(crate) kind: NodeKind,
+    pub(crate) mode: u32,
+    pub(crate) rdev: u32,
+    pub(crate) target: Vec<u8>,
 }
 
 pub struct Node {
     pub ino: u64,
     meta: Mutex<NodeMeta>,
-    volume: Option<Volume>,
+    pub(crate) volume: Option<Arc<Volume>>,
     /// Changed since the last commit.
     dirty: AtomicBool,
     /// Size in the last durable commit (fdatasync needs no commit while it holds).
@@ -118,7 +124,7 @@ pub struct Node {
 }
 
 impl Node {
-    fn record(&self) -> InodeRecord {
+    pub(crate) fn record(&self) -> InodeRecord {
         let m = self.meta.lock();
         InodeRecord {
             kind: m.kind,
@@ -152,9 +158,9 @@ impl Node {
 }
 
 #[derive(Default)]
-struct Namespace {
-    nodes: HashMap<u64, Arc<Node>>,
-    children: HashMap<u64, BTreeMap<Vec<u8>, u64>>,
+pub(crate) struct Namespace {
+    pub(crate) nodes: HashMap<u64, Arc<Node>>,
+    pub(crate) children: HashMap<u64, BTreeMap<Vec<u8>, u64>>,
     next_ino: u64,
     /// Directory entries changed since the last commit (`None`: removed).
     dirent_changes: HashMap<(u64, Vec<u8>), Option<u64>>,
@@ -162,14 +168,16 @@ struct Namespace {
     deleted: HashSet<u64>,
     /// Extent files to remove after the next durable commit.
     dead_extents: Vec<DeadExtent>,
+    /// Changed-block bitmaps of removed files, deleted by the next commit.
+    dead_cbt: Vec<(u64, u64)>,
 }
 
 impl Namespace {
-    fn node(&self, ino: u64) -> FsResult<Arc<Node>> {
+    pub(crate) fn node(&self, ino: u64) -> FsResult<Arc<Node>> {
         self.nodes.get(&ino).cloned().ok_or(FsError::NotFound)
     }
 
-    fn dir(&self, ino: u64) -> FsResult<&BTreeMap<Vec<u8>, u64>> {
+    pub(crate) fn dir(&self, ino: u64) -> FsResult<&BTreeMap<Vec<u8>, u64>> {
         match self.children.get(&ino) {
             Some(d) => Ok(d),
             None if self.nodes.contains_key(&ino) => Err(FsError::NotDir),
@@ -179,7 +187,10 @@ impl Namespace {
 
     /// Entries, removed inodes or dead extent files await a commit.
     fn namespace_pending(&self) -> bool {
-        !self.dirent_changes.is_empty() || !self.deleted.is_empty() || !self.dead_extents.is_empty()
+        !self.dirent_changes.is_empty()
+            || !self.deleted.is_empty()
+            || !self.dead_extents.is_empty()
+            || !self.dead_cbt.is_empty()
     }
 
     fn set_entry(&mut self, parent: u64, name: &[u8], child: Option<u64>) {
@@ -200,6 +211,8 @@ impl Namespace {
         if let Some(n) = self.nodes.remove(&ino) {
             if let Some(v) = &n.volume {
                 self.dead_extents.extend(v.all_files());
+                self.dead_cbt
+                    .extend(v.cbt_indexes().into_iter().map(|i| (ino, i)));
             }
             self.children.remove(&ino);
             self.deleted.insert(ino);
@@ -207,9 +220,18 @@ impl Namespace {
     }
 }
 
-enum Handle {
-    File { node: Arc<Node> },
-    Dir { entries: Mutex<Vec<DirEntry>> },
+pub(crate) enum Handle {
+    File {
+        node: Arc<Node>,
+    },
+    Dir {
+        entries: Mutex<Vec<DirEntry>>,
+    },
+    /// A file of a snapshot (read-only).
+    SnapFile {
+        snap: u64,
+        ino: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -219,14 +241,45 @@ pub struct DirEntry {
     pub name: Vec<u8>,
 }
 
+/// The kernel's caches of a mounted filesystem, for changes the daemon makes
+/// on its own (restore, clone) that the kernel did not see pass.
+pub trait KernelCache: Send + Sync {
+    fn inval_inode(&self, ino: u64);
+    fn inval_entry(&self, parent: u64, name: &[u8]);
+}
+
 pub struct Vfs {
-    pub pool: Pool,
-    opts: VfsOptions,
-    ns: RwLock<Namespace>,
-    handles: RwLock<HashMap<u64, Arc<Handle>>>,
-    next_fh: AtomicU64,
+    pub pool: Arc<Pool>,
+    pub(crate) kernel: std::sync::OnceLock<Box<dyn KernelCache>>,
+    pub(crate) opts: VfsOptions,
+    pub(crate) ns: RwLock<Namespace>,
+    /// Taken for reading around every change to file data or size, for writing
+    /// by a commit (to move the intent tag and take the changed-block bitmaps at
+    /// one instant) and by a snapshot's freeze. Lock order: `commit_lock` ->
+    /// `gate` -> `ns` -> `Node::meta` -> volume map.
+    pub(crate) gate: RwLock<()>,
+    pub snaps: Arc<SnapshotStore>,
+    pub(crate) handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    pub(crate) next_fh: AtomicU64,
     commit_lock: Mutex<()>,
     generation: AtomicU64,
+}
+
+/// A changed-block bitmap as the metadata store keeps it.
+fn encode_words(w: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(w.len() * 8);
+    for x in w {
+        b.extend_from_slice(&x.to_le_bytes());
+    }
+    encode_blob(&b)
+}
+
+/// Changes inside `.snapshots` are refused.
+pub(crate) fn refuse_snap(inos: &[u64]) -> FsResult<()> {
+    if inos.iter().any(|i| super::snapview::is_snap(*i)) {
+        return Err(FsError::ReadOnly);
+    }
+    Ok(())
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -245,13 +298,56 @@ impl Vfs {
     pub fn mount(mut pool: Pool, opts: VfsOptions) -> Result<Vfs> {
         let img = pool.load_metadata(!opts.read_only)?;
         let esize = pool.config().extent_size;
+        let bs = pool.config().block_size as u64;
+        let words = (esize / bs).div_ceil(64) as usize;
+        let mut cbt: HashMap<u64, Vec<(u64, Vec<u64>)>> = HashMap::new();
+        for ((ino, index), blob) in &img.cbt {
+            let bits = match check_blob(blob) {
+                Ok(p) if p.len() == words * 8 => p
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+                    .collect(),
+                _ => {
+                    // A damaged bitmap over-reports: the whole extent counts as changed.
+                    tracing::warn!(
+                        ino,
+                        index,
+                        "changed-block bitmap damaged; marking the extent changed"
+                    );
+                    vec![u64::MAX; words]
+                }
+            };
+            cbt.entry(*ino).or_default().push((*index, bits));
+        }
+        // Extents being changed at an unclean stop may differ from what the last
+        // commit knows: they count as wholly changed.
+        pool.intent_tag.store(img.generation + 1, Ordering::SeqCst);
+        let suspects = pool.pending_intents(img.generation)?;
+        if !suspects.is_empty() {
+            tracing::info!(
+                extents = suspects.len(),
+                "extents were being written at an unclean stop"
+            );
+        }
         let mut ns = Namespace {
             next_ino: img.next_ino.max(ROOT_INO + 1),
             ..Default::default()
         };
         for (ino, rec) in &img.inodes {
-            let volume =
-                (rec.kind == NodeKind::File).then(|| Volume::new(*ino, esize, &rec.extents));
+            let volume = (rec.kind == NodeKind::File).then(|| {
+                let v = Volume::new(
+                    *ino,
+                    esize,
+                    bs,
+                    &rec.extents,
+                    cbt.remove(ino).unwrap_or_default(),
+                );
+                let per = esize / bs;
+                for (_, index) in suspects.range((*ino, 0)..=(*ino, u64::MAX)) {
+                    v.mark_blocks(index * per, (index + 1) * per);
+                }
+                Arc::new(v)
+            });
             let node = Node {
                 ino: *ino,
                 meta: Mutex::new(NodeMeta {
@@ -292,10 +388,18 @@ impl Vfs {
                 reason: "the root directory is missing".into(),
             });
         }
+        let pool = Arc::new(pool);
+        let (snaps, bad) = SnapshotStore::load(pool.clone(), &img.snapshots, img.next_snap_id);
+        for (id, why) in bad {
+            tracing::error!(snapshot = id, reason = %why, "snapshot record unreadable; it is left out (see vpool check)");
+        }
         let vfs = Vfs {
             pool,
+            kernel: std::sync::OnceLock::new(),
             opts,
             ns: RwLock::new(ns),
+            gate: RwLock::new(()),
+            snaps: Arc::new(snaps),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             commit_lock: Mutex::new(()),
@@ -323,6 +427,12 @@ impl Vfs {
                 tracing::info!(ino, "freeing inode unlinked before an unclean stop");
                 ns.free(ino);
             }
+            // A snapshot left pending is failed; its changes go back to the files.
+            self.snaps.recover(|ino, s, e| {
+                if let Some(v) = ns.nodes.get(&ino).and_then(|n| n.volume.as_ref()) {
+                    v.mark_blocks(s, e);
+                }
+            });
             // Data written past the committed size before a crash must not show up
             // when the file is later extended: trim every file to its size.
             let mut trimmed = Vec::new();
@@ -382,7 +492,12 @@ impl Vfs {
         Ok(())
     }
 
-    fn writable(&self) -> FsResult<()> {
+    /// Connects the kernel's caches (the FUSE adapter does, once mounted).
+    pub fn set_kernel_cache(&self, k: Box<dyn KernelCache>) {
+        let _ = self.kernel.set(k);
+    }
+
+    pub(crate) fn writable(&self) -> FsResult<()> {
         if self.opts.read_only {
             Err(FsError::ReadOnly)
         } else {
@@ -390,7 +505,7 @@ impl Vfs {
         }
     }
 
-    fn attr_of(&self, node: &Node) -> Attr {
+    pub(crate) fn attr_of(&self, node: &Node) -> Attr {
         let blocks = node.volume.as_ref().map(|v| v.blocks(&self.pool));
         let m = node.meta.lock();
         let (size, blocks) = match m.kind {
@@ -420,6 +535,12 @@ impl Vfs {
         if name.len() > NAME_MAX {
             return Err(FsError::NameTooLong);
         }
+        if parent == ROOT_INO && name == SNAPDIR_NAME {
+            return Ok(self.snapdir_attr());
+        }
+        if is_snap(parent) {
+            return self.snap_lookup(parent, name);
+        }
         let node = {
             let ns = self.ns.read();
             let dir = ns.dir(parent)?;
@@ -434,12 +555,17 @@ impl Vfs {
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        if is_snap(ino) {
+            return self.snap_getattr(ino);
+        }
         let node = self.ns.read().node(ino)?;
         Ok(self.attr_of(&node))
     }
 
     pub fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
         self.writable()?;
+        refuse_snap(&[ino])?;
+        let _g = self.gate.read();
         let node = self.ns.read().node(ino)?;
         let now = Timestamp::now();
         if let Some(size) = s.size {
@@ -454,6 +580,9 @@ impl Vfs {
             let dead = {
                 let mut m = node.meta.lock();
                 let dead = if size < m.size {
+                    self.snaps.preserve_from(ino, size);
+                    let bs = vol.block_size();
+                    vol.mark_blocks(size / bs, m.size.div_ceil(bs));
                     vol.truncate(&self.pool, size)?
                 } else {
                     Vec::new()
@@ -499,6 +628,9 @@ impl Vfs {
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        if is_snap(ino) {
+            return self.snap_readlink(ino);
+        }
         let node = self.ns.read().node(ino)?;
         let m = node.meta.lock();
         if m.kind != NodeKind::Symlink {
@@ -508,7 +640,7 @@ impl Vfs {
     }
 
     /// Creates a node under `parent`.
-    fn make_node(
+    pub(crate) fn make_node(
         &self,
         parent: u64,
         name: &[u8],
@@ -522,7 +654,11 @@ impl Vfs {
             target,
         } = new;
         self.writable()?;
+        refuse_snap(&[parent])?;
         check_name(name)?;
+        if parent == ROOT_INO && name == SNAPDIR_NAME {
+            return Err(FsError::Exists);
+        }
         let mut ns = self.ns.write();
         let pnode = ns.node(parent)?;
         if ns.dir(parent)?.contains_key(name) {
@@ -558,8 +694,15 @@ impl Vfs {
                 target,
                 xattrs: BTreeMap::new(),
             }),
-            volume: (kind == NodeKind::File)
-                .then(|| Volume::new(ino, self.pool.config().extent_size, &[])),
+            volume: (kind == NodeKind::File).then(|| {
+                Arc::new(Volume::new(
+                    ino,
+                    self.pool.config().extent_size,
+                    self.pool.config().block_size as u64,
+                    &[],
+                    [],
+                ))
+            }),
             dirty: AtomicBool::new(true),
             committed_size: AtomicU64::new(u64::MAX),
             open: AtomicU32::new(0),
@@ -621,6 +764,9 @@ impl Vfs {
         umask: u32,
         caller: Caller,
     ) -> FsResult<Attr> {
+        if parent == SNAPDIR_INO {
+            return self.snap_mkdir(name);
+        }
         let node = self.make_node(
             parent,
             name,
@@ -685,6 +831,7 @@ impl Vfs {
     /// Removes one link of a non-directory; the node lives on while it is open.
     pub fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         self.writable()?;
+        refuse_snap(&[parent])?;
         let mut ns = self.ns.write();
         let ino = *ns.dir(parent)?.get(name).ok_or(FsError::NotFound)?;
         let node = ns.node(ino)?;
@@ -723,6 +870,10 @@ impl Vfs {
 
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
         self.writable()?;
+        if parent == SNAPDIR_INO {
+            return self.snap_rmdir(name);
+        }
+        refuse_snap(&[parent])?;
         if name == b"." {
             return Err(FsError::Invalid);
         }
@@ -751,7 +902,11 @@ impl Vfs {
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> FsResult<Attr> {
         self.writable()?;
+        refuse_snap(&[ino, newparent])?;
         check_name(newname)?;
+        if newparent == ROOT_INO && newname == SNAPDIR_NAME {
+            return Err(FsError::Exists);
+        }
         let node = {
             let mut ns = self.ns.write();
             let node = ns.node(ino)?;
@@ -802,7 +957,11 @@ impl Vfs {
         flags: u32,
     ) -> FsResult<()> {
         self.writable()?;
+        refuse_snap(&[parent, newparent])?;
         check_name(newname)?;
+        if newparent == ROOT_INO && newname == SNAPDIR_NAME {
+            return Err(FsError::Exists);
+        }
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 || (noreplace && exchange)
@@ -902,7 +1061,7 @@ impl Vfs {
         Ok(())
     }
 
-    fn new_file_handle(&self, node: Arc<Node>) -> u64 {
+    pub(crate) fn new_file_handle(&self, node: Arc<Node>) -> u64 {
         node.open.fetch_add(1, Ordering::AcqRel);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles
@@ -911,7 +1070,7 @@ impl Vfs {
         fh
     }
 
-    fn file_node(&self, fh: u64) -> FsResult<Arc<Node>> {
+    pub(crate) fn file_node(&self, fh: u64) -> FsResult<Arc<Node>> {
         match self.handles.read().get(&fh).map(|h| h.as_ref()) {
             Some(Handle::File { node }) => Ok(node.clone()),
             _ => Err(FsError::BadHandle),
@@ -919,6 +1078,9 @@ impl Vfs {
     }
 
     pub fn open(&self, ino: u64, write: bool) -> FsResult<u64> {
+        if is_snap(ino) {
+            return self.snap_open(ino, write);
+        }
         if write {
             self.writable()?;
         }
@@ -950,6 +1112,9 @@ impl Vfs {
     }
 
     pub fn read(&self, fh: u64, off: u64, len: u32) -> FsResult<Vec<u8>> {
+        if let Some((snap, ino)) = self.snap_handle(fh) {
+            return self.snaps.read(snap, ino, off, len as u64);
+        }
         let node = self.file_node(fh)?;
         let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
         let size = node.meta.lock().size;
@@ -958,6 +1123,12 @@ impl Vfs {
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
         self.writable()?;
+        let _g = self.gate.read();
+        self.write_locked(fh, off, data)
+    }
+
+    /// `write` with the gate held by the caller.
+    pub(crate) fn write_locked(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
         let node = self.file_node(fh)?;
         let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
         let end = off
@@ -966,6 +1137,7 @@ impl Vfs {
         if end > MAX_FILE_SIZE {
             return Err(FsError::FileTooLarge);
         }
+        self.snaps.preserve(node.ino, off, data.len() as u64);
         match vol.write(&self.pool, off, data) {
             Err(FsError::NoSpace) if self.reclaim_space() => vol.write(&self.pool, off, data)?,
             r => r?,
@@ -987,6 +1159,7 @@ impl Vfs {
     /// (with KEEP_SIZE) and ZERO_RANGE.
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
         self.writable()?;
+        let _g = self.gate.read();
         let node = self.file_node(fh)?;
         let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
         let end = off.checked_add(len).ok_or(FsError::FileTooLarge)?;
@@ -1003,6 +1176,7 @@ impl Vfs {
         if mode & !known != 0 {
             return Err(FsError::NotSupported);
         }
+        self.snaps.preserve(node.ino, off, len);
         if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
             if !keep || mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
                 return Err(FsError::NotSupported);
@@ -1034,6 +1208,9 @@ impl Vfs {
     }
 
     pub fn lseek(&self, fh: u64, off: u64, whence: i32) -> FsResult<u64> {
+        if let Some((snap, ino)) = self.snap_handle(fh) {
+            return self.snap_lseek(snap, ino, off, whence);
+        }
         let node = self.file_node(fh)?;
         let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
         let size = node.meta.lock().size;
@@ -1057,8 +1234,8 @@ impl Vfs {
         len: u64,
     ) -> FsResult<u64> {
         self.writable()?;
-        let src = self.file_node(fh_in)?;
-        let size = src.meta.lock().size;
+        let _g = self.gate.read();
+        let size = self.handle_size(fh_in)?;
         if off_in >= size {
             return Ok(0);
         }
@@ -1083,7 +1260,7 @@ impl Vfs {
                     if buf.is_empty() {
                         break;
                     }
-                    self.write(fh_out, off_out + done, &buf)?;
+                    self.write_locked(fh_out, off_out + done, &buf)?;
                 }
             }
             done += n;
@@ -1100,18 +1277,19 @@ impl Vfs {
     }
 
     /// Deallocates `[off, off+len)` of an open file, clipped to its size.
-    fn punch_within_size(&self, fh: u64, off: u64, len: u64) -> FsResult<()> {
+    pub(crate) fn punch_within_size(&self, fh: u64, off: u64, len: u64) -> FsResult<()> {
         let node = self.file_node(fh)?;
         let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
         let size = node.meta.lock().size;
         if off < size {
+            self.snaps.preserve(node.ino, off, len.min(size - off));
             vol.punch(&self.pool, off, len.min(size - off))?;
         }
         Ok(())
     }
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let entries = self.list_dir(ino)?;
+        let entries = self.list_any(ino)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.write().insert(
             fh,
@@ -1120,6 +1298,21 @@ impl Vfs {
             }),
         );
         Ok(fh)
+    }
+
+    fn list_any(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        if is_snap(ino) {
+            return self.snap_list_dir(ino);
+        }
+        let mut out = self.list_dir(ino)?;
+        if ino == ROOT_INO && self.opts.snapdir_visible {
+            out.push(DirEntry {
+                ino: SNAPDIR_INO,
+                kind: NodeKind::Dir,
+                name: SNAPDIR_NAME.to_vec(),
+            });
+        }
+        Ok(out)
     }
 
     fn list_dir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
@@ -1163,7 +1356,7 @@ impl Vfs {
         };
         let mut e = entries.lock();
         if offset == 0 {
-            *e = self.list_dir(ino)?;
+            *e = self.list_any(ino)?;
         }
         Ok(e.iter()
             .enumerate()
@@ -1183,6 +1376,7 @@ impl Vfs {
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
         self.writable()?;
+        refuse_snap(&[ino])?;
         if name.is_empty() || name.len() > NAME_MAX {
             return Err(FsError::Range);
         }
@@ -1207,6 +1401,11 @@ impl Vfs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        if is_snap(ino) {
+            return self
+                .snap_xattrs(ino)
+                .and_then(|x| x.get(name).cloned().ok_or(FsError::NoAttribute));
+        }
         let node = self.ns.read().node(ino)?;
         let m = node.meta.lock();
         m.xattrs.get(name).cloned().ok_or(FsError::NoAttribute)
@@ -1214,10 +1413,13 @@ impl Vfs {
 
     /// Names, each followed by a NUL, as listxattr(2) returns them.
     pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let node = self.ns.read().node(ino)?;
-        let m = node.meta.lock();
+        let xattrs = if is_snap(ino) {
+            self.snap_xattrs(ino)?
+        } else {
+            self.ns.read().node(ino)?.meta.lock().xattrs.clone()
+        };
         let mut out = Vec::new();
-        for k in m.xattrs.keys() {
+        for k in xattrs.keys() {
             out.extend_from_slice(k);
             out.push(0);
         }
@@ -1226,6 +1428,7 @@ impl Vfs {
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> FsResult<()> {
         self.writable()?;
+        refuse_snap(&[ino])?;
         let node = self.ns.read().node(ino)?;
         {
             let mut m = node.meta.lock();
@@ -1248,6 +1451,9 @@ impl Vfs {
 
     /// Whether anything awaits a commit.
     pub fn has_pending(&self) -> bool {
+        if self.snaps.has_changes() {
+            return true;
+        }
         let ns = self.ns.read();
         ns.namespace_pending()
             || ns.nodes.values().any(|n| {
@@ -1281,7 +1487,7 @@ impl Vfs {
     /// already durable only flushes its data (what VM images do all the time);
     /// everything else is a full commit, skipped when nothing is pending.
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
-        if self.opts.read_only {
+        if self.opts.read_only || self.snap_handle(fh).is_some() {
             return Ok(());
         }
         let node = self.file_node(fh)?;
@@ -1306,7 +1512,11 @@ impl Vfs {
     }
 
     fn commit_locked(&self) -> FsResult<()> {
-        let (batch, dirty_nodes, dirents, dead, volumes) = {
+        let (batch, dirty_nodes, dirents, dead, volumes, cbt_taken, dead_cbt) = {
+            // No change is in flight while the gate is held: the bitmaps taken
+            // here cover every write made so far, and writes after it log their
+            // intents under the next tag (see pool/intent.rs).
+            let _gate = self.gate.write();
             let mut ns = self.ns.write();
             let mut batch = Batch::default();
             let mut dirty_nodes = Vec::new();
@@ -1332,7 +1542,38 @@ impl Vfs {
                 .filter(|n| n.volume.is_some())
                 .cloned()
                 .collect();
-            (batch, dirty_nodes, dirents, dead, volumes)
+            let mut cbt_taken = Vec::new();
+            for n in &volumes {
+                if let Some(v) = &n.volume {
+                    let changes = v.take_cbt_changes();
+                    if changes.is_empty() {
+                        continue;
+                    }
+                    let mut idx = Vec::with_capacity(changes.len());
+                    for (i, bits) in changes {
+                        idx.push(i);
+                        batch.cbt.push(((n.ino, i), bits.map(|w| encode_words(&w))));
+                    }
+                    cbt_taken.push((v.clone(), idx));
+                }
+            }
+            let dead_cbt = std::mem::take(&mut ns.dead_cbt);
+            batch.cbt.extend(dead_cbt.iter().map(|k| (*k, None)));
+            let (snaps, next_snap) = self.snaps.take_changes();
+            batch.snapshots = snaps;
+            batch.next_snap_id = next_snap;
+            self.pool
+                .intent_tag
+                .store(batch.generation + 1, Ordering::SeqCst);
+            (
+                batch,
+                dirty_nodes,
+                dirents,
+                dead,
+                volumes,
+                cbt_taken,
+                dead_cbt,
+            )
         };
         let mut fresh = Vec::new();
         let result = (|| -> FsResult<()> {
@@ -1360,6 +1601,9 @@ impl Vfs {
                     removed_files = dead.len(),
                     "committed"
                 );
+                self.pool.clear_intents(batch.generation);
+                // Files a running snapshot capture may still read wait for it.
+                let dead = self.snaps.defer_dead(dead);
                 self.pool.remove_extent_files(&dead);
                 Ok(())
             }
@@ -1381,6 +1625,12 @@ impl Vfs {
                     ns.dirent_changes.entry(k).or_insert(v);
                 }
                 ns.dead_extents.extend(dead);
+                ns.dead_cbt.extend(dead_cbt);
+                for (v, idx) in cbt_taken {
+                    v.restore_cbt_changes(idx);
+                }
+                self.snaps
+                    .restore_changes(batch.snapshots.iter().map(|(id, _)| *id));
                 Err(e)
             }
         }
@@ -1587,6 +1837,7 @@ mod tests {
             next_file_id: img.next_file_id,
             inodes: vec![(ino, Some(vec![1, 0, 0, 0, 9, 9, 9, 9, 42]))],
             dirents: vec![],
+            ..Default::default()
         };
         s.apply(&batch, true).unwrap();
     }

@@ -42,6 +42,23 @@ impl FuseFs {
     }
 }
 
+/// Invalidates the kernel's caches for changes made inside the daemon.
+pub struct Invalidator(pub fuser::Notifier);
+
+impl crate::fs::core::KernelCache for Invalidator {
+    fn inval_inode(&self, ino: u64) {
+        if let Err(e) = self.0.inval_inode(INodeNo(ino), 0, 0) {
+            tracing::debug!(ino, error = %e, "cannot invalidate the kernel's cache");
+        }
+    }
+
+    fn inval_entry(&self, parent: u64, name: &[u8]) {
+        if let Err(e) = self.0.inval_entry(INodeNo(parent), OsStr::from_bytes(name)) {
+            tracing::debug!(parent, error = %e, "cannot invalidate a kernel dentry");
+        }
+    }
+}
+
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }

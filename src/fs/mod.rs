@@ -3,5 +3,6 @@
 
 pub mod core;
 pub mod fuse;
+pub mod snapview;
 
 pub use core::{Attr, SetAttr, TimeSet, Vfs, VfsOptions};

@@ -6,7 +6,12 @@
 //! Tables (keys and values are fixed-width little-endian or versioned records):
 //! - `inodes`: `u64` inode number -> [`encode_record`] of an [`InodeRecord`]
 //! - `dirents`: `(u64 parent, &[u8] name)` -> `u64` child inode number
-//! - `super`: `&str` -> `u64` (`generation`, `next_ino`, `next_file_id`, `format`)
+//! - `super`: `&str` -> `u64` (`generation`, `next_ino`, `next_file_id`,
+//!   `next_snap_id`, `format`)
+//! - `snapshots`: `u64` snapshot id -> [`encode_blob`] of the snapshot record
+//!   (defined and decoded by the snapshot module)
+//! - `cbt`: `(u64 ino, u64 extent index)` -> [`encode_blob`] of the changed-block
+//!   bitmap of that extent since the last snapshot
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +30,8 @@ pub const ROOT_INO: u64 = 1;
 const INODES: TableDefinition<u64, &[u8]> = TableDefinition::new("inodes");
 const DIRENTS: TableDefinition<(u64, &[u8]), u64> = TableDefinition::new("dirents");
 const SUPER: TableDefinition<&str, u64> = TableDefinition::new("super");
+const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+const CBT: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("cbt");
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeKind {
@@ -97,6 +104,21 @@ pub fn encode_record(r: &InodeRecord) -> Vec<u8> {
 }
 
 pub fn decode_record(b: &[u8]) -> std::result::Result<InodeRecord, String> {
+    bincode::deserialize(check_blob(b)?).map_err(|e| format!("record undecodable: {e}"))
+}
+
+/// The same envelope around raw bytes (changed-block bitmaps, snapshot records).
+pub fn encode_blob(payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + payload.len());
+    b.extend_from_slice(&RECORD_VERSION.to_le_bytes());
+    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+/// Checks an envelope's version and checksum and returns its payload.
+pub fn check_blob(b: &[u8]) -> std::result::Result<&[u8], String> {
     if b.len() < 8 {
         return Err("record too short".into());
     }
@@ -108,7 +130,7 @@ pub fn decode_record(b: &[u8]) -> std::result::Result<InodeRecord, String> {
     if crc32c::crc32c(&b[8..]) != crc {
         return Err("record checksum mismatch".into());
     }
-    bincode::deserialize(&b[8..]).map_err(|e| format!("record undecodable: {e}"))
+    Ok(&b[8..])
 }
 
 /// The whole metadata of a pool, as loaded at open.
@@ -119,12 +141,20 @@ pub struct MetaImage {
     pub next_file_id: u64,
     pub inodes: BTreeMap<u64, InodeRecord>,
     pub dirents: BTreeMap<(u64, Vec<u8>), u64>,
+    pub next_snap_id: u64,
+    /// Snapshot records, enveloped ([`encode_blob`]); checked by their reader.
+    pub snapshots: BTreeMap<u64, Vec<u8>>,
+    /// Changed-block bitmaps per `(ino, extent index)`, enveloped.
+    pub cbt: BTreeMap<(u64, u64), Vec<u8>>,
     /// Inodes whose record failed its checksum (reported by check).
     pub corrupt: Vec<(u64, String)>,
 }
 
 /// Key of a directory entry: parent inode and name.
 pub type DirentKey = (u64, Vec<u8>);
+
+/// A keyed record to write (`Some`) or delete (`None`).
+pub type BlobChange<K> = (K, Option<Vec<u8>>);
 
 /// One atomic change to the metadata, applied to every member.
 #[derive(Clone, Debug, Default)]
@@ -136,6 +166,11 @@ pub struct Batch {
     pub inodes: Vec<(u64, Option<Vec<u8>>)>,
     /// `None` deletes the entry.
     pub dirents: Vec<(DirentKey, Option<u64>)>,
+    pub next_snap_id: u64,
+    /// `None` deletes the snapshot record.
+    pub snapshots: Vec<BlobChange<u64>>,
+    /// `None` deletes the bitmap.
+    pub cbt: Vec<BlobChange<(u64, u64)>>,
 }
 
 pub struct MemberStore {
@@ -208,7 +243,25 @@ impl MemberStore {
                 }
                 .map_err(|e| Error::store(p, e))?;
             }
+            let mut snaps = wt.open_table(SNAPSHOTS).map_err(|e| Error::store(p, e))?;
+            for (id, rec) in &batch.snapshots {
+                match rec {
+                    Some(b) => snaps.insert(*id, b.as_slice()),
+                    None => snaps.remove(*id),
+                }
+                .map_err(|e| Error::store(p, e))?;
+            }
+            let mut cbt = wt.open_table(CBT).map_err(|e| Error::store(p, e))?;
+            for (key, bits) in &batch.cbt {
+                match bits {
+                    Some(b) => cbt.insert(*key, b.as_slice()),
+                    None => cbt.remove(*key),
+                }
+                .map_err(|e| Error::store(p, e))?;
+            }
             let mut sup = wt.open_table(SUPER).map_err(|e| Error::store(p, e))?;
+            sup.insert("next_snap_id", batch.next_snap_id)
+                .map_err(|e| Error::store(p, e))?;
             sup.insert("generation", batch.generation)
                 .map_err(|e| Error::store(p, e))?;
             sup.insert("next_ino", batch.next_ino)
@@ -232,6 +285,19 @@ impl MemberStore {
             // Deleting and re-creating the tables empties them in one transaction.
             let _ = wt.delete_table(INODES).map_err(|e| Error::store(p, e))?;
             let _ = wt.delete_table(DIRENTS).map_err(|e| Error::store(p, e))?;
+            let _ = wt.delete_table(SNAPSHOTS).map_err(|e| Error::store(p, e))?;
+            let _ = wt.delete_table(CBT).map_err(|e| Error::store(p, e))?;
+            let mut snaps = wt.open_table(SNAPSHOTS).map_err(|e| Error::store(p, e))?;
+            for (id, rec) in &image.snapshots {
+                snaps
+                    .insert(*id, rec.as_slice())
+                    .map_err(|e| Error::store(p, e))?;
+            }
+            let mut cbt = wt.open_table(CBT).map_err(|e| Error::store(p, e))?;
+            for (key, bits) in &image.cbt {
+                cbt.insert(*key, bits.as_slice())
+                    .map_err(|e| Error::store(p, e))?;
+            }
             let mut inodes = wt.open_table(INODES).map_err(|e| Error::store(p, e))?;
             for (ino, rec) in &image.inodes {
                 inodes
@@ -249,6 +315,7 @@ impl MemberStore {
                 ("generation", image.generation),
                 ("next_ino", image.next_ino),
                 ("next_file_id", image.next_file_id),
+                ("next_snap_id", image.next_snap_id),
                 ("format", META_FORMAT),
             ] {
                 sup.insert(k, v).map_err(|e| Error::store(p, e))?;
@@ -281,6 +348,7 @@ fn load_from(db: &impl ReadableDatabase, p: &Path) -> Result<MetaImage> {
         img.generation = get("generation")?;
         img.next_ino = get("next_ino")?;
         img.next_file_id = get("next_file_id")?;
+        img.next_snap_id = get("next_snap_id")?;
     }
     let inodes = rt.open_table(INODES).map_err(|e| Error::store(p, e))?;
     for row in inodes.iter().map_err(|e| Error::store(p, e))? {
@@ -297,6 +365,27 @@ fn load_from(db: &impl ReadableDatabase, p: &Path) -> Result<MetaImage> {
         let (k, v) = row.map_err(|e| Error::store(p, e))?;
         let (parent, name) = k.value();
         img.dirents.insert((parent, name.to_vec()), v.value());
+    }
+    // Tables added after format 1 was first written may be absent in an old store.
+    match rt.open_table(SNAPSHOTS) {
+        Ok(t) => {
+            for row in t.iter().map_err(|e| Error::store(p, e))? {
+                let (k, v) = row.map_err(|e| Error::store(p, e))?;
+                img.snapshots.insert(k.value(), v.value().to_vec());
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(Error::store(p, e)),
+    }
+    match rt.open_table(CBT) {
+        Ok(t) => {
+            for row in t.iter().map_err(|e| Error::store(p, e))? {
+                let (k, v) = row.map_err(|e| Error::store(p, e))?;
+                img.cbt.insert(k.value(), v.value().to_vec());
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(Error::store(p, e)),
     }
     Ok(img)
 }
@@ -356,6 +445,7 @@ mod tests {
             next_file_id: 6,
             inodes: vec![(2, Some(encode_record(&rec())))],
             dirents: vec![((1, b"a".to_vec()), Some(2))],
+            ..Default::default()
         };
         s.apply(&batch, true).unwrap();
         let got = s.load().unwrap();

@@ -8,9 +8,12 @@
 //! DIR/meta.redb                          this member's copy of the metadata (meta.rs)
 //! DIR/data/<ino>.<index>.<file_id>       one sparse file per extent copy
 //! DIR/vpool.lock                         flock held by the daemon; holds pid and mountpoint
+//! DIR/intent.0, DIR/intent.1             write-intent log (intent.rs)
+//! DIR/snap/<id>/<ino>.<seq>.vd           snapshot delta files (snapshot module)
 //! ```
 
 pub mod inspect;
+pub mod intent;
 pub mod label;
 pub mod meta;
 
@@ -79,6 +82,7 @@ pub struct Member {
     space: Mutex<Option<SpaceReading>>,
     /// Number of extent files on this member (placement tie-break).
     pub extents: AtomicU64,
+    pub intent: intent::IntentLog,
 }
 
 impl Member {
@@ -119,6 +123,9 @@ pub struct Pool {
     pub label: Label,
     pub members: Vec<Member>,
     pub next_file_id: AtomicU64,
+    /// Tag of new write-intent records: the generation of the next commit
+    /// (see intent.rs); changed only while no write is in flight.
+    pub intent_tag: AtomicU64,
 }
 
 /// Space of the pool as statfs reports it (bytes).
@@ -442,18 +449,20 @@ impl Pool {
                     path: path.clone(),
                     ..entry
                 },
-                dir: path,
                 dev,
                 store: Mutex::new(None),
                 _lock: lock,
                 space: Mutex::new(None),
                 extents: AtomicU64::new(0),
+                intent: intent::IntentLog::new(&path),
+                dir: path,
             });
         }
         Ok(Pool {
             label,
             members,
             next_file_id: AtomicU64::new(1),
+            intent_tag: AtomicU64::new(1),
         })
     }
 
@@ -753,6 +762,40 @@ impl Pool {
                 }
             }
         }
+    }
+
+    /// Records, durably on each listed member, that extent `(ino, index)` is about
+    /// to change (see intent.rs). Returns the tag used.
+    pub fn log_intent(&self, members: &[u32], ino: u64, index: u64) -> io::Result<u64> {
+        let tag = self.intent_tag.load(Ordering::Acquire);
+        for id in members {
+            if let Some(m) = self.member(*id) {
+                m.intent.append(tag, ino, index)?;
+            }
+        }
+        Ok(tag)
+    }
+
+    /// Drops intent records covered by the durable commit of generation `generation`.
+    pub fn clear_intents(&self, generation: u64) {
+        for m in &self.members {
+            if let Err(e) = m.intent.clear(generation) {
+                tracing::warn!(member = %m.dir.display(), error = %e, "cannot clear the intent log");
+            }
+        }
+    }
+
+    /// Extents that may have changed after the durable generation `durable`.
+    pub fn pending_intents(&self, durable: u64) -> Result<std::collections::BTreeSet<(u64, u64)>> {
+        let mut out = std::collections::BTreeSet::new();
+        for m in &self.members {
+            out.extend(
+                m.intent
+                    .pending(durable)
+                    .map_err(|e| Error::io(&m.dir, e))?,
+            );
+        }
+        Ok(out)
     }
 
     /// fsyncs the data directories of the given members (new extent files durable).

@@ -10,11 +10,19 @@
 //! has been fdatasynced. It leaves the map on truncate or delete, and its files
 //! are removed only after the commit that dropped it is durable.
 //!
+//! Every change to an extent (write, punch, zero range, preallocation, a cut by
+//! truncate) is preceded, the first time since the last commit, by a durable
+//! write-intent record (pool/intent.rs), and marks its blocks in the volume's
+//! changed-block bitmap (CBT), which the commit persists per extent and a
+//! snapshot takes over as its interval of changes.
+//!
 //! Locking: the map is behind an `RwLock` taken for reading on every I/O and for
 //! writing only to add or drop extents; member file I/O is positional
-//! (`pread`/`pwrite`) and runs without any lock held.
+//! (`pread`/`pwrite`) and runs without any lock held. The caller (fs core)
+//! holds its write gate for reading around every change, so the intent tag
+//! cannot move while a change is in flight.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -22,7 +30,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
@@ -46,6 +54,9 @@ pub struct Extent {
     /// Allocated bytes of the first copy, valid unless `blocks_stale`.
     blocks: AtomicU64,
     blocks_stale: AtomicBool,
+    /// Intent tag under which this extent's change was logged (0: none yet).
+    intent_tag: AtomicU64,
+    intent_lock: Mutex<()>,
 }
 
 impl Extent {
@@ -64,7 +75,28 @@ impl Extent {
             fresh: AtomicBool::new(fresh),
             blocks: AtomicU64::new(0),
             blocks_stale: AtomicBool::new(true),
+            intent_tag: AtomicU64::new(0),
+            intent_lock: Mutex::new(()),
         }
+    }
+
+    /// Makes sure a durable intent record covers a change to this extent under
+    /// the pool's current tag (see pool/intent.rs).
+    fn prepare(&self, pool: &Pool, ino: u64) -> FsResult<()> {
+        let tag = pool.intent_tag.load(Ordering::Acquire);
+        if self.intent_tag.load(Ordering::Acquire) == tag {
+            return Ok(());
+        }
+        let _g = self.intent_lock.lock();
+        if self.intent_tag.load(Ordering::Acquire) == tag {
+            return Ok(());
+        }
+        let members: Vec<u32> = self.copies.iter().map(|c| c.member).collect();
+        let used = pool
+            .log_intent(&members, ino, self.index)
+            .map_err(map_write_err)?;
+        self.intent_tag.store(used, Ordering::Release);
+        Ok(())
     }
 
     fn file(&self, pool: &Pool, ino: u64, copy: usize) -> FsResult<Arc<File>> {
@@ -196,10 +228,25 @@ fn fully_allocated(f: &File, off: u64, len: u64) -> io::Result<bool> {
     }
 }
 
+/// Changed-block tracking of one file: one bit per block, one bitmap per extent
+/// index (an extent dropped by truncate keeps its bits), and the extents whose
+/// bitmap changed since the last commit.
+#[derive(Default)]
+struct Cbt {
+    bits: BTreeMap<u64, Vec<u64>>,
+    dirty: BTreeSet<u64>,
+}
+
+/// A range of blocks as a snapshot captures it: `None` is a hole.
+pub type Segment = (u64, u64, Option<Vec<u8>>);
+
 pub struct Volume {
     pub ino: u64,
     esize: u64,
+    /// Block size: the unit of changed-block tracking.
+    bs: u64,
     map: RwLock<BTreeMap<u64, Arc<Extent>>>,
+    cbt: Mutex<Cbt>,
 }
 
 /// An extent file that can be removed once the commit dropping it is durable:
@@ -227,7 +274,15 @@ fn invalidate_space(pool: &Pool, member: u32) {
 }
 
 impl Volume {
-    pub fn new(ino: u64, esize: u64, records: &[ExtentRecord]) -> Volume {
+    /// `cbt`: the persisted changed-block bitmaps of this file, per extent index
+    /// (little-endian `u64` words, bit `b % 64` of word `b / 64`).
+    pub fn new(
+        ino: u64,
+        esize: u64,
+        bs: u64,
+        records: &[ExtentRecord],
+        cbt: impl IntoIterator<Item = (u64, Vec<u64>)>,
+    ) -> Volume {
         let map = records
             .iter()
             .filter(|r| !r.members.is_empty())
@@ -242,7 +297,185 @@ impl Volume {
         Volume {
             ino,
             esize,
+            bs,
             map: RwLock::new(map),
+            cbt: Mutex::new(Cbt {
+                bits: cbt.into_iter().collect(),
+                dirty: BTreeSet::new(),
+            }),
+        }
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.bs
+    }
+
+    fn words_per_extent(&self) -> usize {
+        (self.esize / self.bs).div_ceil(64) as usize
+    }
+
+    /// Marks the blocks overlapping bytes `[off, off+len)` changed.
+    pub fn mark_changed(&self, off: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = off / self.bs;
+        let last = (off + len - 1) / self.bs;
+        self.mark_blocks(first, last + 1);
+    }
+
+    /// Marks blocks `[start, end)` changed.
+    pub fn mark_blocks(&self, start: u64, end: u64) {
+        let per = self.esize / self.bs;
+        let words = self.words_per_extent();
+        let mut c = self.cbt.lock();
+        let mut b = start;
+        while b < end {
+            let index = b / per;
+            let stop = end.min((index + 1) * per);
+            let map = c.bits.entry(index).or_insert_with(|| vec![0; words]);
+            for blk in (b - index * per)..(stop - index * per) {
+                map[(blk / 64) as usize] |= 1 << (blk % 64);
+            }
+            c.dirty.insert(index);
+            b = stop;
+        }
+    }
+
+    /// Changed blocks, as sorted `[start, end)` block ranges.
+    pub fn changed_ranges(&self) -> Vec<(u64, u64)> {
+        let per = self.esize / self.bs;
+        let c = self.cbt.lock();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (index, words) in &c.bits {
+            for (wi, w) in words.iter().enumerate() {
+                if *w == 0 {
+                    continue;
+                }
+                for bit in 0..64u64 {
+                    if w & (1 << bit) != 0 {
+                        let b = index * per + wi as u64 * 64 + bit;
+                        match out.last_mut() {
+                            Some((_, e)) if *e == b => *e += 1,
+                            _ => out.push((b, b + 1)),
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Empties the bitmap (a snapshot took its content over); the emptied
+    /// extents are persisted by the next commit.
+    pub fn clear_changed(&self) {
+        let mut c = self.cbt.lock();
+        let keys: Vec<u64> = c.bits.keys().copied().collect();
+        c.dirty.extend(keys);
+        c.bits.clear();
+    }
+
+    /// Bitmaps changed since the last call, for the commit: `(index, None)` when
+    /// the extent has no changed block any more.
+    pub fn take_cbt_changes(&self) -> Vec<(u64, Option<Vec<u64>>)> {
+        let mut c = self.cbt.lock();
+        let dirty = std::mem::take(&mut c.dirty);
+        dirty
+            .into_iter()
+            .map(|i| {
+                let w = c
+                    .bits
+                    .get(&i)
+                    .filter(|w| w.iter().any(|x| *x != 0))
+                    .cloned();
+                (i, w)
+            })
+            .collect()
+    }
+
+    /// Puts back what [`Volume::take_cbt_changes`] returned (the commit failed).
+    pub fn restore_cbt_changes(&self, indexes: impl IntoIterator<Item = u64>) {
+        self.cbt.lock().dirty.extend(indexes);
+    }
+
+    /// Every extent index with a persisted or pending bitmap (for deleting the
+    /// rows of a removed file).
+    pub fn cbt_indexes(&self) -> Vec<u64> {
+        let c = self.cbt.lock();
+        c.bits.keys().chain(c.dirty.iter()).copied().collect()
+    }
+
+    /// Reads blocks `[start, start+count)` (all within one extent) as a snapshot
+    /// captures them: runs of holes (unallocated in the first copy) and of data.
+    pub fn capture(&self, pool: &Pool, start: u64, count: u64) -> FsResult<Vec<Segment>> {
+        let bs = self.bs;
+        let off = start * bs;
+        let len = count * bs;
+        let index = off / self.esize;
+        debug_assert!((off + len - 1) / self.esize == index);
+        let Some(ext) = self.get(index) else {
+            return Ok(vec![(start, count, None)]);
+        };
+        let base = index * self.esize;
+        let f = ext.file(pool, self.ino, 0)?;
+        // Allocated ranges of the first copy, widened to whole blocks.
+        let mut data: Vec<(u64, u64)> = Vec::new();
+        let (lo, hi) = (off - base, off - base + len);
+        let mut pos = lo;
+        while pos < hi {
+            let Some(d) = lseek(&f, pos, libc::SEEK_DATA).map_err(FsError::Io)? else {
+                break;
+            };
+            if d >= hi {
+                break;
+            }
+            let h = lseek(&f, d, libc::SEEK_HOLE)
+                .map_err(FsError::Io)?
+                .unwrap_or(hi)
+                .min(hi);
+            let (ds, de) = ((d / bs) * bs, h.div_ceil(bs) * bs);
+            match data.last_mut() {
+                Some((_, e)) if *e >= ds => *e = (*e).max(de),
+                _ => data.push((ds, de)),
+            }
+            pos = h.max(d + 1);
+        }
+        let mut out = Vec::new();
+        let mut cur = lo;
+        for (ds, de) in data {
+            if ds > cur {
+                out.push(((base + cur) / bs, (ds - cur) / bs, None));
+            }
+            let mut buf = vec![0u8; (de - ds) as usize];
+            self.read_extent(pool, &ext, ds, &mut buf)?;
+            out.push(((base + ds) / bs, (de - ds) / bs, Some(buf)));
+            cur = de;
+        }
+        if cur < hi {
+            out.push(((base + cur) / bs, (hi - cur) / bs, None));
+        }
+        Ok(out)
+    }
+
+    /// Fills `dst` from the extent at `within`, from the first copy that answers.
+    fn read_extent(&self, pool: &Pool, ext: &Extent, within: u64, dst: &mut [u8]) -> FsResult<()> {
+        let mut last_err = None;
+        for copy in 0..ext.copies.len() {
+            match ext
+                .file(pool, self.ino, copy)
+                .and_then(|f| read_full(&f, dst, within))
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(ino = self.ino, extent = ext.index, copy, error = %e, "read failed; trying the next copy");
+                    dst.fill(0);
+                    last_err = Some(e);
+                }
+            }
+        }
+        match last_err {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
@@ -292,26 +525,7 @@ impl Volume {
                 continue;
             };
             let dst = &mut buf[p.buf_off..p.buf_off + p.len];
-            let mut last_err = None;
-            for copy in 0..ext.copies.len() {
-                match ext
-                    .file(pool, self.ino, copy)
-                    .and_then(|f| read_full(&f, dst, p.within))
-                {
-                    Ok(()) => {
-                        last_err = None;
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(ino = self.ino, extent = p.index, copy, error = %e, "read failed; trying the next copy");
-                        dst.fill(0);
-                        last_err = Some(e);
-                    }
-                }
-            }
-            if let Some(e) = last_err {
-                return Err(e);
-            }
+            self.read_extent(pool, &ext, p.within, dst)?;
         }
         Ok(buf)
     }
@@ -320,6 +534,8 @@ impl Volume {
     pub fn write(&self, pool: &Pool, off: u64, data: &[u8]) -> FsResult<()> {
         for p in pieces(self.esize, off, data.len()) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
+            ext.prepare(pool, self.ino)?;
+            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let piece = &data[p.buf_off..p.buf_off + p.len];
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
@@ -340,6 +556,8 @@ impl Volume {
             let Some(ext) = self.get(p.index) else {
                 continue;
             };
+            ext.prepare(pool, self.ino)?;
+            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 fallocate(
                     f,
@@ -361,6 +579,8 @@ impl Volume {
     pub fn zero_range(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
+            ext.prepare(pool, self.ino)?;
+            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
                 let zr = fallocate(
@@ -396,6 +616,8 @@ impl Volume {
     pub fn allocate(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
+            ext.prepare(pool, self.ino)?;
+            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
                 fallocate(f, libc::FALLOC_FL_KEEP_SIZE, p.within, p.len as u64).map_err(|e| {
@@ -417,6 +639,7 @@ impl Volume {
         if cut != 0
             && let Some(ext) = self.get(new_size / self.esize)
         {
+            ext.prepare(pool, self.ino)?;
             ext.each_copy(pool, self.ino, |_, f| {
                 if f.metadata().map_err(FsError::Io)?.len() > cut {
                     f.set_len(cut).map_err(FsError::Io)?;

@@ -1,0 +1,819 @@
+//! The `.snapshots` control directory and the snapshot commands of the core.
+//!
+//! Inode numbers: live inodes stay below 2^40. `.snapshots` itself is
+//! [`SNAPDIR_INO`] (bit 63 alone); inode `i` of snapshot `s` is
+//! `2^63 | s << 40 | i` (`1 <= s < 2^23`). Snapshot ids are never reused, so the
+//! kernel never sees one number name two things. `.snapshots` is found by
+//! lookup in the root and listed only with `snapdir=visible`; everything in it
+//! is read-only (EROFS), except `mkdir` (create a snapshot) and `rmdir`
+//! (delete one) directly in it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+
+use super::core::{Attr, Caller, DirEntry, Handle, NewNode, Vfs};
+use crate::error::{FsError, FsResult};
+use crate::pool::meta::{InodeRecord, NodeKind, ROOT_INO};
+use crate::snapshot::ranges::RangeSet;
+use crate::snapshot::{Freeze, Kind, PrunePolicy, SnapshotInfo, SnapshotRecord, State, check_name};
+
+pub const SNAP_BIT: u64 = 1 << 63;
+pub const SNAPDIR_INO: u64 = SNAP_BIT;
+pub const SNAPDIR_NAME: &[u8] = b".snapshots";
+const INO_BITS: u32 = 40;
+const MAX_SNAP_ID: u64 = (1 << 23) - 1;
+
+pub fn is_snap(ino: u64) -> bool {
+    ino & SNAP_BIT != 0
+}
+
+fn snap_ino(snap: u64, ino: u64) -> u64 {
+    SNAP_BIT | (snap << INO_BITS) | ino
+}
+
+/// `(snapshot id, inode)`; id 0 is `.snapshots` itself.
+fn split(ino: u64) -> (u64, u64) {
+    ((ino & !SNAP_BIT) >> INO_BITS, ino & ((1 << INO_BITS) - 1))
+}
+
+/// What `snapshot restore` did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub files: u64,
+    pub blocks_written: u64,
+    pub blocks_punched: u64,
+    pub blocks_compared: u64,
+}
+
+fn attr_of_record(ino: u64, r: &InodeRecord, blocks: u64, blksize: u32) -> Attr {
+    let (size, blocks) = match r.kind {
+        NodeKind::Dir => (4096, 8),
+        NodeKind::Symlink => (r.target.len() as u64, 0),
+        NodeKind::File => (r.size, blocks),
+        _ => (0, 0),
+    };
+    Attr {
+        ino,
+        kind: r.kind,
+        size,
+        blocks,
+        atime: r.atime,
+        mtime: r.mtime,
+        ctime: r.ctime,
+        mode: r.mode,
+        nlink: r.nlink,
+        uid: r.uid,
+        gid: r.gid,
+        rdev: r.rdev,
+        blksize,
+    }
+}
+
+/// Splits a pool-relative path into its names ("a/b/c", leading '/' allowed).
+fn components(path: &[u8]) -> Vec<&[u8]> {
+    path.split(|b| *b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+        .collect()
+}
+
+impl Vfs {
+    fn readable_snap(&self, id: u64) -> FsResult<Arc<SnapshotRecord>> {
+        self.snaps
+            .get(id)
+            .filter(|r| r.is_readable())
+            .ok_or(FsError::NotFound)
+    }
+
+    pub(crate) fn snapdir_attr(&self) -> Attr {
+        let recs = self.snaps.records();
+        let t = recs
+            .iter()
+            .map(|r| r.created)
+            .max_by_key(|t| (t.secs, t.nanos))
+            .unwrap_or_default();
+        Attr {
+            ino: SNAPDIR_INO,
+            kind: NodeKind::Dir,
+            size: 4096,
+            blocks: 8,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            mode: 0o555,
+            nlink: 2 + recs.iter().filter(|r| r.is_readable()).count() as u32,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: self.pool.config().block_size.max(4096),
+        }
+    }
+
+    pub(crate) fn snap_getattr(&self, ino: u64) -> FsResult<Attr> {
+        let (id, inner) = split(ino);
+        if id == 0 {
+            return Ok(self.snapdir_attr());
+        }
+        let rec = self.readable_snap(id)?;
+        let r = rec.inodes.get(&inner).ok_or(FsError::NotFound)?;
+        let blocks = if r.kind == NodeKind::File {
+            self.snaps.allocated(id, inner)
+        } else {
+            0
+        };
+        Ok(attr_of_record(
+            ino,
+            r,
+            blocks,
+            self.pool.config().block_size.max(4096),
+        ))
+    }
+
+    pub(crate) fn snap_lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let (id, inner) = split(parent);
+        if id == 0 {
+            match name {
+                b"." => return Ok(self.snapdir_attr()),
+                b".." => return self.getattr(ROOT_INO),
+                _ => {}
+            }
+            let name = std::str::from_utf8(name).map_err(|_| FsError::NotFound)?;
+            let rec = self
+                .snaps
+                .by_name(name)
+                .filter(|r| r.is_readable())
+                .ok_or(FsError::NotFound)?;
+            return self.snap_getattr(snap_ino(rec.id, ROOT_INO));
+        }
+        let rec = self.readable_snap(id)?;
+        let child = match name {
+            b"." => inner,
+            b".." if inner == ROOT_INO => return Ok(self.snapdir_attr()),
+            b".." => rec.inodes.get(&inner).ok_or(FsError::NotFound)?.parent,
+            _ => *rec
+                .dirents
+                .get(&(inner, name.to_vec()))
+                .ok_or(FsError::NotFound)?,
+        };
+        self.snap_getattr(snap_ino(id, child))
+    }
+
+    pub(crate) fn snap_readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let (id, inner) = split(ino);
+        let rec = self.readable_snap(id)?;
+        let r = rec.inodes.get(&inner).ok_or(FsError::NotFound)?;
+        if r.kind != NodeKind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        Ok(r.target.clone())
+    }
+
+    pub(crate) fn snap_xattrs(&self, ino: u64) -> FsResult<BTreeMap<Vec<u8>, Vec<u8>>> {
+        let (id, inner) = split(ino);
+        if id == 0 {
+            return Ok(BTreeMap::new());
+        }
+        let rec = self.readable_snap(id)?;
+        Ok(rec
+            .inodes
+            .get(&inner)
+            .ok_or(FsError::NotFound)?
+            .xattrs
+            .clone())
+    }
+
+    pub(crate) fn snap_open(&self, ino: u64, write: bool) -> FsResult<u64> {
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let (id, inner) = split(ino);
+        if id == 0 {
+            return Err(FsError::IsDir);
+        }
+        let rec = self.readable_snap(id)?;
+        match rec.inodes.get(&inner).map(|r| r.kind) {
+            Some(NodeKind::File) => {}
+            Some(NodeKind::Dir) => return Err(FsError::IsDir),
+            Some(_) => return Err(FsError::Invalid),
+            None => return Err(FsError::NotFound),
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.write().insert(
+            fh,
+            Arc::new(Handle::SnapFile {
+                snap: id,
+                ino: inner,
+            }),
+        );
+        Ok(fh)
+    }
+
+    /// `(snapshot, inode)` of a snapshot file handle.
+    pub(crate) fn snap_handle(&self, fh: u64) -> Option<(u64, u64)> {
+        match self.handles.read().get(&fh).map(|h| h.as_ref()) {
+            Some(Handle::SnapFile { snap, ino }) => Some((*snap, *ino)),
+            _ => None,
+        }
+    }
+
+    /// Size of the file behind a handle (live or snapshot).
+    pub(crate) fn handle_size(&self, fh: u64) -> FsResult<u64> {
+        if let Some((snap, ino)) = self.snap_handle(fh) {
+            let rec = self.readable_snap(snap)?;
+            return Ok(rec.inodes.get(&ino).map(|r| r.size).unwrap_or(0));
+        }
+        Ok(self.getattr(self.file_node(fh)?.ino)?.size)
+    }
+
+    pub(crate) fn snap_lseek(&self, snap: u64, ino: u64, off: u64, whence: i32) -> FsResult<u64> {
+        let rec = self.readable_snap(snap)?;
+        let size = rec.inodes.get(&ino).map(|r| r.size).unwrap_or(0);
+        let r = match whence {
+            libc::SEEK_DATA => self.snaps.seek(snap, ino, off, true)?,
+            libc::SEEK_HOLE => self.snaps.seek(snap, ino, off, false)?,
+            libc::SEEK_SET => Some(off),
+            libc::SEEK_END => Some(size.saturating_add(off)),
+            _ => return Err(FsError::Invalid),
+        };
+        r.ok_or(FsError::NoData)
+    }
+
+    pub(crate) fn snap_list_dir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        let (id, inner) = split(ino);
+        let mut out = vec![
+            DirEntry {
+                ino,
+                kind: NodeKind::Dir,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: if id == 0 {
+                    ROOT_INO
+                } else if inner == ROOT_INO {
+                    SNAPDIR_INO
+                } else {
+                    snap_ino(id, 0)
+                },
+                kind: NodeKind::Dir,
+                name: b"..".to_vec(),
+            },
+        ];
+        if id == 0 {
+            for r in self.snaps.records() {
+                if r.is_readable() {
+                    out.push(DirEntry {
+                        ino: snap_ino(r.id, ROOT_INO),
+                        kind: NodeKind::Dir,
+                        name: r.name.as_bytes().to_vec(),
+                    });
+                }
+            }
+            return Ok(out);
+        }
+        let rec = self.readable_snap(id)?;
+        let me = rec.inodes.get(&inner).ok_or(FsError::NotFound)?;
+        if me.kind != NodeKind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if inner != ROOT_INO {
+            out[1].ino = snap_ino(id, me.parent);
+        }
+        for ((_, name), child) in rec
+            .dirents
+            .range((inner, Vec::new())..)
+            .take_while(|((p, _), _)| *p == inner)
+        {
+            let kind = rec
+                .inodes
+                .get(child)
+                .map(|r| r.kind)
+                .unwrap_or(NodeKind::File);
+            out.push(DirEntry {
+                ino: snap_ino(id, *child),
+                kind,
+                name: name.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn snap_mkdir(&self, name: &[u8]) -> FsResult<Attr> {
+        let name = std::str::from_utf8(name).map_err(|_| FsError::Invalid)?;
+        let info = self.snapshot_create(name, None)?;
+        self.snap_getattr(snap_ino(info.id, ROOT_INO))
+    }
+
+    pub(crate) fn snap_rmdir(&self, name: &[u8]) -> FsResult<()> {
+        let name = std::str::from_utf8(name).map_err(|_| FsError::NotFound)?;
+        self.snapshot_delete(name)
+    }
+
+    // ----- commands -----
+
+    pub fn snapshot_list(&self) -> Vec<SnapshotInfo> {
+        self.snaps.infos()
+    }
+
+    /// Creates snapshot `name`: freezes writers for as long as it takes to copy
+    /// the namespace and take the changed-block bitmaps, then captures the data
+    /// in the background (see snapshot/store.rs). The snapshot is readable at
+    /// once.
+    pub fn snapshot_create(&self, name: &str, kind: Option<Kind>) -> FsResult<SnapshotInfo> {
+        self.writable()?;
+        check_name(name)?;
+        let _admin = self.snaps.admin.lock();
+        self.snaps.wait_idle();
+        if self.snaps.by_name(name).is_some() {
+            return Err(FsError::Exists);
+        }
+        let (kind, parent) = self.snaps.plan(kind)?;
+        // Most of what is pending becomes durable outside the freeze.
+        self.commit()?;
+        let job = {
+            let _gate = self.gate.write();
+            let ns = self.ns.read();
+            let mut inodes = BTreeMap::new();
+            let mut files = Vec::new();
+            let mut interval = BTreeMap::new();
+            for (ino, n) in &ns.nodes {
+                let mut rec = n.record();
+                if rec.nlink == 0 && *ino != ROOT_INO {
+                    continue;
+                }
+                if *ino >= 1 << INO_BITS {
+                    return Err(FsError::Message(format!(
+                        "inode {ino} is beyond what .snapshots can number"
+                    )));
+                }
+                rec.extents.clear();
+                if let Some(v) = &n.volume {
+                    let changed = v.changed_ranges();
+                    v.clear_changed();
+                    if !changed.is_empty() {
+                        interval.insert(*ino, RangeSet::from_ranges(&changed));
+                    }
+                    files.push((*ino, v.clone(), rec.size));
+                }
+                inodes.insert(*ino, rec);
+            }
+            let mut dirents = BTreeMap::new();
+            for (parent, children) in &ns.children {
+                for (name, child) in children {
+                    dirents.insert((*parent, name.clone()), *child);
+                }
+            }
+            let freeze = Freeze {
+                name: name.to_string(),
+                kind,
+                inodes,
+                dirents,
+                files,
+                interval,
+            };
+            self.snaps.begin(freeze, parent)?
+        };
+        if job.id > MAX_SNAP_ID {
+            tracing::warn!(id = job.id, "snapshot id beyond the .snapshots numbering");
+        }
+        let store = self.snaps.clone();
+        let worker = job.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("vpool-snapshot".into())
+            .spawn(move || store.run_job(worker))
+        {
+            // Without a worker the capture runs here.
+            tracing::warn!(error = %e, "cannot start the snapshot thread; capturing inline");
+            self.snaps.run_job(job.clone());
+        }
+        if let Err(e) = self.commit() {
+            tracing::warn!(error = %e, "commit after snapshot creation failed; it will be retried");
+        }
+        self.snaps
+            .infos()
+            .into_iter()
+            .find(|i| i.id == job.id)
+            .ok_or(FsError::NotFound)
+    }
+
+    /// Waits for a running capture to end, then commits its record.
+    pub fn snapshot_wait(&self) -> FsResult<()> {
+        self.snaps.wait_idle();
+        self.commit()
+    }
+
+    /// Deletes a snapshot (see [`crate::snapshot::SnapshotStore::delete`]).
+    pub fn snapshot_delete(&self, name: &str) -> FsResult<()> {
+        self.writable()?;
+        let _admin = self.snaps.admin.lock();
+        self.snaps.wait_idle();
+        self.delete_locked(name)
+    }
+
+    fn delete_locked(&self, name: &str) -> FsResult<()> {
+        let rec = self.snaps.by_name(name).ok_or(FsError::NotFound)?;
+        let (old, to_live) = self.snaps.delete(rec.id)?;
+        {
+            let ns = self.ns.read();
+            for (ino, set) in to_live {
+                if let Some(v) = ns.nodes.get(&ino).and_then(|n| n.volume.as_ref()) {
+                    for (s, e) in set.iter() {
+                        v.mark_blocks(s, e);
+                    }
+                }
+            }
+        }
+        self.commit()?;
+        for p in old {
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            if let Err(e) = r
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove old snapshot file");
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes what `policy` does not keep; returns the names (only listed with
+    /// `dry_run`).
+    pub fn snapshot_prune(&self, policy: &PrunePolicy, dry_run: bool) -> FsResult<Vec<String>> {
+        if *policy == PrunePolicy::default() {
+            return Err(FsError::Message(
+                "no keep rule given: refusing to delete every snapshot".into(),
+            ));
+        }
+        let _admin = self.snaps.admin.lock();
+        self.snaps.wait_idle();
+        let ids = self.snaps.prune_plan(policy);
+        let names: Vec<String> = ids
+            .iter()
+            .filter_map(|id| self.snaps.get(*id).map(|r| r.name.clone()))
+            .collect();
+        if !dry_run {
+            self.writable()?;
+            for n in &names {
+                self.delete_locked(n)?;
+            }
+        }
+        Ok(names)
+    }
+
+    /// Every file of a snapshot with its pool-relative path.
+    fn snap_files(rec: &SnapshotRecord) -> Vec<(Vec<u8>, u64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![(Vec::new(), ROOT_INO)];
+        let mut seen = BTreeSet::new();
+        while let Some((path, dir)) = stack.pop() {
+            if !seen.insert(dir) {
+                continue;
+            }
+            for ((_, name), child) in rec
+                .dirents
+                .range((dir, Vec::new())..)
+                .take_while(|((p, _), _)| *p == dir)
+            {
+                let mut p = path.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(name);
+                match rec.inodes.get(child).map(|r| r.kind) {
+                    Some(NodeKind::Dir) => stack.push((p, *child)),
+                    Some(NodeKind::File) => out.push((p, *child)),
+                    _ => {}
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn snap_resolve(rec: &SnapshotRecord, path: &[u8]) -> FsResult<u64> {
+        let mut cur = ROOT_INO;
+        for c in components(path) {
+            cur = *rec
+                .dirents
+                .get(&(cur, c.to_vec()))
+                .ok_or(FsError::NotFound)?;
+        }
+        Ok(cur)
+    }
+
+    /// The live inode at `path`, creating missing directories (with the
+    /// snapshot's attributes) and the file itself when `create` is given.
+    fn live_resolve(&self, path: &[u8], create: Option<(&SnapshotRecord, bool)>) -> FsResult<u64> {
+        let comps = components(path);
+        let mut cur = ROOT_INO;
+        let mut snap_cur = ROOT_INO;
+        for (i, c) in comps.iter().enumerate() {
+            let last = i + 1 == comps.len();
+            let found = {
+                let ns = self.ns.read();
+                ns.dir(cur)?.get(*c).copied()
+            };
+            if let Some((rec, _)) = create {
+                snap_cur = rec
+                    .dirents
+                    .get(&(snap_cur, c.to_vec()))
+                    .copied()
+                    .unwrap_or(0);
+            }
+            cur = match (found, create) {
+                (Some(ino), _) => ino,
+                (None, Some((rec, make_parents))) if !last && make_parents => {
+                    let r = rec.inodes.get(&snap_cur);
+                    let node = self.make_node(
+                        cur,
+                        c,
+                        NewNode {
+                            kind: NodeKind::Dir,
+                            mode: r.map(|r| r.mode).unwrap_or(0o755),
+                            rdev: 0,
+                            target: Vec::new(),
+                        },
+                        Caller {
+                            uid: r.map(|r| r.uid).unwrap_or(0),
+                            gid: r.map(|r| r.gid).unwrap_or(0),
+                        },
+                    )?;
+                    node.ino
+                }
+                (None, Some((rec, _))) if last => {
+                    if let Some(k) = self.kernel.get() {
+                        k.inval_entry(cur, c);
+                    }
+                    let r = rec.inodes.get(&snap_cur);
+                    let node = self.make_node(
+                        cur,
+                        c,
+                        NewNode {
+                            kind: NodeKind::File,
+                            mode: r.map(|r| r.mode).unwrap_or(0o644),
+                            rdev: 0,
+                            target: Vec::new(),
+                        },
+                        Caller {
+                            uid: r.map(|r| r.uid).unwrap_or(0),
+                            gid: r.map(|r| r.gid).unwrap_or(0),
+                        },
+                    )?;
+                    node.ino
+                }
+                _ => return Err(FsError::NotFound),
+            };
+        }
+        Ok(cur)
+    }
+
+    /// Rolls files back to their content in snapshot `name` (every file of the
+    /// snapshot when `paths` is empty), writing only blocks that differ. Paths
+    /// are pool-relative. A file deleted since is re-created.
+    pub fn snapshot_restore(&self, name: &str, paths: &[Vec<u8>]) -> FsResult<RestoreReport> {
+        self.writable()?;
+        let _admin = self.snaps.admin.lock();
+        self.snaps.wait_idle();
+        let rec = self
+            .snaps
+            .by_name(name)
+            .filter(|r| r.state == State::Complete)
+            .ok_or(FsError::NotFound)?;
+        let targets: Vec<(Vec<u8>, u64)> = if paths.is_empty() {
+            Self::snap_files(&rec)
+        } else {
+            let mut v = Vec::new();
+            for p in paths {
+                let ino = Self::snap_resolve(&rec, p)?;
+                match rec.inodes.get(&ino).map(|r| r.kind) {
+                    Some(NodeKind::File) => v.push((p.clone(), ino)),
+                    Some(NodeKind::Dir) => {
+                        // A directory restores every file below it.
+                        let prefix = components(p).join(&b'/');
+                        for (fp, fi) in Self::snap_files(&rec) {
+                            if prefix.is_empty()
+                                || (fp.starts_with(&prefix) && fp.get(prefix.len()) == Some(&b'/'))
+                            {
+                                v.push((fp, fi));
+                            }
+                        }
+                    }
+                    _ => return Err(FsError::Invalid),
+                }
+            }
+            v
+        };
+        let mut report = RestoreReport::default();
+        for (path, sino) in targets {
+            let live = self.live_resolve(&path, Some((&rec, true)))?;
+            self.restore_file(&rec, sino, live, &mut report)?;
+            report.files += 1;
+        }
+        self.commit()?;
+        Ok(report)
+    }
+
+    /// Blocks of live file `live` that may differ from `sino` in `rec`.
+    fn restore_candidates(
+        &self,
+        rec: &SnapshotRecord,
+        sino: u64,
+        live: u64,
+        nblocks: u64,
+    ) -> RangeSet {
+        let mut set = RangeSet::new();
+        if sino != live {
+            if nblocks > 0 {
+                set.insert(0, nblocks);
+            }
+            return set;
+        }
+        // Same file: only blocks changed since the snapshot can differ.
+        for r in self.snaps.records() {
+            if r.id > rec.id
+                && let Some(i) = r.interval.get(&sino)
+            {
+                set.union_with(i);
+            }
+        }
+        if let Ok(n) = self.ns.read().node(live)
+            && let Some(v) = &n.volume
+        {
+            for (s, e) in v.changed_ranges() {
+                set.insert(s, e);
+            }
+        }
+        set.clip(nblocks);
+        set
+    }
+
+    fn restore_file(
+        &self,
+        rec: &SnapshotRecord,
+        sino: u64,
+        live: u64,
+        report: &mut RestoreReport,
+    ) -> FsResult<()> {
+        let srec = rec.inodes.get(&sino).ok_or(FsError::NotFound)?.clone();
+        let node = self.ns.read().node(live)?;
+        if node.kind() != NodeKind::File {
+            return Err(FsError::IsDir);
+        }
+        let bs = self.pool.config().block_size as u64;
+        let live_size = self.getattr(live)?.size;
+        let nblocks = srec.size.div_ceil(bs).max(live_size.div_ceil(bs));
+        let candidates = self.restore_candidates(rec, sino, live, nblocks);
+        let fh = self.new_file_handle(node.clone());
+        let result = (|| -> FsResult<()> {
+            if live_size > srec.size {
+                self.setattr(
+                    live,
+                    super::core::SetAttr {
+                        size: Some(srec.size),
+                        ..Default::default()
+                    },
+                )?;
+            }
+            let snap_blocks = srec.size.div_ceil(bs);
+            for (s, e) in candidates.iter() {
+                let e = e.min(snap_blocks);
+                let mut b = s;
+                while b < e {
+                    let n = (e - b).min(256);
+                    let off = b * bs;
+                    let len = n * bs;
+                    let want = self.snaps.read(rec.id, sino, off, len)?;
+                    let _gate = self.gate.read();
+                    let have = self.read(fh, off, len as u32)?;
+                    for k in 0..n as usize {
+                        let lo = k * bs as usize;
+                        if lo >= want.len() {
+                            break;
+                        }
+                        let hi = (lo + bs as usize).min(want.len());
+                        let w = &want[lo..hi];
+                        let h = have.get(lo..hi.min(have.len())).unwrap_or(&[]);
+                        report.blocks_compared += 1;
+                        let same = h.len() == w.len() && h == w
+                            || (w.iter().all(|x| *x == 0) && h.iter().all(|x| *x == 0));
+                        if same {
+                            continue;
+                        }
+                        let at = off + lo as u64;
+                        if w.iter().all(|x| *x == 0) {
+                            self.punch_within_size(fh, at, w.len() as u64)?;
+                            report.blocks_punched += 1;
+                        } else {
+                            self.write_locked(fh, at, w)?;
+                            report.blocks_written += 1;
+                        }
+                    }
+                    b += n;
+                }
+            }
+            self.setattr(
+                live,
+                super::core::SetAttr {
+                    size: Some(srec.size),
+                    mode: Some(srec.mode),
+                    uid: Some(srec.uid),
+                    gid: Some(srec.gid),
+                    atime: Some(super::core::TimeSet::At(srec.atime)),
+                    mtime: Some(super::core::TimeSet::At(srec.mtime)),
+                    ctime: None,
+                },
+            )?;
+            Ok(())
+        })();
+        self.release(fh)?;
+        // The kernel may hold the old content in its page cache.
+        if let Some(k) = self.kernel.get() {
+            k.inval_inode(live);
+        }
+        result
+    }
+
+    /// Creates `newpath` (pool-relative; its directory must exist) as a new
+    /// writable file with the content of `path` in snapshot `name`.
+    pub fn snapshot_clone(&self, name: &str, path: &[u8], newpath: &[u8]) -> FsResult<Attr> {
+        self.writable()?;
+        let _admin = self.snaps.admin.lock();
+        self.snaps.wait_idle();
+        let rec = self
+            .snaps
+            .by_name(name)
+            .filter(|r| r.state == State::Complete)
+            .ok_or(FsError::NotFound)?;
+        let sino = Self::snap_resolve(&rec, path)?;
+        let srec = rec.inodes.get(&sino).ok_or(FsError::NotFound)?.clone();
+        if srec.kind != NodeKind::File {
+            return Err(FsError::IsDir);
+        }
+        let comps = components(newpath);
+        let (last, dirs) = comps.split_last().ok_or(FsError::Invalid)?;
+        let mut parent = ROOT_INO;
+        for c in dirs {
+            parent = *self
+                .ns
+                .read()
+                .dir(parent)?
+                .get(*c)
+                .ok_or(FsError::NotFound)?;
+        }
+        let node = self.make_node(
+            parent,
+            last,
+            NewNode {
+                kind: NodeKind::File,
+                mode: srec.mode,
+                rdev: 0,
+                target: Vec::new(),
+            },
+            Caller {
+                uid: srec.uid,
+                gid: srec.gid,
+            },
+        )?;
+        if let Some(k) = self.kernel.get() {
+            k.inval_entry(parent, last);
+        }
+        let fh = self.new_file_handle(node.clone());
+        let result = (|| -> FsResult<()> {
+            let mut pos = 0u64;
+            while pos < srec.size {
+                let Some(d) = self.snaps.seek(rec.id, sino, pos, true)? else {
+                    break;
+                };
+                let h = self
+                    .snaps
+                    .seek(rec.id, sino, d, false)?
+                    .unwrap_or(srec.size);
+                let mut p = d;
+                while p < h {
+                    let n = (h - p).min(1 << 20);
+                    let buf = self.snaps.read(rec.id, sino, p, n)?;
+                    let _gate = self.gate.read();
+                    self.write_locked(fh, p, &buf)?;
+                    p += n;
+                }
+                pos = h;
+            }
+            self.setattr(
+                node.ino,
+                super::core::SetAttr {
+                    size: Some(srec.size),
+                    ..Default::default()
+                },
+            )?;
+            Ok(())
+        })();
+        self.release(fh)?;
+        result?;
+        self.commit()?;
+        self.getattr(node.ino)
+    }
+}

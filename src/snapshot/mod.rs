@@ -1,0 +1,15 @@
+//! Snapshots: point-in-time, read-only views of the whole pool, stored as full,
+//! incremental or differential backups made of zstd-compressed block deltas.
+//!
+//! - [`delta`]: the delta file of one file in one snapshot (format and I/O).
+//! - [`flatten`]: resolution of a block through a chain of deltas.
+//! - [`ranges`]: sets of block ranges (pending blocks, changed intervals).
+//! - [`store`]: snapshot records, creation with copy-before-write, the
+//!   background capture, reading through a cached chain index, deletion with
+//!   merge or fold, prune rules.
+pub mod delta;
+pub mod flatten;
+pub mod ranges;
+pub mod store;
+
+pub use store::*;

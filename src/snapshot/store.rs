@@ -1,0 +1,1546 @@
+//! The snapshot store: records, creation, background capture with
+//! copy-before-write, reads through a cached chain index, deletion, prune.
+//!
+//! A snapshot is a record (in the metadata store, on every member) holding the
+//! frozen namespace (every inode's attributes, every directory entry), the
+//! changed-block interval since the previous snapshot, and where the delta file
+//! of each file lives. Its data is the chain: its own deltas, then its parent's
+//! (incremental: the previous snapshot; differential: the last full), down to a
+//! full. A block of file `ino` at snapshot `S` is resolved by
+//! [`super::flatten`]: the first level holding an entry for it, a hole when a
+//! level did not have the file or the file was shorter there.
+//!
+//! Creation (the caller freezes writers for the duration of `begin`): the
+//! blocks to save are fixed (full: every block below the size; incremental or
+//! differential: the changed-block bitmap since the base), and the record is
+//! published as `Pending`. A background thread then reads those blocks from the
+//! live files, compresses them and appends them to the delta files. A writer
+//! about to change a block still pending first saves its 16-block frame
+//! (`preserve`, copy-before-write), so the snapshot is browsable at once: a
+//! pending block reads from the live file, a saved one from the delta. When all
+//! is saved the delta files are finished (index, footer, fdatasync) and the
+//! record turns `Complete`. A crash before that leaves a `Pending` record,
+//! which the next mount turns `Failed` (its interval of changes goes back to
+//! the live bitmap, so the next snapshot misses nothing) and whose files it
+//! removes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+
+use lru::LruCache;
+use parking_lot::{Condvar, Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use super::delta::{DeltaError, DeltaFile, DeltaHeader, DeltaWriter, Entry, MAX_FRAME_BLOCKS};
+use super::flatten::{self, Level, Run, Source};
+use super::ranges::RangeSet;
+use crate::error::{FsError, FsResult};
+use crate::pool::Pool;
+use crate::pool::meta::{BlobChange, InodeRecord, NodeKind, Timestamp, check_blob, encode_blob};
+use crate::util::fsync_dir;
+use crate::volume::{DeadExtent, Volume};
+
+/// Directory of delta files in each member: `snap/<id>/<ino>.<seq>.vd`.
+pub const SNAP_DIR: &str = "snap";
+/// Blocks saved together by copy-before-write (one frame).
+pub const FRAME_BLOCKS: u64 = 16;
+/// Blocks the background capture reads per step (the longest a writer of the
+/// same file waits for it).
+const BATCH_BLOCKS: u64 = 256;
+pub const DEFAULT_LEVEL: i32 = 3;
+/// Cached chain indexes (one per snapshot and file).
+const VIEW_CACHE: usize = 256;
+/// Cached decompressed frames (each up to 1 MiB, usually 64 KiB).
+const FRAME_CACHE: usize = 512;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Full,
+    Incremental,
+    Differential,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Full => "full",
+            Kind::Incremental => "incremental",
+            Kind::Differential => "differential",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "full" => Some(Kind::Full),
+            "incremental" | "incr" => Some(Kind::Incremental),
+            "differential" | "diff" => Some(Kind::Differential),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    Pending,
+    Complete,
+    Failed(String),
+}
+
+/// Where the delta of one file lives: the same bytes on every listed member.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DeltaLoc {
+    pub members: Vec<u32>,
+    /// Bumped when a merge rewrites the delta (the old file goes after the commit).
+    pub seq: u32,
+    /// Bytes of one copy of the delta file.
+    pub stored: u64,
+    /// Blocks the delta records (data, zero and hole entries).
+    pub blocks: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct SnapshotRecord {
+    pub id: u64,
+    pub name: String,
+    pub kind: Kind,
+    /// The snapshot this one's deltas are relative to (`None`: a full).
+    pub parent: Option<u64>,
+    pub created: Timestamp,
+    pub state: State,
+    pub block_size: u32,
+    /// Every reachable inode as it was (extent lists left empty).
+    pub inodes: BTreeMap<u64, InodeRecord>,
+    pub dirents: BTreeMap<(u64, Vec<u8>), u64>,
+    pub deltas: BTreeMap<u64, DeltaLoc>,
+    /// Blocks changed between the previous snapshot and this one, per inode.
+    pub interval: BTreeMap<u64, RangeSet>,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub changed_blocks: u64,
+}
+
+impl SnapshotRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_blob(&bincode::serialize(self).unwrap_or_default())
+    }
+
+    pub fn decode(b: &[u8]) -> Result<SnapshotRecord, String> {
+        bincode::deserialize(check_blob(b)?)
+            .map_err(|e| format!("snapshot record undecodable: {e}"))
+    }
+
+    /// Size in blocks of `ino` here, `None` when it was not a file of this snapshot.
+    fn size_blocks(&self, ino: u64) -> Option<u64> {
+        self.inodes
+            .get(&ino)
+            .filter(|r| r.kind == NodeKind::File)
+            .map(|r| r.size.div_ceil(self.block_size as u64))
+    }
+
+    pub fn is_readable(&self) -> bool {
+        matches!(self.state, State::Pending | State::Complete)
+    }
+}
+
+/// One line of `vpool snapshot list`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: u64,
+    pub name: String,
+    pub kind: String,
+    pub base: Option<String>,
+    /// Unix seconds.
+    pub created: i64,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub changed_blocks: u64,
+    pub state: String,
+}
+
+/// restic's `forget` rules.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrunePolicy {
+    pub keep_last: u32,
+    pub keep_hourly: u32,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+}
+
+/// What a snapshot name may be: a plain, visible directory name.
+pub fn check_name(name: &str) -> FsResult<()> {
+    if name.is_empty()
+        || name.len() > 255
+        || name.contains('/')
+        || name.starts_with('.')
+        || name.contains('\0')
+    {
+        return Err(FsError::Invalid);
+    }
+    Ok(())
+}
+
+fn delta_dir(pool: &Pool, member: u32, id: u64) -> Option<PathBuf> {
+    pool.member(member)
+        .map(|m| m.dir.join(SNAP_DIR).join(id.to_string()))
+}
+
+fn delta_path(pool: &Pool, member: u32, id: u64, ino: u64, seq: u32) -> Option<PathBuf> {
+    delta_dir(pool, member, id).map(|d| d.join(format!("{ino}.{seq}.vd")))
+}
+
+fn delta_err(e: DeltaError) -> FsError {
+    match e {
+        DeltaError::Io { source, .. } => {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                FsError::NoSpace
+            } else {
+                FsError::Io(source)
+            }
+        }
+        DeltaError::Corrupt { .. } => FsError::Corrupt(e.to_string()),
+    }
+}
+
+/// One file being captured by the running snapshot.
+struct JobFile {
+    vol: Arc<Volume>,
+    size: u64,
+    pending: RangeSet,
+    writer: Option<DeltaWriter>,
+    /// The finished delta (after the writer is done), for reads until the
+    /// record turns complete.
+    finished: Option<Arc<DeltaFile>>,
+    loc: Option<DeltaLoc>,
+    /// Entries saved so far, by first block.
+    index: BTreeMap<u64, Entry>,
+    /// Members holding the delta's copies.
+    members: Vec<u32>,
+}
+
+/// The snapshot being captured.
+pub struct Job {
+    pub id: u64,
+    parent: Option<u64>,
+    full: bool,
+    bs: u64,
+    esize: u64,
+    files: BTreeMap<u64, Mutex<JobFile>>,
+    /// Extent files dropped while the job needs their data; removed at its end.
+    deferred: Mutex<Vec<DeadExtent>>,
+    error: Mutex<Option<String>>,
+}
+
+/// What the caller captured while writers were frozen.
+pub struct Freeze {
+    pub name: String,
+    pub kind: Kind,
+    pub inodes: BTreeMap<u64, InodeRecord>,
+    pub dirents: BTreeMap<(u64, Vec<u8>), u64>,
+    /// Live files: inode, volume, size.
+    pub files: Vec<(u64, Arc<Volume>, u64)>,
+    /// The live changed-block bitmaps, taken over (now empty in the volumes).
+    pub interval: BTreeMap<u64, RangeSet>,
+}
+
+/// The resolved chain of one file in one complete snapshot.
+struct FileView {
+    size: u64,
+    runs: Vec<Run>,
+    /// Delta copies by snapshot id (the first that reads wins).
+    deltas: HashMap<u64, Vec<Arc<DeltaFile>>>,
+}
+
+pub struct SnapshotStore {
+    pool: Arc<Pool>,
+    bs: u64,
+    records: RwLock<BTreeMap<u64, Arc<SnapshotRecord>>>,
+    next_id: AtomicU64,
+    /// Records to write (present) or delete (absent) at the next commit.
+    changes: Mutex<BTreeSet<u64>>,
+    active: AtomicBool,
+    job: Mutex<Option<Arc<Job>>>,
+    job_cv: Condvar,
+    views: Mutex<LruCache<(u64, u64), Arc<FileView>>>,
+    frames: Mutex<FrameCache>,
+    /// Serializes create, delete, restore, clone and prune.
+    pub admin: Mutex<()>,
+    pub level: AtomicI32,
+}
+
+/// Decompressed frames by (snapshot, inode, frame offset).
+type FrameCache = LruCache<(u64, u64, u64), Arc<Vec<u8>>>;
+/// A calendar bucket of a timestamp (prune rules).
+type BucketKey = fn(i64) -> i64;
+
+fn lru<K: std::hash::Hash + Eq, V>(n: usize) -> Mutex<LruCache<K, V>> {
+    Mutex::new(LruCache::new(
+        NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN),
+    ))
+}
+
+impl SnapshotStore {
+    /// Loads the records of the metadata image. Records that do not decode are
+    /// kept out and returned (reported by check; a mount goes on without them).
+    pub fn load(
+        pool: Arc<Pool>,
+        raw: &BTreeMap<u64, Vec<u8>>,
+        next_id: u64,
+    ) -> (SnapshotStore, Vec<(u64, String)>) {
+        let mut records = BTreeMap::new();
+        let mut bad = Vec::new();
+        let mut max = next_id.max(1);
+        for (id, b) in raw {
+            max = max.max(id + 1);
+            match SnapshotRecord::decode(b) {
+                Ok(r) => {
+                    records.insert(*id, Arc::new(r));
+                }
+                Err(e) => bad.push((*id, e)),
+            }
+        }
+        let bs = pool.config().block_size as u64;
+        (
+            SnapshotStore {
+                pool,
+                bs,
+                records: RwLock::new(records),
+                next_id: AtomicU64::new(max),
+                changes: Mutex::new(BTreeSet::new()),
+                active: AtomicBool::new(false),
+                job: Mutex::new(None),
+                job_cv: Condvar::new(),
+                views: lru(VIEW_CACHE),
+                frames: lru(FRAME_CACHE),
+                admin: Mutex::new(()),
+                level: AtomicI32::new(DEFAULT_LEVEL),
+            },
+            bad,
+        )
+    }
+
+    pub fn records(&self) -> Vec<Arc<SnapshotRecord>> {
+        self.records.read().values().cloned().collect()
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<SnapshotRecord>> {
+        self.records.read().get(&id).cloned()
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<Arc<SnapshotRecord>> {
+        self.records
+            .read()
+            .values()
+            .find(|r| r.name == name)
+            .cloned()
+    }
+
+    pub fn infos(&self) -> Vec<SnapshotInfo> {
+        let recs = self.records.read();
+        recs.values()
+            .map(|r| SnapshotInfo {
+                id: r.id,
+                name: r.name.clone(),
+                kind: r.kind.as_str().into(),
+                base: r.parent.and_then(|p| recs.get(&p)).map(|p| p.name.clone()),
+                created: r.created.secs,
+                logical_bytes: r.logical_bytes,
+                stored_bytes: r.stored_bytes,
+                changed_blocks: r.changed_blocks,
+                state: match &r.state {
+                    State::Pending => "pending".into(),
+                    State::Complete => "complete".into(),
+                    State::Failed(why) => format!("failed: {why}"),
+                },
+            })
+            .collect()
+    }
+
+    /// Record changes for the next commit, and the next snapshot id.
+    pub fn take_changes(&self) -> (Vec<BlobChange<u64>>, u64) {
+        let ids = std::mem::take(&mut *self.changes.lock());
+        let recs = self.records.read();
+        let out = ids
+            .into_iter()
+            .map(|id| (id, recs.get(&id).map(|r| r.encode())))
+            .collect();
+        (out, self.next_id.load(Ordering::SeqCst))
+    }
+
+    /// Puts back changes whose commit failed.
+    pub fn restore_changes(&self, ids: impl IntoIterator<Item = u64>) {
+        self.changes.lock().extend(ids);
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.changes.lock().is_empty()
+    }
+
+    fn publish(&self, rec: SnapshotRecord) {
+        let id = rec.id;
+        self.records.write().insert(id, Arc::new(rec));
+        self.changes.lock().insert(id);
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn active_job(&self) -> Option<Arc<Job>> {
+        if !self.is_active() {
+            return None;
+        }
+        self.job.lock().clone()
+    }
+
+    /// Waits until no snapshot is being captured.
+    pub fn wait_idle(&self) {
+        let mut g = self.job.lock();
+        while g.is_some() {
+            self.job_cv.wait(&mut g);
+        }
+    }
+
+    /// Extent files dropped by a commit: kept while a capture may still read
+    /// them (returned empty), else returned for removal now.
+    pub fn defer_dead(&self, dead: Vec<DeadExtent>) -> Vec<DeadExtent> {
+        if dead.is_empty() {
+            return dead;
+        }
+        let g = self.job.lock();
+        match g.as_ref() {
+            Some(job) => {
+                job.deferred.lock().extend(dead);
+                Vec::new()
+            }
+            None => dead,
+        }
+    }
+
+    /// Chooses the base of a new snapshot of `kind` (`None`: the default kind).
+    pub fn plan(&self, kind: Option<Kind>) -> FsResult<(Kind, Option<u64>)> {
+        let recs = self.records.read();
+        let newest = recs
+            .values()
+            .rev()
+            .find(|r| r.state == State::Complete)
+            .map(|r| r.id);
+        let newest_full = recs
+            .values()
+            .rev()
+            .find(|r| r.state == State::Complete && r.parent.is_none())
+            .map(|r| r.id);
+        let kind = kind.unwrap_or(if newest_full.is_some() {
+            Kind::Incremental
+        } else {
+            Kind::Full
+        });
+        match kind {
+            Kind::Full => Ok((kind, None)),
+            Kind::Incremental => match newest {
+                Some(p) => Ok((kind, Some(p))),
+                None => Err(FsError::Message(
+                    "no complete snapshot to base an incremental on; create a full one first"
+                        .into(),
+                )),
+            },
+            Kind::Differential => match newest_full {
+                Some(p) => Ok((kind, Some(p))),
+                None => Err(FsError::Message(
+                    "no complete full snapshot to base a differential on; create a full one first"
+                        .into(),
+                )),
+            },
+        }
+    }
+
+    /// Publishes a `Pending` snapshot from what the caller froze and installs its
+    /// capture job. Called with writers frozen; does no I/O.
+    pub fn begin(&self, f: Freeze, parent: Option<u64>) -> FsResult<Arc<Job>> {
+        if self.by_name(&f.name).is_some() {
+            return Err(FsError::Exists);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let full = f.kind == Kind::Full;
+        // Blocks changed since the base: the intervals of the snapshots taken
+        // after it (every one complete: a pending one is waited for, a failed
+        // one gave its interval back to the live bitmap) and the live one.
+        let mut since_base: BTreeMap<u64, RangeSet> = f.interval.clone();
+        if let Some(p) = parent {
+            for r in self.records.read().range(p + 1..).map(|(_, r)| r) {
+                if r.state == State::Complete {
+                    for (ino, set) in &r.interval {
+                        since_base.entry(*ino).or_default().union_with(set);
+                    }
+                }
+            }
+        }
+        let mut files = BTreeMap::new();
+        let mut changed = 0;
+        let mut logical = 0;
+        for (ino, vol, size) in f.files {
+            logical += size;
+            let nblocks = size.div_ceil(self.bs);
+            let pending = if full {
+                let mut s = RangeSet::new();
+                if nblocks > 0 {
+                    s.insert(0, nblocks);
+                }
+                s
+            } else {
+                let mut s = since_base.remove(&ino).unwrap_or_default();
+                s.clip(nblocks);
+                s
+            };
+            if pending.is_empty() {
+                continue;
+            }
+            changed += pending.len();
+            files.insert(
+                ino,
+                Mutex::new(JobFile {
+                    vol,
+                    size,
+                    pending,
+                    writer: None,
+                    finished: None,
+                    loc: None,
+                    index: BTreeMap::new(),
+                    members: Vec::new(),
+                }),
+            );
+        }
+        let rec = SnapshotRecord {
+            id,
+            name: f.name,
+            kind: f.kind,
+            parent,
+            created: Timestamp::now(),
+            state: State::Pending,
+            block_size: self.bs as u32,
+            inodes: f.inodes,
+            dirents: f.dirents,
+            deltas: BTreeMap::new(),
+            interval: f.interval,
+            logical_bytes: logical,
+            stored_bytes: 0,
+            changed_blocks: changed,
+        };
+        let job = Arc::new(Job {
+            id,
+            parent,
+            full,
+            bs: self.bs,
+            esize: self.pool.config().extent_size,
+            files,
+            deferred: Mutex::new(Vec::new()),
+            error: Mutex::new(None),
+        });
+        self.publish(rec);
+        *self.job.lock() = Some(job.clone());
+        self.active.store(true, Ordering::Release);
+        Ok(job)
+    }
+
+    /// Copy-before-write: saves the pending frames overlapping bytes
+    /// `[off, off+len)` of `ino` before the caller changes them. A failure
+    /// fails the snapshot, never the caller's write.
+    pub fn preserve(&self, ino: u64, off: u64, len: u64) {
+        if !self.is_active() || len == 0 {
+            return;
+        }
+        let Some(job) = self.job.lock().clone() else {
+            return;
+        };
+        let Some(jf) = job.files.get(&ino) else {
+            return;
+        };
+        let first = (off / self.bs) / FRAME_BLOCKS * FRAME_BLOCKS;
+        let last = (off + len).div_ceil(self.bs).div_ceil(FRAME_BLOCKS) * FRAME_BLOCKS;
+        let mut g = jf.lock();
+        if g.pending.intersect(first, last).is_empty() {
+            return;
+        }
+        if let Err(e) = self.save_range(&job, ino, &mut g, first, last) {
+            self.fail_job(&job, format!("saving blocks before a write failed: {e}"));
+        }
+    }
+
+    /// Like [`SnapshotStore::preserve`] for a whole file from `off` on (truncate).
+    pub fn preserve_from(&self, ino: u64, off: u64) {
+        self.preserve(ino, off, (1u64 << 62) - off.min(1 << 61));
+    }
+
+    fn fail_job(&self, job: &Job, why: String) {
+        tracing::error!(snapshot = job.id, reason = %why, "snapshot failed");
+        let mut e = job.error.lock();
+        if e.is_none() {
+            *e = Some(why);
+        }
+        drop(e);
+        // No more copy-before-write: writers go on unhindered.
+        self.active.store(false, Ordering::Release);
+    }
+
+    /// Saves the pending blocks of `[start, end)` (block numbers) of one file.
+    fn save_range(
+        &self,
+        job: &Job,
+        ino: u64,
+        jf: &mut JobFile,
+        start: u64,
+        end: u64,
+    ) -> FsResult<()> {
+        let per_extent = (job.esize / job.bs).max(1);
+        for (s, e) in jf.pending.intersect(start, end) {
+            let mut b = s;
+            while b < e {
+                let stop = e.min((b / per_extent + 1) * per_extent);
+                let segs = jf.vol.capture(&self.pool, b, stop - b)?;
+                if jf.writer.is_none() {
+                    let (w, members) = self.open_writer(job, ino, jf.size)?;
+                    jf.writer = Some(w);
+                    jf.members = members;
+                }
+                let Some(w) = jf.writer.as_mut() else {
+                    return Err(FsError::Corrupt("delta writer missing".into()));
+                };
+                for (seg_start, count, data) in segs {
+                    let new = write_segment(w, job.full, job.bs, seg_start, count, data.as_deref())
+                        .map_err(delta_err)?;
+                    for en in new {
+                        jf.index.insert(en.start, en);
+                    }
+                }
+                jf.pending.remove(b, stop);
+                b = stop;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_writer(&self, job: &Job, ino: u64, size: u64) -> FsResult<(DeltaWriter, Vec<u32>)> {
+        let copies = self.pool.config().copies.max(1) as usize;
+        let mut members = Vec::new();
+        while members.len() < copies {
+            members.push(self.pool.place(&members, 0)?);
+        }
+        let mut paths = Vec::new();
+        for m in &members {
+            let dir = delta_dir(&self.pool, *m, job.id)
+                .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
+            fs::create_dir_all(&dir).map_err(FsError::Io)?;
+            paths.push(dir.join(format!("{ino}.0.vd")));
+        }
+        let header = DeltaHeader {
+            snap_id: job.id,
+            base_id: job.parent.unwrap_or(0),
+            ino,
+            file_size: size,
+            block_size: job.bs as u32,
+        };
+        let w = DeltaWriter::create(&paths, &header, self.level.load(Ordering::Relaxed))
+            .map_err(delta_err)?;
+        tracing::debug!(snapshot = job.id, ino, ?members, "delta started");
+        Ok((w, members))
+    }
+
+    /// The background capture of `job`: saves every pending block, finishes the
+    /// delta files and publishes the record as complete (or failed).
+    pub fn run_job(&self, job: Arc<Job>) {
+        for (ino, jf) in &job.files {
+            loop {
+                if job.error.lock().is_some() {
+                    break;
+                }
+                let mut g = jf.lock();
+                let Some((s, e)) = g.pending.first() else {
+                    break;
+                };
+                let per_extent = (job.esize / job.bs).max(1);
+                let stop = e
+                    .min(s + BATCH_BLOCKS)
+                    .min((s / per_extent + 1) * per_extent);
+                if let Err(err) = self.save_range(&job, *ino, &mut g, s, stop) {
+                    drop(g);
+                    self.fail_job(&job, format!("capture of inode {ino} failed: {err}"));
+                    break;
+                }
+            }
+        }
+        let mut dirs = BTreeSet::new();
+        if job.error.lock().is_none() {
+            for (ino, jf) in &job.files {
+                let mut g = jf.lock();
+                let Some(w) = g.writer.take() else {
+                    continue;
+                };
+                let members = g.members.clone();
+                match w.finish() {
+                    Ok((entries, len)) => {
+                        let blocks = entries.iter().map(|e| e.count as u64).sum();
+                        let opened = members
+                            .first()
+                            .and_then(|m| delta_path(&self.pool, *m, job.id, *ino, 0))
+                            .map(|p| DeltaFile::open(&p));
+                        match opened {
+                            Some(Ok(d)) => g.finished = Some(Arc::new(d)),
+                            Some(Err(e)) => {
+                                drop(g);
+                                self.fail_job(&job, format!("finished delta unreadable: {e}"));
+                                break;
+                            }
+                            None => {}
+                        }
+                        for m in &members {
+                            dirs.insert(*m);
+                        }
+                        g.loc = Some(DeltaLoc {
+                            members,
+                            seq: 0,
+                            stored: len,
+                            blocks,
+                        });
+                    }
+                    Err(e) => {
+                        drop(g);
+                        self.fail_job(&job, format!("finishing the delta of inode {ino}: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        if job.error.lock().is_none() {
+            for m in &dirs {
+                if let Some(d) = delta_dir(&self.pool, *m, job.id) {
+                    let parent = d.parent().map(|p| p.to_path_buf());
+                    let r = fsync_dir(&d).and_then(|_| match parent {
+                        Some(p) => fsync_dir(&p),
+                        None => Ok(()),
+                    });
+                    if let Err(e) = r {
+                        self.fail_job(&job, format!("syncing {}: {e}", d.display()));
+                        break;
+                    }
+                }
+            }
+        }
+        self.finish_job(&job);
+    }
+
+    fn finish_job(&self, job: &Arc<Job>) {
+        let error = job.error.lock().clone();
+        if let Some(rec) = self.get(job.id) {
+            let mut rec = (*rec).clone();
+            match error {
+                None => {
+                    for (ino, jf) in &job.files {
+                        if let Some(loc) = jf.lock().loc.clone() {
+                            rec.stored_bytes += loc.stored;
+                            rec.deltas.insert(*ino, loc);
+                        }
+                    }
+                    rec.state = State::Complete;
+                    tracing::info!(snapshot = %rec.name, stored = rec.stored_bytes, "snapshot complete");
+                }
+                Some(why) => {
+                    // The interval goes back to the live bitmap: the next snapshot
+                    // must still see those changes.
+                    for (ino, set) in std::mem::take(&mut rec.interval) {
+                        if let Some(jf) = job.files.get(&ino) {
+                            let g = jf.lock();
+                            for (s, e) in set.iter() {
+                                g.vol.mark_blocks(s, e);
+                            }
+                        }
+                    }
+                    for jf in job.files.values() {
+                        if let Some(w) = jf.lock().writer.take() {
+                            w.abandon();
+                        }
+                    }
+                    self.remove_snapshot_dirs(job.id);
+                    rec.deltas.clear();
+                    rec.state = State::Failed(why);
+                }
+            }
+            self.publish(rec);
+        }
+        self.views.lock().clear();
+        let deferred = std::mem::take(&mut *job.deferred.lock());
+        {
+            let mut g = self.job.lock();
+            *g = None;
+            self.active.store(false, Ordering::Release);
+            self.job_cv.notify_all();
+        }
+        self.pool.remove_extent_files(&deferred);
+    }
+
+    fn remove_snapshot_dirs(&self, id: u64) {
+        for m in &self.pool.members {
+            let d = m.dir.join(SNAP_DIR).join(id.to_string());
+            if let Err(e) = fs::remove_dir_all(&d)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %d.display(), error = %e, "cannot remove snapshot files");
+            }
+        }
+    }
+
+    /// At mount: a snapshot left pending by an unclean stop is failed (its
+    /// interval returns to the live bitmaps via `mark`), and delta files no
+    /// record references are removed.
+    pub fn recover(&self, mark: impl Fn(u64, u64, u64)) {
+        let pending: Vec<Arc<SnapshotRecord>> = self
+            .records
+            .read()
+            .values()
+            .filter(|r| r.state == State::Pending)
+            .cloned()
+            .collect();
+        for r in pending {
+            tracing::warn!(snapshot = %r.name, "snapshot interrupted by an unclean stop; marking it failed");
+            let mut rec = (*r).clone();
+            for (ino, set) in std::mem::take(&mut rec.interval) {
+                for (s, e) in set.iter() {
+                    mark(ino, s, e);
+                }
+            }
+            rec.deltas.clear();
+            rec.state =
+                State::Failed("interrupted by an unclean stop before it was complete".into());
+            self.publish(rec);
+        }
+        let recs = self.records.read();
+        for m in &self.pool.members {
+            let root = m.dir.join(SNAP_DIR);
+            let Ok(list) = fs::read_dir(&root) else {
+                continue;
+            };
+            for ent in list.flatten() {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                let rec = name.parse::<u64>().ok().and_then(|id| recs.get(&id));
+                let Some(rec) = rec.filter(|r| r.state == State::Complete) else {
+                    let _ = fs::remove_dir_all(ent.path());
+                    continue;
+                };
+                let Ok(files) = fs::read_dir(ent.path()) else {
+                    continue;
+                };
+                for f in files.flatten() {
+                    let fname = f.file_name().to_string_lossy().into_owned();
+                    let keep = parse_delta_name(&fname).is_some_and(|(ino, seq)| {
+                        rec.deltas
+                            .get(&ino)
+                            .is_some_and(|l| l.seq == seq && l.members.contains(&m.entry.id))
+                    });
+                    if !keep {
+                        tracing::info!(path = %f.path().display(), "removing a delta file no snapshot references");
+                        let _ = fs::remove_file(f.path());
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- reading -----
+
+    /// Opens the copies of the delta of `ino` in snapshot `rec`.
+    fn open_delta(&self, rec: &SnapshotRecord, ino: u64) -> FsResult<Vec<Arc<DeltaFile>>> {
+        let Some(loc) = rec.deltas.get(&ino) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut last = None;
+        for m in &loc.members {
+            let Some(p) = delta_path(&self.pool, *m, rec.id, ino, loc.seq) else {
+                continue;
+            };
+            match DeltaFile::open(&p) {
+                Ok(d) => out.push(Arc::new(d)),
+                Err(e) => {
+                    tracing::error!(snapshot = %rec.name, ino, error = %e, "delta copy unreadable");
+                    last = Some(e);
+                }
+            }
+        }
+        if out.is_empty() {
+            return Err(match last {
+                Some(e) => delta_err(e),
+                None => FsError::Corrupt(format!(
+                    "snapshot {}: no copy of the delta of inode {ino}",
+                    rec.name
+                )),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The chain of `ino` from snapshot `id` down to its full, newest first.
+    fn chain(&self, id: u64) -> Vec<Arc<SnapshotRecord>> {
+        let recs = self.records.read();
+        let mut out = Vec::new();
+        let mut cur = Some(id);
+        while let Some(c) = cur {
+            let Some(r) = recs.get(&c) else { break };
+            out.push(r.clone());
+            cur = r.parent;
+        }
+        out
+    }
+
+    fn view(&self, id: u64, ino: u64) -> FsResult<Arc<FileView>> {
+        if let Some(v) = self.views.lock().get(&(id, ino)) {
+            return Ok(v.clone());
+        }
+        let chain = self.chain(id);
+        let Some(top) = chain.first() else {
+            return Err(FsError::NotFound);
+        };
+        let size = top.inodes.get(&ino).map(|r| r.size).unwrap_or(0);
+        let mut deltas: HashMap<u64, Vec<Arc<DeltaFile>>> = HashMap::new();
+        let mut entries: Vec<Vec<Entry>> = Vec::new();
+        for r in &chain {
+            if r.size_blocks(ino).is_none() {
+                entries.push(Vec::new());
+                break;
+            }
+            let d = self.open_delta(r, ino)?;
+            entries.push(d.first().map(|d| d.entries.clone()).unwrap_or_default());
+            deltas.insert(r.id, d);
+        }
+        let levels: Vec<Level> = chain
+            .iter()
+            .zip(&entries)
+            .map(|(r, e)| Level {
+                snap_id: r.id,
+                size_blocks: r.size_blocks(ino),
+                entries: e,
+            })
+            .collect();
+        let runs = flatten::flatten(&levels, true);
+        let v = Arc::new(FileView { size, runs, deltas });
+        self.views.lock().put((id, ino), v.clone());
+        Ok(v)
+    }
+
+    fn frame(&self, v: &FileView, ino: u64, snap: u64, e: &Entry) -> FsResult<Arc<Vec<u8>>> {
+        let key = (snap, ino, e.offset);
+        if let Some(f) = self.frames.lock().get(&key) {
+            return Ok(f.clone());
+        }
+        let copies = v
+            .deltas
+            .get(&snap)
+            .ok_or_else(|| FsError::Corrupt(format!("snapshot {snap}: delta missing")))?;
+        let mut last = None;
+        for d in copies {
+            match d.read_frame(e) {
+                Ok(b) => {
+                    let b = Arc::new(b);
+                    self.frames.lock().put(key, b.clone());
+                    return Ok(b);
+                }
+                Err(err) => {
+                    tracing::error!(snapshot = snap, ino, error = %err, "delta frame unreadable; trying another copy");
+                    last = Some(err);
+                }
+            }
+        }
+        Err(last
+            .map(delta_err)
+            .unwrap_or(FsError::Corrupt("no delta copy".into())))
+    }
+
+    /// Reads `len` bytes at `off` of file `ino` as snapshot `id` holds it.
+    pub fn read(&self, id: u64, ino: u64, off: u64, len: u64) -> FsResult<Vec<u8>> {
+        let rec = self.get(id).ok_or(FsError::NotFound)?;
+        let size = rec.inodes.get(&ino).map(|r| r.size).unwrap_or(0);
+        if off >= size {
+            return Ok(Vec::new());
+        }
+        let len = len.min(size - off);
+        let mut buf = vec![0u8; len as usize];
+        if rec.state == State::Pending
+            && let Some(job) = self.job.lock().clone().filter(|j| j.id == id)
+        {
+            self.read_pending(&job, &rec, ino, off, &mut buf)?;
+            return Ok(buf);
+        }
+        let v = self.view(id, ino)?;
+        self.read_view(&v, ino, off, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn read_view(&self, v: &FileView, ino: u64, off: u64, buf: &mut [u8]) -> FsResult<()> {
+        let bs = self.bs;
+        let end = off + buf.len() as u64;
+        let mut pos = off;
+        while pos < end {
+            let b = pos / bs;
+            let Some(run) = flatten::lookup(&v.runs, b) else {
+                // Past the runs (a gap cannot happen with holes resolved): zeros.
+                pos = (b + 1) * bs;
+                continue;
+            };
+            let run_end = ((run.start + run.count) * bs).min(end);
+            if let Source::Data { snap_id, entry } = run.source {
+                let frame = self.frame(v, ino, snap_id, &entry)?;
+                let fstart = entry.start * bs;
+                let n = (run_end.min(entry.end() * bs) - pos) as usize;
+                let src = (pos - fstart) as usize;
+                let dst = (pos - off) as usize;
+                buf[dst..dst + n].copy_from_slice(&frame[src..src + n]);
+                pos += n as u64;
+            } else {
+                pos = run_end;
+            }
+        }
+        let _ = v.size;
+        Ok(())
+    }
+
+    /// Reads a snapshot still being captured: pending blocks from the live file
+    /// (unchanged: writers save them first), saved ones from the delta, the
+    /// rest from the base.
+    fn read_pending(
+        &self,
+        job: &Job,
+        rec: &SnapshotRecord,
+        ino: u64,
+        off: u64,
+        buf: &mut [u8],
+    ) -> FsResult<()> {
+        let bs = self.bs;
+        let size = rec.inodes.get(&ino).map(|r| r.size).unwrap_or(0);
+        let parent = job.parent.and_then(|p| self.get(p));
+        let parent_view = match &parent {
+            Some(p) if p.size_blocks(ino).is_some() => Some(self.view(p.id, ino)?),
+            _ => None,
+        };
+        let guard = job.files.get(&ino).map(|m| m.lock());
+        let end = off + buf.len() as u64;
+        let mut pos = off;
+        while pos < end {
+            let b = pos / bs;
+            let blk_end = ((b + 1) * bs).min(end);
+            let n = (blk_end - pos) as usize;
+            let dst = (pos - off) as usize;
+            let within = (pos - b * bs) as usize;
+            let mut done = false;
+            if let Some(g) = &guard {
+                if g.pending.contains(b) {
+                    let data = g.vol.read(&self.pool, pos, n, size)?;
+                    buf[dst..dst + data.len()].copy_from_slice(&data);
+                    done = true;
+                } else if let Some((_, e)) = g.index.range(..=b).next_back()
+                    && e.end() > b
+                {
+                    if e.kind == super::delta::EntryKind::Data {
+                        let frame = match (&g.writer, &g.finished) {
+                            (Some(w), _) => w.read_frame(e).map_err(delta_err)?,
+                            (None, Some(d)) => d.read_frame(e).map_err(delta_err)?,
+                            (None, None) => return Err(FsError::Corrupt("delta gone".into())),
+                        };
+                        let src = ((b - e.start) * bs) as usize + within;
+                        buf[dst..dst + n].copy_from_slice(&frame[src..src + n]);
+                    }
+                    done = true;
+                }
+            }
+            if !done
+                && let (Some(pv), Some(p)) = (&parent_view, &parent)
+                && p.size_blocks(ino).is_some_and(|s| b < s)
+            {
+                self.read_view(pv, ino, pos, &mut buf[dst..dst + n])?;
+            }
+            pos = blk_end;
+        }
+        Ok(())
+    }
+
+    /// 512-byte blocks allocated to `ino` in snapshot `id` (its `st_blocks`).
+    pub fn allocated(&self, id: u64, ino: u64) -> u64 {
+        let Some(rec) = self.get(id) else { return 0 };
+        if rec.state == State::Pending {
+            // Approximated by the size while the capture runs.
+            let size = rec.inodes.get(&ino).map(|r| r.size).unwrap_or(0);
+            return size.div_ceil(512);
+        }
+        match self.view(id, ino) {
+            Ok(v) => flatten::allocated_blocks(&v.runs) * (self.bs / 512),
+            Err(_) => 0,
+        }
+    }
+
+    /// SEEK_DATA (`data`) or SEEK_HOLE in `ino` of snapshot `id`.
+    pub fn seek(&self, id: u64, ino: u64, off: u64, data: bool) -> FsResult<Option<u64>> {
+        let rec = self.get(id).ok_or(FsError::NotFound)?;
+        let size = rec.inodes.get(&ino).map(|r| r.size).unwrap_or(0);
+        if off >= size {
+            return Ok(None);
+        }
+        if rec.state == State::Pending {
+            return Ok(Some(if data { off } else { size }));
+        }
+        let v = self.view(id, ino)?;
+        let bs = self.bs;
+        let mut b = off / bs;
+        loop {
+            if b * bs >= size {
+                return Ok(if data { None } else { Some(size) });
+            }
+            let run = flatten::lookup(&v.runs, b);
+            let allocated = run.is_some_and(|r| !matches!(r.source, Source::Hole));
+            if allocated == data {
+                return Ok(Some((b * bs).max(off)));
+            }
+            b = match run {
+                Some(r) => r.start + r.count,
+                None => {
+                    // Skip to the next run (or the end).
+                    match v.runs.iter().find(|r| r.start > b) {
+                        Some(r) => r.start,
+                        None => size.div_ceil(bs),
+                    }
+                }
+            };
+        }
+    }
+
+    // ----- deletion -----
+
+    /// Deletes snapshot `id`, keeping every other one byte-identical: each
+    /// snapshot based on it gets its blocks merged in (a full it was based on is
+    /// folded into it, making it a full). Returns the paths to remove once the
+    /// commit dropping the old record is durable, and the interval of changes
+    /// to give back to the live bitmaps when it was the newest.
+    #[allow(clippy::type_complexity)]
+    pub fn delete(&self, id: u64) -> FsResult<(Vec<PathBuf>, BTreeMap<u64, RangeSet>)> {
+        let x = self.get(id).ok_or(FsError::NotFound)?;
+        if x.state == State::Pending {
+            return Err(FsError::Busy);
+        }
+        let children: Vec<Arc<SnapshotRecord>> = self
+            .records
+            .read()
+            .values()
+            .filter(|r| r.parent == Some(id))
+            .cloned()
+            .collect();
+        let mut old_paths = Vec::new();
+        let mut updated = Vec::new();
+        for c in &children {
+            if c.state != State::Complete {
+                continue;
+            }
+            let (rec, old) = self.merge_into(&x, c)?;
+            updated.push(rec);
+            old_paths.extend(old);
+        }
+        // The interval moves to the next snapshot in time, or to the live bitmaps.
+        let next = self
+            .records
+            .read()
+            .range(id + 1..)
+            .map(|(_, r)| r.clone())
+            .find(|r| r.is_readable());
+        let mut to_live = BTreeMap::new();
+        match next {
+            Some(n) => {
+                let mut n = updated
+                    .iter()
+                    .position(|r: &SnapshotRecord| r.id == n.id)
+                    .map(|i| updated.remove(i))
+                    .unwrap_or_else(|| (*n).clone());
+                for (ino, set) in &x.interval {
+                    n.interval.entry(*ino).or_default().union_with(set);
+                }
+                updated.push(n);
+            }
+            None if x.is_readable() => to_live = x.interval.clone(),
+            None => {}
+        }
+        for m in &self.pool.members {
+            old_paths.push(m.dir.join(SNAP_DIR).join(id.to_string()));
+        }
+        {
+            let mut recs = self.records.write();
+            recs.remove(&id);
+            for r in updated {
+                recs.insert(r.id, Arc::new(r));
+            }
+        }
+        {
+            let mut ch = self.changes.lock();
+            ch.insert(id);
+            ch.extend(children.iter().map(|c| c.id));
+            ch.extend(self.records.read().range(id + 1..).map(|(k, _)| *k).take(1));
+        }
+        self.views.lock().clear();
+        self.frames.lock().clear();
+        Ok((old_paths, to_live))
+    }
+
+    /// Rewrites the deltas of `c` (based on `x`) so that it is based on `x`'s
+    /// parent, with the same content. Returns the new record and the old files.
+    fn merge_into(
+        &self,
+        x: &SnapshotRecord,
+        c: &SnapshotRecord,
+    ) -> FsResult<(SnapshotRecord, Vec<PathBuf>)> {
+        let full = x.parent.is_none();
+        let mut rec = c.clone();
+        rec.parent = x.parent;
+        if full {
+            rec.kind = Kind::Full;
+        }
+        rec.deltas.clear();
+        rec.stored_bytes = 0;
+        let mut old = Vec::new();
+        let mut made: Vec<PathBuf> = Vec::new();
+        let result = (|| -> FsResult<()> {
+            for (ino, inode) in &c.inodes {
+                if inode.kind != NodeKind::File {
+                    continue;
+                }
+                let cd = self.open_delta(c, *ino)?;
+                let xd = if x.size_blocks(*ino).is_some() {
+                    self.open_delta(x, *ino)?
+                } else {
+                    Vec::new()
+                };
+                let ce = cd.first().map(|d| d.entries.clone()).unwrap_or_default();
+                let xe = xd.first().map(|d| d.entries.clone()).unwrap_or_default();
+                let levels = [
+                    Level {
+                        snap_id: c.id,
+                        size_blocks: c.size_blocks(*ino),
+                        entries: &ce,
+                    },
+                    Level {
+                        snap_id: x.id,
+                        size_blocks: x.size_blocks(*ino),
+                        entries: &xe,
+                    },
+                ];
+                let runs = flatten::flatten(&levels, full);
+                let runs: Vec<Run> = runs
+                    .into_iter()
+                    .filter(|r| !(full && r.source == Source::Hole))
+                    .collect();
+                if let Some(loc) = c.deltas.get(ino) {
+                    for m in &loc.members {
+                        old.extend(delta_path(&self.pool, *m, c.id, *ino, loc.seq));
+                    }
+                }
+                if runs.is_empty() {
+                    continue;
+                }
+                let seq = c.deltas.get(ino).map(|l| l.seq + 1).unwrap_or(1);
+                let members = match c.deltas.get(ino).or(x.deltas.get(ino)) {
+                    Some(l) => l.members.clone(),
+                    None => vec![self.pool.place(&[], 0)?],
+                };
+                let mut paths = Vec::new();
+                for m in &members {
+                    let dir = delta_dir(&self.pool, *m, c.id)
+                        .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
+                    fs::create_dir_all(&dir).map_err(FsError::Io)?;
+                    let p = dir.join(format!("{ino}.{seq}.vd"));
+                    // A leftover of an interrupted merge.
+                    let _ = fs::remove_file(&p);
+                    paths.push(p);
+                }
+                let header = DeltaHeader {
+                    snap_id: c.id,
+                    base_id: x.parent.unwrap_or(0),
+                    ino: *ino,
+                    file_size: inode.size,
+                    block_size: self.bs as u32,
+                };
+                let mut w =
+                    DeltaWriter::create(&paths, &header, self.level.load(Ordering::Relaxed))
+                        .map_err(delta_err)?;
+                made.extend(paths.iter().cloned());
+                let src = |snap: u64| if snap == c.id { &cd } else { &xd };
+                for r in &runs {
+                    match r.source {
+                        Source::Hole => w.add_hole(r.start, r.count).map_err(delta_err)?,
+                        Source::Zero => w.add_zero(r.start, r.count).map_err(delta_err)?,
+                        Source::Data { snap_id, entry } => {
+                            let copies = src(snap_id);
+                            if r.start == entry.start && r.count == entry.count as u64 {
+                                let raw = first_ok(copies, |d| d.read_raw(&entry))?;
+                                w.add_raw(entry.start, entry.count, &raw, entry.crc)
+                                    .map_err(delta_err)?;
+                            } else {
+                                let frame = first_ok(copies, |d| d.read_frame(&entry))?;
+                                let bs = self.bs as usize;
+                                let mut b = r.start;
+                                while b < r.start + r.count {
+                                    let n = (r.start + r.count - b).min(MAX_FRAME_BLOCKS as u64);
+                                    let s = (b - entry.start) as usize * bs;
+                                    w.add_data(b, &frame[s..s + n as usize * bs])
+                                        .map_err(delta_err)?;
+                                    b += n;
+                                }
+                            }
+                        }
+                    }
+                }
+                let (entries, len) = w.finish().map_err(delta_err)?;
+                rec.stored_bytes += len;
+                rec.deltas.insert(
+                    *ino,
+                    DeltaLoc {
+                        members,
+                        seq,
+                        stored: len,
+                        blocks: entries.iter().map(|e| e.count as u64).sum(),
+                    },
+                );
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for p in made {
+                let _ = fs::remove_file(p);
+            }
+            return Err(e);
+        }
+        for l in rec.deltas.values() {
+            for m in &l.members {
+                if let Some(d) = delta_dir(&self.pool, *m, c.id) {
+                    fsync_dir(&d).map_err(FsError::Io)?;
+                }
+            }
+        }
+        rec.changed_blocks = rec.deltas.values().map(|l| l.blocks).sum();
+        Ok((rec, old))
+    }
+
+    /// Snapshots `policy` does not keep (oldest first). Only complete
+    /// snapshots count; pending ones are kept, failed ones are removed.
+    pub fn prune_plan(&self, policy: &PrunePolicy) -> Vec<u64> {
+        let recs = self.records.read();
+        let mut complete: Vec<&Arc<SnapshotRecord>> = recs
+            .values()
+            .filter(|r| r.state == State::Complete)
+            .collect();
+        complete.sort_by_key(|r| std::cmp::Reverse((r.created.secs, r.id)));
+        let mut keep = BTreeSet::new();
+        for r in complete.iter().take(policy.keep_last as usize) {
+            keep.insert(r.id);
+        }
+        let buckets: [(u32, BucketKey); 4] = [
+            (policy.keep_hourly, |t| t.div_euclid(3600)),
+            (policy.keep_daily, |t| t.div_euclid(86400)),
+            (policy.keep_weekly, iso_week_key),
+            (policy.keep_monthly, month_key),
+        ];
+        for (n, key) in buckets {
+            let mut last = None;
+            let mut kept = 0;
+            for r in &complete {
+                if kept >= n {
+                    break;
+                }
+                let k = key(r.created.secs);
+                if last != Some(k) {
+                    keep.insert(r.id);
+                    kept += 1;
+                    last = Some(k);
+                }
+            }
+        }
+        recs.values()
+            .filter(|r| r.state != State::Pending && !keep.contains(&r.id))
+            .map(|r| r.id)
+            .collect()
+    }
+
+    /// Problems of the snapshots (every delta copy of every complete snapshot
+    /// is opened and every frame read back) and notes (failed snapshots).
+    pub fn check(&self) -> (Vec<String>, Vec<String>) {
+        let mut out = Vec::new();
+        let mut notes = Vec::new();
+        for r in self.records() {
+            if let State::Failed(why) = &r.state {
+                notes.push(format!(
+                    "snapshot {} failed ({why}); `vpool snapshot delete` removes it",
+                    r.name
+                ));
+                continue;
+            }
+            if r.state == State::Pending {
+                notes.push(format!("snapshot {} was being captured at an unclean stop; the next mount marks it failed", r.name));
+                continue;
+            }
+            if r.state != State::Complete {
+                continue;
+            }
+            for (ino, loc) in &r.deltas {
+                for m in &loc.members {
+                    let Some(p) = delta_path(&self.pool, *m, r.id, *ino, loc.seq) else {
+                        out.push(format!(
+                            "snapshot {}: delta of inode {ino} on unknown member {m}",
+                            r.name
+                        ));
+                        continue;
+                    };
+                    if let Err(e) = DeltaFile::open(&p).and_then(|d| d.verify()) {
+                        out.push(format!("snapshot {}: {e}", r.name));
+                    }
+                }
+            }
+            if let Some(p) = r.parent
+                && self.get(p).is_none_or(|p| p.state != State::Complete)
+            {
+                out.push(format!(
+                    "snapshot {}: its base snapshot {p} is missing",
+                    r.name
+                ));
+            }
+        }
+        (out, notes)
+    }
+}
+
+/// `vpool check`: the pool checks of [`crate::pool::inspect`], then every
+/// snapshot record and every delta copy.
+pub fn check_pool(dir: &std::path::Path) -> crate::Result<crate::pool::inspect::CheckReport> {
+    let pool = Arc::new(Pool::open(dir)?);
+    let mut report = crate::pool::inspect::check_open(&pool)?;
+    let newest = pool
+        .member_images()
+        .into_iter()
+        .flatten()
+        .max_by_key(|i| i.generation);
+    if let Some(img) = newest {
+        let (store, bad) = SnapshotStore::load(pool.clone(), &img.snapshots, img.next_snap_id);
+        for (id, why) in bad {
+            report
+                .problems
+                .push(format!("snapshot record {id} is unreadable: {why}"));
+        }
+        let (problems, notes) = store.check();
+        report.problems.extend(problems);
+        report.notes.extend(notes);
+    }
+    Ok(report)
+}
+
+fn first_ok<T>(
+    copies: &[Arc<DeltaFile>],
+    f: impl Fn(&DeltaFile) -> Result<T, DeltaError>,
+) -> FsResult<T> {
+    let mut last = None;
+    for d in copies {
+        match f(d) {
+            Ok(v) => return Ok(v),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .map(delta_err)
+        .unwrap_or_else(|| FsError::Corrupt("no delta copy".into())))
+}
+
+/// Appends one captured segment: holes (unless a full, where absence is a
+/// hole), then runs of all-zero blocks and of data blocks.
+fn write_segment(
+    w: &mut DeltaWriter,
+    full: bool,
+    bs: u64,
+    start: u64,
+    count: u64,
+    data: Option<&[u8]>,
+) -> Result<Vec<Entry>, DeltaError> {
+    let before = w.entries().len();
+    match data {
+        None => {
+            if !full {
+                w.add_hole(start, count)?;
+            }
+        }
+        Some(buf) => {
+            let bsz = bs as usize;
+            let mut i = 0u64;
+            while i < count {
+                let zero = |k: u64| {
+                    let s = k as usize * bsz;
+                    buf[s..s + bsz].iter().all(|b| *b == 0)
+                };
+                let z = zero(i);
+                let mut j = i + 1;
+                while j < count && zero(j) == z && (z || j - i < MAX_FRAME_BLOCKS as u64) {
+                    j += 1;
+                }
+                if z {
+                    w.add_zero(start + i, j - i)?;
+                } else {
+                    w.add_data(start + i, &buf[i as usize * bsz..j as usize * bsz])?;
+                }
+                i = j;
+            }
+        }
+    }
+    Ok(w.entries()[before..].to_vec())
+}
+
+fn parse_delta_name(name: &str) -> Option<(u64, u32)> {
+    let stem = name.strip_suffix(".vd")?;
+    let (ino, seq) = stem.split_once('.')?;
+    Some((ino.parse().ok()?, seq.parse().ok()?))
+}
+
+fn month_key(t: i64) -> i64 {
+    let (y, m, _) = crate::util::civil_from_days(t.div_euclid(86400));
+    y * 12 + m as i64
+}
+
+/// ISO 8601 week (UTC), as a number that differs between weeks.
+fn iso_week_key(t: i64) -> i64 {
+    let days = t.div_euclid(86400);
+    // 1970-01-01 was a Thursday; Monday = 0.
+    let dow = (days + 3).rem_euclid(7);
+    // The week's Thursday decides its ISO year; weeks are counted from it.
+    let thursday = days - dow + 3;
+    thursday.div_euclid(7)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_keys() {
+        // 2024-02-29 12:00 UTC
+        let t = 1_709_208_000;
+        assert_eq!(crate::util::civil_from_days(t / 86400), (2024, 2, 29));
+        assert_eq!(crate::util::utc_string(t), "2024-02-29 12:00:00");
+        assert_eq!(month_key(t), 2024 * 12 + 2);
+        // Monday 2024-03-04 and Sunday 2024-03-10 share a week; Monday 03-11 does not.
+        let mon = 1_709_510_400;
+        assert_eq!(iso_week_key(mon), iso_week_key(mon + 6 * 86400 + 3600));
+        assert_ne!(iso_week_key(mon), iso_week_key(mon + 7 * 86400));
+        assert_ne!(iso_week_key(mon), iso_week_key(mon - 1));
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("daily-1").is_ok());
+        for bad in ["", ".hidden", "..", "a/b", "."] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_delta_name("12.3.vd"), Some((12, 3)));
+        assert_eq!(parse_delta_name("x.vd"), None);
+    }
+}
