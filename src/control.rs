@@ -30,6 +30,9 @@ pub enum Request {
         kind: Option<Kind>,
         /// Answer only once the background capture is complete.
         wait: bool,
+        /// zstd level of the deltas (default: the fastest).
+        #[serde(default)]
+        level: Option<i32>,
     },
     SnapshotList,
     SnapshotDelete {
@@ -89,7 +92,12 @@ pub fn execute(vfs: &Vfs, req: &Request) -> Response {
                 message: format!("commit failed: {e}"),
             },
         },
-        Request::SnapshotCreate { name, kind, wait } => match vfs.snapshot_create(name, *kind) {
+        Request::SnapshotCreate {
+            name,
+            kind,
+            wait,
+            level,
+        } => match vfs.snapshot_create_with(name, *kind, *level) {
             Ok(info) => {
                 if *wait && let Err(e) = vfs.snapshot_wait() {
                     return err(name, e);

@@ -94,6 +94,9 @@ pub enum SnapshotCmd {
         /// Return only once the snapshot's data is fully captured.
         #[arg(long)]
         wait: bool,
+        /// zstd compression level of the deltas, 1 (fastest, default) to 19.
+        #[arg(long)]
+        level: Option<i32>,
         target: PathBuf,
         name: String,
     },

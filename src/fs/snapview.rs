@@ -321,7 +321,25 @@ impl Vfs {
     /// in the background (see snapshot/store.rs). The snapshot is readable at
     /// once.
     pub fn snapshot_create(&self, name: &str, kind: Option<Kind>) -> FsResult<SnapshotInfo> {
+        self.snapshot_create_with(name, kind, None)
+    }
+
+    /// [`Vfs::snapshot_create`] with a zstd level for its deltas (1..=19;
+    /// `None`: the default, the fastest).
+    pub fn snapshot_create_with(
+        &self,
+        name: &str,
+        kind: Option<Kind>,
+        level: Option<i32>,
+    ) -> FsResult<SnapshotInfo> {
         self.writable()?;
+        if let Some(l) = level
+            && !(1..=19).contains(&l)
+        {
+            return Err(FsError::Message(format!(
+                "compression level {l}: expected 1 to 19"
+            )));
+        }
         check_name(name)?;
         let _admin = self.snaps.admin.lock();
         self.snaps.wait_idle();
@@ -371,6 +389,7 @@ impl Vfs {
                 dirents,
                 files,
                 interval,
+                level,
             };
             self.snaps.begin(freeze, parent)?
         };

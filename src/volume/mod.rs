@@ -457,6 +457,30 @@ impl Volume {
         Ok(out)
     }
 
+    /// Asks the kernel to start reading blocks `[start, start+count)` of the first
+    /// copy (a capture that will read them next overlaps its compression with
+    /// the disk). Best effort.
+    pub fn prefetch(&self, pool: &Pool, start: u64, count: u64) {
+        let off = start * self.bs;
+        let Some(ext) = self.get(off / self.esize) else {
+            return;
+        };
+        let within = off % self.esize;
+        let len = (count * self.bs).min(self.esize - within);
+        if let Ok(f) = ext.file(pool, self.ino, 0) {
+            // SAFETY: posix_fadvise on a valid descriptor with plain integers;
+            // it only affects the page cache.
+            unsafe {
+                libc::posix_fadvise(
+                    f.as_raw_fd(),
+                    within as i64,
+                    len as i64,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
+    }
+
     /// Fills `dst` from the extent at `within`, from the first copy that answers.
     fn read_extent(&self, pool: &Pool, ext: &Extent, within: u64, dst: &mut [u8]) -> FsResult<()> {
         let mut last_err = None;
