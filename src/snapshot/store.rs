@@ -229,6 +229,10 @@ struct JobFile {
     /// Blocks read but not yet appended (being compressed): first block ->
     /// (end, segments), so reads of the pending snapshot find them.
     inflight: BTreeMap<u64, (u64, Arc<Vec<Segment>>)>,
+    /// Blocks the capture is reading from the live file without holding this
+    /// lock: a writer about to change one waits for the read (`read_done`);
+    /// until then the live file still holds the snapshot's content.
+    reading: RangeSet,
     /// Members holding the delta's copies.
     members: Vec<u32>,
 }
@@ -245,6 +249,10 @@ pub struct Job {
     /// Extent files dropped while the job needs their data; removed at its end.
     deferred: Mutex<Vec<DeadExtent>>,
     error: Mutex<Option<String>>,
+    /// Per file (a condvar serves one mutex): signalled when a range being
+    /// read by the capture is read (see `JobFile::reading`), and when the job
+    /// fails.
+    read_done: BTreeMap<u64, Condvar>,
 }
 
 /// What the caller captured while writers were frozen.
@@ -279,6 +287,13 @@ pub struct SnapshotStore {
     active: AtomicBool,
     job: Mutex<Option<Arc<Job>>>,
     job_cv: Condvar,
+    /// Capture threads started by [`SnapshotStore::spawn_job`] and not yet
+    /// ended. Each holds the store, hence the pool (its member locks and
+    /// metadata stores), until it returns, a little after its job is over;
+    /// [`SnapshotStore::wait_idle`] waits for them too, so that dropping the
+    /// last `Vfs` after it really closes the pool (a reopen in the same
+    /// process found it still locked).
+    workers: Arc<(Mutex<usize>, Condvar)>,
     views: Mutex<LruCache<(u64, u64), Arc<FileView>>>,
     frames: Mutex<FrameCache>,
     /// Serializes create, delete, restore, clone and prune.
@@ -328,6 +343,7 @@ impl SnapshotStore {
                 active: AtomicBool::new(false),
                 job: Mutex::new(None),
                 job_cv: Condvar::new(),
+                workers: Arc::new((Mutex::new(0), Condvar::new())),
                 views: lru(VIEW_CACHE),
                 frames: lru(FRAME_CACHE),
                 admin: Mutex::new(()),
@@ -411,12 +427,43 @@ impl SnapshotStore {
         self.job.lock().clone()
     }
 
-    /// Waits until no snapshot is being captured.
+    /// Waits until no snapshot is being captured and the capture thread has
+    /// ended (released the store and the pool).
     pub fn wait_idle(&self) {
         let mut g = self.job.lock();
         while g.is_some() {
             self.job_cv.wait(&mut g);
         }
+        drop(g);
+        let (n, cv) = &*self.workers;
+        let mut n = n.lock();
+        while *n > 0 {
+            cv.wait(&mut n);
+        }
+    }
+
+    /// Runs [`SnapshotStore::run_job`] on a new thread, counted in `workers`
+    /// until it has dropped its reference to the store.
+    pub fn spawn_job(self: &Arc<Self>, job: Arc<Job>) -> io::Result<()> {
+        let workers = self.workers.clone();
+        *workers.0.lock() += 1;
+        let store = self.clone();
+        let done = workers.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vpool-snapshot".into())
+            .spawn(move || {
+                store.run_job(job);
+                // Release the store (and the pool) before telling the waiters.
+                drop(store);
+                let (n, cv) = &*done;
+                *n.lock() -= 1;
+                cv.notify_all();
+            });
+        if let Err(e) = spawned {
+            *workers.0.lock() -= 1;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Extent files dropped by a commit: kept while a capture may still read
@@ -525,6 +572,7 @@ impl SnapshotStore {
                     loc: None,
                     index: BTreeMap::new(),
                     inflight: BTreeMap::new(),
+                    reading: RangeSet::new(),
                     members: Vec::new(),
                 }),
             );
@@ -552,9 +600,10 @@ impl SnapshotStore {
             level: f.level.unwrap_or(DEFAULT_LEVEL),
             bs: self.bs,
             esize: self.pool.config().extent_size,
-            files,
             deferred: Mutex::new(Vec::new()),
             error: Mutex::new(None),
+            read_done: files.keys().map(|k| (*k, Condvar::new())).collect(),
+            files,
         });
         self.publish(rec);
         *self.job.lock() = Some(job.clone());
@@ -578,10 +627,19 @@ impl SnapshotStore {
         let first = (off / self.bs) / FRAME_BLOCKS * FRAME_BLOCKS;
         let last = (off + len).div_ceil(self.bs).div_ceil(FRAME_BLOCKS) * FRAME_BLOCKS;
         let mut g = jf.lock();
+        // Blocks being read by the capture must not change before the read ends.
+        while !g.reading.intersect(first, last).is_empty() && job.error.lock().is_none() {
+            match job.read_done.get(&ino) {
+                Some(cv) => cv.wait(&mut g),
+                None => break,
+            }
+        }
         if g.pending.intersect(first, last).is_empty() {
             return;
         }
-        if let Err(e) = self.save_range(&job, ino, &mut g, first, last) {
+        let res = self.save_range(&job, ino, &mut g, first, last);
+        drop(g);
+        if let Err(e) = res {
             self.fail_job(&job, format!("saving blocks before a write failed: {e}"));
         }
     }
@@ -598,6 +656,13 @@ impl SnapshotStore {
             *e = Some(why);
         }
         drop(e);
+        for (ino, cv) in &job.read_done {
+            // Under the file's lock, so no waiter misses it between its check and its wait.
+            if let Some(jf) = job.files.get(ino) {
+                let _g = jf.lock();
+                cv.notify_all();
+            }
+        }
         // No more copy-before-write: writers go on unhindered.
         self.active.store(false, Ordering::Release);
     }
@@ -647,7 +712,7 @@ impl SnapshotStore {
                 if job.error.lock().is_some() {
                     return;
                 }
-                let (s, stop, segs) = {
+                let (s, stop, vol) = {
                     let mut g = jf.lock();
                     let Some((s, e)) = g.pending.first() else {
                         break;
@@ -655,21 +720,35 @@ impl SnapshotStore {
                     let stop = e
                         .min(s + BATCH_BLOCKS)
                         .min((s / per_extent + 1) * per_extent);
-                    let segs = match g.vol.capture(&self.pool, s, stop - s) {
-                        Ok(v) => Arc::new(v),
+                    g.pending.remove(s, stop);
+                    g.reading.insert(s, stop);
+                    // The next ranges are read soon, by this thread or another.
+                    if let Some((ns, ne)) = g.pending.first() {
+                        g.vol.prefetch(&self.pool, ns, (ne - ns).min(PREFETCH_BLOCKS));
+                    }
+                    (s, stop, g.vol.clone())
+                };
+                // Read without the lock: writers of other blocks go on; a writer
+                // of these blocks waits in `preserve` until the read is done.
+                let read = vol.capture(&self.pool, s, stop - s);
+                let segs = {
+                    let mut g = jf.lock();
+                    g.reading.remove(s, stop);
+                    let segs = read.map(Arc::new);
+                    if let Ok(segs) = &segs {
+                        g.inflight.insert(s, (stop, segs.clone()));
+                    }
+                    if let Some(cv) = job.read_done.get(ino) {
+                        cv.notify_all();
+                    }
+                    match segs {
+                        Ok(v) => v,
                         Err(err) => {
                             drop(g);
                             self.fail_job(job, format!("capture of inode {ino} failed: {err}"));
                             return;
                         }
-                    };
-                    g.pending.remove(s, stop);
-                    g.inflight.insert(s, (stop, segs.clone()));
-                    // The next ranges are read soon, by this thread or another.
-                    if let Some((ns, ne)) = g.pending.first() {
-                        g.vol.prefetch(&self.pool, ns, (ne - ns).min(PREFETCH_BLOCKS));
                     }
-                    (s, stop, segs)
                 };
                 let prepared = prepare_segments(&segs, job.full, job.bs, job.level);
                 let mut g = jf.lock();
@@ -1119,7 +1198,7 @@ impl SnapshotStore {
                         buf[dst..dst + n].copy_from_slice(&data[src..src + n]);
                     }
                     done = true;
-                } else if g.pending.contains(b) {
+                } else if g.pending.contains(b) || g.reading.contains(b) {
                     let data = g.vol.read(&self.pool, pos, n, size)?;
                     buf[dst..dst + data.len()].copy_from_slice(&data);
                     done = true;
