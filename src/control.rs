@@ -112,10 +112,15 @@ pub fn execute(vfs: &Vfs, req: &Request) -> Response {
         Request::SnapshotList => Response::Snapshots {
             list: vfs.snapshot_list(),
         },
-        Request::SnapshotDelete { name } => match vfs.snapshot_delete(name) {
-            Ok(()) => Response::Done,
-            Err(e) => err(name, e),
-        },
+        Request::SnapshotDelete { name } => {
+            let before = snapshot_names(vfs);
+            let r = vfs.snapshot_delete(name);
+            forget_deleted(vfs, before);
+            match r {
+                Ok(()) => Response::Done,
+                Err(e) => err(name, e),
+            }
+        }
         Request::SnapshotRestore { name, paths } => {
             let paths: Vec<Vec<u8>> = paths.iter().map(|p| p.as_bytes().to_vec()).collect();
             match vfs.snapshot_restore(name, &paths) {
@@ -134,10 +139,34 @@ pub fn execute(vfs: &Vfs, req: &Request) -> Response {
             },
             Err(e) => err(name, e),
         },
-        Request::SnapshotPrune { policy, dry_run } => match vfs.snapshot_prune(policy, *dry_run) {
-            Ok(names) => Response::Pruned { names },
-            Err(e) => err("prune", e),
-        },
+        Request::SnapshotPrune { policy, dry_run } => {
+            let before = snapshot_names(vfs);
+            let r = vfs.snapshot_prune(policy, *dry_run);
+            // Also after a failure: the snapshots deleted before it are gone.
+            forget_deleted(vfs, before);
+            match r {
+                Ok(names) => Response::Pruned { names },
+                Err(e) => err("prune", e),
+            }
+        }
+    }
+}
+
+fn snapshot_names(vfs: &Vfs) -> Vec<String> {
+    vfs.snapshot_list().into_iter().map(|i| i.name).collect()
+}
+
+/// A snapshot deleted here (not by `rmdir`, where the kernel drops its own
+/// entry) may still be in the kernel's dentry cache for the entry TTL: `stat
+/// MOUNT/.snapshots/NAME` right after `vpool snapshot delete` would find it.
+/// Invalidates the entries of the snapshots in `before` that are gone. Called
+/// from the control thread, never from a FUSE request (the kernel would wait
+/// for the directory lock that request holds).
+fn forget_deleted(vfs: &Vfs, before: Vec<String>) {
+    let Some(k) = vfs.kernel.get() else { return };
+    let now = snapshot_names(vfs);
+    for n in before.iter().filter(|n| !now.contains(n)) {
+        k.inval_entry(crate::fs::snapview::SNAPDIR_INO, n.as_bytes());
     }
 }
 

@@ -183,12 +183,15 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32> {
         } => {
             let t = resolve(&target)?;
             flush_kernel(&t);
-            let resp = expect_done(send(&t, &Request::SnapshotCreate {
+            let resp = expect_done(send(
+                &t,
+                &Request::SnapshotCreate {
                     name,
                     kind,
                     wait,
                     level,
-                })?)?;
+                },
+            )?)?;
             if let Response::Snapshot(i) = resp {
                 let base = i.base.map(|b| format!(", base {b}")).unwrap_or_default();
                 if i.state == "complete" {

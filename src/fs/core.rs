@@ -1123,8 +1123,18 @@ impl Vfs {
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
         self.writable()?;
-        let _g = self.gate.read();
-        self.write_locked(fh, off, data)
+        let r = {
+            let _g = self.gate.read();
+            self.write_locked(fh, off, data)
+        };
+        match r {
+            // The commit that frees space takes the gate itself: retry without it held.
+            Err(FsError::NoSpace) if self.reclaim_space() => {
+                let _g = self.gate.read();
+                self.write_locked(fh, off, data)
+            }
+            r => r,
+        }
     }
 
     /// `write` with the gate held by the caller.
@@ -1138,10 +1148,7 @@ impl Vfs {
             return Err(FsError::FileTooLarge);
         }
         self.snaps.preserve(node.ino, off, data.len() as u64);
-        match vol.write(&self.pool, off, data) {
-            Err(FsError::NoSpace) if self.reclaim_space() => vol.write(&self.pool, off, data)?,
-            r => r?,
-        }
+        vol.write(&self.pool, off, data)?;
         let now = Timestamp::now();
         {
             let mut m = node.meta.lock();

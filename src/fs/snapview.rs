@@ -396,12 +396,8 @@ impl Vfs {
         if job.id > MAX_SNAP_ID {
             tracing::warn!(id = job.id, "snapshot id beyond the .snapshots numbering");
         }
-        let store = self.snaps.clone();
-        let worker = job.clone();
-        if let Err(e) = std::thread::Builder::new()
-            .name("vpool-snapshot".into())
-            .spawn(move || store.run_job(worker))
-        {
+        // The thread is waited for by `wait_idle` (it holds the pool).
+        if let Err(e) = self.snaps.spawn_job(job.clone()) {
             // Without a worker the capture runs here.
             tracing::warn!(error = %e, "cannot start the snapshot thread; capturing inline");
             self.snaps.run_job(job.clone());

@@ -146,7 +146,9 @@ impl IntentLog {
         loop {
             if g.durable > me {
                 return match &g.failed {
-                    Some((upto, kind, msg)) if me < *upto => Err(io::Error::new(*kind, msg.clone())),
+                    Some((upto, kind, msg)) if me < *upto => {
+                        Err(io::Error::new(*kind, msg.clone()))
+                    }
                     _ => Ok(()),
                 };
             }

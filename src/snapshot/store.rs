@@ -246,6 +246,10 @@ pub struct Job {
     bs: u64,
     esize: u64,
     files: BTreeMap<u64, Mutex<JobFile>>,
+    /// The volume of every file the interval of changes names (a superset of
+    /// `files`' when a file changed but has nothing to save, e.g. truncated
+    /// to 0): a failed job gives each its changes back.
+    changed_vols: BTreeMap<u64, Arc<Volume>>,
     /// Extent files dropped while the job needs their data; removed at its end.
     deferred: Mutex<Vec<DeadExtent>>,
     error: Mutex<Option<String>>,
@@ -271,6 +275,8 @@ pub struct Freeze {
 
 /// The resolved chain of one file in one complete snapshot.
 struct FileView {
+    /// `SnapshotStore::cache_epoch` when the records it was built from were read.
+    epoch: u64,
     size: u64,
     runs: Vec<Run>,
     /// Delta copies by snapshot id (the first that reads wins).
@@ -296,13 +302,20 @@ pub struct SnapshotStore {
     workers: Arc<(Mutex<usize>, Condvar)>,
     views: Mutex<LruCache<(u64, u64), Arc<FileView>>>,
     frames: Mutex<FrameCache>,
+    /// Bumped by every deletion (which rewrites deltas, so that the same frame
+    /// offset names other blocks), under the `records` write lock. A view is
+    /// labelled with the value its records were read at, is cached only if
+    /// it is still current, and keys its frames with it: a reader still
+    /// holding a view from before a deletion can no longer put its frames
+    /// where the new view finds them (reads returned other blocks' data).
+    cache_epoch: AtomicU64,
     /// Serializes create, delete, restore, clone and prune.
     pub admin: Mutex<()>,
     pub level: AtomicI32,
 }
 
-/// Decompressed frames by (snapshot, inode, frame offset).
-type FrameCache = LruCache<(u64, u64, u64), Arc<Vec<u8>>>;
+/// Decompressed frames by (view epoch, snapshot, inode, frame offset).
+type FrameCache = LruCache<(u64, u64, u64, u64), Arc<Vec<u8>>>;
 /// A calendar bucket of a timestamp (prune rules).
 type BucketKey = fn(i64) -> i64;
 
@@ -346,6 +359,7 @@ impl SnapshotStore {
                 workers: Arc::new((Mutex::new(0), Condvar::new())),
                 views: lru(VIEW_CACHE),
                 frames: lru(FRAME_CACHE),
+                cache_epoch: AtomicU64::new(0),
                 admin: Mutex::new(()),
                 level: AtomicI32::new(DEFAULT_LEVEL),
             },
@@ -541,9 +555,13 @@ impl SnapshotStore {
             }
         }
         let mut files = BTreeMap::new();
+        let mut changed_vols = BTreeMap::new();
         let mut changed = 0;
         let mut logical = 0;
         for (ino, vol, size) in f.files {
+            if f.interval.contains_key(&ino) {
+                changed_vols.insert(ino, vol.clone());
+            }
             logical += size;
             let nblocks = size.div_ceil(self.bs);
             let pending = if full {
@@ -600,6 +618,7 @@ impl SnapshotStore {
             level: f.level.unwrap_or(DEFAULT_LEVEL),
             bs: self.bs,
             esize: self.pool.config().extent_size,
+            changed_vols,
             deferred: Mutex::new(Vec::new()),
             error: Mutex::new(None),
             read_done: files.keys().map(|k| (*k, Condvar::new())).collect(),
@@ -724,7 +743,8 @@ impl SnapshotStore {
                     g.reading.insert(s, stop);
                     // The next ranges are read soon, by this thread or another.
                     if let Some((ns, ne)) = g.pending.first() {
-                        g.vol.prefetch(&self.pool, ns, (ne - ns).min(PREFETCH_BLOCKS));
+                        g.vol
+                            .prefetch(&self.pool, ns, (ne - ns).min(PREFETCH_BLOCKS));
                     }
                     (s, stop, g.vol.clone())
                 };
@@ -898,12 +918,13 @@ impl SnapshotStore {
                 }
                 Some(why) => {
                     // The interval goes back to the live bitmap: the next snapshot
-                    // must still see those changes.
+                    // must still see those changes. Every file of it, not only
+                    // those with blocks to save (`job.files`): a file truncated
+                    // to 0 has none, and its changes were lost.
                     for (ino, set) in std::mem::take(&mut rec.interval) {
-                        if let Some(jf) = job.files.get(&ino) {
-                            let g = jf.lock();
+                        if let Some(vol) = job.changed_vols.get(&ino) {
                             for (s, e) in set.iter() {
-                                g.vol.mark_blocks(s, e);
+                                vol.mark_blocks(s, e);
                             }
                         }
                     }
@@ -1031,8 +1052,10 @@ impl SnapshotStore {
     }
 
     /// The chain of `ino` from snapshot `id` down to its full, newest first.
-    fn chain(&self, id: u64) -> Vec<Arc<SnapshotRecord>> {
+    /// Also returns the `cache_epoch` of the records it was read from.
+    fn chain(&self, id: u64) -> (u64, Vec<Arc<SnapshotRecord>>) {
         let recs = self.records.read();
+        let epoch = self.cache_epoch.load(Ordering::Acquire);
         let mut out = Vec::new();
         let mut cur = Some(id);
         while let Some(c) = cur {
@@ -1040,21 +1063,46 @@ impl SnapshotStore {
             out.push(r.clone());
             cur = r.parent;
         }
-        out
+        (epoch, out)
     }
 
     fn view(&self, id: u64, ino: u64) -> FsResult<Arc<FileView>> {
         if let Some(v) = self.views.lock().get(&(id, ino)) {
             return Ok(v.clone());
         }
-        let chain = self.chain(id);
+        loop {
+            let (epoch, chain) = self.chain(id);
+            match self.build_view(epoch, &chain, ino) {
+                Ok(v) => {
+                    let v = Arc::new(v);
+                    // Only a current view is cached (see `cache_epoch`).
+                    let mut views = self.views.lock();
+                    if self.cache_epoch.load(Ordering::Acquire) == epoch {
+                        views.put((id, ino), v.clone());
+                    }
+                    return Ok(v);
+                }
+                // The records changed meanwhile: a deletion may have removed
+                // delta files of the old chain. Again with the new records.
+                Err(_) if self.cache_epoch.load(Ordering::Acquire) != epoch => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn build_view(
+        &self,
+        epoch: u64,
+        chain: &[Arc<SnapshotRecord>],
+        ino: u64,
+    ) -> FsResult<FileView> {
         let Some(top) = chain.first() else {
             return Err(FsError::NotFound);
         };
         let size = top.inodes.get(&ino).map(|r| r.size).unwrap_or(0);
         let mut deltas: HashMap<u64, Vec<Arc<DeltaFile>>> = HashMap::new();
         let mut entries: Vec<Vec<Entry>> = Vec::new();
-        for r in &chain {
+        for r in chain {
             if r.size_blocks(ino).is_none() {
                 entries.push(Vec::new());
                 break;
@@ -1073,13 +1121,16 @@ impl SnapshotStore {
             })
             .collect();
         let runs = flatten::flatten(&levels, true);
-        let v = Arc::new(FileView { size, runs, deltas });
-        self.views.lock().put((id, ino), v.clone());
-        Ok(v)
+        Ok(FileView {
+            epoch,
+            size,
+            runs,
+            deltas,
+        })
     }
 
     fn frame(&self, v: &FileView, ino: u64, snap: u64, e: &Entry) -> FsResult<Arc<Vec<u8>>> {
-        let key = (snap, ino, e.offset);
+        let key = (v.epoch, snap, ino, e.offset);
         if let Some(f) = self.frames.lock().get(&key) {
             return Ok(f.clone());
         }
@@ -1333,18 +1384,25 @@ impl SnapshotStore {
         for m in &self.pool.members {
             old_paths.push(m.dir.join(SNAP_DIR).join(id.to_string()));
         }
+        // Every rewritten record is written at the next commit: the merged
+        // children and the one that took the interval, which is the next
+        // *readable* one (not always the record right after `id`: a failed
+        // one may sit between them, and the interval was then lost at the
+        // next mount).
+        let rewritten: Vec<u64> = updated.iter().map(|r| r.id).collect();
         {
             let mut recs = self.records.write();
             recs.remove(&id);
             for r in updated {
                 recs.insert(r.id, Arc::new(r));
             }
+            self.cache_epoch.fetch_add(1, Ordering::AcqRel);
         }
         {
             let mut ch = self.changes.lock();
             ch.insert(id);
             ch.extend(children.iter().map(|c| c.id));
-            ch.extend(self.records.read().range(id + 1..).map(|(k, _)| *k).take(1));
+            ch.extend(rewritten);
         }
         self.views.lock().clear();
         self.frames.lock().clear();
