@@ -52,6 +52,8 @@ pub enum Request {
         policy: PrunePolicy,
         dry_run: bool,
     },
+    /// Verify and repair every copy of everything (answers with progress lines).
+    Scrub,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -60,10 +62,22 @@ pub enum Response {
     Status(Box<PoolStatus>),
     Done,
     Snapshot(SnapshotInfo),
-    Snapshots { list: Vec<SnapshotInfo> },
+    Snapshots {
+        list: Vec<SnapshotInfo>,
+    },
     Restored(RestoreReport),
-    Pruned { names: Vec<String> },
-    Error { message: String },
+    Pruned {
+        names: Vec<String>,
+    },
+    Scrubbed(Box<crate::fs::scrub::ScrubReport>),
+    /// An intermediate answer of a long request: `done` of `total` units.
+    Progress {
+        done: u64,
+        total: u64,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// The message for a failed snapshot command about snapshot `name`.
@@ -81,6 +95,15 @@ pub fn snapshot_error(name: &str, e: &FsError) -> String {
 
 /// Runs one request against a filesystem (a daemon's, or one the CLI opened).
 pub fn execute(vfs: &Vfs, req: &Request) -> Response {
+    execute_with_progress(vfs, req, &mut |_, _| {})
+}
+
+/// [`execute`], reporting the progress of long requests (scrub).
+pub fn execute_with_progress(
+    vfs: &Vfs,
+    req: &Request,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Response {
     let err = |name: &str, e: FsError| Response::Error {
         message: snapshot_error(name, &e),
     };
@@ -149,6 +172,7 @@ pub fn execute(vfs: &Vfs, req: &Request) -> Response {
                 Err(e) => err("prune", e),
             }
         }
+        Request::Scrub => Response::Scrubbed(Box::new(vfs.scrub(progress))),
     }
 }
 
@@ -282,8 +306,20 @@ fn serve_one(conn: UnixStream, vfs: &Vfs, mp: &Path) -> std::io::Result<()> {
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     conn.set_read_timeout(None)?;
+    let mut last = std::time::Instant::now();
+    let mut progress = |done: u64, total: u64| {
+        // A few lines a second; a client gone away does not stop the work.
+        if done == 0 || done == total || last.elapsed() >= Duration::from_millis(200) {
+            last = std::time::Instant::now();
+            let mut w = &conn;
+            if let Ok(mut b) = serde_json::to_vec(&Response::Progress { done, total }) {
+                b.push(b'\n');
+                let _ = w.write_all(&b);
+            }
+        }
+    };
     let resp = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => match execute(vfs, &req) {
+        Ok(req) => match execute_with_progress(vfs, &req, &mut progress) {
             Response::Status(mut st) => {
                 st.mounted = true;
                 st.mountpoint = Some(mp.to_path_buf());
@@ -304,6 +340,15 @@ fn serve_one(conn: UnixStream, vfs: &Vfs, mp: &Path) -> std::io::Result<()> {
 
 /// The CLI's side: sends one request to the daemon serving `mountpoint`.
 pub fn request(mountpoint: &Path, req: &Request) -> Result<Response> {
+    request_with_progress(mountpoint, req, &mut |_, _| {})
+}
+
+/// [`request`], passing progress answers to `progress`.
+pub fn request_with_progress(
+    mountpoint: &Path,
+    req: &Request,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Response> {
     let path = socket_path(mountpoint);
     let mut s = UnixStream::connect(&path).map_err(|e| Error::io(&path, e))?;
     // Status and sync answer quickly; snapshot work takes as long as the data.
@@ -316,9 +361,21 @@ pub fn request(mountpoint: &Path, req: &Request) -> Result<Response> {
     let mut msg = serde_json::to_vec(req).map_err(|e| Error::Other(e.to_string()))?;
     msg.push(b'\n');
     s.write_all(&msg).map_err(|e| Error::io(&path, e))?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .map_err(|e| Error::io(&path, e))?;
-    serde_json::from_str(&line).map_err(|e| Error::Other(format!("bad answer from daemon: {e}")))
+    let mut reader = BufReader::new(&s);
+    loop {
+        let mut line = String::new();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| Error::io(&path, e))?;
+        if n == 0 {
+            return Err(Error::Other(
+                "the daemon closed the connection without an answer".into(),
+            ));
+        }
+        match serde_json::from_str(&line) {
+            Ok(Response::Progress { done, total }) => progress(done, total),
+            Ok(r) => return Ok(r),
+            Err(e) => return Err(Error::Other(format!("bad answer from daemon: {e}"))),
+        }
+    }
 }

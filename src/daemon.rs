@@ -249,7 +249,21 @@ pub fn run(
         })
         .map_err(|e| Error::Other(format!("cannot start signal thread: {e}")))?;
 
-    ready(&format!("pool {pool_id} mounted at {}", mp.display()));
+    let missing: Vec<String> = vfs
+        .pool
+        .missing
+        .iter()
+        .map(|e| e.path.display().to_string())
+        .collect();
+    if missing.is_empty() {
+        ready(&format!("pool {pool_id} mounted at {}", mp.display()));
+    } else {
+        ready(&format!(
+            "pool {pool_id} mounted at {} DEGRADED: member(s) missing: {} (see `vpool status`)",
+            mp.display(),
+            missing.join(", ")
+        ));
+    }
     tracing::info!(pool = %pool_id, mountpoint = %mp.display(), "serving");
     let res = session.run();
     stop.store(true, Ordering::Release);
@@ -285,6 +299,9 @@ fn flusher_loop(vfs: &Vfs, stop: &AtomicBool) {
         if stop.load(Ordering::Acquire) {
             break;
         }
+        // A member whose directory was deleted or unmounted fails now rather
+        // than at its next I/O error.
+        vfs.pool.probe_members();
         if vfs.has_pending()
             && let Err(e) = vfs.commit()
         {

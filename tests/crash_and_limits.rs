@@ -707,12 +707,23 @@ fn mount_refusals() {
     fs::write(m.join("still-works"), b"ok").unwrap();
     m.unmount();
 
-    // A member missing.
+    // A member missing: the pool mounts DEGRADED (tests/integrity.rs covers
+    // what then works); a member of another pool in its place is refused.
     let moved = base.join("m1.moved");
     fs::rename(&pool.members[1], &moved).unwrap();
+    let other_pool = Pool::new(1, &[]);
+    fs::rename(&other_pool.members[0], &pool.members[1]).unwrap();
     let o = vpool(&args!["mount", &m0, pool.mnt()]);
-    assert_refused(&o, &["missing"], "mount with a member missing");
+    assert_refused(
+        &o,
+        &["another pool"],
+        "mount with a foreign member in place of one",
+    );
     assert!(!is_mounted(&pool.mnt()));
+    fs::rename(&pool.members[1], &other_pool.members[0]).unwrap();
+    let m = pool.mount();
+    assert_eq!(m.status()["state"], "DEGRADED");
+    m.unmount();
     fs::rename(&moved, &pool.members[1]).unwrap();
 
     // And with everything back it mounts and the data is there.

@@ -41,6 +41,7 @@ pub fn run(cmd: Command) -> Result<i32> {
         Command::Status { json, target } => status(&target, json),
         Command::Check { json, dir } => check(&dir, json),
         Command::Snapshot { cmd } => super::snapshot::run(cmd),
+        Command::Scrub { json, target } => super::admin::scrub(&target, json),
     }
 }
 
@@ -341,6 +342,11 @@ fn status(target: &Path, json: bool) -> Result<i32> {
         st.files,
         human(st.logical_bytes),
         human(st.stored_bytes)
+    );
+    let i = &st.integrity;
+    println!(
+        "integrity since mount: {} checksum error(s), {} repaired, {} unrecoverable, {} read error(s)",
+        i.checksum_errors, i.repaired, i.unrecoverable, i.io_errors
     );
     Ok(0)
 }

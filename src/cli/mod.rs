@@ -2,6 +2,7 @@
 //! running daemon, and prints for humans or as JSON. Nothing here reads on-disk
 //! formats.
 
+mod admin;
 mod commands;
 mod snapshot;
 
@@ -69,6 +70,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         dir: PathBuf,
+    },
+    /// Verify every copy of every block, metadata record and snapshot delta,
+    /// repairing from good copies (online; exits 1 when problems remain).
+    Scrub {
+        #[arg(long)]
+        json: bool,
+        target: PathBuf,
     },
     /// Create, list, delete, restore, clone and prune snapshots.
     Snapshot {

@@ -15,12 +15,12 @@ use crate::snapshot::PrunePolicy;
 use crate::util::{human, utc_string};
 
 /// Where requests for `target` go.
-enum Target {
+pub(super) enum Target {
     Mounted(PathBuf),
     Offline(PathBuf),
 }
 
-fn resolve(target: &Path) -> Result<Target> {
+pub(super) fn resolve(target: &Path) -> Result<Target> {
     let canon = std::fs::canonicalize(target)
         .with_context(|| format!("{} does not exist", target.display()))?;
     if crate::pool::label::has_label(&canon) {

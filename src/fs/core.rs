@@ -406,14 +406,14 @@ impl Vfs {
             generation: AtomicU64::new(img.generation),
         };
         if !opts.read_only {
-            vfs.recover()?;
+            vfs.recover(&suspects)?;
         }
         Ok(vfs)
     }
 
     /// Cleans up after an unclean stop: inodes left with no links (unlinked while
     /// open) are freed, and extent files no committed inode references are removed.
-    fn recover(&self) -> Result<()> {
+    fn recover(&self, suspects: &std::collections::BTreeSet<(u64, u64)>) -> Result<()> {
         let mut referenced: HashSet<(u32, String)> = HashSet::new();
         {
             let mut ns = self.ns.write();
@@ -433,6 +433,27 @@ impl Vfs {
                     v.mark_blocks(s, e);
                 }
             });
+            // Extents being written at the stop: make their copies agree and
+            // their checksums match the data (the commit below writes them), before
+            // anything reads them verified (the trim below does).
+            let mut resynced = 0u64;
+            for (ino, index) in suspects {
+                if let Some(v) = ns.nodes.get(ino).and_then(|n| n.volume.as_ref()) {
+                    match v.resync(&self.pool, *index) {
+                        Ok(n) => resynced += n,
+                        Err(e) => {
+                            tracing::error!(ino, extent = index, error = %e, "cannot resynchronise an extent written at the stop")
+                        }
+                    }
+                }
+            }
+            if !suspects.is_empty() {
+                tracing::info!(
+                    extents = suspects.len(),
+                    blocks_copied = resynced,
+                    "extents written at the unclean stop resynchronised"
+                );
+            }
             // Data written past the committed size before a crash must not show up
             // when the file is later extended: trim every file to its size.
             let mut trimmed = Vec::new();
@@ -473,8 +494,11 @@ impl Vfs {
                 .list_extent_files(m)
                 .map_err(|e| crate::Error::io(&m.data_dir, e))?;
             for f in list {
+                // A sum file goes with its extent file.
                 if let Some((ino, idx, fid)) = f.parsed
-                    && !referenced.contains(&(m.entry.id, f.name))
+                    && !referenced
+                        .contains(&(m.entry.id, crate::pool::extent_file_name(ino, idx, fid)))
+                    && !orphan_files.contains(&(m.entry.id, ino, idx, fid))
                 {
                     orphan_files.push((m.entry.id, ino, idx, fid));
                 }
@@ -1479,6 +1503,11 @@ impl Vfs {
         self.commit_locked()
     }
 
+    /// Holds off commits (for work that must see the metadata copies still).
+    pub(crate) fn commit_guard(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.commit_lock.lock()
+    }
+
     /// Whether a commit is needed to make the layout durable (the namespace, a
     /// size or an extent map changed); timestamps alone do not count.
     fn layout_pending(&self) -> bool {
@@ -1504,7 +1533,7 @@ impl Vfs {
         if datasync && !self.layout_pending() {
             if let Some(v) = &node.volume {
                 let (mut dirs, mut fresh) = (HashSet::new(), Vec::new());
-                v.sync(&self.pool, &mut dirs, &mut fresh)?;
+                v.sync(&self.pool, &mut dirs, &mut fresh, None)?;
                 if fresh.is_empty() {
                     return Ok(());
                 }
@@ -1587,7 +1616,12 @@ impl Vfs {
             let mut new_dirs = HashSet::new();
             for n in &volumes {
                 if let Some(v) = &n.volume {
-                    v.sync(&self.pool, &mut new_dirs, &mut fresh)?;
+                    v.sync(
+                        &self.pool,
+                        &mut new_dirs,
+                        &mut fresh,
+                        Some(batch.generation),
+                    )?;
                 }
             }
             self.pool.sync_data_dirs(&new_dirs).map_err(FsError::Io)?;
@@ -1660,7 +1694,21 @@ impl Vfs {
 
     pub fn status(&self) -> PoolStatus {
         let (files, bytes) = self.counts();
-        self.pool.status(files, bytes)
+        let mut st = self.pool.status(files, bytes);
+        let copies = self.pool.config().copies.max(1) as usize;
+        let vols: Vec<Arc<crate::volume::Volume>> = self
+            .ns
+            .read()
+            .nodes
+            .values()
+            .filter_map(|n| n.volume.clone())
+            .collect();
+        for v in vols {
+            let (d, l) = v.degraded_bytes(&self.pool, copies);
+            st.degraded_bytes += d;
+            st.unavailable_bytes += l;
+        }
+        st
     }
 }
 
@@ -1920,7 +1968,8 @@ mod tests {
                     .or_default() += 1;
             }
         }
-        assert_eq!(names.len(), 8);
+        // (Each extent file has its sum file beside it.)
+        assert_eq!(names.len(), 16);
         assert!(names.values().all(|c| *c == 2), "{names:?}");
         // Remove every extent file of member 0: the other copies serve all reads.
         for e in std::fs::read_dir(dirs[0].join("data")).unwrap() {

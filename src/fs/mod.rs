@@ -3,6 +3,7 @@
 
 pub mod core;
 pub mod fuse;
+pub mod scrub;
 pub mod snapview;
 
 pub use core::{Attr, SetAttr, TimeSet, Vfs, VfsOptions};

@@ -61,6 +61,13 @@ pub fn check_open(pool: &Pool) -> Result<CheckReport> {
         members: pool.members.len(),
         ..Default::default()
     };
+    for e in &pool.missing {
+        r.problems.push(format!(
+            "member {} ({}) is missing: the pool is DEGRADED",
+            e.path.display(),
+            e.uuid
+        ));
+    }
     for m in &pool.members {
         for p in label_problems(&m.dir) {
             r.problems.push(format!("label copy damaged: {p}"));
@@ -237,6 +244,15 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
                     ));
                     continue;
                 };
+                if let Some(sp) = pool.sum_path(*m, *ino, e.index, e.file_id)
+                    && !sp.exists()
+                {
+                    r.problems.push(format!(
+                        "inode {ino}: the checksums of extent {} ({}) are missing; `vpool scrub` rebuilds them",
+                        e.index,
+                        sp.display()
+                    ));
+                }
                 match std::fs::metadata(&path) {
                     Ok(md) if md.len() > esize => r.problems.push(format!(
                         "{} is {} bytes, larger than the extent size {esize}",
@@ -255,7 +271,35 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
     for m in &pool.members {
         match pool.list_extent_files(m) {
             Ok(list) => {
-                for super::ExtentFileEntry { name, parsed, .. } in list {
+                for super::ExtentFileEntry {
+                    name, parsed, sum, ..
+                } in list
+                {
+                    if let (true, Some((ino, index, file_id))) = (sum, parsed) {
+                        let base = super::extent_file_name(ino, index, file_id);
+                        if !referenced.contains(&(m.entry.id, base)) {
+                            r.notes.push(format!(
+                                "{}: sum file {name} belongs to no referenced extent; it is removed at the next mount",
+                                m.data_dir.display()
+                            ));
+                            continue;
+                        }
+                        let cfg = pool.config();
+                        let id = crate::volume::sums::SumId {
+                            ino,
+                            index,
+                            file_id,
+                            block_size: cfg.block_size,
+                            entries: (cfg.extent_size / cfg.block_size as u64) as u32,
+                        };
+                        if let Err(e) = crate::volume::sums::read(&m.data_dir.join(&name), id) {
+                            r.problems.push(format!(
+                                "{}: sum file {name} is damaged ({e}); `vpool scrub` rebuilds it",
+                                m.data_dir.display()
+                            ));
+                        }
+                        continue;
+                    }
                     if parsed.is_none() {
                         r.notes.push(format!(
                             "{}: {name:?} is not an extent file of vpool",

@@ -7,6 +7,7 @@
 //! DIR/vpool-label.0, DIR/vpool-label.1   two copies of the label (label.rs)
 //! DIR/meta.redb                          this member's copy of the metadata (meta.rs)
 //! DIR/data/<ino>.<index>.<file_id>       one sparse file per extent copy
+//! DIR/data/<ino>.<index>.<file_id>.sum   its block checksums (volume/sums.rs)
 //! DIR/vpool.lock                         flock held by the daemon; holds pid and mountpoint
 //! DIR/intent.0, DIR/intent.1             write-intent log (intent.rs)
 //! DIR/snap/<id>/<ino>.<seq>.vd           snapshot delta files (snapshot module)
@@ -83,6 +84,13 @@ pub struct Member {
     /// Number of extent files on this member (placement tie-break).
     pub extents: AtomicU64,
     pub intent: intent::IntentLog,
+    /// Device and inode of the directory as opened: a directory deleted or
+    /// replaced under the daemon no longer matches.
+    dir_id: (u64, u64),
+    /// Set once the member fails (I/O errors, directory gone): no I/O goes to
+    /// it any more until the pool is mounted again.
+    failed: std::sync::atomic::AtomicBool,
+    fail_reason: Mutex<Option<String>>,
 }
 
 impl Member {
@@ -117,11 +125,87 @@ impl Member {
     pub fn invalidate_space(&self) {
         *self.space.lock() = None;
     }
+
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub fn fail_reason(&self) -> Option<String> {
+        self.fail_reason.lock().clone()
+    }
+
+    /// Whether the member's directory is still the one opened, with its label.
+    pub fn probe(&self) -> std::result::Result<(), String> {
+        let md = fs::metadata(&self.dir).map_err(|e| format!("directory unreachable: {e}"))?;
+        if (md.dev(), md.ino()) != self.dir_id {
+            return Err("directory was replaced".into());
+        }
+        if !label::LABEL_FILES.iter().any(|f| self.dir.join(f).exists()) {
+            return Err("label is gone".into());
+        }
+        if !self.data_dir.is_dir() {
+            return Err("data directory is gone".into());
+        }
+        Ok(())
+    }
+}
+
+/// Errors that mean the device under a member is failing (as opposed to a
+/// full disk or a bad request).
+pub fn is_device_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO)
+            | Some(libc::ENOENT)
+            | Some(libc::ENXIO)
+            | Some(libc::ENODEV)
+            | Some(libc::EROFS)
+            | Some(libc::ESTALE)
+            | Some(libc::ENOTCONN)
+            | Some(libc::ESHUTDOWN)
+    )
+}
+
+/// Integrity events since the daemon started (shown by `vpool status`).
+#[derive(Default)]
+pub struct Integrity {
+    /// Blocks (or sum files) found not matching their checksum.
+    pub checksum_errors: AtomicU64,
+    /// Bad copies of blocks rewritten from a good copy.
+    pub repaired: AtomicU64,
+    /// Blocks with no good copy left (reads of them fail with EIO).
+    pub unrecoverable: AtomicU64,
+    /// Reads of a member file that failed with an I/O error.
+    pub io_errors: AtomicU64,
+}
+
+/// A copy of [`Integrity`] for status output.
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
+pub struct IntegrityCounts {
+    pub checksum_errors: u64,
+    pub repaired: u64,
+    pub unrecoverable: u64,
+    pub io_errors: u64,
+}
+
+impl Integrity {
+    pub fn counts(&self) -> IntegrityCounts {
+        IntegrityCounts {
+            checksum_errors: self.checksum_errors.load(Ordering::Relaxed),
+            repaired: self.repaired.load(Ordering::Relaxed),
+            unrecoverable: self.unrecoverable.load(Ordering::Relaxed),
+            io_errors: self.io_errors.load(Ordering::Relaxed),
+        }
+    }
 }
 
 pub struct Pool {
+    pub integrity: Integrity,
     pub label: Label,
+    /// Members present at open (some may have failed since: see `usable`).
     pub members: Vec<Member>,
+    /// Members the label lists that were missing at open.
+    pub missing: Vec<MemberEntry>,
     pub next_file_id: AtomicU64,
     /// Tag of new write-intent records: the generation of the next commit
     /// (see intent.rs); changed only while no write is in flight.
@@ -146,6 +230,9 @@ pub struct MemberStatus {
     pub health: String,
     pub stored_bytes: u64,
     pub extents: u64,
+    /// Why the member is not ONLINE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -165,6 +252,15 @@ pub struct PoolStatus {
     pub files: u64,
     pub logical_bytes: u64,
     pub stored_bytes: u64,
+    /// Integrity events seen by the running daemon (zero when offline).
+    #[serde(default)]
+    pub integrity: IntegrityCounts,
+    /// Logical bytes of extents with fewer usable copies than `copies` (but at
+    /// least one), and with none (they read as EIO).
+    #[serde(default)]
+    pub degraded_bytes: u64,
+    #[serde(default)]
+    pub unavailable_bytes: u64,
 }
 
 fn canonical_dir(dir: &Path) -> Result<PathBuf> {
@@ -184,8 +280,11 @@ fn canonical_dir(dir: &Path) -> Result<PathBuf> {
 /// A file found in a member's data directory.
 pub struct ExtentFileEntry {
     pub name: String,
-    /// `(ino, index, file_id)` when the name is an extent file name.
+    /// `(ino, index, file_id)` when the name is an extent file name (or, with
+    /// `sum`, a sum file name).
     pub parsed: Option<(u64, u64, u64)>,
+    /// A sum file (`<extent file name>.sum`).
+    pub sum: bool,
     /// Allocated bytes.
     pub bytes: u64,
 }
@@ -193,6 +292,11 @@ pub struct ExtentFileEntry {
 /// Name of the member file holding one extent copy.
 pub fn extent_file_name(ino: u64, index: u64, file_id: u64) -> String {
     format!("{ino}.{index}.{file_id}")
+}
+
+/// Name of the sum file of one extent copy.
+pub fn sum_file_name(ino: u64, index: u64, file_id: u64) -> String {
+    format!("{ino}.{index}.{file_id}.sum")
 }
 
 /// Parses an extent file name back into `(ino, index, file_id)`.
@@ -396,13 +500,15 @@ impl Pool {
     }
 
     /// Opens the pool that `dir` belongs to and locks every member (one daemon,
-    /// `check` or offline `status` at a time). Every member the label lists must
-    /// be present and carry this pool's label.
+    /// `check` or offline `status` at a time). A member the label lists that is
+    /// missing leaves the pool DEGRADED (listed in `missing`); one that carries
+    /// another pool's label refuses the open.
     pub fn open(dir: &Path) -> Result<Pool> {
         let dir = canonical_dir(dir)?;
         let first = read_label(&dir)?;
         let mut label = first.clone();
         let mut found: Vec<(MemberEntry, PathBuf, Label)> = Vec::new();
+        let mut missing: Vec<MemberEntry> = Vec::new();
         for entry in &first.members {
             let path = if entry.uuid == first.member {
                 dir.clone()
@@ -411,21 +517,21 @@ impl Pool {
             };
             let l = match read_label(&path) {
                 Ok(l) => l,
-                Err(Error::NotAMember(_)) | Err(Error::DirectoryMissing(_)) => {
-                    return Err(Error::MemberMissing {
-                        path,
-                        id: entry.uuid.to_string(),
-                        pool: first.pool.to_string(),
-                    });
+                Err(e) => {
+                    let why = match &e {
+                        Error::NotAMember(_) | Error::DirectoryMissing(_) => e.to_string(),
+                        Error::Io { source, .. } if is_device_error(source) => e.to_string(),
+                        _ => return Err(e),
+                    };
+                    tracing::error!(
+                        member = %path.display(),
+                        id = %entry.uuid,
+                        reason = %why,
+                        "member missing: the pool is DEGRADED"
+                    );
+                    missing.push(entry.clone());
+                    continue;
                 }
-                Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                    return Err(Error::MemberMissing {
-                        path,
-                        id: entry.uuid.to_string(),
-                        pool: first.pool.to_string(),
-                    });
-                }
-                Err(e) => return Err(e),
             };
             if l.pool != first.pool || l.member != entry.uuid {
                 return Err(Error::ForeignMember {
@@ -442,7 +548,8 @@ impl Pool {
         let mut members = Vec::new();
         for (entry, path, _) in found {
             let lock = try_lock(&path, &label.pool)?;
-            let dev = fs::metadata(&path).map_err(|e| Error::io(&path, e))?.dev();
+            let md = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+            let dev = md.dev();
             members.push(Member {
                 data_dir: path.join(DATA_DIR),
                 entry: MemberEntry {
@@ -455,14 +562,19 @@ impl Pool {
                 space: Mutex::new(None),
                 extents: AtomicU64::new(0),
                 intent: intent::IntentLog::new(&path),
+                dir_id: (md.dev(), md.ino()),
+                failed: Default::default(),
+                fail_reason: Mutex::new(None),
                 dir: path,
             });
         }
         Ok(Pool {
             label,
             members,
+            missing,
             next_file_id: AtomicU64::new(1),
             intent_tag: AtomicU64::new(1),
+            integrity: Integrity::default(),
         })
     }
 
@@ -573,6 +685,116 @@ impl Pool {
         Ok(())
     }
 
+    /// Verifies every member's metadata copy (record checksums, generation) and
+    /// rewrites a damaged or lagging copy from the newest good one, a damaged
+    /// record taken from another copy of the same generation. The caller holds
+    /// off commits. Returns what was found and how many copies were rewritten.
+    pub fn scrub_metadata(&self) -> (Vec<String>, u64) {
+        let images = self.member_images();
+        let mut found = Vec::new();
+        let bad_blobs = |img: &MetaImage| -> usize {
+            img.snapshots
+                .values()
+                .chain(img.cbt.values())
+                .filter(|b| meta::check_blob(b).is_err())
+                .count()
+        };
+        let Some(best_i) = (0..images.len())
+            .filter(|i| images[*i].is_ok())
+            .max_by_key(|i| images[*i].as_ref().map(|m| m.generation).unwrap_or(0))
+        else {
+            return (vec!["no member has a readable metadata copy".into()], 0);
+        };
+        let Ok(mut best) = images[best_i].as_ref().cloned() else {
+            return (found, 0);
+        };
+        let same_gen: Vec<&MetaImage> = images
+            .iter()
+            .flatten()
+            .filter(|o| o.generation == best.generation)
+            .collect();
+        for (ino, why) in std::mem::take(&mut best.corrupt) {
+            match same_gen.iter().find_map(|o| o.inodes.get(&ino).cloned()) {
+                Some(r) => {
+                    best.inodes.insert(ino, r);
+                }
+                None => best.corrupt.push((ino, why)),
+            }
+        }
+        let bad_snaps: Vec<u64> = best
+            .snapshots
+            .iter()
+            .filter(|(_, b)| meta::check_blob(b).is_err())
+            .map(|(k, _)| *k)
+            .collect();
+        for k in bad_snaps {
+            if let Some(good) = same_gen
+                .iter()
+                .filter_map(|o| o.snapshots.get(&k).cloned())
+                .find(|b| meta::check_blob(b).is_ok())
+            {
+                best.snapshots.insert(k, good);
+            }
+        }
+        let bad_cbt: Vec<(u64, u64)> = best
+            .cbt
+            .iter()
+            .filter(|(_, b)| meta::check_blob(b).is_err())
+            .map(|(k, _)| *k)
+            .collect();
+        for k in bad_cbt {
+            if let Some(good) = same_gen
+                .iter()
+                .filter_map(|o| o.cbt.get(&k).cloned())
+                .find(|b| meta::check_blob(b).is_ok())
+            {
+                best.cbt.insert(k, good);
+            }
+        }
+        let best_ok = best.corrupt.is_empty() && bad_blobs(&best) == 0;
+        if !best_ok {
+            found.push(format!(
+                "{} damaged metadata records have no good copy on any member",
+                best.corrupt.len() + bad_blobs(&best)
+            ));
+        }
+        let mut rewritten = 0;
+        for (m, img) in self.members.iter().zip(&images) {
+            let why = match img {
+                Err(e) => Some(format!("unreadable ({e})")),
+                Ok(i) if i.generation != best.generation => Some(format!(
+                    "generation {} lags the newest {}",
+                    i.generation, best.generation
+                )),
+                Ok(i) if !i.corrupt.is_empty() || bad_blobs(i) > 0 => Some(format!(
+                    "{} damaged records",
+                    i.corrupt.len() + bad_blobs(i)
+                )),
+                Ok(_) => None,
+            };
+            let Some(why) = why else { continue };
+            found.push(format!("{}: metadata copy {why}", m.dir.display()));
+            if !best_ok {
+                continue;
+            }
+            let r = match m.store.lock().as_ref() {
+                Some(s) => s.replace_all(&best),
+                None => continue,
+            };
+            match r {
+                Ok(()) => {
+                    rewritten += 1;
+                    tracing::warn!(member = %m.dir.display(), reason = %why, "metadata copy rewritten from the newest good copy");
+                }
+                Err(e) => found.push(format!(
+                    "{}: cannot rewrite the metadata copy: {e}",
+                    m.dir.display()
+                )),
+            }
+        }
+        (found, rewritten)
+    }
+
     /// Every member's metadata copy, loaded through the open store when there is one.
     pub fn member_images(&self) -> Vec<Result<MetaImage>> {
         self.members
@@ -590,6 +812,76 @@ impl Pool {
 
     pub fn member(&self, id: u32) -> Option<&Member> {
         self.members.iter().find(|m| m.entry.id == id)
+    }
+
+    /// Whether I/O may go to member `id` (present at open and not failed since).
+    pub fn usable(&self, id: u32) -> bool {
+        self.member(id).is_some_and(|m| !m.is_failed())
+    }
+
+    /// Marks member `id` failed: no more I/O goes to it; the pool is DEGRADED.
+    pub fn fail_member(&self, id: u32, why: &str) {
+        let Some(m) = self.member(id) else { return };
+        if !m.failed.swap(true, Ordering::AcqRel) {
+            *m.fail_reason.lock() = Some(why.to_string());
+            tracing::error!(member = %m.dir.display(), reason = why, "member FAILED: the pool is DEGRADED; I/O goes to the other copies");
+        }
+    }
+
+    /// After an I/O error on member `id`: fails the member if its device or
+    /// directory is at fault. Returns whether it is failed now.
+    pub fn check_member(&self, id: u32, e: &io::Error) -> bool {
+        let Some(m) = self.member(id) else {
+            return true;
+        };
+        if m.is_failed() {
+            return true;
+        }
+        match m.probe() {
+            Err(why) => self.fail_member(id, &why),
+            Ok(()) if e.raw_os_error() == Some(libc::EIO) => {
+                self.fail_member(id, &format!("I/O error: {e}"))
+            }
+            Ok(()) => return false,
+        }
+        true
+    }
+
+    /// [`Pool::check_member`] for an error of the volume layer: a missing
+    /// extent file counts when the member's directory is gone.
+    pub fn check_member_fs(&self, id: u32, e: &FsError) -> bool {
+        match e {
+            FsError::Io(io) => self.check_member(id, io),
+            FsError::Corrupt(_) => match self.member(id) {
+                None => true,
+                Some(m) if m.is_failed() => true,
+                Some(m) => match m.probe() {
+                    Err(why) => {
+                        self.fail_member(id, &why);
+                        true
+                    }
+                    Ok(()) => false,
+                },
+            },
+            _ => false,
+        }
+    }
+
+    /// Probes every member that has not failed (the daemon does so
+    /// periodically): a directory deleted or unmounted under it fails it.
+    pub fn probe_members(&self) {
+        for m in &self.members {
+            if !m.is_failed()
+                && let Err(why) = m.probe()
+            {
+                self.fail_member(m.entry.id, &why);
+            }
+        }
+    }
+
+    /// Whether some member is missing or failed.
+    pub fn degraded(&self) -> bool {
+        !self.missing.is_empty() || self.members.iter().any(|m| m.is_failed())
     }
 
     pub fn extent_path(&self, member: u32, ino: u64, index: u64, file_id: u64) -> Option<PathBuf> {
@@ -633,7 +925,7 @@ impl Pool {
         // that they tie and the extent count decides between them.
         let mut per_dev: Vec<(u64, u64)> = Vec::new();
         for m in &self.members {
-            if exclude.contains(&m.entry.id) {
+            if exclude.contains(&m.entry.id) || m.is_failed() {
                 continue;
             }
             let avail = match per_dev.iter().find(|(d, _)| *d == m.dev) {
@@ -677,41 +969,60 @@ impl Pool {
         need: u64,
     ) -> FsResult<(u64, Vec<(u32, File)>)> {
         let copies = self.label.config.copies.max(1) as usize;
+        let cleanup = |made: &[(u32, File)], fid: u64| {
+            for (m, _) in made {
+                if let Some(p) = self.extent_path(*m, ino, index, fid) {
+                    let _ = fs::remove_file(p);
+                }
+            }
+        };
         'fid: loop {
             let fid = self.next_file_id.fetch_add(1, Ordering::SeqCst);
             let mut made: Vec<(u32, File)> = Vec::with_capacity(copies);
             while made.len() < copies {
                 let exclude: Vec<u32> = made.iter().map(|(m, _)| *m).collect();
-                let placed = self.place(&exclude, need).and_then(|member_id| {
-                    let m = self.member(member_id).ok_or(FsError::NoSpace)?;
-                    let p = m.data_dir.join(extent_file_name(ino, index, fid));
-                    OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&p)
-                        .map(|f| (member_id, f))
-                        .map_err(FsError::Io)
-                });
-                match placed {
-                    Ok(c) => made.push(c),
+                let member_id = match self.place(&exclude, need) {
+                    Ok(id) => id,
+                    // Degraded: fewer usable members than copies. The extent gets
+                    // the copies it can (status counts it as degraded).
+                    Err(FsError::NoSpace)
+                        if !made.is_empty()
+                            && self.members.iter().filter(|m| !m.is_failed()).count() < copies =>
+                    {
+                        break;
+                    }
                     Err(e) => {
-                        for (m, _) in &made {
-                            if let Some(p) = self.extent_path(*m, ino, index, fid) {
-                                let _ = fs::remove_file(p);
-                            }
-                        }
-                        match e {
-                            // A leftover of a crash (never published): take the next id.
-                            FsError::Io(io) if io.kind() == io::ErrorKind::AlreadyExists => {
-                                continue 'fid;
-                            }
-                            FsError::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => {
-                                return Err(FsError::NoSpace);
-                            }
-                            other => return Err(other),
-                        }
+                        cleanup(&made, fid);
+                        return Err(e);
+                    }
+                };
+                let Some(m) = self.member(member_id) else {
+                    cleanup(&made, fid);
+                    return Err(FsError::NoSpace);
+                };
+                let p = m.data_dir.join(extent_file_name(ino, index, fid));
+                match OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&p)
+                {
+                    Ok(f) => made.push((member_id, f)),
+                    // A leftover of a crash (never published): take the next id.
+                    Err(io) if io.kind() == io::ErrorKind::AlreadyExists => {
+                        cleanup(&made, fid);
+                        continue 'fid;
+                    }
+                    Err(io) if io.raw_os_error() == Some(libc::ENOSPC) => {
+                        cleanup(&made, fid);
+                        return Err(FsError::NoSpace);
+                    }
+                    // A member failing under us: place on the others.
+                    Err(io) if self.check_member(member_id, &io) => {}
+                    Err(io) => {
+                        cleanup(&made, fid);
+                        return Err(FsError::Io(io));
                     }
                 }
             }
@@ -744,9 +1055,25 @@ impl Pool {
         }
     }
 
-    /// Removes extent files (after the commit that dropped them is durable).
+    /// Path of the sum file of an extent copy.
+    pub fn sum_path(&self, member: u32, ino: u64, index: u64, file_id: u64) -> Option<PathBuf> {
+        self.member(member)
+            .map(|m| m.data_dir.join(sum_file_name(ino, index, file_id)))
+    }
+
+    /// Removes extent files and their sum files (after the commit that dropped
+    /// them is durable).
     pub fn remove_extent_files(&self, files: &[(u32, u64, u64, u64)]) {
         for (member, ino, index, fid) in files {
+            if let Some(p) = self.sum_path(*member, *ino, *index, *fid) {
+                match fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot remove sum file")
+                    }
+                }
+            }
             if let Some(p) = self.extent_path(*member, *ino, *index, *fid) {
                 match fs::remove_file(&p) {
                     Ok(()) => {
@@ -768,17 +1095,28 @@ impl Pool {
     /// to change (see intent.rs). Returns the tag used.
     pub fn log_intent(&self, members: &[u32], ino: u64, index: u64) -> io::Result<u64> {
         let tag = self.intent_tag.load(Ordering::Acquire);
+        let mut logged = 0;
+        let mut last_err = None;
         for id in members {
-            if let Some(m) = self.member(*id) {
-                m.intent.append(tag, ino, index)?;
+            let Some(m) = self.member(*id).filter(|m| !m.is_failed()) else {
+                continue;
+            };
+            match m.intent.append(tag, ino, index) {
+                Ok(()) => logged += 1,
+                // The copy on a failing member is not written either.
+                Err(e) if self.check_member(*id, &e) => last_err = Some(e),
+                Err(e) => return Err(e),
             }
+        }
+        if logged == 0 {
+            return Err(last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)));
         }
         Ok(tag)
     }
 
     /// Drops intent records covered by the durable commit of generation `generation`.
     pub fn clear_intents(&self, generation: u64) {
-        for m in &self.members {
+        for m in self.members.iter().filter(|m| !m.is_failed()) {
             if let Err(e) = m.intent.clear(generation) {
                 tracing::warn!(member = %m.dir.display(), error = %e, "cannot clear the intent log");
             }
@@ -801,8 +1139,11 @@ impl Pool {
     /// fsyncs the data directories of the given members (new extent files durable).
     pub fn sync_data_dirs(&self, members: &HashSet<u32>) -> io::Result<()> {
         for id in members {
-            if let Some(m) = self.member(*id) {
-                fsync_dir(&m.data_dir)?;
+            if let Some(m) = self.member(*id).filter(|m| !m.is_failed())
+                && let Err(e) = fsync_dir(&m.data_dir)
+                && !self.check_member(*id, &e)
+            {
+                return Err(e);
             }
         }
         Ok(())
@@ -816,8 +1157,9 @@ impl Pool {
             let handles: Vec<_> = self
                 .members
                 .iter()
+                .filter(|m| !m.is_failed())
                 .map(|m| {
-                    sc.spawn(move || {
+                    (m.entry.id, sc.spawn(move || {
                         let mut g = m.store.lock();
                         let res = match g.as_ref() {
                             Some(s) => s.apply(batch, durable),
@@ -833,18 +1175,42 @@ impl Pool {
                             }
                         }
                         res
-                    })
+                    }))
                 })
                 .collect();
-            handles
+            let results: Vec<(u32, Result<()>)> = handles
                 .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(Error::Other("metadata commit thread panicked".into()))
-                    })
+                .map(|(id, h)| {
+                    (
+                        id,
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::Other("metadata commit thread panicked".into()))
+                        }),
+                    )
                 })
-                .collect::<Result<Vec<()>>>()
-                .map(|_| ())
+                .collect();
+            let mut ok = 0;
+            let mut first_err = None;
+            for (id, r) in results {
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        // A member whose directory is gone fails; the commit
+                        // stands on the others.
+                        let gone = self.member(id).is_some_and(|m| {
+                            m.probe().map_err(|why| self.fail_member(id, &why)).is_err()
+                        });
+                        if !gone && first_err.is_none() {
+                            first_err = Some(e);
+                        }
+                    }
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None if ok == 0 => Err(Error::Other("no member left to commit to".into())),
+                None => Ok(()),
+            }
         })
     }
 
@@ -882,8 +1248,13 @@ impl Pool {
             let ent = ent?;
             let name = ent.file_name().to_string_lossy().into_owned();
             let bytes = ent.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+            let (parsed, sum) = match name.strip_suffix(".sum") {
+                Some(base) => (parse_extent_file_name(base), true),
+                None => (parse_extent_file_name(&name), false),
+            };
             out.push(ExtentFileEntry {
-                parsed: parse_extent_file_name(&name),
+                parsed,
+                sum,
                 name,
                 bytes,
             });
@@ -913,20 +1284,19 @@ impl Pool {
             let mut stored = 0;
             let mut count = 0;
             if let Ok(list) = self.list_extent_files(m) {
-                for f in list.iter().filter(|f| f.parsed.is_some()) {
+                for f in list.iter().filter(|f| f.parsed.is_some() && !f.sum) {
                     stored += f.bytes;
                     count += 1;
                 }
             }
             stored_total += stored;
-            let health = if m.dir.join(label::LABEL_FILES[0]).exists()
-                || m.dir.join(label::LABEL_FILES[1]).exists()
-            {
-                "ONLINE"
-            } else {
-                "FAULTED"
+            let (health, reason) = match (m.fail_reason(), m.probe()) {
+                (Some(why), _) => ("FAULTED", Some(why)),
+                (None, Err(why)) => ("FAULTED", Some(why)),
+                (None, Ok(())) => ("ONLINE", None),
             };
             members.push(MemberStatus {
+                reason,
                 path: m.dir.clone(),
                 id: m.entry.uuid.to_string(),
                 size: msize,
@@ -935,6 +1305,19 @@ impl Pool {
                 health: health.to_string(),
                 stored_bytes: stored,
                 extents: count,
+            });
+        }
+        for e in &self.missing {
+            members.push(MemberStatus {
+                path: e.path.clone(),
+                id: e.uuid.to_string(),
+                size: 0,
+                used: 0,
+                free: 0,
+                health: "MISSING".into(),
+                stored_bytes: 0,
+                extents: 0,
+                reason: Some("not found when the pool was opened".into()),
             });
         }
         let state = if members.iter().all(|m| m.health == "ONLINE") {
@@ -958,6 +1341,9 @@ impl Pool {
             files,
             logical_bytes,
             stored_bytes: stored_total,
+            integrity: self.integrity.counts(),
+            degraded_bytes: 0,
+            unavailable_bytes: 0,
         }
     }
 }

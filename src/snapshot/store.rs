@@ -808,7 +808,12 @@ impl SnapshotStore {
         let copies = self.pool.config().copies.max(1) as usize;
         let mut members = Vec::new();
         while members.len() < copies {
-            members.push(self.pool.place(&members, 0)?);
+            match self.pool.place(&members, 0) {
+                Ok(m) => members.push(m),
+                // Degraded (fewer usable members than copies): as many as there are.
+                Err(_) if !members.is_empty() && self.pool.degraded() => break,
+                Err(e) => return Err(e),
+            }
         }
         let mut paths = Vec::new();
         for m in &members {

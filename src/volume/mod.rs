@@ -22,6 +22,8 @@
 //! holds its write gate for reading around every change, so the intent tag
 //! cannot move while a change is in flight.
 
+pub mod sums;
+
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io;
@@ -30,11 +32,18 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
 use crate::pool::meta::ExtentRecord;
+use sums::{SumId, block_crc};
+
+/// Stripe locks per volume: block checksums and data change together under
+/// the stripe's write lock; verified reads hold it for reading.
+const STRIPES: usize = 64;
+/// Blocks per stripe region.
+const REGION_BLOCKS: u64 = 16;
 
 /// One copy of an extent, on one member.
 pub struct ExtentCopy {
@@ -57,6 +66,31 @@ pub struct Extent {
     /// Intent tag under which this extent's change was logged (0: none yet).
     intent_tag: AtomicU64,
     intent_lock: Mutex<()>,
+    sums: Mutex<Sums>,
+}
+
+/// The block checksums of an extent, loaded from a sum file on first use.
+#[derive(Default)]
+struct Sums {
+    /// `None`: not loaded yet; `Some(None)`: no usable table (the extent's
+    /// blocks are not verified until scrub rebuilds it).
+    table: Option<Option<Vec<u32>>>,
+    /// Changed since the sum files were last written.
+    dirty: bool,
+}
+
+/// What a scrub found in one volume.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ScrubCounts {
+    pub extents: u64,
+    /// Bytes of block copies read and verified.
+    pub bytes: u64,
+    pub checksum_errors: u64,
+    pub repaired: u64,
+    pub unrecoverable: u64,
+    pub io_errors: u64,
+    /// Extents whose checksum table was missing or damaged and rebuilt.
+    pub tables_rebuilt: u64,
 }
 
 impl Extent {
@@ -77,6 +111,7 @@ impl Extent {
             blocks_stale: AtomicBool::new(true),
             intent_tag: AtomicU64::new(0),
             intent_lock: Mutex::new(()),
+            sums: Mutex::new(Sums::default()),
         }
     }
 
@@ -113,18 +148,49 @@ impl Extent {
         Ok(f)
     }
 
-    /// Runs `op` on every copy's file; stops at the first error.
+    /// Runs `op` on the file of every copy on a usable member. A copy whose
+    /// member fails meanwhile is skipped (the member is marked failed); any
+    /// other error stops at once. Fails when no copy was done.
     fn each_copy(
         &self,
         pool: &Pool,
         ino: u64,
         mut op: impl FnMut(u32, &File) -> FsResult<()>,
     ) -> FsResult<()> {
+        let mut done = 0;
+        let mut last_err = None;
         for (i, c) in self.copies.iter().enumerate() {
-            let f = self.file(pool, ino, i)?;
-            op(c.member, &f)?;
+            if !pool.usable(c.member) {
+                continue;
+            }
+            match self.file(pool, ino, i).and_then(|f| op(c.member, &f)) {
+                Ok(()) => done += 1,
+                Err(e) if pool.check_member_fs(c.member, &e) => {
+                    *c.file.write() = None;
+                    last_err = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if done == 0 {
+            return Err(
+                last_err.unwrap_or_else(|| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+            );
         }
         Ok(())
+    }
+
+    /// The first copy on a usable member (0 when none is: its errors then tell).
+    fn first_usable(&self, pool: &Pool) -> usize {
+        self.copies
+            .iter()
+            .position(|c| pool.usable(c.member))
+            .unwrap_or(0)
+    }
+
+    /// Copies on usable members.
+    fn usable_copies(&self, pool: &Pool) -> usize {
+        self.copies.iter().filter(|c| pool.usable(c.member)).count()
     }
 
     /// The commit referencing this extent is durable, its directory entries too.
@@ -198,6 +264,106 @@ fn lseek(f: &File, off: u64, whence: i32) -> io::Result<Option<u64>> {
     Ok(Some(r as u64))
 }
 
+/// `FS_IOC_FIEMAP` (`_IOWR('f', 11, struct fiemap)`).
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
+/// Extents asked for per FIEMAP call.
+const FIEMAP_BATCH: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FiemapExtent {
+    logical: u64,
+    physical: u64,
+    length: u64,
+    reserved64: [u64; 2],
+    flags: u32,
+    reserved: [u32; 3],
+}
+
+#[repr(C)]
+struct Fiemap {
+    start: u64,
+    length: u64,
+    flags: u32,
+    mapped_extents: u32,
+    extent_count: u32,
+    reserved: u32,
+    extents: [FiemapExtent; FIEMAP_BATCH],
+}
+
+/// The allocated ranges of `f` within `[lo, hi)`, written or not (FIEMAP sees
+/// preallocated, unwritten extents, which SEEK_DATA reports as holes), merged
+/// and clipped. `None` when the filesystem has no FIEMAP (tmpfs).
+fn fiemap_ranges(f: &File, lo: u64, hi: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut pos = lo;
+    while pos < hi {
+        let mut fm = Fiemap {
+            start: pos,
+            length: hi - pos,
+            flags: 0,
+            mapped_extents: 0,
+            extent_count: FIEMAP_BATCH as u32,
+            reserved: 0,
+            extents: [FiemapExtent::default(); FIEMAP_BATCH],
+        };
+        // SAFETY: FS_IOC_FIEMAP reads the header and writes at most
+        // `extent_count` entries into `extents`, all inside `fm`, which lives
+        // across the call.
+        let rc = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP as _, &mut fm as *mut Fiemap) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
+                    if out.is_empty() && pos == lo =>
+                {
+                    Ok(None)
+                }
+                _ => Err(e),
+            };
+        }
+        let n = (fm.mapped_extents as usize).min(FIEMAP_BATCH);
+        if n == 0 {
+            break;
+        }
+        let mut last = false;
+        for e in &fm.extents[..n] {
+            let (s, t) = (e.logical.max(lo), (e.logical + e.length).min(hi));
+            if s < t {
+                match out.last_mut() {
+                    Some((_, end)) if *end >= s => *end = (*end).max(t),
+                    _ => out.push((s, t)),
+                }
+            }
+            pos = pos.max(e.logical + e.length);
+            last |= e.flags & FIEMAP_EXTENT_LAST != 0;
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(Some(out))
+}
+
+/// The data ranges of `f` within `[lo, hi)` by SEEK_DATA/SEEK_HOLE.
+fn seek_data_ranges(f: &File, lo: u64, hi: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos = lo;
+    while pos < hi {
+        let Some(d) = lseek(f, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if d >= hi {
+            break;
+        }
+        let h = lseek(f, d, libc::SEEK_HOLE)?.unwrap_or(hi).min(hi);
+        out.push((d, h));
+        pos = h.max(d + 1);
+    }
+    Ok(out)
+}
+
 /// Fills `dst` from `f` at `off`; past the member file's end is a hole (zeros).
 fn read_full(f: &File, dst: &mut [u8], off: u64) -> FsResult<()> {
     let mut done = 0;
@@ -247,6 +413,9 @@ pub struct Volume {
     bs: u64,
     map: RwLock<BTreeMap<u64, Arc<Extent>>>,
     cbt: Mutex<Cbt>,
+    stripes: Vec<RwLock<()>>,
+    /// Checksum of an all-zero block (holes, punched and never-written blocks).
+    zcrc: u32,
 }
 
 /// An extent file that can be removed once the commit dropping it is durable:
@@ -303,7 +472,342 @@ impl Volume {
                 bits: cbt.into_iter().collect(),
                 dirty: BTreeSet::new(),
             }),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            zcrc: sums::zero_crc(bs as usize),
         }
+    }
+
+    fn blocks_per_extent(&self) -> u64 {
+        self.esize / self.bs
+    }
+
+    fn sum_id(&self, ext: &Extent) -> SumId {
+        SumId {
+            ino: self.ino,
+            index: ext.index,
+            file_id: ext.file_id,
+            block_size: self.bs as u32,
+            entries: self.blocks_per_extent() as u32,
+        }
+    }
+
+    /// Stripe slots covering blocks `[b0, b1)` of extent `index`, ascending
+    /// (the lock order).
+    fn stripe_slots(&self, index: u64, b0: u64, b1: u64) -> Vec<usize> {
+        let regions = self.blocks_per_extent().div_ceil(REGION_BLOCKS);
+        let (r0, r1) = (b0 / REGION_BLOCKS, b1.max(b0 + 1).div_ceil(REGION_BLOCKS));
+        if r1 - r0 >= STRIPES as u64 {
+            return (0..STRIPES).collect();
+        }
+        let mut v: Vec<usize> = (r0..r1)
+            .map(|r| ((index.wrapping_mul(regions) + r) % STRIPES as u64) as usize)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    fn lock_shared(&self, index: u64, b0: u64, b1: u64) -> Vec<RwLockReadGuard<'_, ()>> {
+        self.stripe_slots(index, b0, b1)
+            .into_iter()
+            .map(|i| self.stripes[i].read())
+            .collect()
+    }
+
+    fn lock_excl(&self, index: u64, b0: u64, b1: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
+        self.stripe_slots(index, b0, b1)
+            .into_iter()
+            .map(|i| self.stripes[i].write())
+            .collect()
+    }
+
+    /// The extent's checksum table, loaded from the first copy with a valid
+    /// sum file on first use.
+    fn sums<'a>(&self, pool: &Pool, ext: &'a Extent) -> MutexGuard<'a, Sums> {
+        let mut g = ext.sums.lock();
+        if g.table.is_none() {
+            let (t, rewrite) = self.load_sums(pool, ext);
+            g.table = Some(t);
+            // A copy's sum file that is damaged or missing is rewritten by the
+            // next commit.
+            g.dirty |= rewrite;
+        }
+        g
+    }
+
+    /// The table from the first copy with a valid sum file, and whether some
+    /// copy's file is damaged or missing.
+    fn load_sums(&self, pool: &Pool, ext: &Extent) -> (Option<Vec<u32>>, bool) {
+        let id = self.sum_id(ext);
+        let mut found: Option<(u64, Vec<u32>)> = None;
+        let mut bad = false;
+        for c in &ext.copies {
+            let Some(p) = pool.sum_path(c.member, self.ino, ext.index, ext.file_id) else {
+                continue;
+            };
+            match sums::read(&p, id) {
+                Ok(Some((gen_, v))) => match &found {
+                    // Copies of different generations: one missed commits.
+                    Some((g, _)) if *g != gen_ => {
+                        bad = true;
+                        if gen_ > *g {
+                            found = Some((gen_, v));
+                        }
+                    }
+                    Some(_) => {}
+                    None => found = Some((gen_, v)),
+                },
+                Ok(None) => bad = true,
+                Err(e) => {
+                    bad = true;
+                    pool.integrity
+                        .checksum_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(path = %p.display(), error = %e, "sum file damaged; trying the next copy");
+                }
+            }
+        }
+        if let Some((_, v)) = found {
+            return (Some(v), bad);
+        }
+        tracing::warn!(
+            ino = self.ino,
+            extent = ext.index,
+            "no valid checksum table: blocks of this extent are not verified until `vpool scrub` rebuilds it"
+        );
+        (None, false)
+    }
+
+    /// Expected checksums of blocks `[b0, b1)` of `ext` (`None`: not verified).
+    fn expected(&self, pool: &Pool, ext: &Extent, b0: u64, b1: u64) -> Option<Vec<u32>> {
+        let g = self.sums(pool, ext);
+        g.table
+            .as_ref()
+            .and_then(|t| t.as_ref())
+            .map(|t| t[b0 as usize..b1 as usize].to_vec())
+    }
+
+    /// Stores checksums of blocks from `b0` on (caller holds their stripes).
+    fn set_sums(&self, pool: &Pool, ext: &Extent, b0: u64, vals: &[u32]) {
+        let mut g = self.sums(pool, ext);
+        if let Some(Some(t)) = g.table.as_mut() {
+            t[b0 as usize..b0 as usize + vals.len()].copy_from_slice(vals);
+            g.dirty = true;
+        }
+    }
+
+    /// Reads `buf` (whole blocks from block `b0`) from one copy.
+    fn read_copy(
+        &self,
+        pool: &Pool,
+        ext: &Extent,
+        copy: usize,
+        b0: u64,
+        buf: &mut [u8],
+    ) -> FsResult<()> {
+        if !pool.usable(ext.copies[copy].member) {
+            return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        let r = ext
+            .file(pool, self.ino, copy)
+            .and_then(|f| read_full(&f, buf, b0 * self.bs));
+        if let Err(e) = &r {
+            pool.integrity.io_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(ino = self.ino, extent = ext.index, copy, error = %e, "read of a copy failed");
+            pool.check_member_fs(ext.copies[copy].member, e);
+        }
+        r
+    }
+
+    /// Reads whole blocks `[b0, b0 + buf.len()/bs)` verified against `exp`: from
+    /// the first copy that reads, each bad block from another copy whose block
+    /// matches. Returns the blocks some copy of which needs a repair; a block
+    /// with no good copy fails the read with EIO. The caller holds the stripes.
+    fn read_verified(
+        &self,
+        pool: &Pool,
+        ext: &Extent,
+        b0: u64,
+        buf: &mut [u8],
+        exp: &[u32],
+    ) -> FsResult<Vec<u64>> {
+        let bs = self.bs as usize;
+        let n = ext.copies.len();
+        let mut first = None;
+        let mut last_err = None;
+        for c in 0..n {
+            match self.read_copy(pool, ext, c, b0, buf) {
+                Ok(()) => {
+                    first = Some(c);
+                    break;
+                }
+                Err(e) => {
+                    buf.fill(0);
+                    last_err = Some(e);
+                }
+            }
+        }
+        let Some(first) = first else {
+            return Err(
+                last_err.unwrap_or_else(|| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+            );
+        };
+        let mut repair = Vec::new();
+        let mut tmp = vec![0u8; bs];
+        for (i, blk) in buf.chunks_mut(bs).enumerate() {
+            if block_crc(blk) == exp[i] {
+                continue;
+            }
+            let b = b0 + i as u64;
+            pool.integrity
+                .checksum_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                ino = self.ino,
+                extent = ext.index,
+                block = b,
+                copy = first,
+                "checksum mismatch"
+            );
+            let mut good = false;
+            for c in (0..n).filter(|c| *c != first) {
+                tmp.fill(0);
+                if self.read_copy(pool, ext, c, b, &mut tmp).is_ok() && block_crc(&tmp) == exp[i] {
+                    blk.copy_from_slice(&tmp);
+                    good = true;
+                    break;
+                }
+            }
+            if !good {
+                pool.integrity.unrecoverable.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    ino = self.ino,
+                    extent = ext.index,
+                    block = b,
+                    "no copy of the block matches its checksum: the read fails with EIO"
+                );
+                return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
+            }
+            repair.push(b);
+        }
+        Ok(repair)
+    }
+
+    /// Rewrites bad copies of `blocks` from a good one; the caller holds their
+    /// stripes exclusively. Returns (repaired copies, blocks with no good copy).
+    fn repair_locked(&self, pool: &Pool, ext: &Extent, blocks: &[u64]) -> (u64, u64) {
+        let bs = self.bs as usize;
+        let (mut fixed, mut lost) = (0, 0);
+        for &b in blocks {
+            let Some(exp) = self.expected(pool, ext, b, b + 1) else {
+                continue;
+            };
+            let mut copies: Vec<Option<Vec<u8>>> = Vec::new();
+            for c in 0..ext.copies.len() {
+                let mut blk = vec![0u8; bs];
+                copies.push(self.read_copy(pool, ext, c, b, &mut blk).ok().map(|_| blk));
+            }
+            let Some(good) = copies
+                .iter()
+                .flatten()
+                .find(|d| block_crc(d) == exp[0])
+                .cloned()
+            else {
+                lost += 1;
+                continue;
+            };
+            for (c, d) in copies.iter().enumerate() {
+                if d.as_ref().is_some_and(|d| block_crc(d) == exp[0])
+                    || !pool.usable(ext.copies[c].member)
+                {
+                    continue;
+                }
+                let r = ext
+                    .file(pool, self.ino, c)
+                    .and_then(|f| f.write_all_at(&good, b * self.bs).map_err(map_write_err));
+                match r {
+                    Ok(()) => {
+                        fixed += 1;
+                        pool.integrity.repaired.fetch_add(1, Ordering::Relaxed);
+                        ext.written();
+                        tracing::warn!(
+                            ino = self.ino,
+                            extent = ext.index,
+                            block = b,
+                            copy = c,
+                            member = ext.copies[c].member,
+                            "bad copy of a block rewritten from a good copy"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(ino = self.ino, extent = ext.index, block = b, copy = c, error = %e, "cannot repair a bad copy");
+                    }
+                }
+            }
+        }
+        (fixed, lost)
+    }
+
+    fn repair(&self, pool: &Pool, ext: &Extent, blocks: &[u64]) -> (u64, u64) {
+        if blocks.is_empty() {
+            return (0, 0);
+        }
+        let (lo, hi) = (blocks[0], blocks[blocks.len() - 1] + 1);
+        let _g = self.lock_excl(ext.index, lo, hi);
+        self.repair_locked(pool, ext, blocks)
+    }
+
+    /// Content of block `b` verified (repaired in place when a copy is bad);
+    /// the caller holds its stripe exclusively.
+    fn block_locked(&self, pool: &Pool, ext: &Extent, b: u64) -> FsResult<Vec<u8>> {
+        let mut blk = vec![0u8; self.bs as usize];
+        match self.expected(pool, ext, b, b + 1) {
+            Some(exp) => {
+                let bad = self.read_verified(pool, ext, b, &mut blk, &exp)?;
+                self.repair_locked(pool, ext, &bad);
+            }
+            None => self.read_any(pool, ext, b * self.bs, &mut blk)?,
+        }
+        Ok(blk)
+    }
+
+    /// New checksums of blocks `[b0, b1)` after bytes `[s, e)` (offsets within
+    /// the extent) become `new` (`None`: zeros); partial blocks are read
+    /// verified first. `None` when the extent has no checksum table. The caller
+    /// holds the stripes exclusively.
+    fn sums_after(
+        &self,
+        pool: &Pool,
+        ext: &Extent,
+        s: u64,
+        e: u64,
+        new: Option<&[u8]>,
+    ) -> FsResult<Option<(u64, Vec<u32>)>> {
+        if self.expected(pool, ext, 0, 0).is_none() {
+            return Ok(None);
+        }
+        let bs = self.bs;
+        let (b0, b1) = (s / bs, e.div_ceil(bs));
+        let mut out = Vec::with_capacity((b1 - b0) as usize);
+        for b in b0..b1 {
+            let (bstart, bend) = (b * bs, (b + 1) * bs);
+            let (ps, pe) = (s.max(bstart), e.min(bend));
+            if ps == bstart && pe == bend {
+                out.push(match new {
+                    Some(d) => block_crc(&d[(ps - s) as usize..(pe - s) as usize]),
+                    None => self.zcrc,
+                });
+                continue;
+            }
+            let mut blk = self.block_locked(pool, ext, b)?;
+            let dst = &mut blk[(ps - bstart) as usize..(pe - bstart) as usize];
+            match new {
+                Some(d) => dst.copy_from_slice(&d[(ps - s) as usize..(pe - s) as usize]),
+                None => dst.fill(0),
+            }
+            out.push(block_crc(&blk));
+        }
+        Ok(Some((b0, out)))
     }
 
     pub fn block_size(&self) -> u64 {
@@ -417,28 +921,22 @@ impl Volume {
             return Ok(vec![(start, count, None)]);
         };
         let base = index * self.esize;
-        let f = ext.file(pool, self.ino, 0)?;
-        // Allocated ranges of the first copy, widened to whole blocks.
-        let mut data: Vec<(u64, u64)> = Vec::new();
+        let f = ext.file(pool, self.ino, ext.first_usable(pool))?;
+        // Allocated ranges of the first copy (preallocated ones too: they
+        // count in st_blocks and must stay allocated in the snapshot), widened
+        // to whole blocks.
         let (lo, hi) = (off - base, off - base + len);
-        let mut pos = lo;
-        while pos < hi {
-            let Some(d) = lseek(&f, pos, libc::SEEK_DATA).map_err(FsError::Io)? else {
-                break;
-            };
-            if d >= hi {
-                break;
-            }
-            let h = lseek(&f, d, libc::SEEK_HOLE)
-                .map_err(FsError::Io)?
-                .unwrap_or(hi)
-                .min(hi);
+        let raw = match fiemap_ranges(&f, lo, hi).map_err(FsError::Io)? {
+            Some(r) => r,
+            None => seek_data_ranges(&f, lo, hi).map_err(FsError::Io)?,
+        };
+        let mut data: Vec<(u64, u64)> = Vec::new();
+        for (d, h) in raw {
             let (ds, de) = ((d / bs) * bs, h.div_ceil(bs) * bs);
             match data.last_mut() {
                 Some((_, e)) if *e >= ds => *e = (*e).max(de),
                 _ => data.push((ds, de)),
             }
-            pos = h.max(d + 1);
         }
         let mut out = Vec::new();
         let mut cur = lo;
@@ -467,7 +965,7 @@ impl Volume {
         };
         let within = off % self.esize;
         let len = (count * self.bs).min(self.esize - within);
-        if let Ok(f) = ext.file(pool, self.ino, 0) {
+        if let Ok(f) = ext.file(pool, self.ino, ext.first_usable(pool)) {
             // SAFETY: posix_fadvise on a valid descriptor with plain integers;
             // it only affects the page cache.
             unsafe {
@@ -481,10 +979,40 @@ impl Volume {
         }
     }
 
-    /// Fills `dst` from the extent at `within`, from the first copy that answers.
+    /// Fills `dst` from the extent at `within`, verified against the block
+    /// checksums: bad blocks are served from a good copy and rewritten.
     fn read_extent(&self, pool: &Pool, ext: &Extent, within: u64, dst: &mut [u8]) -> FsResult<()> {
-        let mut last_err = None;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let bs = self.bs;
+        let end = within + dst.len() as u64;
+        let (b0, b1) = (within / bs, end.div_ceil(bs));
+        let guards = self.lock_shared(ext.index, b0, b1);
+        let Some(exp) = self.expected(pool, ext, b0, b1) else {
+            return self.read_any(pool, ext, within, dst);
+        };
+        let bad = if within == b0 * bs && end == b1 * bs {
+            self.read_verified(pool, ext, b0, dst, &exp)?
+        } else {
+            let mut buf = vec![0u8; ((b1 - b0) * bs) as usize];
+            let bad = self.read_verified(pool, ext, b0, &mut buf, &exp)?;
+            let at = (within - b0 * bs) as usize;
+            dst.copy_from_slice(&buf[at..at + dst.len()]);
+            bad
+        };
+        drop(guards);
+        self.repair(pool, ext, &bad);
+        Ok(())
+    }
+
+    /// Fills `dst` from the first copy that answers, unverified.
+    fn read_any(&self, pool: &Pool, ext: &Extent, within: u64, dst: &mut [u8]) -> FsResult<()> {
+        let mut last_err = Some(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
         for copy in 0..ext.copies.len() {
+            if !pool.usable(ext.copies[copy].member) {
+                continue;
+            }
             match ext
                 .file(pool, self.ino, copy)
                 .and_then(|f| read_full(&f, dst, within))
@@ -532,6 +1060,10 @@ impl Volume {
         let (fid, files) = pool.create_extent_files(self.ino, index, need)?;
         let copies = files.into_iter().map(|(m, f)| (m, Some(f))).collect();
         let e = Arc::new(Extent::new(index, fid, copies, true));
+        *e.sums.lock() = Sums {
+            table: Some(Some(vec![self.zcrc; self.blocks_per_extent() as usize])),
+            dirty: true,
+        };
         m.insert(index, e.clone());
         Ok(e)
     }
@@ -561,6 +1093,9 @@ impl Volume {
             ext.prepare(pool, self.ino)?;
             self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let piece = &data[p.buf_off..p.buf_off + p.len];
+            let end = p.within + p.len as u64;
+            let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
+            let new_sums = self.sums_after(pool, &ext, p.within, end, Some(piece))?;
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
                 f.write_all_at(piece, p.within).map_err(|e| {
@@ -570,6 +1105,9 @@ impl Volume {
             });
             ext.written();
             res?;
+            if let Some((b0, v)) = new_sums {
+                self.set_sums(pool, &ext, b0, &v);
+            }
         }
         Ok(())
     }
@@ -582,6 +1120,9 @@ impl Volume {
             };
             ext.prepare(pool, self.ino)?;
             self.mark_changed(p.index * self.esize + p.within, p.len as u64);
+            let end = p.within + p.len as u64;
+            let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
+            let new_sums = self.sums_after(pool, &ext, p.within, end, None)?;
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 fallocate(
                     f,
@@ -595,6 +1136,9 @@ impl Volume {
             });
             ext.written();
             res?;
+            if let Some((b0, v)) = new_sums {
+                self.set_sums(pool, &ext, b0, &v);
+            }
         }
         Ok(())
     }
@@ -605,6 +1149,9 @@ impl Volume {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
             ext.prepare(pool, self.ino)?;
             self.mark_changed(p.index * self.esize + p.within, p.len as u64);
+            let end = p.within + p.len as u64;
+            let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
+            let new_sums = self.sums_after(pool, &ext, p.within, end, None)?;
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
                 let zr = fallocate(
@@ -632,6 +1179,9 @@ impl Volume {
             });
             ext.written();
             res?;
+            if let Some((b0, v)) = new_sums {
+                self.set_sums(pool, &ext, b0, &v);
+            }
         }
         Ok(())
     }
@@ -662,8 +1212,12 @@ impl Volume {
         let cut = new_size % self.esize;
         if cut != 0
             && let Some(ext) = self.get(new_size / self.esize)
+            && self.longer_than(pool, &ext, cut)?
         {
             ext.prepare(pool, self.ino)?;
+            let n = self.blocks_per_extent();
+            let _g = self.lock_excl(ext.index, cut / self.bs, n);
+            let new_sums = self.sums_after(pool, &ext, cut, self.esize, None)?;
             ext.each_copy(pool, self.ino, |_, f| {
                 if f.metadata().map_err(FsError::Io)?.len() > cut {
                     f.set_len(cut).map_err(FsError::Io)?;
@@ -671,6 +1225,9 @@ impl Volume {
                 Ok(())
             })?;
             ext.written();
+            if let Some((b0, v)) = new_sums {
+                self.set_sums(pool, &ext, b0, &v);
+            }
         }
         let mut m = self.map.write();
         let dead: Vec<u64> = m.range(first_dead..).map(|(k, _)| *k).collect();
@@ -681,6 +1238,17 @@ impl Volume {
             }
         }
         Ok(out)
+    }
+
+    /// Whether some copy's member file extends past `len` (nothing past it to
+    /// cut otherwise: writes are what lengthen member files).
+    fn longer_than(&self, pool: &Pool, ext: &Extent, len: u64) -> FsResult<bool> {
+        let mut longer = false;
+        ext.each_copy(pool, self.ino, |_, f| {
+            longer |= f.metadata().map_err(FsError::Io)?.len() > len;
+            Ok(())
+        })?;
+        Ok(longer)
     }
 
     /// All extent files (for deleting the whole file).
@@ -709,7 +1277,7 @@ impl Volume {
                 break;
             }
             let within = off.saturating_sub(start);
-            let f = ext.file(pool, self.ino, 0)?;
+            let f = ext.file(pool, self.ino, ext.first_usable(pool))?;
             if let Some(pos) = lseek(&f, within, libc::SEEK_DATA).map_err(FsError::Io)? {
                 let abs = start + pos;
                 if pos < self.esize && abs < size {
@@ -732,7 +1300,7 @@ impl Volume {
             let Some(ext) = self.get(index) else {
                 return Ok(Some(pos));
             };
-            let f = ext.file(pool, self.ino, 0)?;
+            let f = ext.file(pool, self.ino, ext.first_usable(pool))?;
             match lseek(&f, pos - start, libc::SEEK_HOLE).map_err(FsError::Io)? {
                 Some(h) if h < self.esize => return Ok(Some((start + h).min(size))),
                 // Past the member file's end (ENXIO) is a hole too.
@@ -751,7 +1319,7 @@ impl Volume {
         for e in exts {
             if e.blocks_stale.swap(false, Ordering::AcqRel) {
                 let b = e
-                    .file(pool, self.ino, 0)
+                    .file(pool, self.ino, e.first_usable(pool))
                     .ok()
                     .and_then(|f| f.metadata().ok())
                     .map(|m| m.blocks())
@@ -767,11 +1335,17 @@ impl Volume {
     /// entries to `new_dirs` (the caller fsyncs those directories) and the new
     /// extents to `fresh`; the caller marks them published once the commit that
     /// references them is durable.
+    ///
+    /// With `sums_generation` (a commit's), changed checksum tables are written
+    /// to the sum files and fdatasynced too; an fdatasync alone leaves them to
+    /// the next commit, since until then the extent's intent record makes
+    /// recovery recompute them.
     pub fn sync(
         &self,
         pool: &Pool,
         new_dirs: &mut HashSet<u32>,
         fresh: &mut Vec<Arc<Extent>>,
+        sums_generation: Option<u64>,
     ) -> FsResult<()> {
         let exts: Vec<Arc<Extent>> = self.map.read().values().cloned().collect();
         for e in exts {
@@ -782,10 +1356,280 @@ impl Volume {
                 e.dirty.store(true, Ordering::Release);
                 return Err(err);
             }
+            if let Some(g) = sums_generation {
+                self.write_sums(pool, &e, g, new_dirs)?;
+            }
             if e.fresh.load(Ordering::Acquire) {
                 new_dirs.extend(e.copies.iter().map(|c| c.member));
                 fresh.push(e);
             }
+        }
+        Ok(())
+    }
+
+    /// Writes the extent's checksum table to every copy's sum file if it changed.
+    fn write_sums(
+        &self,
+        pool: &Pool,
+        e: &Extent,
+        generation: u64,
+        new_dirs: &mut HashSet<u32>,
+    ) -> FsResult<()> {
+        let vals = {
+            let mut g = e.sums.lock();
+            if !g.dirty {
+                return Ok(());
+            }
+            g.dirty = false;
+            match g.table.as_ref().and_then(|t| t.clone()) {
+                Some(v) => v,
+                None => return Ok(()),
+            }
+        };
+        let id = self.sum_id(e);
+        for c in e.copies.iter().filter(|c| pool.usable(c.member)) {
+            let Some(p) = pool.sum_path(c.member, self.ino, e.index, e.file_id) else {
+                continue;
+            };
+            match sums::write(&p, id, generation, &vals) {
+                Ok(created) => {
+                    if created {
+                        new_dirs.insert(c.member);
+                    }
+                }
+                Err(err) if pool.check_member(c.member, &err) => {}
+                Err(err) => {
+                    e.sums.lock().dirty = true;
+                    return Err(map_write_err(err));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes (extent size each) of extents with fewer usable copies than
+    /// `copies`, and of those with none.
+    pub fn degraded_bytes(&self, pool: &Pool, copies: usize) -> (u64, u64) {
+        let (mut degraded, mut lost) = (0, 0);
+        for e in self.map.read().values() {
+            match e.usable_copies(pool) {
+                0 => lost += self.esize,
+                n if n < copies => degraded += self.esize,
+                _ => {}
+            }
+        }
+        (degraded, lost)
+    }
+
+    /// Indexes of the extents in the map.
+    pub fn extent_indexes(&self) -> Vec<u64> {
+        self.map.read().keys().copied().collect()
+    }
+
+    /// Byte ranges within extent `ext` that hold data on any copy (whole
+    /// blocks, merged); the rest reads as zeros everywhere.
+    fn data_ranges(&self, pool: &Pool, ext: &Extent) -> Vec<(u64, u64)> {
+        let mut all: Vec<(u64, u64)> = Vec::new();
+        for c in 0..ext.copies.len() {
+            let Ok(f) = ext.file(pool, self.ino, c) else {
+                continue;
+            };
+            match seek_data_ranges(&f, 0, self.esize) {
+                Ok(r) => all.extend(r),
+                // Cannot tell: everything counts as data.
+                Err(_) => return vec![(0, self.esize)],
+            }
+        }
+        all.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (d, h) in all {
+            let (ds, de) = (d / self.bs * self.bs, h.div_ceil(self.bs) * self.bs);
+            match out.last_mut() {
+                Some((_, e)) if *e >= ds => *e = (*e).max(de),
+                _ => out.push((ds, de)),
+            }
+        }
+        out
+    }
+
+    /// After an unclean stop, makes extent `index` consistent: where its copies
+    /// differ, the copy matching the old checksum (else the first) is written
+    /// to the others, and the checksum table is recomputed from the data
+    /// (cf. the md write-intent bitmap resync). Returns the blocks rewritten.
+    pub fn resync(&self, pool: &Pool, index: u64) -> FsResult<u64> {
+        let Some(ext) = self.get(index) else {
+            return Ok(0);
+        };
+        let n = self.blocks_per_extent();
+        let _g = self.lock_excl(index, 0, n);
+        let old = self.sums(pool, &ext).table.clone().flatten();
+        let (vals, fixed) = self.rebuild_locked(pool, &ext, old.as_deref())?;
+        *ext.sums.lock() = Sums {
+            table: Some(Some(vals)),
+            dirty: true,
+        };
+        Ok(fixed)
+    }
+
+    /// Recomputes the checksum table of `ext` from its copies, making them
+    /// agree first (preferring, per block, a copy matching `old`). The caller
+    /// holds every stripe of the extent.
+    fn rebuild_locked(
+        &self,
+        pool: &Pool,
+        ext: &Extent,
+        old: Option<&[u32]>,
+    ) -> FsResult<(Vec<u32>, u64)> {
+        const CHUNK: u64 = 1 << 20;
+        let bs = self.bs as usize;
+        let mut vals = vec![self.zcrc; self.blocks_per_extent() as usize];
+        let mut fixed = 0;
+        for (ds, de) in self.data_ranges(pool, ext) {
+            let mut pos = ds;
+            while pos < de {
+                let len = (de - pos).min(CHUNK);
+                let b0 = pos / self.bs;
+                let bufs: Vec<Option<Vec<u8>>> = (0..ext.copies.len())
+                    .map(|c| {
+                        let mut buf = vec![0u8; len as usize];
+                        self.read_copy(pool, ext, c, b0, &mut buf).ok().map(|_| buf)
+                    })
+                    .collect();
+                let Some(first) = bufs.iter().position(|b| b.is_some()) else {
+                    return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
+                };
+                for i in 0..(len as usize / bs) {
+                    let b = b0 + i as u64;
+                    let blk = |c: usize| bufs[c].as_ref().map(|d| &d[i * bs..(i + 1) * bs]);
+                    let crcs: Vec<Option<u32>> =
+                        (0..bufs.len()).map(|c| blk(c).map(block_crc)).collect();
+                    let want = old.map(|o| o[b as usize]);
+                    let chosen = crcs
+                        .iter()
+                        .position(|c| c.is_some() && *c == want)
+                        .unwrap_or(first);
+                    let crc = crcs[chosen].unwrap_or(self.zcrc);
+                    vals[b as usize] = crc;
+                    for (c, have) in crcs.iter().enumerate() {
+                        if c == chosen || have.is_none() || *have == Some(crc) {
+                            continue;
+                        }
+                        let good = blk(chosen).unwrap_or(&[]);
+                        let r = ext
+                            .file(pool, self.ino, c)
+                            .and_then(|f| f.write_all_at(good, b * self.bs).map_err(map_write_err));
+                        match r {
+                            Ok(()) => {
+                                ext.written();
+                                fixed += 1;
+                            }
+                            Err(FsError::Io(e)) if pool.check_member(ext.copies[c].member, &e) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                pos += len;
+            }
+        }
+        Ok((vals, fixed))
+    }
+
+    /// Verifies every copy of every block of extent `index` against its
+    /// checksum, repairing bad copies from good ones; an extent without a valid
+    /// table gets one rebuilt from its data. Runs a stripe region at a time so
+    /// that I/O to the file goes on.
+    pub fn scrub_extent(&self, pool: &Pool, index: u64, out: &mut ScrubCounts) -> FsResult<()> {
+        const CHUNK_BLOCKS: u64 = 256;
+        let Some(ext) = self.get(index) else {
+            return Ok(());
+        };
+        out.extents += 1;
+        let n = self.blocks_per_extent();
+        if self.expected(pool, &ext, 0, 0).is_none() {
+            let _g = self.lock_excl(index, 0, n);
+            if self.expected(pool, &ext, 0, 0).is_none() {
+                let (vals, fixed) = self.rebuild_locked(pool, &ext, None)?;
+                *ext.sums.lock() = Sums {
+                    table: Some(Some(vals)),
+                    dirty: true,
+                };
+                out.tables_rebuilt += 1;
+                out.repaired += fixed;
+                tracing::warn!(
+                    ino = self.ino,
+                    extent = index,
+                    "checksum table rebuilt from the data"
+                );
+                return Ok(());
+            }
+        }
+        let bs = self.bs as usize;
+        let holes_ok = |b0: u64, b1: u64, exp: &[u32], data: &[(u64, u64)]| -> Vec<u64> {
+            // Blocks that are holes on every copy read as zeros.
+            (b0..b1)
+                .filter(|b| {
+                    let off = b * self.bs;
+                    !data.iter().any(|(s, e)| *s <= off && off < *e)
+                        && exp[(b - b0) as usize] != self.zcrc
+                })
+                .collect()
+        };
+        let data = self.data_ranges(pool, &ext);
+        let mut b0 = 0;
+        while b0 < n {
+            let b1 = (b0 + CHUNK_BLOCKS).min(n);
+            let mut bad: BTreeSet<u64> = BTreeSet::new();
+            {
+                let _g = self.lock_shared(index, b0, b1);
+                let Some(exp) = self.expected(pool, &ext, b0, b1) else {
+                    break;
+                };
+                let (lo, hi) = (b0 * self.bs, b1 * self.bs);
+                if data.iter().any(|(s, e)| *s < hi && *e > lo) {
+                    let mut buf = vec![0u8; ((b1 - b0) as usize) * bs];
+                    for c in 0..ext.copies.len() {
+                        out.bytes += buf.len() as u64;
+                        if self.read_copy(pool, &ext, c, b0, &mut buf).is_err() {
+                            out.io_errors += 1;
+                            bad.extend(b0..b1);
+                            continue;
+                        }
+                        for (i, blk) in buf.chunks(bs).enumerate() {
+                            if block_crc(blk) != exp[i] {
+                                out.checksum_errors += 1;
+                                pool.integrity
+                                    .checksum_errors
+                                    .fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(
+                                    ino = self.ino,
+                                    extent = index,
+                                    block = b0 + i as u64,
+                                    copy = c,
+                                    "scrub: checksum mismatch"
+                                );
+                                bad.insert(b0 + i as u64);
+                            }
+                        }
+                    }
+                } else {
+                    for b in holes_ok(b0, b1, &exp, &data) {
+                        out.checksum_errors += 1;
+                        bad.insert(b);
+                    }
+                }
+            }
+            if !bad.is_empty() {
+                let bad: Vec<u64> = bad.into_iter().collect();
+                let (fixed, lost) = self.repair(pool, &ext, &bad);
+                out.repaired += fixed;
+                out.unrecoverable += lost;
+                if lost > 0 {
+                    pool.integrity
+                        .unrecoverable
+                        .fetch_add(lost, Ordering::Relaxed);
+                }
+            }
+            b0 = b1;
         }
         Ok(())
     }
@@ -798,12 +1642,14 @@ impl Volume {
             .any(|e| e.fresh.load(Ordering::Acquire))
     }
 
-    /// Whether any extent has unsynced data or an unsynced directory entry.
+    /// Whether any extent has unsynced data, an unsynced directory entry or an
+    /// unwritten checksum table.
     pub fn needs_sync(&self) -> bool {
-        self.map
-            .read()
-            .values()
-            .any(|e| e.dirty.load(Ordering::Acquire) || e.fresh.load(Ordering::Acquire))
+        self.map.read().values().any(|e| {
+            e.dirty.load(Ordering::Acquire)
+                || e.fresh.load(Ordering::Acquire)
+                || e.sums.lock().dirty
+        })
     }
 
     /// Closes the member files (after the last handle of the file is released).
@@ -813,6 +1659,10 @@ impl Volume {
                 for c in &e.copies {
                     *c.file.write() = None;
                 }
+            }
+            let mut g = e.sums.lock();
+            if !g.dirty {
+                g.table = None;
             }
         }
     }
