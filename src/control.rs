@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, FsError, Result};
+use crate::error::{Error, FsError, FsResult, Result};
 use crate::fs::Vfs;
 use crate::fs::snapview::RestoreReport;
 use crate::pool::PoolStatus;
@@ -54,6 +54,21 @@ pub enum Request {
     },
     /// Verify and repair every copy of everything (answers with progress lines).
     Scrub,
+    /// Member changes (paths absolute; answer with progress lines).
+    DeviceAdd {
+        dir: PathBuf,
+    },
+    DeviceRemove {
+        dir: PathBuf,
+    },
+    DeviceReplace {
+        old: PathBuf,
+        new: PathBuf,
+    },
+    Rebalance,
+    SetCopies {
+        copies: u32,
+    },
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -70,6 +85,7 @@ pub enum Response {
         names: Vec<String>,
     },
     Scrubbed(Box<crate::fs::scrub::ScrubReport>),
+    Member(crate::fs::members::MemberReport),
     /// An intermediate answer of a long request: `done` of `total` units.
     Progress {
         done: u64,
@@ -173,6 +189,20 @@ pub fn execute_with_progress(
             }
         }
         Request::Scrub => Response::Scrubbed(Box::new(vfs.scrub(progress))),
+        Request::DeviceAdd { dir } => member(vfs.device_add(dir, progress)),
+        Request::DeviceRemove { dir } => member(vfs.device_remove(dir, progress)),
+        Request::DeviceReplace { old, new } => member(vfs.device_replace(old, new, progress)),
+        Request::Rebalance => member(vfs.rebalance(progress)),
+        Request::SetCopies { copies } => member(vfs.set_copies(*copies, progress)),
+    }
+}
+
+fn member(r: FsResult<crate::fs::members::MemberReport>) -> Response {
+    match r {
+        Ok(rep) => Response::Member(rep),
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
     }
 }
 

@@ -199,7 +199,7 @@ pub fn run(
 ) -> Result<()> {
     let mp = check_mountpoint(mountpoint, opts.allow_nonempty)?;
     let pool = Pool::open(member)?;
-    let pool_id = pool.label.pool.to_string();
+    let pool_id = pool.pool_id().to_string();
     let vfs = Arc::new(Vfs::mount(
         pool,
         VfsOptions {
@@ -251,7 +251,7 @@ pub fn run(
 
     let missing: Vec<String> = vfs
         .pool
-        .missing
+        .missing()
         .iter()
         .map(|e| e.path.display().to_string())
         .collect();

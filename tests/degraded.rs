@@ -221,5 +221,31 @@ fn copies2_member_deleted_during_verified_fio_writes() {
         &after,
         "file written after the loss",
     );
+    // Replace the lost member: every extent gets its second copy back, and
+    // scrub finds nothing wrong.
+    let fio_data = read_all(&job);
+    let new = pool.scratch("new");
+    fs::create_dir(&new).unwrap();
+    let o = run_t(
+        300,
+        VPOOL,
+        &args!["device", "replace", m.path(), &pool.members[1], &new],
+    );
+    assert!(o.status.success(), "replace\n{}", describe(&o));
+    let st = m.status();
+    assert_eq!(st["state"], "ONLINE", "{st}");
+    assert_eq!(st["degraded_bytes"], 0, "{st}");
+    let (ok, v) = scrub_json(m.path());
+    assert!(
+        ok && v["data"]["checksum_errors"] == 0,
+        "scrub after replace: {v}"
+    );
+    assert_same(&read_all(&job), &fio_data, "fio's file after replace");
+    assert_same(
+        &read_all(&m.join("before")),
+        &before,
+        "before, after replace",
+    );
     m.unmount();
+    pool.assert_check_clean();
 }

@@ -42,6 +42,9 @@ pub fn run(cmd: Command) -> Result<i32> {
         Command::Check { json, dir } => check(&dir, json),
         Command::Snapshot { cmd } => super::snapshot::run(cmd),
         Command::Scrub { json, target } => super::admin::scrub(&target, json),
+        Command::Device { cmd } => super::admin::device(cmd),
+        Command::Rebalance { target } => super::admin::rebalance(&target),
+        Command::Set { target, setting } => super::admin::set(&target, &setting),
     }
 }
 

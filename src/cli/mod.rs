@@ -78,6 +78,15 @@ pub enum Command {
         json: bool,
         target: PathBuf,
     },
+    /// Add, remove or replace a member while the pool stays in use.
+    Device {
+        #[command(subcommand)]
+        cmd: DeviceCmd,
+    },
+    /// Move extents so that every member stores about the same (online).
+    Rebalance { target: PathBuf },
+    /// Change a pool setting: `copies=N` (re-replicates or trims online).
+    Set { target: PathBuf, setting: String },
     /// Create, list, delete, restore, clone and prune snapshots.
     Snapshot {
         #[command(subcommand)]
@@ -88,6 +97,21 @@ pub enum Command {
 fn kind_arg(s: &str) -> Result<crate::snapshot::Kind, String> {
     crate::snapshot::Kind::parse(s)
         .ok_or_else(|| format!("{s}: expected full, incremental or differential"))
+}
+
+/// TARGET is a mountpoint or a member directory (of a mounted pool or not).
+#[derive(Subcommand, Debug)]
+pub enum DeviceCmd {
+    /// Make DIR a member: capacity grows at once, new extents use it.
+    Add { target: PathBuf, dir: PathBuf },
+    /// Move everything off member DIR, then take it out of the pool.
+    Remove { target: PathBuf, dir: PathBuf },
+    /// Rebuild member OLD's data onto NEW (OLD may be gone), then retire OLD.
+    Replace {
+        target: PathBuf,
+        old: PathBuf,
+        new: PathBuf,
+    },
 }
 
 /// TARGET is a mountpoint or a member directory (of a mounted pool or not).

@@ -148,7 +148,7 @@ impl Node {
         }
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.dirty.store(true, Ordering::Release);
     }
 
@@ -167,7 +167,7 @@ pub(crate) struct Namespace {
     /// Inodes removed since the last commit.
     deleted: HashSet<u64>,
     /// Extent files to remove after the next durable commit.
-    dead_extents: Vec<DeadExtent>,
+    pub(crate) dead_extents: Vec<DeadExtent>,
     /// Changed-block bitmaps of removed files, deleted by the next commit.
     dead_cbt: Vec<(u64, u64)>,
 }
@@ -384,7 +384,7 @@ impl Vfs {
         }
         if !ns.nodes.contains_key(&ROOT_INO) {
             return Err(crate::Error::CorruptMetadata {
-                path: pool.members[0].dir.clone(),
+                path: pool.members()[0].dir.clone(),
                 reason: "the root directory is missing".into(),
             });
         }
@@ -488,7 +488,7 @@ impl Vfs {
             }
         }
         let mut orphan_files = Vec::new();
-        for m in &self.pool.members {
+        for m in self.pool.members().iter() {
             let list = self
                 .pool
                 .list_extent_files(m)

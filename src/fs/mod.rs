@@ -3,6 +3,7 @@
 
 pub mod core;
 pub mod fuse;
+pub mod members;
 pub mod scrub;
 pub mod snapview;
 

@@ -57,18 +57,18 @@ pub fn check(dir: &Path) -> Result<CheckReport> {
 /// right after a commit).
 pub fn check_open(pool: &Pool) -> Result<CheckReport> {
     let mut r = CheckReport {
-        pool: pool.label.pool.to_string(),
-        members: pool.members.len(),
+        pool: pool.pool_id().to_string(),
+        members: pool.members().len(),
         ..Default::default()
     };
-    for e in &pool.missing {
+    for e in pool.missing().iter() {
         r.problems.push(format!(
             "member {} ({}) is missing: the pool is DEGRADED",
             e.path.display(),
             e.uuid
         ));
     }
-    for m in &pool.members {
+    for m in pool.members().iter() {
         for p in label_problems(&m.dir) {
             r.problems.push(format!("label copy damaged: {p}"));
         }
@@ -76,7 +76,7 @@ pub fn check_open(pool: &Pool) -> Result<CheckReport> {
     // Every metadata copy must open and decode; the newest one is checked in depth.
     let mut newest: Option<MetaImage> = None;
     let mut gens = Vec::new();
-    for (m, loaded) in pool.members.iter().zip(pool.member_images()) {
+    for (m, loaded) in pool.members().iter().zip(pool.member_images()) {
         match loaded {
             Ok(img) => {
                 for (ino, e) in &img.corrupt {
@@ -268,7 +268,7 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
             }
         }
     }
-    for m in &pool.members {
+    for m in pool.members().iter() {
         match pool.list_extent_files(m) {
             Ok(list) => {
                 for super::ExtentFileEntry {

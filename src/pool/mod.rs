@@ -16,6 +16,7 @@
 pub mod inspect;
 pub mod intent;
 pub mod label;
+pub mod members;
 pub mod meta;
 
 use std::collections::{BTreeMap, HashSet};
@@ -24,10 +25,11 @@ use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -91,6 +93,8 @@ pub struct Member {
     /// it any more until the pool is mounted again.
     failed: std::sync::atomic::AtomicBool,
     fail_reason: Mutex<Option<String>>,
+    /// Being removed: no new extent or delta is placed on it.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Member {
@@ -201,11 +205,17 @@ impl Integrity {
 
 pub struct Pool {
     pub integrity: Integrity,
-    pub label: Label,
-    /// Members present at open (some may have failed since: see `usable`).
-    pub members: Vec<Member>,
-    /// Members the label lists that were missing at open.
-    pub missing: Vec<MemberEntry>,
+    /// The newest label (members, config); rewritten by member changes and
+    /// `set copies`.
+    label: RwLock<Label>,
+    /// Members present (some may have failed since: see `usable`); grows and
+    /// shrinks with `device add/remove` while mounted.
+    members: RwLock<Vec<Arc<Member>>>,
+    /// Members the label lists that were missing at open (or since removed
+    /// from the label: then dropped from here too).
+    missing: RwLock<Vec<MemberEntry>>,
+    /// Mountpoint written into new members' lock files.
+    mountpoint: Mutex<Option<PathBuf>>,
     pub next_file_id: AtomicU64,
     /// Tag of new write-intent records: the generation of the next commit
     /// (see intent.rs); changed only while no write is in flight.
@@ -263,7 +273,7 @@ pub struct PoolStatus {
     pub unavailable_bytes: u64,
 }
 
-fn canonical_dir(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn canonical_dir(dir: &Path) -> Result<PathBuf> {
     let md = fs::metadata(dir).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             Error::DirectoryMissing(dir.to_path_buf())
@@ -342,7 +352,7 @@ pub fn read_lock_info(dir: &Path) -> Option<(u32, PathBuf)> {
     Some((pid, mp))
 }
 
-fn try_lock(dir: &Path, pool: &Uuid) -> Result<File> {
+pub(crate) fn try_lock(dir: &Path, pool: &Uuid) -> Result<File> {
     let p = dir.join(LOCK_FILE);
     let f = OpenOptions::new()
         .read(true)
@@ -550,7 +560,7 @@ impl Pool {
             let lock = try_lock(&path, &label.pool)?;
             let md = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
             let dev = md.dev();
-            members.push(Member {
+            members.push(Arc::new(Member {
                 data_dir: path.join(DATA_DIR),
                 entry: MemberEntry {
                     path: path.clone(),
@@ -565,13 +575,15 @@ impl Pool {
                 dir_id: (md.dev(), md.ino()),
                 failed: Default::default(),
                 fail_reason: Mutex::new(None),
+                draining: Default::default(),
                 dir: path,
-            });
+            }));
         }
         Ok(Pool {
-            label,
-            members,
-            missing,
+            label: RwLock::new(label),
+            members: RwLock::new(members),
+            missing: RwLock::new(missing),
+            mountpoint: Mutex::new(None),
             next_file_id: AtomicU64::new(1),
             intent_tag: AtomicU64::new(1),
             integrity: Integrity::default(),
@@ -585,8 +597,9 @@ impl Pool {
     /// orphans). With `repair`, lagging or damaged copies are rewritten from the
     /// result and labels with stale paths are rewritten.
     pub fn load_metadata(&mut self, repair: bool) -> Result<MetaImage> {
-        let mut images = Vec::with_capacity(self.members.len());
-        for m in &mut self.members {
+        let members = self.members();
+        let mut images = Vec::with_capacity(members.len());
+        for m in &members {
             let s = MemberStore::open(&m.dir)?;
             images.push(s.load()?);
             *m.store.lock() = Some(s);
@@ -616,7 +629,7 @@ impl Pool {
                 .map(|(i, w)| format!("inode {i} ({w})"))
                 .collect();
             return Err(Error::CorruptMetadata {
-                path: self.members[best_i].dir.join(meta::META_FILE),
+                path: members[best_i].dir.join(meta::META_FILE),
                 reason: format!(
                     "{} have no readable copy on any member; refusing to open the pool so that nothing is removed (run `vpool check`)",
                     list.join(", ")
@@ -624,7 +637,7 @@ impl Pool {
             });
         }
         if repair {
-            for (m, have) in self.members.iter().zip(&images) {
+            for (m, have) in members.iter().zip(&images) {
                 if have.generation == img.generation && have.corrupt.is_empty() {
                     continue;
                 }
@@ -661,8 +674,10 @@ impl Pool {
 
     /// Rewrites labels when a member was found at another path than recorded.
     fn refresh_label_paths(&mut self) -> Result<()> {
-        let stale = self.members.iter().any(|m| {
-            self.label
+        let members = self.members();
+        let label = self.label();
+        let stale = members.iter().any(|m| {
+            label
                 .members
                 .iter()
                 .any(|e| e.uuid == m.entry.uuid && e.path != m.dir)
@@ -670,19 +685,48 @@ impl Pool {
         if !stale {
             return Ok(());
         }
-        let mut l = self.label.clone();
-        l.generation += 1;
+        let mut l = label;
         for e in &mut l.members {
-            if let Some(m) = self.members.iter().find(|m| m.entry.uuid == e.uuid) {
+            if let Some(m) = members.iter().find(|m| m.entry.uuid == e.uuid) {
                 e.path = m.dir.clone();
             }
         }
-        for m in &self.members {
+        self.write_labels(l)
+    }
+
+    /// Writes `l` (generation bumped) to every present member and makes it the
+    /// pool's label. Members the new label no longer lists are not written.
+    pub fn write_labels(&self, mut l: Label) -> Result<()> {
+        l.generation = self.label.read().generation.max(l.generation) + 1;
+        for m in self.members().iter().filter(|m| !m.is_failed()) {
+            if !l.members.iter().any(|e| e.uuid == m.entry.uuid) {
+                continue;
+            }
             l.member = m.entry.uuid;
             write_label(&m.dir, &l)?;
         }
-        self.label = l;
+        *self.label.write() = l;
         Ok(())
+    }
+
+    /// A copy of the current label.
+    pub fn label(&self) -> Label {
+        self.label.read().clone()
+    }
+
+    /// The pool's identity.
+    pub fn pool_id(&self) -> Uuid {
+        self.label.read().pool
+    }
+
+    /// The members present now.
+    pub fn members(&self) -> Vec<Arc<Member>> {
+        self.members.read().clone()
+    }
+
+    /// Members the label lists that are not present.
+    pub fn missing(&self) -> Vec<MemberEntry> {
+        self.missing.read().clone()
     }
 
     /// Verifies every member's metadata copy (record checksums, generation) and
@@ -759,7 +803,7 @@ impl Pool {
             ));
         }
         let mut rewritten = 0;
-        for (m, img) in self.members.iter().zip(&images) {
+        for (m, img) in self.members().iter().zip(&images) {
             let why = match img {
                 Err(e) => Some(format!("unreadable ({e})")),
                 Ok(i) if i.generation != best.generation => Some(format!(
@@ -797,7 +841,7 @@ impl Pool {
 
     /// Every member's metadata copy, loaded through the open store when there is one.
     pub fn member_images(&self) -> Vec<Result<MetaImage>> {
-        self.members
+        self.members()
             .iter()
             .map(|m| match m.store.lock().as_ref() {
                 Some(s) => s.load(),
@@ -807,11 +851,15 @@ impl Pool {
     }
 
     pub fn config(&self) -> PoolConfig {
-        self.label.config
+        self.label.read().config
     }
 
-    pub fn member(&self, id: u32) -> Option<&Member> {
-        self.members.iter().find(|m| m.entry.id == id)
+    pub fn member(&self, id: u32) -> Option<Arc<Member>> {
+        self.members
+            .read()
+            .iter()
+            .find(|m| m.entry.id == id)
+            .cloned()
     }
 
     /// Whether I/O may go to member `id` (present at open and not failed since).
@@ -870,7 +918,7 @@ impl Pool {
     /// Probes every member that has not failed (the daemon does so
     /// periodically): a directory deleted or unmounted under it fails it.
     pub fn probe_members(&self) {
-        for m in &self.members {
+        for m in self.members().iter() {
             if !m.is_failed()
                 && let Err(why) = m.probe()
             {
@@ -881,7 +929,7 @@ impl Pool {
 
     /// Whether some member is missing or failed.
     pub fn degraded(&self) -> bool {
-        !self.missing.is_empty() || self.members.iter().any(|m| m.is_failed())
+        !self.missing.read().is_empty() || self.members.read().iter().any(|m| m.is_failed())
     }
 
     pub fn extent_path(&self, member: u32, ino: u64, index: u64, file_id: u64) -> Option<PathBuf> {
@@ -891,7 +939,8 @@ impl Pool {
 
     /// Records in every member's lock file who holds the pool (pid, mountpoint).
     pub fn write_lock_info(&self, mountpoint: &Path) -> Result<()> {
-        for m in &self.members {
+        *self.mountpoint.lock() = Some(mountpoint.to_path_buf());
+        for m in self.members().iter() {
             let p = m.dir.join(LOCK_FILE);
             let mut f = OpenOptions::new()
                 .write(true)
@@ -905,7 +954,7 @@ impl Pool {
     }
 
     pub fn clear_lock_info(&self) {
-        for m in &self.members {
+        for m in self.members().iter() {
             let _ = OpenOptions::new()
                 .write(true)
                 .truncate(true)
@@ -924,8 +973,9 @@ impl Pool {
         // Members on one filesystem share its free space: read it once per device so
         // that they tie and the extent count decides between them.
         let mut per_dev: Vec<(u64, u64)> = Vec::new();
-        for m in &self.members {
-            if exclude.contains(&m.entry.id) || m.is_failed() {
+        for m in self.members().iter() {
+            if exclude.contains(&m.entry.id) || m.is_failed() || m.draining.load(Ordering::Acquire)
+            {
                 continue;
             }
             let avail = match per_dev.iter().find(|(d, _)| *d == m.dev) {
@@ -968,7 +1018,7 @@ impl Pool {
         index: u64,
         need: u64,
     ) -> FsResult<(u64, Vec<(u32, File)>)> {
-        let copies = self.label.config.copies.max(1) as usize;
+        let copies = self.config().copies.max(1) as usize;
         let cleanup = |made: &[(u32, File)], fid: u64| {
             for (m, _) in made {
                 if let Some(p) = self.extent_path(*m, ino, index, fid) {
@@ -987,7 +1037,13 @@ impl Pool {
                     // the copies it can (status counts it as degraded).
                     Err(FsError::NoSpace)
                         if !made.is_empty()
-                            && self.members.iter().filter(|m| !m.is_failed()).count() < copies =>
+                            && self
+                                .members
+                                .read()
+                                .iter()
+                                .filter(|m| !m.is_failed())
+                                .count()
+                                < copies =>
                     {
                         break;
                     }
@@ -1116,7 +1172,7 @@ impl Pool {
 
     /// Drops intent records covered by the durable commit of generation `generation`.
     pub fn clear_intents(&self, generation: u64) {
-        for m in self.members.iter().filter(|m| !m.is_failed()) {
+        for m in self.members().iter().filter(|m| !m.is_failed()) {
             if let Err(e) = m.intent.clear(generation) {
                 tracing::warn!(member = %m.dir.display(), error = %e, "cannot clear the intent log");
             }
@@ -1126,7 +1182,7 @@ impl Pool {
     /// Extents that may have changed after the durable generation `durable`.
     pub fn pending_intents(&self, durable: u64) -> Result<std::collections::BTreeSet<(u64, u64)>> {
         let mut out = std::collections::BTreeSet::new();
-        for m in &self.members {
+        for m in self.members().iter() {
             out.extend(
                 m.intent
                     .pending(durable)
@@ -1153,9 +1209,9 @@ impl Pool {
     /// promises; the batch's generation is the same everywhere.
     pub fn commit(&self, batch: &Batch, durable: bool) -> Result<()> {
         // One transaction per member, run side by side: each waits on its own disk.
+        let members = self.members();
         std::thread::scope(|sc| {
-            let handles: Vec<_> = self
-                .members
+            let handles: Vec<_> = members
                 .iter()
                 .filter(|m| !m.is_failed())
                 .map(|m| {
@@ -1220,7 +1276,7 @@ impl Pool {
     pub fn space(&self) -> PoolSpace {
         let mut seen = HashSet::new();
         let mut s = PoolSpace::default();
-        for m in &self.members {
+        for m in self.members().iter() {
             if !seen.insert(m.dev) {
                 continue;
             }
@@ -1233,7 +1289,7 @@ impl Pool {
                 s.avail += (st.f_bavail * fr).saturating_sub(reserve);
             }
         }
-        let c = self.label.config.copies.max(1) as u64;
+        let c = self.config().copies.max(1) as u64;
         PoolSpace {
             size: s.size / c,
             free: s.free / c,
@@ -1269,7 +1325,7 @@ impl Pool {
         let mut seen = HashSet::new();
         let (mut size, mut free) = (0u64, 0u64);
         let mut stored_total = 0u64;
-        for m in &self.members {
+        for m in self.members().iter() {
             let (msize, mfree) = match statvfs(&m.dir) {
                 Ok(st) => {
                     let fr = st.f_frsize;
@@ -1307,7 +1363,7 @@ impl Pool {
                 extents: count,
             });
         }
-        for e in &self.missing {
+        for e in self.missing().iter() {
             members.push(MemberStatus {
                 path: e.path.clone(),
                 id: e.uuid.to_string(),
@@ -1326,14 +1382,14 @@ impl Pool {
             "DEGRADED"
         };
         PoolStatus {
-            pool: self.label.pool.to_string(),
+            pool: self.pool_id().to_string(),
             state: state.to_string(),
             mounted: false,
             mountpoint: None,
             pid: None,
-            copies: self.label.config.copies,
-            extent_size: self.label.config.extent_size,
-            block_size: self.label.config.block_size,
+            copies: self.config().copies,
+            extent_size: self.config().extent_size,
+            block_size: self.config().block_size,
             members,
             size,
             used: size.saturating_sub(free),

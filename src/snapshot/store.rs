@@ -957,7 +957,7 @@ impl SnapshotStore {
     }
 
     fn remove_snapshot_dirs(&self, id: u64) {
-        for m in &self.pool.members {
+        for m in self.pool.members().iter() {
             let d = m.dir.join(SNAP_DIR).join(id.to_string());
             if let Err(e) = fs::remove_dir_all(&d)
                 && e.kind() != io::ErrorKind::NotFound
@@ -992,7 +992,7 @@ impl SnapshotStore {
             self.publish(rec);
         }
         let recs = self.records.read();
-        for m in &self.pool.members {
+        for m in self.pool.members().iter() {
             let root = m.dir.join(SNAP_DIR);
             let Ok(list) = fs::read_dir(&root) else {
                 continue;
@@ -1386,7 +1386,7 @@ impl SnapshotStore {
             None if x.is_readable() => to_live = x.interval.clone(),
             None => {}
         }
-        for m in &self.pool.members {
+        for m in self.pool.members().iter() {
             old_paths.push(m.dir.join(SNAP_DIR).join(id.to_string()));
         }
         // Every rewritten record is written at the next commit: the merged
@@ -1594,6 +1594,85 @@ impl SnapshotStore {
 
     /// Problems of the snapshots (every delta copy of every complete snapshot
     /// is opened and every frame read back) and notes (failed snapshots).
+    /// Gives every finished snapshot's deltas `want` copies on usable members,
+    /// none on `from`: copies on `from` (or on members that failed) are
+    /// replaced by new ones made from a copy that verifies. Returns how many
+    /// copies were made and the files to remove once the commit recording the
+    /// new locations is durable. The caller holds `admin` with no capture
+    /// running.
+    pub fn place_deltas(&self, from: Option<u32>, want: usize) -> FsResult<(u64, Vec<PathBuf>)> {
+        let want = want.max(1);
+        let mut made = 0;
+        let mut old = Vec::new();
+        let recs: Vec<Arc<SnapshotRecord>> = self.records.read().values().cloned().collect();
+        for rec in recs {
+            if rec.state == State::Pending {
+                continue;
+            }
+            let mut changed = (*rec).clone();
+            let mut dirty = false;
+            for (ino, loc) in changed.deltas.iter_mut() {
+                let keep: Vec<u32> = loc
+                    .members
+                    .iter()
+                    .copied()
+                    .filter(|m| Some(*m) != from && self.pool.usable(*m))
+                    .collect();
+                if keep.len() >= want && keep.len() == loc.members.len() {
+                    continue;
+                }
+                // A source that verifies: a kept copy, else the one on `from`.
+                let source = loc
+                    .members
+                    .iter()
+                    .filter(|m| self.pool.usable(**m))
+                    .filter_map(|m| delta_path(&self.pool, *m, rec.id, *ino, loc.seq))
+                    .find(|p| DeltaFile::open(p).and_then(|d| d.verify()).is_ok());
+                let mut members = keep.clone();
+                while members.len() < want {
+                    let Some(src) = &source else {
+                        return Err(FsError::Corrupt(format!(
+                            "snapshot {}: no readable copy of the delta of inode {ino}",
+                            rec.name
+                        )));
+                    };
+                    let exclude: Vec<u32> = members.iter().copied().chain(from).collect();
+                    let to = match self.pool.place(&exclude, loc.stored) {
+                        Ok(m) => m,
+                        Err(_) if !members.is_empty() => break,
+                        Err(e) => return Err(e),
+                    };
+                    let dir = delta_dir(&self.pool, to, rec.id)
+                        .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
+                    fs::create_dir_all(&dir).map_err(FsError::Io)?;
+                    let dst = dir.join(format!("{ino}.{}.vd", loc.seq));
+                    let tmp = dir.join(format!(".{ino}.{}.vd.tmp", loc.seq));
+                    fs::copy(src, &tmp).map_err(FsError::Io)?;
+                    fs::File::open(&tmp)
+                        .and_then(|f| f.sync_all())
+                        .map_err(FsError::Io)?;
+                    fs::rename(&tmp, &dst).map_err(FsError::Io)?;
+                    crate::util::fsync_dir(&dir).map_err(FsError::Io)?;
+                    members.push(to);
+                    made += 1;
+                }
+                for m in loc.members.iter().filter(|m| !members.contains(m)) {
+                    if let Some(p) = delta_path(&self.pool, *m, rec.id, *ino, loc.seq) {
+                        old.push(p);
+                    }
+                }
+                loc.members = members;
+                dirty = true;
+            }
+            if dirty {
+                self.records.write().insert(rec.id, Arc::new(changed));
+                self.changes.lock().insert(rec.id);
+            }
+        }
+        self.views.lock().clear();
+        Ok((made, old))
+    }
+
     pub fn check(&self) -> (Vec<String>, Vec<String>) {
         let mut out = Vec::new();
         let mut notes = Vec::new();

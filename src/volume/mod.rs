@@ -754,6 +754,8 @@ impl Volume {
         }
         let (lo, hi) = (blocks[0], blocks[blocks.len() - 1] + 1);
         let _g = self.lock_excl(ext.index, lo, hi);
+        let cur = self.get(ext.index);
+        let ext: &Extent = cur.as_deref().unwrap_or(ext);
         self.repair_locked(pool, ext, blocks)
     }
 
@@ -989,6 +991,9 @@ impl Volume {
         let end = within + dst.len() as u64;
         let (b0, b1) = (within / bs, end.div_ceil(bs));
         let guards = self.lock_shared(ext.index, b0, b1);
+        // The extent may have moved (a copy migrated) while this waited.
+        let cur = self.get(ext.index);
+        let ext: &Extent = cur.as_deref().unwrap_or(ext);
         let Some(exp) = self.expected(pool, ext, b0, b1) else {
             return self.read_any(pool, ext, within, dst);
         };
@@ -1047,6 +1052,15 @@ impl Volume {
         self.map.read().get(&index).cloned()
     }
 
+    /// The extent now in the map at `e`'s index (a migration may have swapped
+    /// it while the caller waited for its stripes), else `e`.
+    fn current(&self, e: Arc<Extent>) -> Arc<Extent> {
+        match self.get(e.index) {
+            Some(c) => c,
+            None => e,
+        }
+    }
+
     /// The extent at `index`, placed now if absent; `need` is the size of the
     /// write asking for it (members with less room are not chosen).
     fn get_or_alloc(&self, pool: &Pool, index: u64, need: u64) -> FsResult<Arc<Extent>> {
@@ -1090,11 +1104,12 @@ impl Volume {
     pub fn write(&self, pool: &Pool, off: u64, data: &[u8]) -> FsResult<()> {
         for p in pieces(self.esize, off, data.len()) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
-            ext.prepare(pool, self.ino)?;
-            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let piece = &data[p.buf_off..p.buf_off + p.len];
             let end = p.within + p.len as u64;
             let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
+            let ext = self.current(ext);
+            ext.prepare(pool, self.ino)?;
+            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let new_sums = self.sums_after(pool, &ext, p.within, end, Some(piece))?;
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
@@ -1118,10 +1133,11 @@ impl Volume {
             let Some(ext) = self.get(p.index) else {
                 continue;
             };
-            ext.prepare(pool, self.ino)?;
-            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let end = p.within + p.len as u64;
             let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
+            let ext = self.current(ext);
+            ext.prepare(pool, self.ino)?;
+            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let new_sums = self.sums_after(pool, &ext, p.within, end, None)?;
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 fallocate(
@@ -1147,10 +1163,11 @@ impl Volume {
     pub fn zero_range(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
-            ext.prepare(pool, self.ino)?;
-            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let end = p.within + p.len as u64;
             let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
+            let ext = self.current(ext);
+            ext.prepare(pool, self.ino)?;
+            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let new_sums = self.sums_after(pool, &ext, p.within, end, None)?;
             let res = ext.each_copy(pool, self.ino, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
@@ -1190,6 +1207,9 @@ impl Volume {
     pub fn allocate(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
+            let end = p.within + p.len as u64;
+            let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
+            let ext = self.current(ext);
             ext.prepare(pool, self.ino)?;
             self.mark_changed(p.index * self.esize + p.within, p.len as u64);
             let res = ext.each_copy(pool, self.ino, |member, f| {
@@ -1214,9 +1234,10 @@ impl Volume {
             && let Some(ext) = self.get(new_size / self.esize)
             && self.longer_than(pool, &ext, cut)?
         {
-            ext.prepare(pool, self.ino)?;
             let n = self.blocks_per_extent();
             let _g = self.lock_excl(ext.index, cut / self.bs, n);
+            let ext = self.current(ext);
+            ext.prepare(pool, self.ino)?;
             let new_sums = self.sums_after(pool, &ext, cut, self.esize, None)?;
             ext.each_copy(pool, self.ino, |_, f| {
                 if f.metadata().map_err(FsError::Io)?.len() > cut {
@@ -1421,6 +1442,182 @@ impl Volume {
         (degraded, lost)
     }
 
+    /// Members holding copies of extent `index` (empty when there is none).
+    pub fn copy_members(&self, index: u64) -> Vec<u32> {
+        self.get(index)
+            .map(|e| e.copies.iter().map(|c| c.member).collect())
+            .unwrap_or_default()
+    }
+
+    /// Allocated bytes of the first usable copy of extent `index`.
+    pub fn extent_bytes(&self, pool: &Pool, index: u64) -> u64 {
+        let Some(e) = self.get(index) else { return 0 };
+        e.file(pool, self.ino, e.first_usable(pool))
+            .ok()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0)
+    }
+
+    /// Swaps extent `old` in the map for one with the copies `copies` (files
+    /// already open are kept), carrying over its state; the new layout is
+    /// fresh (its directory entries are fsynced, and an fdatasync commits it)
+    /// and its checksum table dirty (written to every copy by the next commit).
+    /// False when `old` is no longer in the map (truncated meanwhile).
+    fn swap_copies(&self, old: &Arc<Extent>, copies: Vec<ExtentCopy>) -> bool {
+        let mut m = self.map.write();
+        if !m.get(&old.index).is_some_and(|e| Arc::ptr_eq(e, old)) {
+            return false;
+        }
+        let sums = {
+            let mut g = old.sums.lock();
+            Sums {
+                table: g.table.take(),
+                dirty: true,
+            }
+        };
+        let e = Extent {
+            index: old.index,
+            file_id: old.file_id,
+            copies,
+            dirty: AtomicBool::new(true),
+            fresh: AtomicBool::new(true),
+            blocks: AtomicU64::new(0),
+            blocks_stale: AtomicBool::new(true),
+            intent_tag: AtomicU64::new(0),
+            intent_lock: Mutex::new(()),
+            sums: Mutex::new(sums),
+        };
+        m.insert(old.index, Arc::new(e));
+        true
+    }
+
+    /// Copies extent `index` onto member `to` (from a good copy, verified
+    /// block by block) and then, with `from`, drops the copy on `from`, else
+    /// adds the new copy. Writers of the extent wait for the copy (its stripes
+    /// are held). Returns the member file to remove once a commit recording
+    /// the new layout is durable (the old copy), `Ok(None)` when there was
+    /// nothing to do (extent gone, `from` holds no copy, `to` holds one).
+    pub fn move_copy(
+        &self,
+        pool: &Pool,
+        index: u64,
+        from: Option<u32>,
+        to: u32,
+    ) -> FsResult<Option<Vec<DeadExtent>>> {
+        const CHUNK: u64 = 1 << 20;
+        let Some(ext) = self.get(index) else {
+            return Ok(None);
+        };
+        let n = self.blocks_per_extent();
+        let _g = self.lock_excl(index, 0, n);
+        let ext = self.current(ext);
+        if ext.copies.iter().any(|c| c.member == to)
+            || from.is_some_and(|f| !ext.copies.iter().any(|c| c.member == f))
+        {
+            return Ok(None);
+        }
+        let path = pool
+            .extent_path(to, self.ino, index, ext.file_id)
+            .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
+        // A leftover of an interrupted move is overwritten.
+        let out = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(map_write_err)?;
+        let exp = self.expected(pool, &ext, 0, n);
+        let bs = self.bs;
+        for (ds, de) in self.data_ranges(pool, &ext) {
+            let mut pos = ds;
+            while pos < de {
+                let len = (de - pos).min(CHUNK);
+                let mut buf = vec![0u8; len as usize];
+                let b0 = pos / bs;
+                let verified = match &exp {
+                    Some(t) => self
+                        .read_verified(
+                            pool,
+                            &ext,
+                            b0,
+                            &mut buf,
+                            &t[b0 as usize..(b0 + len / bs) as usize],
+                        )
+                        .map(|bad| self.repair_locked(pool, &ext, &bad)),
+                    None => Err(FsError::Invalid),
+                };
+                if verified.is_err() {
+                    // No table, or a block with no good copy: copy the bytes as
+                    // they are (a damaged block stays detectably damaged).
+                    buf.fill(0);
+                    self.read_any(pool, &ext, pos, &mut buf)?;
+                }
+                out.write_all_at(&buf, pos).map_err(map_write_err)?;
+                pos += len;
+            }
+        }
+        // Same length as the source (reads past it are zeros either way).
+        let src_len = ext
+            .file(pool, self.ino, ext.first_usable(pool))
+            .and_then(|f| f.metadata().map_err(FsError::Io))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if out.metadata().map_err(FsError::Io)?.len() < src_len {
+            out.set_len(src_len).map_err(map_write_err)?;
+        }
+        out.sync_data().map_err(FsError::Io)?;
+        let mut copies: Vec<ExtentCopy> = ext
+            .copies
+            .iter()
+            .filter(|c| Some(c.member) != from)
+            .map(|c| ExtentCopy {
+                member: c.member,
+                file: RwLock::new(c.file.read().clone()),
+            })
+            .collect();
+        copies.push(ExtentCopy {
+            member: to,
+            file: RwLock::new(Some(Arc::new(out))),
+        });
+        if !self.swap_copies(&ext, copies) {
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        }
+        if let Some(m) = pool.member(to) {
+            m.extents.fetch_add(1, Ordering::Relaxed);
+            m.invalidate_space();
+        }
+        Ok(Some(
+            from.map(|f| vec![(f, self.ino, index, ext.file_id)])
+                .unwrap_or_default(),
+        ))
+    }
+
+    /// Drops the copy of extent `index` on `member` (at least one copy stays).
+    /// Returns its file for removal after the next durable commit.
+    pub fn drop_copy(&self, index: u64, member: u32) -> Option<DeadExtent> {
+        let ext = self.get(index)?;
+        let n = self.blocks_per_extent();
+        let _g = self.lock_excl(index, 0, n);
+        let ext = self.current(ext);
+        if ext.copies.len() < 2 || !ext.copies.iter().any(|c| c.member == member) {
+            return None;
+        }
+        let copies = ext
+            .copies
+            .iter()
+            .filter(|c| c.member != member)
+            .map(|c| ExtentCopy {
+                member: c.member,
+                file: RwLock::new(c.file.read().clone()),
+            })
+            .collect();
+        self.swap_copies(&ext, copies)
+            .then_some((member, self.ino, index, ext.file_id))
+    }
+
     /// Indexes of the extents in the map.
     pub fn extent_indexes(&self) -> Vec<u64> {
         self.map.read().keys().copied().collect()
@@ -1581,6 +1778,9 @@ impl Volume {
             let mut bad: BTreeSet<u64> = BTreeSet::new();
             {
                 let _g = self.lock_shared(index, b0, b1);
+                let Some(ext) = self.get(index) else {
+                    break;
+                };
                 let Some(exp) = self.expected(pool, &ext, b0, b1) else {
                     break;
                 };

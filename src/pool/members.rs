@@ -1,0 +1,180 @@
+//! Adding and retiring members of an open pool (`vpool device ...`). The data
+//! migration itself is the fs layer's (`fs/members.rs`); this module keeps the
+//! member list, the labels and the member directories right.
+//!
+//! Ordering (crash safety):
+//! - add: the new member's metadata copy and data directory, then its label,
+//!   then the labels of the others listing it. A crash before the last step
+//!   leaves a directory whose label names this pool but that no other label
+//!   lists: adding it again finishes the job.
+//! - remove: the caller has migrated everything off and committed; then the
+//!   others' labels stop listing it, then its label files go, then its files.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+use super::label::{self, MemberEntry, has_label, read_label, write_label};
+use super::meta::{self, MemberStore, MetaImage};
+use super::{DATA_DIR, LOCK_FILE, Member, Pool, canonical_dir, intent, try_lock};
+use crate::error::{Error, Result};
+use crate::util::fsync_dir;
+
+/// What `add_member` found.
+pub enum Added {
+    New(Arc<Member>),
+    /// The directory is a member already: nothing was changed.
+    Already,
+}
+
+impl Pool {
+    /// Makes `dir` a member: a copy of the metadata `image` (the caller holds
+    /// off commits so that it is current), a data directory, labels. Capacity
+    /// is usable at once.
+    pub fn add_member(&self, dir: &Path, image: &MetaImage) -> Result<Added> {
+        let dir = canonical_dir(dir)?;
+        let mut l = self.label();
+        if l.members.iter().any(|e| e.path == dir) && self.members().iter().any(|m| m.dir == dir) {
+            return Ok(Added::Already);
+        }
+        let mut resumed = None;
+        if has_label(&dir) {
+            match read_label(&dir) {
+                Ok(other) if other.pool == l.pool => {
+                    if l.members.iter().any(|e| e.uuid == other.member) {
+                        return Ok(Added::Already);
+                    }
+                    // An add interrupted before the other labels listed it.
+                    resumed = Some(other.member);
+                }
+                Ok(other) => {
+                    return Err(Error::AlreadyInPool {
+                        path: dir,
+                        pool: other.pool.to_string(),
+                    });
+                }
+                Err(_) => {
+                    return Err(Error::Invalid(format!(
+                        "{} holds a damaged vpool label; refusing to take it over",
+                        dir.display()
+                    )));
+                }
+            }
+        } else if dir.join(meta::META_FILE).exists() {
+            return Err(Error::Invalid(format!(
+                "{} holds vpool metadata without a label; refusing to overwrite it",
+                dir.display()
+            )));
+        }
+        for m in self.members().iter() {
+            if dir.starts_with(&m.dir) || m.dir.starts_with(&dir) {
+                return Err(Error::NestedMember {
+                    inner: dir.clone(),
+                    outer: m.dir.clone(),
+                });
+            }
+        }
+        if let Some(owner) = dir.ancestors().skip(1).find(|a| has_label(a)) {
+            return Err(Error::NestedMember {
+                inner: dir.clone(),
+                outer: owner.to_path_buf(),
+            });
+        }
+        let id = l
+            .members
+            .iter()
+            .map(|e| e.id + 1)
+            .chain(self.members().iter().map(|m| m.entry.id + 1))
+            .max()
+            .unwrap_or(0);
+        let entry = MemberEntry {
+            uuid: resumed.unwrap_or_else(Uuid::new_v4),
+            id,
+            path: dir.clone(),
+        };
+        let data = dir.join(DATA_DIR);
+        fs::create_dir_all(&data).map_err(|e| Error::io(&data, e))?;
+        let _ = fs::remove_file(dir.join(meta::META_FILE));
+        let store = MemberStore::create(&dir, image)?;
+        fsync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        l.members.push(entry.clone());
+        // Its own label first (a member is complete once labelled), then the rest.
+        let mut own = l.clone();
+        own.generation = self.label().generation + 1;
+        own.member = entry.uuid;
+        write_label(&dir, &own)?;
+        self.write_labels(l)?;
+        let lock = try_lock(&dir, &self.pool_id())?;
+        let md = fs::metadata(&dir).map_err(|e| Error::io(&dir, e))?;
+        let member = Arc::new(Member {
+            data_dir: data,
+            entry,
+            dev: md.dev(),
+            store: Mutex::new(Some(store)),
+            _lock: lock,
+            space: Mutex::new(None),
+            extents: AtomicU64::new(0),
+            intent: intent::IntentLog::new(&dir),
+            dir_id: (md.dev(), md.ino()),
+            failed: Default::default(),
+            fail_reason: Mutex::new(None),
+            draining: Default::default(),
+            dir: dir.clone(),
+        });
+        if let Some(mp) = self.mountpoint.lock().clone() {
+            let _ = fs::write(
+                dir.join(LOCK_FILE),
+                format!("{}\n{}\n", std::process::id(), mp.display()),
+            );
+        }
+        self.members.write().push(member.clone());
+        tracing::info!(member = %dir.display(), id, "member added");
+        Ok(Added::New(member))
+    }
+
+    /// The member (present or missing) a path or uuid names.
+    pub fn find_member(&self, what: &Path) -> Option<MemberEntry> {
+        let canon = fs::canonicalize(what).unwrap_or_else(|_| what.to_path_buf());
+        let s = what.to_string_lossy();
+        self.label()
+            .members
+            .into_iter()
+            .find(|e| e.path == canon || e.path == what || e.uuid.to_string() == s)
+    }
+
+    /// Takes member `id` out of the pool once nothing references it: the
+    /// others' labels stop listing it, then (if it is reachable) its label,
+    /// metadata copy, intent log and leftover files are removed.
+    pub fn retire_member(&self, id: u32) -> Result<()> {
+        let mut l = self.label();
+        let Some(pos) = l.members.iter().position(|e| e.id == id) else {
+            return Ok(());
+        };
+        let entry = l.members.remove(pos);
+        self.write_labels(l)?;
+        let m = self.member(id);
+        self.members.write().retain(|m| m.entry.id != id);
+        self.missing.write().retain(|e| e.id != id);
+        if let Some(m) = m
+            && m.probe().is_ok()
+        {
+            for f in label::LABEL_FILES {
+                let _ = fs::remove_file(m.dir.join(f));
+            }
+            let _ = fsync_dir(&m.dir);
+            *m.store.lock() = None;
+            for f in [meta::META_FILE, "intent.0", "intent.1", LOCK_FILE] {
+                let _ = fs::remove_file(m.dir.join(f));
+            }
+            let _ = fs::remove_dir_all(&m.data_dir);
+            let _ = fs::remove_dir_all(m.dir.join("snap"));
+        }
+        tracing::info!(member = %entry.path.display(), id, "member retired");
+        Ok(())
+    }
+}
