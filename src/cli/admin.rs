@@ -83,7 +83,13 @@ fn print_report(r: &ScrubReport) {
     for p in &r.metadata_problems {
         println!("  {p}");
     }
-    println!("snapshot deltas: {} problem(s)", r.delta_problems.len());
+    println!(
+        "snapshot deltas: {} copy(ies) verified, {} bad, {} rewritten, {} problem(s) left",
+        r.deltas_checked,
+        r.deltas_bad,
+        r.deltas_repaired,
+        r.delta_problems.len()
+    );
     for p in &r.delta_problems {
         println!("  {p}");
     }

@@ -346,6 +346,22 @@ fn status(target: &Path, json: bool) -> Result<i32> {
         human(st.logical_bytes),
         human(st.stored_bytes)
     );
+    for m in st.members.iter().filter(|m| m.health != "ONLINE") {
+        println!(
+            "member {} is {}: {}",
+            m.path.display(),
+            m.health,
+            m.reason.as_deref().unwrap_or("unknown reason")
+        );
+    }
+    if st.state != "ONLINE" || st.degraded_bytes > 0 || st.unavailable_bytes > 0 {
+        println!(
+            "DEGRADED: {} with fewer copies than asked, {} with no copy left (reads there fail); \
+             `vpool device replace` rebuilds a lost member's copies",
+            human(st.degraded_bytes),
+            human(st.unavailable_bytes)
+        );
+    }
     let i = &st.integrity;
     println!(
         "integrity since mount: {} checksum error(s), {} repaired, {} unrecoverable, {} read error(s)",

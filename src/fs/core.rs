@@ -1548,6 +1548,7 @@ impl Vfs {
     }
 
     fn commit_locked(&self) -> FsResult<()> {
+        self.prelog_hot_extents();
         let (batch, dirty_nodes, dirents, dead, volumes, cbt_taken, dead_cbt) = {
             // No change is in flight while the gate is held: the bitmaps taken
             // here cover every write made so far, and writes after it log their
@@ -1674,6 +1675,42 @@ impl Vfs {
                     .restore_changes(batch.snapshots.iter().map(|(id, _)| *id));
                 Err(e)
             }
+        }
+    }
+
+    /// Before a commit moves the intent tag from `T` to `T + 1`: logs intent
+    /// records under `T + 1` for the extents changed in the last two
+    /// intervals, so that their writers after the move do not each wait for
+    /// an intent fdatasync. After a crash these extents are resynchronised
+    /// and counted changed even if they were not written: over-reporting only.
+    fn prelog_hot_extents(&self) {
+        let tag = self.pool.intent_tag.load(Ordering::Acquire);
+        let hot: Vec<(u64, Arc<crate::volume::Extent>)> = {
+            let ns = self.ns.read();
+            ns.nodes
+                .iter()
+                .filter_map(|(ino, n)| n.volume.as_ref().map(|v| (*ino, v)))
+                .flat_map(|(ino, v)| {
+                    v.hot_extents(tag.saturating_sub(1))
+                        .into_iter()
+                        .map(move |e| (ino, e))
+                })
+                .collect()
+        };
+        if hot.is_empty() {
+            return;
+        }
+        let items: Vec<(Vec<u32>, u64, u64)> = hot
+            .iter()
+            .map(|(ino, e)| (e.members(), *ino, e.index))
+            .collect();
+        match self.pool.prelog_intents(tag + 1, &items) {
+            Ok(()) => {
+                for (_, e) in &hot {
+                    e.set_prelogged(tag + 1);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot log intents ahead; writers log their own"),
         }
     }
 

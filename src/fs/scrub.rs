@@ -17,7 +17,14 @@ pub struct ScrubReport {
     /// Metadata copies found damaged or lagging (one line each).
     pub metadata_problems: Vec<String>,
     pub metadata_rewritten: u64,
-    /// Snapshot delta copies that failed verification.
+    /// Snapshot delta copies verified, found bad, and rewritten from a good copy.
+    #[serde(default)]
+    pub deltas_checked: u64,
+    #[serde(default)]
+    pub deltas_bad: u64,
+    #[serde(default)]
+    pub deltas_repaired: u64,
+    /// Delta problems left (no good copy, a missing base snapshot).
     pub delta_problems: Vec<String>,
     /// Files whose extents could not be scrubbed (e.g. a copy that cannot be opened).
     pub errors: Vec<String>,
@@ -72,8 +79,19 @@ impl Vfs {
             r.metadata_problems = found;
             r.metadata_rewritten = rewritten;
         }
-        let (deltas, _) = self.snaps.check();
-        r.delta_problems = deltas;
+        self.snaps.wait_idle();
+        let (checked, bad, fixed, mut problems) = self.snaps.scrub_deltas();
+        r.deltas_checked = checked;
+        r.deltas_bad = bad;
+        r.deltas_repaired = fixed;
+        // What is left after the repairs (and base snapshots that are missing).
+        let (left, _) = self.snaps.check();
+        for p in left {
+            if !problems.contains(&p) {
+                problems.push(p);
+            }
+        }
+        r.delta_problems = problems;
         r.seconds = t0.elapsed().as_secs_f64();
         tracing::info!(
             extents = r.data.extents,

@@ -1170,6 +1170,34 @@ impl Pool {
         Ok(tag)
     }
 
+    /// Logs, durably, intent records under `tag` for many extents at once:
+    /// `(members, ino, index)` each (see `Volume::hot_extents`).
+    pub fn prelog_intents(&self, tag: u64, items: &[(Vec<u32>, u64, u64)]) -> io::Result<()> {
+        let mut per: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+        for (members, ino, index) in items {
+            for m in members {
+                per.entry(*m).or_default().push((*ino, *index));
+            }
+        }
+        type Work = (Arc<Member>, Vec<(u64, u64)>);
+        let members: Vec<Work> = per
+            .into_iter()
+            .filter_map(|(id, v)| self.member(id).filter(|m| !m.is_failed()).map(|m| (m, v)))
+            .collect();
+        // Each member waits on its own disk.
+        std::thread::scope(|sc| {
+            let hs: Vec<_> = members
+                .iter()
+                .map(|(m, v)| sc.spawn(move || m.intent.append_many(tag, v)))
+                .collect();
+            for h in hs {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("intent thread panicked")))?;
+            }
+            Ok(())
+        })
+    }
+
     /// Drops intent records covered by the durable commit of generation `generation`.
     pub fn clear_intents(&self, generation: u64) {
         for m in self.members().iter().filter(|m| !m.is_failed()) {

@@ -731,7 +731,7 @@ impl SnapshotStore {
                 if job.error.lock().is_some() {
                     return;
                 }
-                let (s, stop, vol) = {
+                let (s, stop, vol, next) = {
                     let mut g = jf.lock();
                     let Some((s, e)) = g.pending.first() else {
                         break;
@@ -741,13 +741,15 @@ impl SnapshotStore {
                         .min((s / per_extent + 1) * per_extent);
                     g.pending.remove(s, stop);
                     g.reading.insert(s, stop);
-                    // The next ranges are read soon, by this thread or another.
-                    if let Some((ns, ne)) = g.pending.first() {
-                        g.vol
-                            .prefetch(&self.pool, ns, (ne - ns).min(PREFETCH_BLOCKS));
-                    }
-                    (s, stop, g.vol.clone())
+                    let next = g.pending.first();
+                    (s, stop, g.vol.clone(), next)
                 };
+                // The next ranges are read soon, by this thread or another.
+                // (Not under the file's lock: readahead may block on a busy
+                // disk, and writers of the file take that lock.)
+                if let Some((ns, ne)) = next {
+                    vol.prefetch(&self.pool, ns, (ne - ns).min(PREFETCH_BLOCKS));
+                }
                 // Read without the lock: writers of other blocks go on; a writer
                 // of these blocks waits in `preserve` until the read is done.
                 let read = vol.capture(&self.pool, s, stop - s);
@@ -846,6 +848,12 @@ impl SnapshotStore {
                 sc.spawn(|| self.capture_worker(&job));
             }
         });
+        // Every pending block is saved: copy-before-write is over. Writers must
+        // not wait for the file locks held below while the deltas are finished
+        // (index, footer, fdatasync of everything captured: long).
+        if job.error.lock().is_none() {
+            self.active.store(false, Ordering::Release);
+        }
         let mut dirs = BTreeSet::new();
         if job.error.lock().is_none() {
             for (ino, jf) in &job.files {
@@ -1671,6 +1679,73 @@ impl SnapshotStore {
         }
         self.views.lock().clear();
         Ok((made, old))
+    }
+
+    /// Scrub of the deltas: verifies every copy of every finished snapshot's
+    /// deltas and rewrites a bad copy from a good one (a new file renamed over
+    /// it). Returns (copies verified, bad copies found, bad copies repaired,
+    /// problems left).
+    pub fn scrub_deltas(&self) -> (u64, u64, u64, Vec<String>) {
+        let _a = self.admin.lock();
+        let (mut checked, mut bad, mut fixed) = (0, 0, 0);
+        let mut problems = Vec::new();
+        let recs: Vec<Arc<SnapshotRecord>> = self.records.read().values().cloned().collect();
+        for rec in recs.iter().filter(|r| r.state == State::Complete) {
+            for (ino, loc) in &rec.deltas {
+                let mut good = None;
+                let mut broken = Vec::new();
+                for m in &loc.members {
+                    if !self.pool.usable(*m) {
+                        continue;
+                    }
+                    let Some(p) = delta_path(&self.pool, *m, rec.id, *ino, loc.seq) else {
+                        continue;
+                    };
+                    checked += 1;
+                    match DeltaFile::open(&p).and_then(|d| d.verify()) {
+                        Ok(_) => good = good.or(Some(p)),
+                        Err(e) => {
+                            bad += 1;
+                            tracing::warn!(snapshot = %rec.name, ino, path = %p.display(), error = %e, "scrub: bad delta copy");
+                            broken.push((p, e.to_string()));
+                        }
+                    }
+                }
+                for (p, why) in broken {
+                    let Some(src) = &good else {
+                        problems.push(format!(
+                            "snapshot {}: delta of inode {ino} has no good copy ({why})",
+                            rec.name
+                        ));
+                        continue;
+                    };
+                    let tmp = p.with_extension("vd.repair");
+                    let r = fs::copy(src, &tmp)
+                        .and_then(|_| fs::File::open(&tmp).and_then(|f| f.sync_all()))
+                        .and_then(|_| fs::rename(&tmp, &p))
+                        .and_then(|_| match p.parent() {
+                            Some(d) => crate::util::fsync_dir(d),
+                            None => Ok(()),
+                        });
+                    match r {
+                        Ok(()) => {
+                            fixed += 1;
+                            tracing::warn!(snapshot = %rec.name, ino, path = %p.display(), "scrub: delta copy rewritten from a good copy");
+                        }
+                        Err(e) => problems.push(format!(
+                            "snapshot {}: cannot rewrite {}: {e}",
+                            rec.name,
+                            p.display()
+                        )),
+                    }
+                }
+            }
+        }
+        if fixed > 0 {
+            // Open views may hold descriptors of the replaced files.
+            self.views.lock().clear();
+        }
+        (checked, bad, fixed, problems)
     }
 
     pub fn check(&self) -> (Vec<String>, Vec<String>) {

@@ -39,9 +39,14 @@ use crate::pool::Pool;
 use crate::pool::meta::ExtentRecord;
 use sums::{SumId, block_crc};
 
-/// Stripe locks per volume: block checksums and data change together under
-/// the stripe's write lock; verified reads hold it for reading.
-const STRIPES: usize = 64;
+/// Stripe locks, one table for the process: block checksums and data change
+/// together under the stripe's write lock; verified reads hold it for reading.
+/// A region of blocks maps to a stripe by a hash of (ino, extent, region), so
+/// that a long read (a snapshot capture) holds few of them and a writer of
+/// other blocks rarely waits for it.
+const STRIPES: usize = 4096;
+static STRIPE_LOCKS: std::sync::LazyLock<Vec<RwLock<()>>> =
+    std::sync::LazyLock::new(|| (0..STRIPES).map(|_| RwLock::new(())).collect());
 /// Blocks per stripe region.
 const REGION_BLOCKS: u64 = 16;
 
@@ -65,6 +70,9 @@ pub struct Extent {
     blocks_stale: AtomicBool,
     /// Intent tag under which this extent's change was logged (0: none yet).
     intent_tag: AtomicU64,
+    /// Tag a commit logged an intent record under ahead of time (see
+    /// `Volume::hot_extents`).
+    prelogged: AtomicU64,
     intent_lock: Mutex<()>,
     sums: Mutex<Sums>,
 }
@@ -110,9 +118,21 @@ impl Extent {
             blocks: AtomicU64::new(0),
             blocks_stale: AtomicBool::new(true),
             intent_tag: AtomicU64::new(0),
+            prelogged: AtomicU64::new(0),
             intent_lock: Mutex::new(()),
             sums: Mutex::new(Sums::default()),
         }
+    }
+
+    /// Copies' members.
+    pub fn members(&self) -> Vec<u32> {
+        self.copies.iter().map(|c| c.member).collect()
+    }
+
+    /// A durable intent record under `tag` exists for this extent (logged by
+    /// a commit ahead of time).
+    pub fn set_prelogged(&self, tag: u64) {
+        self.prelogged.fetch_max(tag, Ordering::AcqRel);
     }
 
     /// Makes sure a durable intent record covers a change to this extent under
@@ -120,6 +140,12 @@ impl Extent {
     fn prepare(&self, pool: &Pool, ino: u64) -> FsResult<()> {
         let tag = pool.intent_tag.load(Ordering::Acquire);
         if self.intent_tag.load(Ordering::Acquire) == tag {
+            return Ok(());
+        }
+        if self.prelogged.load(Ordering::Acquire) == tag {
+            // Covered by the record the commit logged ahead; remember that the
+            // extent changed under this tag (it stays hot).
+            self.intent_tag.fetch_max(tag, Ordering::AcqRel);
             return Ok(());
         }
         let _g = self.intent_lock.lock();
@@ -413,7 +439,6 @@ pub struct Volume {
     bs: u64,
     map: RwLock<BTreeMap<u64, Arc<Extent>>>,
     cbt: Mutex<Cbt>,
-    stripes: Vec<RwLock<()>>,
     /// Checksum of an all-zero block (holes, punched and never-written blocks).
     zcrc: u32,
 }
@@ -472,7 +497,6 @@ impl Volume {
                 bits: cbt.into_iter().collect(),
                 dirty: BTreeSet::new(),
             }),
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             zcrc: sums::zero_crc(bs as usize),
         }
     }
@@ -494,13 +518,19 @@ impl Volume {
     /// Stripe slots covering blocks `[b0, b1)` of extent `index`, ascending
     /// (the lock order).
     fn stripe_slots(&self, index: u64, b0: u64, b1: u64) -> Vec<usize> {
-        let regions = self.blocks_per_extent().div_ceil(REGION_BLOCKS);
         let (r0, r1) = (b0 / REGION_BLOCKS, b1.max(b0 + 1).div_ceil(REGION_BLOCKS));
-        if r1 - r0 >= STRIPES as u64 {
-            return (0..STRIPES).collect();
-        }
         let mut v: Vec<usize> = (r0..r1)
-            .map(|r| ((index.wrapping_mul(regions) + r) % STRIPES as u64) as usize)
+            .map(|r| {
+                // splitmix64 of the region's identity.
+                let mut z = self
+                    .ino
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    .wrapping_add(index.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+                    .wrapping_add(r);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                ((z ^ (z >> 31)) % STRIPES as u64) as usize
+            })
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -510,14 +540,14 @@ impl Volume {
     fn lock_shared(&self, index: u64, b0: u64, b1: u64) -> Vec<RwLockReadGuard<'_, ()>> {
         self.stripe_slots(index, b0, b1)
             .into_iter()
-            .map(|i| self.stripes[i].read())
+            .map(|i| STRIPE_LOCKS[i].read())
             .collect()
     }
 
     fn lock_excl(&self, index: u64, b0: u64, b1: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
         self.stripe_slots(index, b0, b1)
             .into_iter()
-            .map(|i| self.stripes[i].write())
+            .map(|i| STRIPE_LOCKS[i].write())
             .collect()
     }
 
@@ -1485,6 +1515,7 @@ impl Volume {
             blocks: AtomicU64::new(0),
             blocks_stale: AtomicBool::new(true),
             intent_tag: AtomicU64::new(0),
+            prelogged: AtomicU64::new(0),
             intent_lock: Mutex::new(()),
             sums: Mutex::new(sums),
         };
@@ -1616,6 +1647,20 @@ impl Volume {
             .collect();
         self.swap_copies(&ext, copies)
             .then_some((member, self.ino, index, ext.file_id))
+    }
+
+    /// Extents changed under a tag of at least `since`:
+    /// likely to change again in the next commit interval, so the commit logs
+    /// their intent records for the next tag ahead of time, off the writers'
+    /// path (a writer otherwise waits for that fdatasync, which is slow while
+    /// the disk is busy with the commit's own flushes).
+    pub fn hot_extents(&self, since: u64) -> Vec<Arc<Extent>> {
+        self.map
+            .read()
+            .values()
+            .filter(|e| e.intent_tag.load(Ordering::Acquire) >= since)
+            .cloned()
+            .collect()
     }
 
     /// Indexes of the extents in the map.
