@@ -178,7 +178,7 @@ fn copies1_flipped_block_gives_eio_never_wrong_data() {
 }
 
 #[test]
-fn damaged_sum_file_is_reported_and_rewritten() {
+fn damaged_sum_file_and_label_copy_are_reported_and_rewritten() {
     let pool = Pool::new(2, &["--copies", "2", "--extent-size", "1M"]);
     let data = pattern(3, MIB as usize);
     {
@@ -192,6 +192,8 @@ fn damaged_sum_file_is_reported_and_rewritten() {
         .find(|p| p.extension().is_some_and(|e| e == "sum"))
         .unwrap();
     flip(&sum, 20);
+    // A label copy too.
+    flip(&pool.members[1].join("vpool-label.1"), 10);
     let o = pool.check();
     assert!(
         !o.status.success(),
@@ -206,6 +208,14 @@ fn damaged_sum_file_is_reported_and_rewritten() {
     );
     let (ok, v) = scrub_json(m.path());
     assert!(ok, "{v}");
+    assert!(
+        v["metadata_problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("label copy damaged")),
+        "{v}"
+    );
     m.unmount();
     pool.assert_check_clean();
 }

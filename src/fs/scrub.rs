@@ -78,6 +78,24 @@ impl Vfs {
             let (found, rewritten) = self.pool.scrub_metadata();
             r.metadata_problems = found;
             r.metadata_rewritten = rewritten;
+            // Label copies: a damaged one is rewritten (all of them, from the
+            // pool's current label).
+            let bad: Vec<String> = self
+                .pool
+                .members()
+                .iter()
+                .filter(|m| !m.is_failed())
+                .flat_map(|m| crate::pool::label::label_problems(&m.dir))
+                .collect();
+            if !bad.is_empty() {
+                let n = bad.len() as u64;
+                r.metadata_problems
+                    .extend(bad.into_iter().map(|b| format!("label copy damaged: {b}")));
+                match self.pool.write_labels(self.pool.label()) {
+                    Ok(()) => r.metadata_rewritten += n,
+                    Err(e) => r.errors.push(format!("cannot rewrite the labels: {e}")),
+                }
+            }
         }
         self.snaps.wait_idle();
         let (checked, bad, fixed, mut problems) = self.snaps.scrub_deltas();
