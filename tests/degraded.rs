@@ -10,19 +10,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn write_synced(p: &Path, data: &[u8]) {
-    let f = File::create(p).unwrap();
-    f.write_all_at(data, 0).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn scrub_json(target: &Path) -> (bool, serde_json::Value) {
-    let o = run_t(300, VPOOL, &args!["scrub", "--json", target]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("scrub --json: invalid JSON ({e})\n{}", describe(&o)));
-    (o.status.success(), v)
-}
-
 fn member_health(st: &serde_json::Value, path: &Path) -> String {
     let p = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     st["members"]

@@ -42,23 +42,10 @@ fn flip(path: &Path, off: u64) {
     f.sync_all().unwrap();
 }
 
-fn scrub_json(target: &Path) -> (bool, serde_json::Value) {
-    let o = run_t(300, VPOOL, &args!["scrub", "--json", target]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("scrub --json: invalid JSON ({e})\n{}", describe(&o)));
-    (o.status.success(), v)
-}
-
 fn n(v: &serde_json::Value, key: &str) -> u64 {
     v["data"][key]
         .as_u64()
         .unwrap_or_else(|| panic!("no data.{key} in {v}"))
-}
-
-fn write_synced(p: &Path, data: &[u8]) {
-    let f = File::create(p).unwrap();
-    f.write_all_at(data, 0).unwrap();
-    f.sync_all().unwrap();
 }
 
 #[test]

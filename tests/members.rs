@@ -262,3 +262,28 @@ fn replace_a_lost_member_of_a_copies2_pool_then_scrub_is_clean() {
     );
     m.unmount();
 }
+
+/// A member added while another was missing is found when the pool is later
+/// mounted through the member whose label lagged.
+#[test]
+fn member_added_while_another_was_missing_is_found_through_the_lagging_one() {
+    let pool = Pool::new(2, &["--extent-size", "1M"]);
+    let away = pool.scratch("m1.away");
+    fs::rename(&pool.members[1], &away).unwrap();
+    let d = new_dir(&pool, "d");
+    let data = pattern(11, 6 * MIB as usize);
+    {
+        let m = pool.mount();
+        vp_ok(&args!["device", "add", m.path(), &d]);
+        write_synced(&m.join("f"), &data);
+        m.unmount();
+    }
+    fs::rename(&away, &pool.members[1]).unwrap();
+    let m = Mount::new(&pool.members[1], &pool.mnt(), &[]);
+    let st = m.status();
+    assert_eq!(st["state"], "ONLINE", "{st}");
+    assert_eq!(st["members"].as_array().unwrap().len(), 3, "{st}");
+    assert_same(&read_all(&m.join("f")), &data, "data on the added member");
+    m.unmount();
+    pool.assert_check_clean();
+}

@@ -85,10 +85,15 @@ impl Vfs {
         }
     }
 
-    fn drop_one(&self, it: &Item, member: u32) {
-        if let Some(dead) = it.vol.drop_copy(it.index, member) {
-            it.node.touch();
-            self.ns.write().dead_extents.push(dead);
+    /// Drops the copy of `it` on `member`; false when there was none to drop.
+    fn drop_one(&self, it: &Item, member: u32) -> bool {
+        match it.vol.drop_copy(it.index, member) {
+            Some(dead) => {
+                it.node.touch();
+                self.ns.write().dead_extents.push(dead);
+                true
+            }
+            None => false,
         }
     }
 
@@ -124,12 +129,15 @@ impl Vfs {
             .extents()
             .into_iter()
             .filter(|it| {
-                it.vol
+                // (An extent with no usable copy cannot be rebuilt: it stays
+                // as it is, reads of it fail until its member returns.)
+                let usable = it
+                    .vol
                     .copy_members(it.index)
                     .iter()
                     .filter(|m| self.pool.usable(**m))
-                    .count()
-                    < want
+                    .count();
+                usable > 0 && usable < want
             })
             .collect();
         self.run_work(&work, progress, |it| {
@@ -403,7 +411,7 @@ impl Vfs {
             match self.move_one(it, Some(id), Some(new_id)) {
                 // NEW already holds a copy of it: drop OLD's.
                 Ok(None) if it.vol.copy_members(it.index).contains(&id) => {
-                    self.drop_one(it, id);
+                    let _ = self.drop_one(it, id);
                     Ok(None)
                 }
                 r => r,
@@ -550,7 +558,8 @@ impl Vfs {
         } else {
             (0, 0)
         };
-        // Trim extra copies (the last ones placed go first).
+        // Trim extra copies: those on unusable members first, then the last
+        // ones placed.
         let work: Vec<Item> = self
             .extents()
             .into_iter()
@@ -559,10 +568,18 @@ impl Vfs {
         let mut dropped = 0;
         for it in &work {
             while it.vol.copy_members(it.index).len() > n as usize {
-                let Some(last) = it.vol.copy_members(it.index).last().copied() else {
+                let have = it.vol.copy_members(it.index);
+                let Some(victim) = have
+                    .iter()
+                    .copied()
+                    .find(|m| !self.pool.usable(*m))
+                    .or(have.last().copied())
+                else {
                     break;
                 };
-                self.drop_one(it, last);
+                if !self.drop_one(it, victim) {
+                    break;
+                }
                 dropped += 1;
             }
         }

@@ -11,17 +11,14 @@
 //!   others' labels stop listing it, then its label files go, then its files.
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
-use parking_lot::Mutex;
 use uuid::Uuid;
 
 use super::label::{self, MemberEntry, has_label, read_label, write_label};
 use super::meta::{self, MemberStore, MetaImage};
-use super::{DATA_DIR, LOCK_FILE, Member, Pool, canonical_dir, intent, try_lock};
+use super::{DATA_DIR, LOCK_FILE, Member, Pool, canonical_dir, try_lock};
 use crate::error::{Error, Result};
 use crate::util::fsync_dir;
 
@@ -111,21 +108,7 @@ impl Pool {
         self.write_labels(l)?;
         let lock = try_lock(&dir, &self.pool_id())?;
         let md = fs::metadata(&dir).map_err(|e| Error::io(&dir, e))?;
-        let member = Arc::new(Member {
-            data_dir: data,
-            entry,
-            dev: md.dev(),
-            store: Mutex::new(Some(store)),
-            _lock: lock,
-            space: Mutex::new(None),
-            extents: AtomicU64::new(0),
-            intent: intent::IntentLog::new(&dir),
-            dir_id: (md.dev(), md.ino()),
-            failed: Default::default(),
-            fail_reason: Mutex::new(None),
-            draining: Default::default(),
-            dir: dir.clone(),
-        });
+        let member = Arc::new(Member::new(entry, lock, &md, Some(store)));
         if let Some(mp) = self.mountpoint.lock().clone() {
             let _ = fs::write(
                 dir.join(LOCK_FILE),

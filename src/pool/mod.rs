@@ -130,6 +130,32 @@ impl Member {
         *self.space.lock() = None;
     }
 
+    /// A member opened (and locked, `lock`) at `entry.path`, whose
+    /// directory's metadata is `md`.
+    fn new(
+        entry: MemberEntry,
+        lock: File,
+        md: &fs::Metadata,
+        store: Option<MemberStore>,
+    ) -> Member {
+        let dir = entry.path.clone();
+        Member {
+            data_dir: dir.join(DATA_DIR),
+            intent: intent::IntentLog::new(&dir),
+            entry,
+            dev: md.dev(),
+            store: Mutex::new(store),
+            _lock: lock,
+            space: Mutex::new(None),
+            extents: AtomicU64::new(0),
+            dir_id: (md.dev(), md.ino()),
+            failed: Default::default(),
+            fail_reason: Mutex::new(None),
+            draining: Default::default(),
+            dir,
+        }
+    }
+
     pub fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
@@ -382,6 +408,29 @@ pub(crate) fn try_lock(dir: &Path, pool: &Uuid) -> Result<File> {
     Ok(f)
 }
 
+/// Replaces the enveloped blobs of `map` that fail their checksum with a good
+/// copy of the same key from another metadata image (`others`).
+fn heal_blobs<K: Ord + Copy>(
+    map: &mut BTreeMap<K, Vec<u8>>,
+    others: &[&MetaImage],
+    table: impl Fn(&MetaImage) -> &BTreeMap<K, Vec<u8>>,
+) {
+    let bad: Vec<K> = map
+        .iter()
+        .filter(|(_, b)| meta::check_blob(b).is_err())
+        .map(|(k, _)| *k)
+        .collect();
+    for k in bad {
+        if let Some(good) = others
+            .iter()
+            .filter_map(|o| table(o).get(&k))
+            .find(|b| meta::check_blob(b).is_ok())
+        {
+            map.insert(k, good.clone());
+        }
+    }
+}
+
 impl Pool {
     /// Creates a pool over `dirs`. Validates everything before writing anything;
     /// writes each member's metadata before its label, so a directory with a label
@@ -519,65 +568,82 @@ impl Pool {
         let mut label = first.clone();
         let mut found: Vec<(MemberEntry, PathBuf, Label)> = Vec::new();
         let mut missing: Vec<MemberEntry> = Vec::new();
-        for entry in &first.members {
-            let path = if entry.uuid == first.member {
-                dir.clone()
-            } else {
-                entry.path.clone()
-            };
-            let l = match read_label(&path) {
-                Ok(l) => l,
-                Err(e) => {
-                    let why = match &e {
-                        Error::NotAMember(_) | Error::DirectoryMissing(_) => e.to_string(),
-                        Error::Io { source, .. } if is_device_error(source) => e.to_string(),
-                        _ => return Err(e),
-                    };
-                    tracing::error!(
-                        member = %path.display(),
-                        id = %entry.uuid,
-                        reason = %why,
-                        "member missing: the pool is DEGRADED"
-                    );
-                    missing.push(entry.clone());
-                    continue;
+        // Members are taken from the newest label found so far: a label that
+        // is older than another member's (its directory was missing while a
+        // member was added) does not hide the members added since.
+        let mut seen: HashSet<Uuid> = HashSet::new();
+        loop {
+            let todo: Vec<MemberEntry> = label
+                .members
+                .iter()
+                .filter(|e| !seen.contains(&e.uuid))
+                .cloned()
+                .collect();
+            if todo.is_empty() {
+                break;
+            }
+            for entry in todo {
+                seen.insert(entry.uuid);
+                let path = if entry.uuid == first.member {
+                    dir.clone()
+                } else {
+                    entry.path.clone()
+                };
+                let l = match read_label(&path) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let why = match &e {
+                            Error::NotAMember(_) | Error::DirectoryMissing(_) => e.to_string(),
+                            Error::Io { source, .. } if is_device_error(source) => e.to_string(),
+                            _ => return Err(e),
+                        };
+                        tracing::error!(
+                            member = %path.display(),
+                            id = %entry.uuid,
+                            reason = %why,
+                            "member missing: the pool is DEGRADED"
+                        );
+                        missing.push(entry.clone());
+                        continue;
+                    }
+                };
+                if l.pool != first.pool || l.member != entry.uuid {
+                    return Err(Error::ForeignMember {
+                        path,
+                        found: format!("pool {} member {}", l.pool, l.member),
+                        expected: format!("pool {} member {}", first.pool, entry.uuid),
+                    });
                 }
-            };
-            if l.pool != first.pool || l.member != entry.uuid {
-                return Err(Error::ForeignMember {
-                    path,
-                    found: format!("pool {} member {}", l.pool, l.member),
-                    expected: format!("pool {} member {}", first.pool, entry.uuid),
-                });
+                if l.generation > label.generation {
+                    label = l.clone();
+                }
+                found.push((entry.clone(), path, l));
             }
-            if l.generation > label.generation {
-                label = l.clone();
-            }
-            found.push((entry.clone(), path, l));
+        }
+        // Members the newest label no longer lists (removed while another
+        // member's label lagged) are not opened.
+        found.retain(|(e, _, _)| label.members.iter().any(|m| m.uuid == e.uuid));
+        missing.retain(|e| label.members.iter().any(|m| m.uuid == e.uuid));
+        if !found.iter().any(|(e, _, _)| e.uuid == first.member) {
+            return Err(Error::Invalid(format!(
+                "{} was removed from pool {}; mount it through one of its members",
+                dir.display(),
+                first.pool
+            )));
         }
         let mut members = Vec::new();
         for (entry, path, _) in found {
             let lock = try_lock(&path, &label.pool)?;
             let md = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
-            let dev = md.dev();
-            members.push(Arc::new(Member {
-                data_dir: path.join(DATA_DIR),
-                entry: MemberEntry {
+            members.push(Arc::new(Member::new(
+                MemberEntry {
                     path: path.clone(),
                     ..entry
                 },
-                dev,
-                store: Mutex::new(None),
-                _lock: lock,
-                space: Mutex::new(None),
-                extents: AtomicU64::new(0),
-                intent: intent::IntentLog::new(&path),
-                dir_id: (md.dev(), md.ino()),
-                failed: Default::default(),
-                fail_reason: Mutex::new(None),
-                draining: Default::default(),
-                dir: path,
-            }));
+                lock,
+                &md,
+                None,
+            )));
         }
         Ok(Pool {
             label: RwLock::new(label),
@@ -765,36 +831,8 @@ impl Pool {
                 None => best.corrupt.push((ino, why)),
             }
         }
-        let bad_snaps: Vec<u64> = best
-            .snapshots
-            .iter()
-            .filter(|(_, b)| meta::check_blob(b).is_err())
-            .map(|(k, _)| *k)
-            .collect();
-        for k in bad_snaps {
-            if let Some(good) = same_gen
-                .iter()
-                .filter_map(|o| o.snapshots.get(&k).cloned())
-                .find(|b| meta::check_blob(b).is_ok())
-            {
-                best.snapshots.insert(k, good);
-            }
-        }
-        let bad_cbt: Vec<(u64, u64)> = best
-            .cbt
-            .iter()
-            .filter(|(_, b)| meta::check_blob(b).is_err())
-            .map(|(k, _)| *k)
-            .collect();
-        for k in bad_cbt {
-            if let Some(good) = same_gen
-                .iter()
-                .filter_map(|o| o.cbt.get(&k).cloned())
-                .find(|b| meta::check_blob(b).is_ok())
-            {
-                best.cbt.insert(k, good);
-            }
-        }
+        heal_blobs(&mut best.snapshots, &same_gen, |o| &o.snapshots);
+        heal_blobs(&mut best.cbt, &same_gen, |o| &o.cbt);
         let best_ok = best.corrupt.is_empty() && bad_blobs(&best) == 0;
         if !best_ok {
             found.push(format!(

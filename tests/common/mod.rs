@@ -842,3 +842,19 @@ pub fn run_as_nobody<S: AsRef<OsStr>>(program: &str, args: &[S]) -> Output {
     a.extend(args.iter().map(|s| s.as_ref().to_owned()));
     run_t(60, "setpriv", &a)
 }
+
+/// Writes `data` as the whole content of a new file `p` and fsyncs it.
+pub fn write_synced(p: &Path, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = File::create(p).unwrap();
+    f.write_all_at(data, 0).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// `vpool scrub --json TARGET`: (exit status was 0, the report).
+pub fn scrub_json(target: &Path) -> (bool, serde_json::Value) {
+    let o = run_t(300, VPOOL, &args!["scrub", "--json", target]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("scrub --json: invalid JSON ({e})\n{}", describe(&o)));
+    (o.status.success(), v)
+}
