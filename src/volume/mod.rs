@@ -977,7 +977,7 @@ impl Volume {
                 out.push(((base + cur) / bs, (ds - cur) / bs, None));
             }
             let mut buf = vec![0u8; (de - ds) as usize];
-            self.read_extent(pool, &ext, ds, &mut buf)?;
+            self.read_extent_with(pool, &ext, ds, &mut buf, false)?;
             out.push(((base + ds) / bs, (de - ds) / bs, Some(buf)));
             cur = de;
         }
@@ -1014,13 +1014,32 @@ impl Volume {
     /// Fills `dst` from the extent at `within`, verified against the block
     /// checksums: bad blocks are served from a good copy and rewritten.
     fn read_extent(&self, pool: &Pool, ext: &Extent, within: u64, dst: &mut [u8]) -> FsResult<()> {
+        self.read_extent_with(pool, ext, within, dst, true)
+    }
+
+    /// [`Volume::read_extent`]; without `lock`, the caller guarantees that
+    /// nothing changes the blocks read meanwhile (a snapshot capture: writers
+    /// of blocks being captured wait in copy-before-write), so that a long
+    /// cold read holds no stripe other writers need.
+    fn read_extent_with(
+        &self,
+        pool: &Pool,
+        ext: &Extent,
+        within: u64,
+        dst: &mut [u8],
+        lock: bool,
+    ) -> FsResult<()> {
         if dst.is_empty() {
             return Ok(());
         }
         let bs = self.bs;
         let end = within + dst.len() as u64;
         let (b0, b1) = (within / bs, end.div_ceil(bs));
-        let guards = self.lock_shared(ext.index, b0, b1);
+        let guards = if lock {
+            self.lock_shared(ext.index, b0, b1)
+        } else {
+            Vec::new()
+        };
         // The extent may have moved (a copy migrated) while this waited.
         let cur = self.get(ext.index);
         let ext: &Extent = cur.as_deref().unwrap_or(ext);
@@ -1499,12 +1518,11 @@ impl Volume {
         if !m.get(&old.index).is_some_and(|e| Arc::ptr_eq(e, old)) {
             return false;
         }
-        let sums = {
-            let mut g = old.sums.lock();
-            Sums {
-                table: g.table.take(),
-                dirty: true,
-            }
+        // A copy: a snapshot capture still reading through the old extent
+        // verifies against it.
+        let sums = Sums {
+            table: old.sums.lock().table.clone(),
+            dirty: true,
         };
         let e = Extent {
             index: old.index,
