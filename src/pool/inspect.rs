@@ -285,14 +285,14 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
                             continue;
                         }
                         let cfg = pool.config();
-                        let id = crate::volume::sums::SumId {
+                        let id = super::sums::SumId {
                             ino,
                             index,
                             file_id,
                             block_size: cfg.block_size,
                             entries: (cfg.extent_size / cfg.block_size as u64) as u32,
                         };
-                        if let Err(e) = crate::volume::sums::read(&m.data_dir.join(&name), id) {
+                        if let Err(e) = super::sums::read(&m.data_dir.join(&name), id) {
                             r.problems.push(format!(
                                 "{}: sum file {name} is damaged ({e}); `vpool scrub` rebuilds it",
                                 m.data_dir.display()

@@ -7,7 +7,7 @@
 //! DIR/vpool-label.0, DIR/vpool-label.1   two copies of the label (label.rs)
 //! DIR/meta.redb                          this member's copy of the metadata (meta.rs)
 //! DIR/data/<ino>.<index>.<file_id>       one sparse file per extent copy
-//! DIR/data/<ino>.<index>.<file_id>.sum   its block checksums (volume/sums.rs)
+//! DIR/data/<ino>.<index>.<file_id>.sum   its block checksums (pool/sums.rs)
 //! DIR/vpool.lock                         flock held by the daemon; holds pid and mountpoint
 //! DIR/intent.0, DIR/intent.1             write-intent log (intent.rs)
 //! DIR/snap/<id>/<ino>.<seq>.vd           snapshot delta files (snapshot module)
@@ -18,6 +18,7 @@ pub mod intent;
 pub mod label;
 pub mod members;
 pub mod meta;
+pub mod sums;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};

@@ -22,8 +22,6 @@
 //! holds its write gate for reading around every change, so the intent tag
 //! cannot move while a change is in flight.
 
-pub mod sums;
-
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
 use std::io;
@@ -37,7 +35,7 @@ use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
 use crate::pool::meta::ExtentRecord;
-use sums::{SumId, block_crc};
+use crate::pool::sums::{self, SumId, block_crc};
 
 /// Stripe locks, one table for the process: block checksums and data change
 /// together under the stripe's write lock; verified reads hold it for reading.
