@@ -176,6 +176,7 @@ fn copies2_member_deleted_during_verified_fio_writes() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--randrepeat=1",
             "--loops=2",
         ],
