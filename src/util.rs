@@ -2,7 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Parses a size such as `4096`, `4K`, `64M`, `1GiB`, `2T` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -45,16 +45,22 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Replaces `path` with `data` durably: write a temporary file, fsync it, rename it
-/// over `path`, fsync the directory. A crash leaves either the old or the new file.
-pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+/// The directory of `path` and the temporary name beside it that
+/// [`write_file_atomic`] and [`copy_file_atomic`] write first.
+fn tmp_beside(path: &Path) -> io::Result<(&Path, PathBuf)> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    Ok((dir, dir.join(format!(".{}.tmp", name.to_string_lossy()))))
+}
+
+/// Replaces `path` with `data` durably: write a temporary file, fsync it, rename it
+/// over `path`, fsync the directory. A crash leaves either the old or the new file.
+pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let (dir, tmp) = tmp_beside(path)?;
     {
         let mut f = OpenOptions::new()
             .write(true)
@@ -65,6 +71,16 @@ pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;
+    fsync_dir(dir)
+}
+
+/// Replaces (or creates) `dst` with a copy of `src` durably, the same way as
+/// [`write_file_atomic`], without reading the file into memory.
+pub fn copy_file_atomic(src: &Path, dst: &Path) -> io::Result<()> {
+    let (dir, tmp) = tmp_beside(dst)?;
+    fs::copy(src, &tmp)?;
+    File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, dst)?;
     fsync_dir(dir)
 }
 

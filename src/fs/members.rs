@@ -39,14 +39,16 @@ fn refuse(msg: impl Into<String>) -> FsError {
 
 type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
-struct Item {
-    node: Arc<Node>,
-    vol: Arc<Volume>,
-    index: u64,
+/// One extent of one file.
+pub(crate) struct Item {
+    pub(crate) node: Arc<Node>,
+    pub(crate) vol: Arc<Volume>,
+    pub(crate) index: u64,
 }
 
 impl Vfs {
-    fn extents(&self) -> Vec<Item> {
+    /// Every extent of every file as of now.
+    pub(crate) fn extents(&self) -> Vec<Item> {
         let ns = self.ns.read();
         ns.nodes
             .values()
@@ -220,6 +222,21 @@ impl Vfs {
         })
     }
 
+    /// Extents that cannot be rebuilt without member `id`: when it is
+    /// unavailable, those with no usable copy elsewhere (0 when it is usable).
+    fn lost_with(&self, id: u32) -> usize {
+        if self.pool.usable(id) {
+            return 0;
+        }
+        self.extents()
+            .iter()
+            .filter(|it| {
+                let have = it.vol.copy_members(it.index);
+                have.contains(&id) && !have.iter().any(|m| *m != id && self.pool.usable(*m))
+            })
+            .count()
+    }
+
     /// Checks that the members other than `id` can take what `id` holds.
     fn check_can_leave(&self, id: u32, what: &str) -> FsResult<()> {
         let copies = self.pool.config().copies.max(1) as usize;
@@ -236,17 +253,7 @@ impl Vfs {
             )));
         }
         // Extents whose only usable copies are on `id` when it is unusable.
-        let lost = if self.pool.usable(id) {
-            0
-        } else {
-            self.extents()
-                .iter()
-                .filter(|it| {
-                    let have = it.vol.copy_members(it.index);
-                    have.contains(&id) && !have.iter().any(|m| *m != id && self.pool.usable(*m))
-                })
-                .count()
-        };
+        let lost = self.lost_with(id);
         if lost > 0 {
             return Err(refuse(format!(
                 "cannot {what}: {lost} extent(s) have no copy outside this member, which is unavailable; bring it back first"
@@ -375,21 +382,12 @@ impl Vfs {
         {
             // Refuse before adding anything when OLD's data cannot be rebuilt.
             let _a = self.snaps.admin.lock();
-            if !self.pool.usable(id) {
-                let lost = self
-                    .extents()
-                    .iter()
-                    .filter(|it| {
-                        let have = it.vol.copy_members(it.index);
-                        have.contains(&id) && !have.iter().any(|m| *m != id && self.pool.usable(*m))
-                    })
-                    .count();
-                if lost > 0 {
-                    return Err(refuse(format!(
-                        "cannot replace {}: {lost} extent(s) have no other copy (copies=1?) and it is unavailable",
-                        old.display()
-                    )));
-                }
+            let lost = self.lost_with(id);
+            if lost > 0 {
+                return Err(refuse(format!(
+                    "cannot replace {}: {lost} extent(s) have no other copy (copies=1?) and it is unavailable",
+                    old.display()
+                )));
             }
         }
         let mut report = self.device_add(new, &mut |_, _| {})?;

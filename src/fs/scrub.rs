@@ -2,7 +2,6 @@
 //! every snapshot delta while the pool stays mounted, repairing what a good
 //! copy allows.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -48,23 +47,14 @@ impl Vfs {
         let t0 = Instant::now();
         let mut r = ScrubReport::default();
         // Every extent of every file as of now; files removed meanwhile are skipped.
-        let files: Vec<(u64, Arc<crate::volume::Volume>)> = {
-            let ns = self.ns.read();
-            ns.nodes
-                .iter()
-                .filter_map(|(ino, n)| n.volume.clone().map(|v| (*ino, v)))
-                .collect()
-        };
-        let work: Vec<(u64, &Arc<crate::volume::Volume>, u64)> = files
-            .iter()
-            .flat_map(|(ino, v)| v.extent_indexes().into_iter().map(move |i| (*ino, v, i)))
-            .collect();
+        let work = self.extents();
         let total = work.len() as u64;
         progress(0, total);
-        for (done, (ino, v, index)) in work.into_iter().enumerate() {
+        for (done, it) in work.iter().enumerate() {
+            let (ino, index) = (it.node.ino, it.index);
             // No gate: a repair rewrites a copy with the content the block
             // already has, so neither the intent log nor a snapshot cares.
-            if let Err(e) = v.scrub_extent(&self.pool, index, &mut r.data) {
+            if let Err(e) = it.vol.scrub_extent(&self.pool, index, &mut r.data) {
                 r.errors.push(format!("inode {ino} extent {index}: {e}"));
             }
             progress(done as u64 + 1, total);

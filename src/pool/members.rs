@@ -109,11 +109,9 @@ impl Pool {
         let lock = try_lock(&dir, &self.pool_id())?;
         let md = fs::metadata(&dir).map_err(|e| Error::io(&dir, e))?;
         let member = Arc::new(Member::new(entry, lock, &md, Some(store)));
+        // Best effort: the member is in the labels already.
         if let Some(mp) = self.mountpoint.lock().clone() {
-            let _ = fs::write(
-                dir.join(LOCK_FILE),
-                format!("{}\n{}\n", std::process::id(), mp.display()),
-            );
+            let _ = member.write_lock_info(&mp);
         }
         self.members.write().push(member.clone());
         tracing::info!(member = %dir.display(), id, "member added");

@@ -157,6 +157,18 @@ impl Member {
         }
     }
 
+    /// Records in the member's lock file who holds it (pid, mountpoint).
+    fn write_lock_info(&self, mountpoint: &Path) -> Result<()> {
+        let p = self.dir.join(LOCK_FILE);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        writeln!(f, "{}\n{}", std::process::id(), mountpoint.display())
+            .map_err(|e| Error::io(&p, e))
+    }
+
     pub fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
     }
@@ -333,7 +345,7 @@ pub fn extent_file_name(ino: u64, index: u64, file_id: u64) -> String {
 
 /// Name of the sum file of one extent copy.
 pub fn sum_file_name(ino: u64, index: u64, file_id: u64) -> String {
-    format!("{ino}.{index}.{file_id}.sum")
+    format!("{}.sum", extent_file_name(ino, index, file_id))
 }
 
 /// Parses an extent file name back into `(ino, index, file_id)`.
@@ -407,6 +419,21 @@ pub(crate) fn try_lock(dir: &Path, pool: &Uuid) -> Result<File> {
         return Err(Error::io(&p, e));
     }
     Ok(f)
+}
+
+/// Takes the damaged inode records of `best` from another metadata image of
+/// the same generation (`others`) where one has it; the rest stay in
+/// `best.corrupt`. (A damaged record is absent from its own image's inodes.)
+fn heal_inodes(best: &mut MetaImage, others: &[&MetaImage]) {
+    for (ino, why) in std::mem::take(&mut best.corrupt) {
+        match others.iter().find_map(|o| o.inodes.get(&ino).cloned()) {
+            Some(r) => {
+                tracing::warn!(ino, reason = %why, "inode record damaged on one member; using another copy");
+                best.inodes.insert(ino, r);
+            }
+            None => best.corrupt.push((ino, why)),
+        }
+    }
 }
 
 /// Replaces the enveloped blobs of `map` that fail their checksum with a good
@@ -675,20 +702,11 @@ impl Pool {
             .max_by_key(|i| images[*i].generation)
             .ok_or_else(|| Error::Other("pool has no members".into()))?;
         let mut img = images[best_i].clone();
-        for (ino, why) in std::mem::take(&mut img.corrupt) {
-            let good = images
-                .iter()
-                .enumerate()
-                .filter(|(i, o)| *i != best_i && o.generation == img.generation)
-                .find_map(|(_, o)| o.inodes.get(&ino).cloned());
-            match good {
-                Some(r) => {
-                    tracing::warn!(ino, reason = %why, "inode record damaged on one member; using another copy");
-                    img.inodes.insert(ino, r);
-                }
-                None => img.corrupt.push((ino, why)),
-            }
-        }
+        let same_gen: Vec<&MetaImage> = images
+            .iter()
+            .filter(|o| o.generation == img.generation)
+            .collect();
+        heal_inodes(&mut img, &same_gen);
         if !img.corrupt.is_empty() {
             let list: Vec<String> = img
                 .corrupt
@@ -824,14 +842,7 @@ impl Pool {
             .flatten()
             .filter(|o| o.generation == best.generation)
             .collect();
-        for (ino, why) in std::mem::take(&mut best.corrupt) {
-            match same_gen.iter().find_map(|o| o.inodes.get(&ino).cloned()) {
-                Some(r) => {
-                    best.inodes.insert(ino, r);
-                }
-                None => best.corrupt.push((ino, why)),
-            }
-        }
+        heal_inodes(&mut best, &same_gen);
         heal_blobs(&mut best.snapshots, &same_gen, |o| &o.snapshots);
         heal_blobs(&mut best.cbt, &same_gen, |o| &o.cbt);
         let best_ok = best.corrupt.is_empty() && bad_blobs(&best) == 0;
@@ -921,17 +932,28 @@ impl Pool {
         let Some(m) = self.member(id) else {
             return true;
         };
+        if self.probe_failed(&m) {
+            return true;
+        }
+        if e.raw_os_error() == Some(libc::EIO) {
+            self.fail_member(id, &format!("I/O error: {e}"));
+            return true;
+        }
+        false
+    }
+
+    /// Fails `m` if its directory no longer probes; whether it is failed.
+    fn probe_failed(&self, m: &Member) -> bool {
         if m.is_failed() {
             return true;
         }
         match m.probe() {
-            Err(why) => self.fail_member(id, &why),
-            Ok(()) if e.raw_os_error() == Some(libc::EIO) => {
-                self.fail_member(id, &format!("I/O error: {e}"))
+            Err(why) => {
+                self.fail_member(m.entry.id, &why);
+                true
             }
-            Ok(()) => return false,
+            Ok(()) => false,
         }
-        true
     }
 
     /// [`Pool::check_member`] for an error of the volume layer: a missing
@@ -939,17 +961,7 @@ impl Pool {
     pub fn check_member_fs(&self, id: u32, e: &FsError) -> bool {
         match e {
             FsError::Io(io) => self.check_member(id, io),
-            FsError::Corrupt(_) => match self.member(id) {
-                None => true,
-                Some(m) if m.is_failed() => true,
-                Some(m) => match m.probe() {
-                    Err(why) => {
-                        self.fail_member(id, &why);
-                        true
-                    }
-                    Ok(()) => false,
-                },
-            },
+            FsError::Corrupt(_) => self.member(id).is_none_or(|m| self.probe_failed(&m)),
             _ => false,
         }
     }
@@ -958,12 +970,17 @@ impl Pool {
     /// periodically): a directory deleted or unmounted under it fails it.
     pub fn probe_members(&self) {
         for m in self.members().iter() {
-            if !m.is_failed()
-                && let Err(why) = m.probe()
-            {
-                self.fail_member(m.entry.id, &why);
-            }
+            self.probe_failed(m);
         }
+    }
+
+    /// Members present and not failed.
+    pub fn usable_count(&self) -> usize {
+        self.members
+            .read()
+            .iter()
+            .filter(|m| !m.is_failed())
+            .count()
     }
 
     /// Whether some member is missing or failed.
@@ -980,14 +997,7 @@ impl Pool {
     pub fn write_lock_info(&self, mountpoint: &Path) -> Result<()> {
         *self.mountpoint.lock() = Some(mountpoint.to_path_buf());
         for m in self.members().iter() {
-            let p = m.dir.join(LOCK_FILE);
-            let mut f = OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(&p)
-                .map_err(|e| Error::io(&p, e))?;
-            writeln!(f, "{}\n{}", std::process::id(), mountpoint.display())
-                .map_err(|e| Error::io(&p, e))?;
+            m.write_lock_info(mountpoint)?;
         }
         Ok(())
     }
@@ -1074,16 +1084,7 @@ impl Pool {
                     Ok(id) => id,
                     // Degraded: fewer usable members than copies. The extent gets
                     // the copies it can (status counts it as degraded).
-                    Err(FsError::NoSpace)
-                        if !made.is_empty()
-                            && self
-                                .members
-                                .read()
-                                .iter()
-                                .filter(|m| !m.is_failed())
-                                .count()
-                                < copies =>
-                    {
+                    Err(FsError::NoSpace) if !made.is_empty() && self.usable_count() < copies => {
                         break;
                     }
                     Err(e) => {
@@ -1320,9 +1321,7 @@ impl Pool {
                     Err(e) => {
                         // A member whose directory is gone fails; the commit
                         // stands on the others.
-                        let gone = self.member(id).is_some_and(|m| {
-                            m.probe().map_err(|why| self.fail_member(id, &why)).is_err()
-                        });
+                        let gone = self.member(id).is_some_and(|m| self.probe_failed(&m));
                         if !gone && first_err.is_none() {
                             first_err = Some(e);
                         }

@@ -1654,13 +1654,7 @@ impl SnapshotStore {
                         .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
                     fs::create_dir_all(&dir).map_err(FsError::Io)?;
                     let dst = dir.join(format!("{ino}.{}.vd", loc.seq));
-                    let tmp = dir.join(format!(".{ino}.{}.vd.tmp", loc.seq));
-                    fs::copy(src, &tmp).map_err(FsError::Io)?;
-                    fs::File::open(&tmp)
-                        .and_then(|f| f.sync_all())
-                        .map_err(FsError::Io)?;
-                    fs::rename(&tmp, &dst).map_err(FsError::Io)?;
-                    crate::util::fsync_dir(&dir).map_err(FsError::Io)?;
+                    crate::util::copy_file_atomic(src, &dst).map_err(FsError::Io)?;
                     members.push(to);
                     made += 1;
                 }
@@ -1719,15 +1713,7 @@ impl SnapshotStore {
                         ));
                         continue;
                     };
-                    let tmp = p.with_extension("vd.repair");
-                    let r = fs::copy(src, &tmp)
-                        .and_then(|_| fs::File::open(&tmp).and_then(|f| f.sync_all()))
-                        .and_then(|_| fs::rename(&tmp, &p))
-                        .and_then(|_| match p.parent() {
-                            Some(d) => crate::util::fsync_dir(d),
-                            None => Ok(()),
-                        });
-                    match r {
+                    match crate::util::copy_file_atomic(src, &p) {
                         Ok(()) => {
                             fixed += 1;
                             tracing::warn!(snapshot = %rec.name, ino, path = %p.display(), "scrub: delta copy rewritten from a good copy");

@@ -85,6 +85,16 @@ struct Sums {
     dirty: bool,
 }
 
+impl Sums {
+    /// A table to be written by the next commit.
+    fn new_dirty(vals: Vec<u32>) -> Sums {
+        Sums {
+            table: Some(Some(vals)),
+            dirty: true,
+        }
+    }
+}
+
 /// What a scrub found in one volume.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ScrubCounts {
@@ -122,6 +132,18 @@ impl Extent {
         }
     }
 
+    /// The copies but the one on `member`, sharing their open files.
+    fn copies_without(&self, member: Option<u32>) -> Vec<ExtentCopy> {
+        self.copies
+            .iter()
+            .filter(|c| Some(c.member) != member)
+            .map(|c| ExtentCopy {
+                member: c.member,
+                file: RwLock::new(c.file.read().clone()),
+            })
+            .collect()
+    }
+
     /// Copies' members.
     pub fn members(&self) -> Vec<u32> {
         self.copies.iter().map(|c| c.member).collect()
@@ -150,9 +172,8 @@ impl Extent {
         if self.intent_tag.load(Ordering::Acquire) == tag {
             return Ok(());
         }
-        let members: Vec<u32> = self.copies.iter().map(|c| c.member).collect();
         let used = pool
-            .log_intent(&members, ino, self.index)
+            .log_intent(&self.members(), ino, self.index)
             .map_err(map_write_err)?;
         self.intent_tag.store(used, Ordering::Release);
         Ok(())
@@ -197,9 +218,7 @@ impl Extent {
             }
         }
         if done == 0 {
-            return Err(
-                last_err.unwrap_or_else(|| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
-            );
+            return Err(last_err.unwrap_or_else(eio));
         }
         Ok(())
     }
@@ -388,6 +407,19 @@ fn seek_data_ranges(f: &File, lo: u64, hi: u64) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
+/// Byte ranges sorted by start, widened to whole blocks of `bs` and merged.
+fn widen_merge(ranges: impl IntoIterator<Item = (u64, u64)>, bs: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (d, h) in ranges {
+        let (ds, de) = (d / bs * bs, h.div_ceil(bs) * bs);
+        match out.last_mut() {
+            Some((_, e)) if *e >= ds => *e = (*e).max(de),
+            _ => out.push((ds, de)),
+        }
+    }
+    out
+}
+
 /// Fills `dst` from `f` at `off`; past the member file's end is a hole (zeros).
 fn read_full(f: &File, dst: &mut [u8], off: u64) -> FsResult<()> {
     let mut done = 0;
@@ -400,6 +432,10 @@ fn read_full(f: &File, dst: &mut [u8], off: u64) -> FsResult<()> {
         }
     }
     Ok(())
+}
+
+fn eio() -> FsError {
+    FsError::Io(io::Error::from_raw_os_error(libc::EIO))
 }
 
 fn map_write_err(e: io::Error) -> FsError {
@@ -549,8 +585,7 @@ impl Volume {
             .collect()
     }
 
-    /// The extent's checksum table, loaded from the first copy with a valid
-    /// sum file on first use.
+    /// The extent's checksum table, loaded on first use (see `load_sums`).
     fn sums<'a>(&self, pool: &Pool, ext: &'a Extent) -> MutexGuard<'a, Sums> {
         let mut g = ext.sums.lock();
         if g.table.is_none() {
@@ -563,8 +598,8 @@ impl Volume {
         g
     }
 
-    /// The table from the first copy with a valid sum file, and whether some
-    /// copy's file is damaged or missing.
+    /// The table of the valid sum file with the highest generation among the
+    /// copies, and whether some copy's file is damaged, missing or older.
     fn load_sums(&self, pool: &Pool, ext: &Extent) -> (Option<Vec<u32>>, bool) {
         let id = self.sum_id(ext);
         let mut found: Option<(u64, Vec<u32>)> = None;
@@ -606,6 +641,11 @@ impl Volume {
         (None, false)
     }
 
+    /// Whether `ext` has a usable checksum table (its blocks are verified).
+    fn has_table(&self, pool: &Pool, ext: &Extent) -> bool {
+        matches!(self.sums(pool, ext).table, Some(Some(_)))
+    }
+
     /// Expected checksums of blocks `[b0, b1)` of `ext` (`None`: not verified).
     fn expected(&self, pool: &Pool, ext: &Extent, b0: u64, b1: u64) -> Option<Vec<u32>> {
         let g = self.sums(pool, ext);
@@ -634,7 +674,7 @@ impl Volume {
         buf: &mut [u8],
     ) -> FsResult<()> {
         if !pool.usable(ext.copies[copy].member) {
-            return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
+            return Err(eio());
         }
         let r = ext
             .file(pool, self.ino, copy)
@@ -676,9 +716,7 @@ impl Volume {
             }
         }
         let Some(first) = first else {
-            return Err(
-                last_err.unwrap_or_else(|| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
-            );
+            return Err(last_err.unwrap_or_else(eio));
         };
         let mut repair = Vec::new();
         let mut tmp = vec![0u8; bs];
@@ -714,7 +752,7 @@ impl Volume {
                     block = b,
                     "no copy of the block matches its checksum: the read fails with EIO"
                 );
-                return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
+                return Err(eio());
             }
             repair.push(b);
         }
@@ -813,7 +851,7 @@ impl Volume {
         e: u64,
         new: Option<&[u8]>,
     ) -> FsResult<Option<(u64, Vec<u32>)>> {
-        if self.expected(pool, ext, 0, 0).is_none() {
+        if !self.has_table(pool, ext) {
             return Ok(None);
         }
         let bs = self.bs;
@@ -960,14 +998,7 @@ impl Volume {
             Some(r) => r,
             None => seek_data_ranges(&f, lo, hi).map_err(FsError::Io)?,
         };
-        let mut data: Vec<(u64, u64)> = Vec::new();
-        for (d, h) in raw {
-            let (ds, de) = ((d / bs) * bs, h.div_ceil(bs) * bs);
-            match data.last_mut() {
-                Some((_, e)) if *e >= ds => *e = (*e).max(de),
-                _ => data.push((ds, de)),
-            }
-        }
+        let data = widen_merge(raw, bs);
         let mut out = Vec::new();
         let mut cur = lo;
         for (ds, de) in data {
@@ -1060,7 +1091,7 @@ impl Volume {
 
     /// Fills `dst` from the first copy that answers, unverified.
     fn read_any(&self, pool: &Pool, ext: &Extent, within: u64, dst: &mut [u8]) -> FsResult<()> {
-        let mut last_err = Some(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
+        let mut last_err = Some(eio());
         for copy in 0..ext.copies.len() {
             if !pool.usable(ext.copies[copy].member) {
                 continue;
@@ -1090,7 +1121,7 @@ impl Volume {
             .map(|e| ExtentRecord {
                 index: e.index,
                 file_id: e.file_id,
-                members: e.copies.iter().map(|c| c.member).collect(),
+                members: e.members(),
             })
             .collect()
     }
@@ -1121,10 +1152,7 @@ impl Volume {
         let (fid, files) = pool.create_extent_files(self.ino, index, need)?;
         let copies = files.into_iter().map(|(m, f)| (m, Some(f))).collect();
         let e = Arc::new(Extent::new(index, fid, copies, true));
-        *e.sums.lock() = Sums {
-            table: Some(Some(vec![self.zcrc; self.blocks_per_extent() as usize])),
-            dirty: true,
-        };
+        *e.sums.lock() = Sums::new_dirty(vec![self.zcrc; self.blocks_per_extent() as usize]);
         m.insert(index, e.clone());
         Ok(e)
     }
@@ -1147,29 +1175,49 @@ impl Volume {
         Ok(buf)
     }
 
+    /// One change to piece `p` of `ext`, under the piece's stripes: the extent
+    /// as the map holds it now (a migration may have swapped it meanwhile),
+    /// its intent record, its changed blocks, `op` on every copy, and the
+    /// blocks' new checksums for `content` (`Some(Some(data))`: written,
+    /// `Some(None)`: zeros, `None`: content unchanged).
+    fn change(
+        &self,
+        pool: &Pool,
+        ext: Arc<Extent>,
+        p: &Piece,
+        content: Option<Option<&[u8]>>,
+        op: impl FnMut(u32, &File) -> FsResult<()>,
+    ) -> FsResult<()> {
+        let end = p.within + p.len as u64;
+        let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
+        let ext = self.current(ext);
+        ext.prepare(pool, self.ino)?;
+        self.mark_changed(p.index * self.esize + p.within, p.len as u64);
+        let new_sums = match content {
+            Some(c) => self.sums_after(pool, &ext, p.within, end, c)?,
+            None => None,
+        };
+        let res = ext.each_copy(pool, self.ino, op);
+        ext.written();
+        res?;
+        if let Some((b0, v)) = new_sums {
+            self.set_sums(pool, &ext, b0, &v);
+        }
+        Ok(())
+    }
+
     /// Writes `data` at `off` to every copy, placing new extents as needed.
     pub fn write(&self, pool: &Pool, off: u64, data: &[u8]) -> FsResult<()> {
         for p in pieces(self.esize, off, data.len()) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
             let piece = &data[p.buf_off..p.buf_off + p.len];
-            let end = p.within + p.len as u64;
-            let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
-            let ext = self.current(ext);
-            ext.prepare(pool, self.ino)?;
-            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
-            let new_sums = self.sums_after(pool, &ext, p.within, end, Some(piece))?;
-            let res = ext.each_copy(pool, self.ino, |member, f| {
+            self.change(pool, ext, &p, Some(Some(piece)), |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
                 f.write_all_at(piece, p.within).map_err(|e| {
                     invalidate_space(pool, member);
                     map_write_err(e)
                 })
-            });
-            ext.written();
-            res?;
-            if let Some((b0, v)) = new_sums {
-                self.set_sums(pool, &ext, b0, &v);
-            }
+            })?;
         }
         Ok(())
     }
@@ -1180,13 +1228,7 @@ impl Volume {
             let Some(ext) = self.get(p.index) else {
                 continue;
             };
-            let end = p.within + p.len as u64;
-            let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
-            let ext = self.current(ext);
-            ext.prepare(pool, self.ino)?;
-            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
-            let new_sums = self.sums_after(pool, &ext, p.within, end, None)?;
-            let res = ext.each_copy(pool, self.ino, |member, f| {
+            self.change(pool, ext, &p, Some(None), |member, f| {
                 fallocate(
                     f,
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -1196,12 +1238,7 @@ impl Volume {
                 .map_err(FsError::Io)?;
                 invalidate_space(pool, member);
                 Ok(())
-            });
-            ext.written();
-            res?;
-            if let Some((b0, v)) = new_sums {
-                self.set_sums(pool, &ext, b0, &v);
-            }
+            })?;
         }
         Ok(())
     }
@@ -1210,13 +1247,7 @@ impl Volume {
     pub fn zero_range(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
-            let end = p.within + p.len as u64;
-            let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
-            let ext = self.current(ext);
-            ext.prepare(pool, self.ino)?;
-            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
-            let new_sums = self.sums_after(pool, &ext, p.within, end, None)?;
-            let res = ext.each_copy(pool, self.ino, |member, f| {
+            self.change(pool, ext, &p, Some(None), |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
                 let zr = fallocate(
                     f,
@@ -1240,34 +1271,22 @@ impl Volume {
                     }
                     Err(e) => Err(map_write_err(e)),
                 }
-            });
-            ext.written();
-            res?;
-            if let Some((b0, v)) = new_sums {
-                self.set_sums(pool, &ext, b0, &v);
-            }
+            })?;
         }
         Ok(())
     }
 
-    /// Preallocates `[off, off+len)` on every copy.
+    /// Preallocates `[off, off+len)` on every copy (the content is unchanged).
     pub fn allocate(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
         for p in pieces(self.esize, off, len as usize) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
-            let end = p.within + p.len as u64;
-            let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
-            let ext = self.current(ext);
-            ext.prepare(pool, self.ino)?;
-            self.mark_changed(p.index * self.esize + p.within, p.len as u64);
-            let res = ext.each_copy(pool, self.ino, |member, f| {
+            self.change(pool, ext, &p, None, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
                 fallocate(f, libc::FALLOC_FL_KEEP_SIZE, p.within, p.len as u64).map_err(|e| {
                     invalidate_space(pool, member);
                     map_write_err(e)
                 })
-            });
-            ext.written();
-            res?;
+            })?;
         }
         Ok(())
     }
@@ -1491,9 +1510,7 @@ impl Volume {
 
     /// Members holding copies of extent `index` (empty when there is none).
     pub fn copy_members(&self, index: u64) -> Vec<u32> {
-        self.get(index)
-            .map(|e| e.copies.iter().map(|c| c.member).collect())
-            .unwrap_or_default()
+        self.get(index).map(|e| e.members()).unwrap_or_default()
     }
 
     /// Allocated bytes of the first usable copy of extent `index`.
@@ -1615,15 +1632,7 @@ impl Volume {
             out.set_len(src_len).map_err(map_write_err)?;
         }
         out.sync_data().map_err(FsError::Io)?;
-        let mut copies: Vec<ExtentCopy> = ext
-            .copies
-            .iter()
-            .filter(|c| Some(c.member) != from)
-            .map(|c| ExtentCopy {
-                member: c.member,
-                file: RwLock::new(c.file.read().clone()),
-            })
-            .collect();
+        let mut copies = ext.copies_without(from);
         copies.push(ExtentCopy {
             member: to,
             file: RwLock::new(Some(Arc::new(out))),
@@ -1652,15 +1661,7 @@ impl Volume {
         if ext.copies.len() < 2 || !ext.copies.iter().any(|c| c.member == member) {
             return None;
         }
-        let copies = ext
-            .copies
-            .iter()
-            .filter(|c| c.member != member)
-            .map(|c| ExtentCopy {
-                member: c.member,
-                file: RwLock::new(c.file.read().clone()),
-            })
-            .collect();
+        let copies = ext.copies_without(Some(member));
         self.swap_copies(&ext, copies)
             .then_some((member, self.ino, index, ext.file_id))
     }
@@ -1699,15 +1700,7 @@ impl Volume {
             }
         }
         all.sort_unstable();
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for (d, h) in all {
-            let (ds, de) = (d / self.bs * self.bs, h.div_ceil(self.bs) * self.bs);
-            match out.last_mut() {
-                Some((_, e)) if *e >= ds => *e = (*e).max(de),
-                _ => out.push((ds, de)),
-            }
-        }
-        out
+        widen_merge(all, self.bs)
     }
 
     /// After an unclean stop, makes extent `index` consistent: where its copies
@@ -1722,10 +1715,7 @@ impl Volume {
         let _g = self.lock_excl(index, 0, n);
         let old = self.sums(pool, &ext).table.clone().flatten();
         let (vals, fixed) = self.rebuild_locked(pool, &ext, old.as_deref())?;
-        *ext.sums.lock() = Sums {
-            table: Some(Some(vals)),
-            dirty: true,
-        };
+        *ext.sums.lock() = Sums::new_dirty(vals);
         Ok(fixed)
     }
 
@@ -1754,7 +1744,7 @@ impl Volume {
                     })
                     .collect();
                 let Some(first) = bufs.iter().position(|b| b.is_some()) else {
-                    return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
+                    return Err(eio());
                 };
                 for i in 0..(len as usize / bs) {
                     let b = b0 + i as u64;
@@ -1803,14 +1793,11 @@ impl Volume {
         };
         out.extents += 1;
         let n = self.blocks_per_extent();
-        if self.expected(pool, &ext, 0, 0).is_none() {
+        if !self.has_table(pool, &ext) {
             let _g = self.lock_excl(index, 0, n);
-            if self.expected(pool, &ext, 0, 0).is_none() {
+            if !self.has_table(pool, &ext) {
                 let (vals, fixed) = self.rebuild_locked(pool, &ext, None)?;
-                *ext.sums.lock() = Sums {
-                    table: Some(Some(vals)),
-                    dirty: true,
-                };
+                *ext.sums.lock() = Sums::new_dirty(vals);
                 out.tables_rebuilt += 1;
                 out.repaired += fixed;
                 tracing::warn!(
@@ -1848,7 +1835,9 @@ impl Volume {
                 let (lo, hi) = (b0 * self.bs, b1 * self.bs);
                 if data.iter().any(|(s, e)| *s < hi && *e > lo) {
                     let mut buf = vec![0u8; ((b1 - b0) as usize) * bs];
-                    for c in 0..ext.copies.len() {
+                    // Copies on failed or missing members are the status's
+                    // business (DEGRADED), not read errors.
+                    for c in (0..ext.copies.len()).filter(|c| pool.usable(ext.copies[*c].member)) {
                         out.bytes += buf.len() as u64;
                         if self.read_copy(pool, &ext, c, b0, &mut buf).is_err() {
                             out.io_errors += 1;
