@@ -271,7 +271,7 @@ pub fn run(
     let _ = flusher.join();
     // A snapshot still being captured finishes first (it holds the pool).
     vfs.snaps.wait_idle();
-    let final_commit = vfs.commit();
+    let final_commit = vfs.commit_final();
     vfs.pool.clear_lock_info();
     // The last strong reference: dropping it closes the metadata stores.
     drop(vfs);

@@ -740,20 +740,29 @@ impl Harness {
             Op::Crash { member } => {
                 self.vfs().commit().unwrap();
                 let name = self.snap(SnapKind::Default).unwrap();
-                self.snaps.pop();
                 let v = self.vfs.take().unwrap();
                 v.snaps.wait_idle();
                 drop(v);
                 self.vfs = Some(Self::open(&self.members[member]));
-                let v = self.vfs();
-                let info = v.snapshot_list().into_iter().find(|i| i.name == name);
-                assert!(
-                    info.as_ref().is_some_and(|i| i.state.starts_with("failed")),
-                    "{name} after an unclean stop: {info:?}"
-                );
-                assert!(v.snapshot_restore(&name, &[]).is_err());
-                assert!(v.snapshot_clone(&name, b"a", b"zz").is_err());
-                self.failed.push(name);
+                let info = self
+                    .vfs()
+                    .snapshot_list()
+                    .into_iter()
+                    .find(|i| i.name == name);
+                match info.as_ref().map(|i| i.state.as_str()) {
+                    // The commit that follows creation can see a small capture
+                    // done already: then the snapshot was complete before the
+                    // stop, and it is compared with the model like the others.
+                    Some("complete") => {}
+                    Some(st) if st.starts_with("failed") => {
+                        self.snaps.pop();
+                        let v = self.vfs();
+                        assert!(v.snapshot_restore(&name, &[]).is_err());
+                        assert!(v.snapshot_clone(&name, b"a", b"zz").is_err());
+                        self.failed.push(name);
+                    }
+                    _ => panic!("{name} after an unclean stop: {info:?}"),
+                }
             }
             Op::FailSnap { kind } => {
                 let blockers: Vec<PathBuf> = self

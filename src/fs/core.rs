@@ -37,6 +37,11 @@ use crate::volume::{DeadExtent, Volume};
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
 pub const NAME_MAX: usize = 255;
 const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// Extents changed this recently get intent records logged ahead by each
+/// commit (see `prelog_hot_extents`). After a crash they are resynchronised
+/// and counted changed, so longer means more work at mount, shorter more
+/// writers waiting for an intent fdatasync.
+const HOT_WINDOW_MS: u64 = 15_000;
 
 /// Attributes as the adapter reports them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -1500,7 +1505,20 @@ impl Vfs {
             return Ok(());
         }
         let _g = self.commit_lock.lock();
-        self.commit_locked()
+        self.commit_locked(true)
+    }
+
+    /// The last commit before the pool closes: like [`Vfs::commit`] but logs
+    /// no intent records ahead (no write follows it), so that a clean stop
+    /// leaves no extent to resynchronise at the next mount. A resync
+    /// recomputes checksums from the data, which would take any corruption
+    /// arising in between for the truth.
+    pub fn commit_final(&self) -> FsResult<()> {
+        if self.opts.read_only {
+            return Ok(());
+        }
+        let _g = self.commit_lock.lock();
+        self.commit_locked(false)
     }
 
     /// Holds off commits (for work that must see the metadata copies still).
@@ -1544,11 +1562,13 @@ impl Vfs {
         if !self.has_pending() {
             return Ok(());
         }
-        self.commit_locked()
+        self.commit_locked(true)
     }
 
-    fn commit_locked(&self) -> FsResult<()> {
-        self.prelog_hot_extents();
+    fn commit_locked(&self, prelog: bool) -> FsResult<()> {
+        if prelog {
+            self.prelog_hot_extents();
+        }
         let (batch, dirty_nodes, dirents, dead, volumes, cbt_taken, dead_cbt) = {
             // No change is in flight while the gate is held: the bitmaps taken
             // here cover every write made so far, and writes after it log their
@@ -1680,18 +1700,19 @@ impl Vfs {
 
     /// Before a commit moves the intent tag from `T` to `T + 1`: logs intent
     /// records under `T + 1` for the extents changed in the last two
-    /// intervals, so that their writers after the move do not each wait for
+    /// intervals or the last [`HOT_WINDOW_MS`], so that their writers after the move do not each wait for
     /// an intent fdatasync. After a crash these extents are resynchronised
     /// and counted changed even if they were not written: over-reporting only.
     fn prelog_hot_extents(&self) {
         let tag = self.pool.intent_tag.load(Ordering::Acquire);
+        let since_ms = crate::volume::clock_ms().saturating_sub(HOT_WINDOW_MS);
         let hot: Vec<(u64, Arc<crate::volume::Extent>)> = {
             let ns = self.ns.read();
             ns.nodes
                 .iter()
                 .filter_map(|(ino, n)| n.volume.as_ref().map(|v| (*ino, v)))
                 .flat_map(|(ino, v)| {
-                    v.hot_extents(tag.saturating_sub(1))
+                    v.hot_extents(tag.saturating_sub(1), since_ms)
                         .into_iter()
                         .map(move |e| (ino, e))
                 })

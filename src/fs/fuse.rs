@@ -184,7 +184,7 @@ impl Filesystem for FuseFs {
     }
 
     fn destroy(&mut self) {
-        if let Err(e) = self.vfs.commit() {
+        if let Err(e) = self.vfs.commit_final() {
             tracing::error!(error = %e, "final commit at unmount failed");
         }
     }

@@ -71,8 +71,20 @@ pub struct Extent {
     /// Tag a commit logged an intent record under ahead of time (see
     /// `Volume::hot_extents`).
     prelogged: AtomicU64,
+    /// When it was last changed ([`clock_ms`]); recently changed extents keep
+    /// intent records logged ahead across commits (see `Volume::hot_extents`).
+    touched_ms: AtomicU64,
     intent_lock: Mutex<()>,
     sums: Mutex<Sums>,
+}
+
+/// Milliseconds on a monotonic clock local to this process.
+pub fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// The block checksums of an extent, loaded from a sum file on first use.
@@ -127,6 +139,7 @@ impl Extent {
             blocks_stale: AtomicBool::new(true),
             intent_tag: AtomicU64::new(0),
             prelogged: AtomicU64::new(0),
+            touched_ms: AtomicU64::new(0),
             intent_lock: Mutex::new(()),
             sums: Mutex::new(Sums::default()),
         }
@@ -158,6 +171,7 @@ impl Extent {
     /// Makes sure a durable intent record covers a change to this extent under
     /// the pool's current tag (see pool/intent.rs).
     fn prepare(&self, pool: &Pool, ino: u64) -> FsResult<()> {
+        self.touched_ms.store(clock_ms(), Ordering::Relaxed);
         let tag = pool.intent_tag.load(Ordering::Acquire);
         if self.intent_tag.load(Ordering::Acquire) == tag {
             return Ok(());
@@ -1549,6 +1563,7 @@ impl Volume {
             blocks_stale: AtomicBool::new(true),
             intent_tag: AtomicU64::new(0),
             prelogged: AtomicU64::new(0),
+            touched_ms: AtomicU64::new(old.touched_ms.load(Ordering::Relaxed)),
             intent_lock: Mutex::new(()),
             sums: Mutex::new(sums),
         };
@@ -1666,16 +1681,24 @@ impl Volume {
             .then_some((member, self.ino, index, ext.file_id))
     }
 
-    /// Extents changed under a tag of at least `since`:
-    /// likely to change again in the next commit interval, so the commit logs
-    /// their intent records for the next tag ahead of time, off the writers'
-    /// path (a writer otherwise waits for that fdatasync, which is slow while
-    /// the disk is busy with the commit's own flushes).
-    pub fn hot_extents(&self, since: u64) -> Vec<Arc<Extent>> {
+    /// Extents changed under a tag of at least `since_tag` or at
+    /// [`clock_ms`] `since_ms` or later: likely to change again in the next
+    /// commit interval, so the commit logs their intent records for the next
+    /// tag ahead of time, off the writers' path (a writer otherwise waits for
+    /// that fdatasync, which is slow while the disk is busy with the commit's
+    /// own flushes). The time bound keeps them covered across commits that
+    /// come in quick succession (a snapshot commits twice within
+    /// milliseconds), as md keeps a write-intent bit set until its chunk has
+    /// been idle for a while.
+    pub fn hot_extents(&self, since_tag: u64, since_ms: u64) -> Vec<Arc<Extent>> {
         self.map
             .read()
             .values()
-            .filter(|e| e.intent_tag.load(Ordering::Acquire) >= since)
+            .filter(|e| {
+                e.intent_tag.load(Ordering::Acquire) >= since_tag
+                    || (e.intent_tag.load(Ordering::Acquire) > 0
+                        && e.touched_ms.load(Ordering::Relaxed) >= since_ms)
+            })
             .cloned()
             .collect()
     }
