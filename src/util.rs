@@ -101,6 +101,21 @@ pub fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
 }
 
 /// Seconds and nanoseconds since the epoch, now.
+/// Nice value of background threads (snapshot capture): they yield the CPU
+/// to the FUSE threads serving applications, and get all of it when idle.
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`]. Threads it
+/// spawns afterwards inherit it. Only a hint: failure is ignored.
+pub fn background_thread() {
+    // SAFETY: gettid has no preconditions; setpriority with PRIO_PROCESS and a
+    // thread id changes only that thread, and reads no memory of ours.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
+    }
+}
+
 pub fn now() -> (i64, u32) {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -218,21 +218,40 @@ fn delta_err(e: DeltaError) -> FsError {
 struct JobFile {
     vol: Arc<Volume>,
     size: u64,
+    /// Which blocks are saved, being saved or still to save. Never held
+    /// across I/O but the reads of a pending snapshot from the live file:
+    /// every writer of the file takes it while the capture runs.
+    state: Mutex<BlockState>,
+    /// Signalled when a range leaves `reading` or `inflight`, and when the
+    /// job fails.
+    changed: Condvar,
+    /// The delta being written; held across delta I/O (appends, finishing),
+    /// never while waiting for `state`.
+    out: Mutex<DeltaOut>,
+}
+
+/// Lock order: `JobFile::out` may be taken while `JobFile::state` is held
+/// (reads of a pending snapshot), never the other way round.
+struct BlockState {
     pending: RangeSet,
-    writer: Option<DeltaWriter>,
-    /// The finished delta (after the writer is done), for reads until the
-    /// record turns complete.
-    finished: Option<Arc<DeltaFile>>,
-    loc: Option<DeltaLoc>,
     /// Entries saved so far, by first block.
     index: BTreeMap<u64, Entry>,
     /// Blocks read but not yet appended (being compressed): first block ->
     /// (end, segments), so reads of the pending snapshot find them.
     inflight: BTreeMap<u64, (u64, Arc<Vec<Segment>>)>,
-    /// Blocks the capture is reading from the live file without holding this
-    /// lock: a writer about to change one waits for the read (`read_done`);
-    /// until then the live file still holds the snapshot's content.
+    /// Blocks the capture or a writer's copy-before-write is reading from the
+    /// live file without holding the lock: a writer about to change one waits
+    /// for the read (`JobFile::changed`); until then the live file still
+    /// holds the snapshot's content.
     reading: RangeSet,
+}
+
+struct DeltaOut {
+    writer: Option<DeltaWriter>,
+    /// The finished delta (after the writer is done), for reads until the
+    /// record turns complete.
+    finished: Option<Arc<DeltaFile>>,
+    loc: Option<DeltaLoc>,
     /// Members holding the delta's copies.
     members: Vec<u32>,
 }
@@ -245,7 +264,7 @@ pub struct Job {
     level: i32,
     bs: u64,
     esize: u64,
-    files: BTreeMap<u64, Mutex<JobFile>>,
+    files: BTreeMap<u64, JobFile>,
     /// The volume of every file the interval of changes names (a superset of
     /// `files`' when a file changed but has nothing to save, e.g. truncated
     /// to 0): a failed job gives each its changes back.
@@ -253,10 +272,6 @@ pub struct Job {
     /// Extent files dropped while the job needs their data; removed at its end.
     deferred: Mutex<Vec<DeadExtent>>,
     error: Mutex<Option<String>>,
-    /// Per file (a condvar serves one mutex): signalled when a range being
-    /// read by the capture is read (see `JobFile::reading`), and when the job
-    /// fails.
-    read_done: BTreeMap<u64, Condvar>,
 }
 
 /// What the caller captured while writers were frozen.
@@ -466,6 +481,8 @@ impl SnapshotStore {
         let spawned = std::thread::Builder::new()
             .name("vpool-snapshot".into())
             .spawn(move || {
+                // Capture and compression yield the CPU to the FUSE threads.
+                crate::util::background_thread();
                 store.run_job(job);
                 // Release the store (and the pool) before telling the waiters.
                 drop(store);
@@ -581,18 +598,23 @@ impl SnapshotStore {
             changed += pending.len();
             files.insert(
                 ino,
-                Mutex::new(JobFile {
+                JobFile {
                     vol,
                     size,
-                    pending,
-                    writer: None,
-                    finished: None,
-                    loc: None,
-                    index: BTreeMap::new(),
-                    inflight: BTreeMap::new(),
-                    reading: RangeSet::new(),
-                    members: Vec::new(),
-                }),
+                    state: Mutex::new(BlockState {
+                        pending,
+                        index: BTreeMap::new(),
+                        inflight: BTreeMap::new(),
+                        reading: RangeSet::new(),
+                    }),
+                    changed: Condvar::new(),
+                    out: Mutex::new(DeltaOut {
+                        writer: None,
+                        finished: None,
+                        loc: None,
+                        members: Vec::new(),
+                    }),
+                },
             );
         }
         let rec = SnapshotRecord {
@@ -621,7 +643,6 @@ impl SnapshotStore {
             changed_vols,
             deferred: Mutex::new(Vec::new()),
             error: Mutex::new(None),
-            read_done: files.keys().map(|k| (*k, Condvar::new())).collect(),
             files,
         });
         self.publish(rec);
@@ -631,8 +652,10 @@ impl SnapshotStore {
     }
 
     /// Copy-before-write: saves the pending frames overlapping bytes
-    /// `[off, off+len)` of `ino` before the caller changes them. A failure
-    /// fails the snapshot, never the caller's write.
+    /// `[off, off+len)` of `ino` before the caller changes them. The caller
+    /// waits for the read of the old blocks and their append to the delta,
+    /// never for the capture's own I/O. A failure fails the snapshot, never
+    /// the caller's write.
     pub fn preserve(&self, ino: u64, off: u64, len: u64) {
         if !self.is_active() || len == 0 {
             return;
@@ -645,20 +668,46 @@ impl SnapshotStore {
         };
         let first = (off / self.bs) / FRAME_BLOCKS * FRAME_BLOCKS;
         let last = (off + len).div_ceil(self.bs).div_ceil(FRAME_BLOCKS) * FRAME_BLOCKS;
-        let mut g = jf.lock();
-        // Blocks being read by the capture must not change before the read ends.
-        while !g.reading.intersect(first, last).is_empty() && job.error.lock().is_none() {
-            match job.read_done.get(&ino) {
-                Some(cv) => cv.wait(&mut g),
-                None => break,
+        let per_extent = (job.esize / job.bs).max(1);
+        let mut todo = Vec::new();
+        {
+            let mut g = jf.state.lock();
+            // Blocks being read (by the capture or another writer) must not
+            // change before the read ends; once read they wait in `inflight`.
+            while !g.reading.intersect(first, last).is_empty() {
+                if job.error.lock().is_some() {
+                    return;
+                }
+                jf.changed.wait(&mut g);
+            }
+            for (s, e) in g.pending.intersect(first, last) {
+                g.pending.remove(s, e);
+                g.reading.insert(s, e);
+                let mut b = s;
+                while b < e {
+                    let stop = e.min((b / per_extent + 1) * per_extent);
+                    todo.push((b, stop));
+                    b = stop;
+                }
             }
         }
-        if g.pending.intersect(first, last).is_empty() {
-            return;
+        let mut failed = None;
+        for (s, stop) in todo {
+            if failed.is_some() {
+                // Not read: out of `reading`, so that no one waits for it.
+                let mut g = jf.state.lock();
+                g.reading.remove(s, stop);
+                jf.changed.notify_all();
+                continue;
+            }
+            let res = self
+                .read_range(jf, s, stop)
+                .and_then(|segs| self.append_range(&job, ino, jf, s, &segs));
+            if let Err(e) = res {
+                failed = Some(e);
+            }
         }
-        let res = self.save_range(&job, ino, &mut g, first, last);
-        drop(g);
-        if let Err(e) = res {
+        if let Some(e) = failed {
             self.fail_job(&job, format!("saving blocks before a write failed: {e}"));
         }
     }
@@ -675,55 +724,67 @@ impl SnapshotStore {
             *e = Some(why);
         }
         drop(e);
-        for (ino, cv) in &job.read_done {
+        for jf in job.files.values() {
             // Under the file's lock, so no waiter misses it between its check and its wait.
-            if let Some(jf) = job.files.get(ino) {
-                let _g = jf.lock();
-                cv.notify_all();
-            }
+            let _g = jf.state.lock();
+            jf.changed.notify_all();
         }
         // No more copy-before-write: writers go on unhindered.
         self.active.store(false, Ordering::Release);
     }
 
-    /// Saves the pending blocks of `[start, end)` (block numbers) of one file.
-    fn save_range(
+    /// Reads blocks `[s, stop)`, which the caller moved to `reading`, from
+    /// the live file without holding the file's lock, then moves them to
+    /// `inflight` and wakes the writers waiting for them.
+    fn read_range(&self, jf: &JobFile, s: u64, stop: u64) -> FsResult<Arc<Vec<Segment>>> {
+        let read = jf.vol.capture(&self.pool, s, stop - s).map(Arc::new);
+        let mut g = jf.state.lock();
+        g.reading.remove(s, stop);
+        if let Ok(segs) = &read {
+            g.inflight.insert(s, (stop, segs.clone()));
+        }
+        jf.changed.notify_all();
+        read
+    }
+
+    /// Compresses blocks read by [`SnapshotStore::read_range`] (first block
+    /// `s`) without any lock, appends them under the delta's lock and indexes
+    /// them.
+    fn append_range(
         &self,
         job: &Job,
         ino: u64,
-        jf: &mut JobFile,
-        start: u64,
-        end: u64,
+        jf: &JobFile,
+        s: u64,
+        segs: &[Segment],
     ) -> FsResult<()> {
-        let per_extent = (job.esize / job.bs).max(1);
-        for (s, e) in jf.pending.intersect(start, end) {
-            let mut b = s;
-            while b < e {
-                let stop = e.min((b / per_extent + 1) * per_extent);
-                let segs = jf.vol.capture(&self.pool, b, stop - b)?;
-                if jf.writer.is_none() {
-                    let (w, members) = self.open_writer(job, ino, jf.size)?;
-                    jf.writer = Some(w);
-                    jf.members = members;
-                }
-                let Some(w) = jf.writer.as_mut() else {
-                    return Err(FsError::Corrupt("delta writer missing".into()));
-                };
-                let prepared = prepare_segments(&segs, job.full, job.bs, job.level)?;
-                for en in append_prepared(w, &prepared).map_err(delta_err)? {
-                    jf.index.insert(en.start, en);
-                }
-                jf.pending.remove(b, stop);
-                b = stop;
+        let prepared = prepare_segments(segs, job.full, job.bs, job.level)?;
+        let entries = {
+            let mut o = jf.out.lock();
+            if o.writer.is_none() {
+                let (w, members) = self.open_writer(job, ino, jf.size)?;
+                o.writer = Some(w);
+                o.members = members;
             }
+            let w = o
+                .writer
+                .as_mut()
+                .ok_or_else(|| FsError::Corrupt("delta writer missing".into()))?;
+            append_prepared(w, &prepared).map_err(delta_err)?
+        };
+        let mut g = jf.state.lock();
+        for en in entries {
+            g.index.insert(en.start, en);
         }
+        g.inflight.remove(&s);
+        jf.changed.notify_all();
         Ok(())
     }
 
-    /// One capture thread: takes the next pending range of some file, reads it
-    /// under the file's job lock (so no writer changes it meanwhile), then
-    /// compresses it without the lock (other threads read and compress other
-    /// ranges) and appends it under the lock again.
+    /// One capture thread: takes the next pending range of some file, reads
+    /// it, compresses it and appends it; other threads do other ranges
+    /// meanwhile. No lock is held across the read, and writers wait only for
+    /// the read of the blocks they change (see `preserve`).
     fn capture_worker(&self, job: &Job) {
         let per_extent = (job.esize / job.bs).max(1);
         for (ino, jf) in &job.files {
@@ -731,8 +792,8 @@ impl SnapshotStore {
                 if job.error.lock().is_some() {
                     return;
                 }
-                let (s, stop, vol, next) = {
-                    let mut g = jf.lock();
+                let (s, stop, next) = {
+                    let mut g = jf.state.lock();
                     let Some((s, e)) = g.pending.first() else {
                         break;
                     };
@@ -741,66 +802,24 @@ impl SnapshotStore {
                         .min((s / per_extent + 1) * per_extent);
                     g.pending.remove(s, stop);
                     g.reading.insert(s, stop);
-                    let next = g.pending.first();
-                    (s, stop, g.vol.clone(), next)
+                    (s, stop, g.pending.first())
                 };
                 // The next ranges are read soon, by this thread or another.
                 // (Not under the file's lock: readahead may block on a busy
                 // disk, and writers of the file take that lock.)
                 if let Some((ns, ne)) = next {
-                    vol.prefetch(&self.pool, ns, (ne - ns).min(PREFETCH_BLOCKS));
+                    jf.vol
+                        .prefetch(&self.pool, ns, (ne - ns).min(PREFETCH_BLOCKS));
                 }
-                // Read without the lock: writers of other blocks go on; a writer
-                // of these blocks waits in `preserve` until the read is done.
-                let read = vol.capture(&self.pool, s, stop - s);
-                let segs = {
-                    let mut g = jf.lock();
-                    g.reading.remove(s, stop);
-                    let segs = read.map(Arc::new);
-                    if let Ok(segs) = &segs {
-                        g.inflight.insert(s, (stop, segs.clone()));
-                    }
-                    if let Some(cv) = job.read_done.get(ino) {
-                        cv.notify_all();
-                    }
-                    match segs {
-                        Ok(v) => v,
-                        Err(err) => {
-                            drop(g);
-                            self.fail_job(job, format!("capture of inode {ino} failed: {err}"));
-                            return;
-                        }
-                    }
-                };
-                let prepared = prepare_segments(&segs, job.full, job.bs, job.level);
-                let mut g = jf.lock();
-                let res = prepared.and_then(|p| {
-                    if g.writer.is_none() {
-                        let (w, members) = self.open_writer(job, *ino, g.size)?;
-                        g.writer = Some(w);
-                        g.members = members;
-                    }
-                    let w = g
-                        .writer
-                        .as_mut()
-                        .ok_or_else(|| FsError::Corrupt("delta writer missing".into()))?;
-                    append_prepared(w, &p).map_err(delta_err)
-                });
-                match res {
-                    Ok(entries) => {
-                        for en in entries {
-                            g.index.insert(en.start, en);
-                        }
-                        g.inflight.remove(&s);
-                    }
-                    Err(err) => {
-                        drop(g);
-                        self.fail_job(
-                            job,
-                            format!("capture of inode {ino} blocks {s}..{stop} failed: {err}"),
-                        );
-                        return;
-                    }
+                let res = self
+                    .read_range(jf, s, stop)
+                    .and_then(|segs| self.append_range(job, *ino, jf, s, &segs));
+                if let Err(err) = res {
+                    self.fail_job(
+                        job,
+                        format!("capture of inode {ino} blocks {s}..{stop} failed: {err}"),
+                    );
+                    return;
                 }
             }
         }
@@ -848,16 +867,24 @@ impl SnapshotStore {
                 sc.spawn(|| self.capture_worker(&job));
             }
         });
-        // Every pending block is saved: copy-before-write is over. Writers must
-        // not wait for the file locks held below while the deltas are finished
-        // (index, footer, fdatasync of everything captured: long).
+        // No block is pending any more; writers' copy-before-write still
+        // reading or appending ends before the deltas are finished.
+        for jf in job.files.values() {
+            let mut g = jf.state.lock();
+            while (!g.reading.is_empty() || !g.inflight.is_empty()) && job.error.lock().is_none() {
+                jf.changed.wait(&mut g);
+            }
+        }
+        // Copy-before-write is over. Writers never take the delta locks held
+        // below while the deltas are finished (index, footer, fdatasync of
+        // everything captured: long).
         if job.error.lock().is_none() {
             self.active.store(false, Ordering::Release);
         }
         let mut dirs = BTreeSet::new();
         if job.error.lock().is_none() {
             for (ino, jf) in &job.files {
-                let mut g = jf.lock();
+                let mut g = jf.out.lock();
                 let Some(w) = g.writer.take() else {
                     continue;
                 };
@@ -921,7 +948,7 @@ impl SnapshotStore {
             match error {
                 None => {
                     for (ino, jf) in &job.files {
-                        if let Some(loc) = jf.lock().loc.clone() {
+                        if let Some(loc) = jf.out.lock().loc.clone() {
                             rec.stored_bytes += loc.stored;
                             rec.deltas.insert(*ino, loc);
                         }
@@ -942,7 +969,7 @@ impl SnapshotStore {
                         }
                     }
                     for jf in job.files.values() {
-                        if let Some(w) = jf.lock().writer.take() {
+                        if let Some(w) = jf.out.lock().writer.take() {
                             w.abandon();
                         }
                     }
@@ -1236,7 +1263,10 @@ impl SnapshotStore {
             Some(p) if p.size_blocks(ino).is_some() => Some(self.view(p.id, ino)?),
             _ => None,
         };
-        let guard = job.files.get(&ino).map(|m| m.lock());
+        // The state lock is held throughout: blocks still pending are read from
+        // the live file, which writers change only after saving them.
+        let jf = job.files.get(&ino);
+        let guard = jf.map(|f| (f, f.state.lock()));
         let end = off + buf.len() as u64;
         let mut pos = off;
         while pos < end {
@@ -1246,7 +1276,7 @@ impl SnapshotStore {
             let dst = (pos - off) as usize;
             let within = (pos - b * bs) as usize;
             let mut done = false;
-            if let Some(g) = &guard {
+            if let Some((jf, g)) = &guard {
                 let inflight = g
                     .inflight
                     .range(..=b)
@@ -1263,14 +1293,15 @@ impl SnapshotStore {
                     }
                     done = true;
                 } else if g.pending.contains(b) || g.reading.contains(b) {
-                    let data = g.vol.read(&self.pool, pos, n, size)?;
+                    let data = jf.vol.read(&self.pool, pos, n, size)?;
                     buf[dst..dst + data.len()].copy_from_slice(&data);
                     done = true;
                 } else if let Some((_, e)) = g.index.range(..=b).next_back()
                     && e.end() > b
                 {
                     if e.kind == super::delta::EntryKind::Data {
-                        let frame = match (&g.writer, &g.finished) {
+                        let o = jf.out.lock();
+                        let frame = match (&o.writer, &o.finished) {
                             (Some(w), _) => w.read_frame(e).map_err(delta_err)?,
                             (None, Some(d)) => d.read_frame(e).map_err(delta_err)?,
                             (None, None) => return Err(FsError::Corrupt("delta gone".into())),
