@@ -100,7 +100,6 @@ pub fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
     Ok(st)
 }
 
-/// Seconds and nanoseconds since the epoch, now.
 /// Nice value of background threads (snapshot capture): they yield the CPU
 /// to the FUSE threads serving applications, and get all of it when idle.
 pub const BACKGROUND_NICE: i32 = 10;
@@ -116,6 +115,7 @@ pub fn background_thread() {
     }
 }
 
+/// Seconds and nanoseconds since the epoch, now.
 pub fn now() -> (i64, u32) {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -1700,9 +1700,10 @@ impl Vfs {
 
     /// Before a commit moves the intent tag from `T` to `T + 1`: logs intent
     /// records under `T + 1` for the extents changed in the last two
-    /// intervals or the last [`HOT_WINDOW_MS`], so that their writers after the move do not each wait for
-    /// an intent fdatasync. After a crash these extents are resynchronised
-    /// and counted changed even if they were not written: over-reporting only.
+    /// intervals or the last [`HOT_WINDOW_MS`], so that their writers after
+    /// the move do not each wait for an intent fdatasync. After a crash these
+    /// extents are resynchronised and counted changed even if they were not
+    /// written: over-reporting only.
     fn prelog_hot_extents(&self) {
         let tag = self.pool.intent_tag.load(Ordering::Acquire);
         let since_ms = crate::volume::clock_ms().saturating_sub(HOT_WINDOW_MS);
