@@ -110,12 +110,8 @@ fn add_rebalance_copies_remove_replace_during_writes_byte_exact() {
         .map(|m| m["path"].as_str().unwrap())
         .collect();
     assert_eq!(paths.len(), 2, "{st}");
-    let o = run_t(300, VPOOL, &args!["scrub", "--json", &target]);
-    assert!(
-        o.status.success(),
-        "scrub after the changes\n{}",
-        describe(&o)
-    );
+    let (ok, v) = scrub_json(&target);
+    assert!(ok, "scrub after the changes: {v}");
     m.unmount();
     // The retired members hold nothing of the pool any more.
     for old in &pool.members {
@@ -227,9 +223,8 @@ fn replace_a_lost_member_of_a_copies2_pool_then_scrub_is_clean() {
         &data,
         "snapshot after replace",
     );
-    let o = run_t(300, VPOOL, &args!["scrub", "--json", m.path()]);
-    assert!(o.status.success(), "scrub after replace\n{}", describe(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (ok, v) = scrub_json(m.path());
+    assert!(ok, "scrub after replace: {v}");
     assert_eq!(v["data"]["checksum_errors"], 0, "{v}");
     assert!(v["delta_problems"].as_array().unwrap().is_empty(), "{v}");
     let out = vp_ok(&args![

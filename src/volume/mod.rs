@@ -1695,9 +1695,8 @@ impl Volume {
             .read()
             .values()
             .filter(|e| {
-                e.intent_tag.load(Ordering::Acquire) >= since_tag
-                    || (e.intent_tag.load(Ordering::Acquire) > 0
-                        && e.touched_ms.load(Ordering::Relaxed) >= since_ms)
+                let tag = e.intent_tag.load(Ordering::Acquire);
+                tag >= since_tag || (tag > 0 && e.touched_ms.load(Ordering::Relaxed) >= since_ms)
             })
             .cloned()
             .collect()
