@@ -4,7 +4,7 @@
 //! so only the daemon's owner and root can talk to it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -262,10 +262,47 @@ pub fn log_path(mountpoint: &Path) -> PathBuf {
 
 pub fn ensure_runtime_dir() -> Result<PathBuf> {
     let d = runtime_dir();
-    std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
-    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::io(&d, e))?;
+    // SAFETY: geteuid cannot fail and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    if let Some(parent) = d.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(&d, e)),
+    }
+    check_runtime_dir(&d, uid)?;
     Ok(d)
+}
+
+/// The socket directory must be a real directory (not a symlink) owned by
+/// `uid` and closed to others: under `/tmp` another user could have made it
+/// first, to catch or block admin connections. One that is ours but open is
+/// closed.
+pub fn check_runtime_dir(d: &Path, uid: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(d).map_err(|e| Error::io(d, e))?;
+    if !md.file_type().is_dir() {
+        return Err(Error::Other(format!(
+            "{}: the admin socket directory is not a directory (a symlink or file \
+             someone else may have made); remove it",
+            d.display()
+        )));
+    }
+    if md.uid() != uid {
+        return Err(Error::Other(format!(
+            "{}: the admin socket directory belongs to uid {}, not to uid {uid}; \
+             remove it or set XDG_RUNTIME_DIR",
+            d.display(),
+            md.uid()
+        )));
+    }
+    if md.mode() & 0o077 != 0 {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io(d, e))?;
+    }
+    Ok(())
 }
 
 fn peer_uid(s: &UnixStream) -> Option<u32> {
@@ -356,6 +393,14 @@ fn serve_one(conn: UnixStream, vfs: &Vfs, mp: &Path) -> std::io::Result<()> {
                 st.pid = Some(std::process::id());
                 Response::Status(st)
             }
+            // Through the mount, so before answering: the CLI's next look
+            // at the files must find them right.
+            Response::Restored(r) => {
+                for p in crate::fs::kernel_refresh::refresh_restored(mp, &r.restored) {
+                    tracing::warn!("{p}");
+                }
+                Response::Restored(r)
+            }
             other => other,
         },
         Err(e) => Response::Error {
@@ -407,5 +452,34 @@ pub fn request_with_progress(
             Ok(r) => return Ok(r),
             Err(e) => return Err(Error::Other(format!("bad answer from daemon: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_dir_must_be_our_own_real_directory() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        // SAFETY: geteuid cannot fail and touches no memory.
+        let me = unsafe { libc::geteuid() };
+        let real = t.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o777)).unwrap();
+        check_runtime_dir(&real, me).unwrap();
+        assert_eq!(std::fs::metadata(&real).unwrap().mode() & 0o777, 0o700);
+        // A symlink to our own directory is refused all the same.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = check_runtime_dir(&link, me).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        let file = t.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(check_runtime_dir(&file, me).is_err());
+        // Someone else's directory.
+        let e = check_runtime_dir(&real, me + 1).unwrap_err().to_string();
+        assert!(e.contains("belongs to uid"), "{e}");
     }
 }

@@ -198,7 +198,16 @@ pub fn run(
     ready: impl FnOnce(&str),
 ) -> Result<()> {
     let mp = check_mountpoint(mountpoint, opts.allow_nonempty)?;
+    // Whatever vpool creates in a member is its own (modes are also given
+    // explicitly; this covers files made by libraries, such as redb's).
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     let pool = Pool::open(member)?;
+    for (dir, mode) in pool.open_members() {
+        tracing::warn!(member = %dir.display(), mode = format!("{mode:o}"), "member directory is open to other users; chmod go-rwx it");
+    }
     let pool_id = pool.pool_id().to_string();
     let vfs = Arc::new(Vfs::mount(
         pool,

@@ -21,6 +21,11 @@ pub enum Error {
     AlreadyInPool { path: PathBuf, pool: String },
     #[error("{inner} is inside {outer}, which is (or will be) a pool member")]
     NestedMember { inner: PathBuf, outer: PathBuf },
+    #[error(
+        "{0} is on a FUSE filesystem (another pool's mount, or this one's): \
+         a member must be on a local filesystem"
+    )]
+    MemberOnFuse(PathBuf),
     #[error("copies={copies} needs at least {copies} members, but only {members} were given")]
     TooManyCopies { copies: u32, members: usize },
     #[error("{0} is not a vpool member (no label found)")]

@@ -1,8 +1,66 @@
-//! Small helpers shared by the layers: durable file replacement, size parsing.
+//! Small helpers shared by the layers: durable file replacement, private
+//! files and directories, size parsing.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// Mode of every file vpool creates in a member directory: member files hold
+/// every user's data, whatever the modes users see through the mount.
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+/// Mode of every directory vpool creates in (or makes of) a member directory.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+
+/// Options creating a file readable by its owner only ([`PRIVATE_FILE_MODE`]).
+pub fn private_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.mode(PRIVATE_FILE_MODE);
+    o
+}
+
+/// Creates `dir` and its missing parents with [`PRIVATE_DIR_MODE`] (directories
+/// that exist already are left as they are).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)
+}
+
+/// Takes group and other permissions off `dir` (a member root): it holds
+/// every user's data in files named by inode, whatever the modes seen through
+/// the mount.
+pub fn make_private(dir: &Path) -> io::Result<()> {
+    let mode = fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode & 0o7700))?;
+    }
+    Ok(())
+}
+
+/// Whether `path` is on a FUSE filesystem (a vpool mount among them): a member
+/// there could be the pool's own mount, and its daemon would wait on itself.
+pub fn on_fuse(path: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: statfs is plain old data; zeroed is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    Ok(st.f_type as i64 == FUSE_SUPER_MAGIC)
+}
+
+/// Whether `b` is an ASCII control character (NUL, newline, escape, DEL, ...),
+/// refused in every name that enters the pool.
+pub fn is_control(b: u8) -> bool {
+    b < 0x20 || b == 0x7f
+}
 
 /// Parses a size such as `4096`, `4K`, `64M`, `1GiB`, `2T` (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -62,11 +120,13 @@ fn tmp_beside(path: &Path) -> io::Result<(&Path, PathBuf)> {
 pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let (dir, tmp) = tmp_beside(path)?;
     {
-        let mut f = OpenOptions::new()
+        let mut f = private_options()
             .write(true)
             .create(true)
             .truncate(true)
             .open(&tmp)?;
+        // An earlier temporary file may have been left with another mode.
+        f.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
         f.write_all(data)?;
         f.sync_all()?;
     }
@@ -75,11 +135,21 @@ pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
 }
 
 /// Replaces (or creates) `dst` with a copy of `src` durably, the same way as
-/// [`write_file_atomic`], without reading the file into memory.
+/// [`write_file_atomic`], without reading the file into memory. The copy is
+/// private ([`PRIVATE_FILE_MODE`]) whatever the mode of `src`.
 pub fn copy_file_atomic(src: &Path, dst: &Path) -> io::Result<()> {
     let (dir, tmp) = tmp_beside(dst)?;
-    fs::copy(src, &tmp)?;
-    File::open(&tmp)?.sync_all()?;
+    {
+        let mut from = File::open(src)?;
+        let mut to = private_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        to.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+        io::copy(&mut from, &mut to)?;
+        to.sync_all()?;
+    }
     fs::rename(&tmp, dst)?;
     fsync_dir(dir)
 }
@@ -171,5 +241,30 @@ mod tests {
         write_file_atomic(&p, b"one").unwrap();
         write_file_atomic(&p, b"two").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn copies_are_private_whatever_the_source_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::write(&src, b"data").unwrap();
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o644)).unwrap();
+        let dst = d.path().join("dst");
+        copy_file_atomic(&src, &dst).unwrap();
+        assert_eq!(fs::read(&dst).unwrap(), b"data");
+        assert_eq!(
+            fs::metadata(&dst).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let sub = d.path().join("a/b");
+        create_private_dir(&sub).unwrap();
+        assert_eq!(
+            fs::metadata(&sub).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
     }
 }

@@ -104,11 +104,13 @@ fn mount(
     }
     // Validate in the foreground so refusals come back as plain errors.
     let mp = daemon::check_mountpoint(mountpoint, opts.allow_nonempty)?;
-    drop(Pool::open(dir)?);
+    let pool = Pool::open(dir)?;
+    warn_open_members(&pool);
+    drop(pool);
 
     control::ensure_runtime_dir()?;
     let log_path = control::log_path(&mp);
-    let log = OpenOptions::new()
+    let log = crate::util::private_options()
         .create(true)
         .write(true)
         .truncate(true)
@@ -392,4 +394,16 @@ fn check(dir: &Path, json: bool) -> Result<i32> {
         }
     }
     Ok(if r.is_clean() { 0 } else { 1 })
+}
+
+/// Warns about member directories that group or others may enter.
+fn warn_open_members(pool: &Pool) {
+    for (dir, mode) in pool.open_members() {
+        eprintln!(
+            "warning: member {} is open to other users (mode {mode:o}); \
+             `chmod go-rwx {}` keeps them out of every user's data",
+            dir.display(),
+            dir.display()
+        );
+    }
 }

@@ -101,70 +101,6 @@ fn flush_kernel(target: &Target) {
     }
 }
 
-/// With the kernel's writeback cache (the default mount), the kernel keeps its
-/// own size and mtime of a regular file and ignores the daemon's values even
-/// after the daemon invalidates the inode, so a restore that changed them in
-/// the daemon stays invisible through the mount (a file rolled back to a
-/// smaller size still reads past its end, one rolled back to a larger size
-/// reads short). Setting them again through the mount updates the kernel's
-/// copy; the daemon already holds these values, so its data is not touched.
-/// Failures are only warned about: the restore itself is done.
-fn refresh_kernel_attrs(mp: &Path, name: &str, paths: &[String]) {
-    let snap_root = mp.join(".snapshots").join(name);
-    let mut stack: Vec<PathBuf> = if paths.is_empty() {
-        vec![PathBuf::new()]
-    } else {
-        paths.iter().map(PathBuf::from).collect()
-    };
-    while let Some(rel) = stack.pop() {
-        if let Err(e) = refresh_one(&snap_root, mp, &rel, &mut stack) {
-            eprintln!(
-                "warning: {}: cannot update the kernel's size and mtime ({e:#}); \
-                 they show once the pool is remounted",
-                mp.join(&rel).display()
-            );
-        }
-    }
-}
-
-fn refresh_one(snap_root: &Path, mp: &Path, rel: &Path, stack: &mut Vec<PathBuf>) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::MetadataExt;
-    let sp = snap_root.join(rel);
-    let smd = std::fs::symlink_metadata(&sp)?;
-    if smd.is_dir() {
-        for e in std::fs::read_dir(&sp)? {
-            stack.push(rel.join(e?.file_name()));
-        }
-        return Ok(());
-    }
-    let live = mp.join(rel);
-    if !smd.is_file() || !std::fs::symlink_metadata(&live)?.is_file() {
-        return Ok(());
-    }
-    let c = std::ffi::CString::new(live.as_os_str().as_bytes())?;
-    // SAFETY: NUL-terminated path; no other pointers.
-    if unsafe { libc::truncate(c.as_ptr(), smd.len() as libc::off_t) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("truncate");
-    }
-    // After the truncate: through the kernel it sets the mtime to now.
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: smd.mtime() as libc::time_t,
-            tv_nsec: smd.mtime_nsec() as libc::c_long,
-        },
-    ];
-    // SAFETY: NUL-terminated path and a two-element timespec array.
-    if unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("set mtime");
-    }
-    Ok(())
-}
-
 fn expect_done(resp: Response) -> Result<Response> {
     match resp {
         Response::Error { message } => bail!("{message}"),
@@ -264,9 +200,6 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32> {
                     paths: paths.clone(),
                 },
             )?)?;
-            if let Target::Mounted(mp) = &t {
-                refresh_kernel_attrs(mp, &name, &paths);
-            }
             if let Response::Restored(r) = resp {
                 println!(
                     "restored {} file(s) from {name}: {} block(s) written, {} punched, {} compared",

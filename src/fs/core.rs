@@ -37,6 +37,13 @@ use crate::volume::{DeadExtent, Volume};
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
 pub const NAME_MAX: usize = 255;
 const XATTR_SIZE_MAX: usize = 64 * 1024;
+/// Extended attributes of one inode, at most: their count, and the bytes of
+/// their names and values together. They live in the inode's metadata record,
+/// rewritten on every change to the inode and held in memory while mounted;
+/// like ext4 (whose limit is a block, 4 KiB, without `ea_inode`) the space is
+/// bounded, only more generously. Past either, `setxattr` fails with ENOSPC.
+pub const XATTR_MAX_COUNT: usize = 256;
+pub const XATTR_MAX_BYTES: usize = 256 * 1024;
 /// Extents changed this recently get intent records logged ahead by each
 /// commit (see `prelog_hot_extents`). After a crash they are resynchronised
 /// and counted changed, so longer means more work at mount, shorter more
@@ -287,8 +294,18 @@ pub(crate) fn refuse_snap(inos: &[u64]) -> FsResult<()> {
     Ok(())
 }
 
+/// What a new entry's name may be. Besides `/` and NUL (which the kernel
+/// never sends, but the admin socket could), control characters are refused:
+/// a name with a newline or a terminal escape breaks listings and scripts of
+/// every other user of a shared mount. Existing names are still found.
 fn check_name(name: &[u8]) -> FsResult<()> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+    if name.is_empty()
+        || name == b"."
+        || name == b".."
+        || name
+            .iter()
+            .any(|b| *b == b'/' || crate::util::is_control(*b))
+    {
         return Err(FsError::Invalid);
     }
     if name.len() > NAME_MAX {
@@ -611,7 +628,7 @@ impl Vfs {
                 let dead = if size < m.size {
                     self.snaps.preserve_from(ino, size);
                     let bs = vol.block_size();
-                    vol.mark_blocks(size / bs, m.size.div_ceil(bs));
+                    vol.mark_mapped_blocks(size / bs, m.size.div_ceil(bs));
                     vol.truncate(&self.pool, size)?
                 } else {
                     Vec::new()
@@ -1134,7 +1151,7 @@ impl Vfs {
                     ns.free(node.ino);
                 }
             } else if let Some(v) = &node.volume {
-                v.close_files();
+                v.close_files(&self.pool);
             }
         }
         Ok(())
@@ -1260,7 +1277,9 @@ impl Vfs {
         r.ok_or(FsError::NoData)
     }
 
-    /// Copies through the core in 1 MiB pieces; holes in the source stay holes.
+    /// Copies through the core in 1 MiB pieces; holes in the source stay holes
+    /// (skipped in one step each, whatever their length). The gate is taken per
+    /// piece: a commit waits for one piece, not for a copy of gigabytes.
     pub fn copy_file_range(
         &self,
         fh_in: u64,
@@ -1270,7 +1289,6 @@ impl Vfs {
         len: u64,
     ) -> FsResult<u64> {
         self.writable()?;
-        let _g = self.gate.read();
         let size = self.handle_size(fh_in)?;
         if off_in >= size {
             return Ok(0);
@@ -1279,28 +1297,34 @@ impl Vfs {
         let mut done = 0u64;
         const CHUNK: u64 = 1 << 20;
         while done < len {
-            let n = (len - done).min(CHUNK);
+            let _g = self.gate.read();
             let pos = off_in + done;
             let data_at = match self.lseek(fh_in, pos, libc::SEEK_DATA) {
                 Ok(d) => Some(d),
                 Err(FsError::NoData) => None,
                 Err(e) => return Err(e),
             };
-            match data_at {
-                // The whole piece is a hole: the destination must read zeros there
-                // too, so deallocate what it holds (past its end it reads zeros).
-                Some(d) if d >= pos + n => self.punch_within_size(fh_out, off_out + done, n)?,
-                None => self.punch_within_size(fh_out, off_out + done, n)?,
-                _ => {
-                    let buf = self.read(fh_in, pos, n as u32)?;
-                    if buf.is_empty() {
-                        break;
-                    }
-                    self.write_locked(fh_out, off_out + done, &buf)?;
-                }
+            let hole = match data_at {
+                Some(d) if d > pos => (d - pos).min(len - done),
+                None => len - done,
+                _ => 0,
+            };
+            if hole > 0 {
+                // The destination must read zeros there too, so deallocate what
+                // it holds (past its end it reads zeros).
+                self.punch_within_size(fh_out, off_out + done, hole)?;
+                done += hole;
+                continue;
             }
-            done += n;
+            let n = (len - done).min(CHUNK);
+            let buf = self.read(fh_in, pos, n as u32)?;
+            if buf.is_empty() {
+                break;
+            }
+            self.write_locked(fh_out, off_out + done, &buf)?;
+            done += buf.len() as u64;
         }
+        let _g = self.gate.read();
         let dst = self.file_node(fh_out)?;
         {
             let mut m = dst.meta.lock();
@@ -1428,6 +1452,16 @@ impl Vfs {
             }
             if flags & libc::XATTR_REPLACE != 0 && !exists {
                 return Err(FsError::NoAttribute);
+            }
+            let (count, bytes) = m
+                .xattrs
+                .iter()
+                .filter(|(k, _)| k.as_slice() != name)
+                .fold((1, name.len() + value.len()), |(c, b), (k, v)| {
+                    (c + 1, b + k.len() + v.len())
+                });
+            if count > XATTR_MAX_COUNT || bytes > XATTR_MAX_BYTES {
+                return Err(FsError::NoSpace);
             }
             m.xattrs.insert(name.to_vec(), value.to_vec());
             m.ctime = Timestamp::now();

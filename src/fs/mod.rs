@@ -3,6 +3,7 @@
 
 pub mod core;
 pub mod fuse;
+pub mod kernel_refresh;
 pub mod members;
 pub mod scrub;
 pub mod snapview;

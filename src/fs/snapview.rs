@@ -46,6 +46,10 @@ pub struct RestoreReport {
     pub blocks_written: u64,
     pub blocks_punched: u64,
     pub blocks_compared: u64,
+    /// The files rewritten, for the daemon to refresh the kernel's view
+    /// (fs/kernel_refresh.rs); not sent to the CLI.
+    #[serde(skip)]
+    pub restored: Vec<super::kernel_refresh::Restored>,
 }
 
 fn attr_of_record(ino: u64, r: &InodeRecord, blocks: u64, blksize: u32) -> Attr {
@@ -627,6 +631,14 @@ impl Vfs {
             let live = self.live_resolve(&path, Some((&rec, true)))?;
             self.restore_file(&rec, sino, live, &mut report)?;
             report.files += 1;
+            if let Some(s) = rec.inodes.get(&sino) {
+                report.restored.push(super::kernel_refresh::Restored {
+                    path,
+                    ino: live,
+                    size: s.size,
+                    mtime: s.mtime,
+                });
+            }
         }
         self.commit()?;
         Ok(report)

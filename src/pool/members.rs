@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::label::{self, MemberEntry, has_label, read_label, write_label};
 use super::meta::{self, MemberStore, MetaImage};
-use super::{DATA_DIR, LOCK_FILE, Member, Pool, canonical_dir, try_lock};
+use super::{DATA_DIR, LOCK_FILE, Member, Pool, admit_member_dir, canonical_dir, try_lock};
 use crate::error::{Error, Result};
 use crate::util::fsync_dir;
 
@@ -62,11 +62,8 @@ impl Pool {
                     )));
                 }
             }
-        } else if dir.join(meta::META_FILE).exists() {
-            return Err(Error::Invalid(format!(
-                "{} holds vpool metadata without a label; refusing to overwrite it",
-                dir.display()
-            )));
+        } else {
+            admit_member_dir(&dir)?;
         }
         for m in self.members().iter() {
             if dir.starts_with(&m.dir) || m.dir.starts_with(&dir) {
@@ -75,12 +72,6 @@ impl Pool {
                     outer: m.dir.clone(),
                 });
             }
-        }
-        if let Some(owner) = dir.ancestors().skip(1).find(|a| has_label(a)) {
-            return Err(Error::NestedMember {
-                inner: dir.clone(),
-                outer: owner.to_path_buf(),
-            });
         }
         let id = l
             .members
@@ -94,8 +85,9 @@ impl Pool {
             id,
             path: dir.clone(),
         };
+        crate::util::make_private(&dir).map_err(|e| Error::io(&dir, e))?;
         let data = dir.join(DATA_DIR);
-        fs::create_dir_all(&data).map_err(|e| Error::io(&data, e))?;
+        crate::util::create_private_dir(&data).map_err(|e| Error::io(&data, e))?;
         let _ = fs::remove_file(dir.join(meta::META_FILE));
         let store = MemberStore::create(&dir, image)?;
         fsync_dir(&dir).map_err(|e| Error::io(&dir, e))?;

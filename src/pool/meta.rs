@@ -186,6 +186,13 @@ impl MemberStore {
     /// Creates a new store holding `image`.
     pub fn create(dir: &Path, image: &MetaImage) -> Result<MemberStore> {
         let path = dir.join(META_FILE);
+        // Created private first: redb would create it with the process umask.
+        crate::util::private_options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
         let db = Database::create(&path).map_err(|e| Error::store(&path, e))?;
         let s = MemberStore { path, db };
         s.replace_all(image)?;

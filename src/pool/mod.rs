@@ -13,6 +13,7 @@
 //! DIR/snap/<id>/<ino>.<seq>.vd           snapshot delta files (snapshot module)
 //! ```
 
+pub mod fds;
 pub mod inspect;
 pub mod intent;
 pub mod label;
@@ -35,7 +36,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::{Error, FsError, FsResult, Result};
-use crate::util::{fsync_dir, statvfs};
+use crate::util::{fsync_dir, make_private, statvfs};
 use label::{Label, MemberEntry, PoolConfig, has_label, read_label, write_label};
 use meta::{Batch, InodeRecord, MemberStore, MetaImage, NodeKind, ROOT_INO, Timestamp};
 
@@ -259,6 +260,8 @@ pub struct Pool {
     /// Tag of new write-intent records: the generation of the next commit
     /// (see intent.rs); changed only while no write is in flight.
     pub intent_tag: AtomicU64,
+    /// Open extent files (bounded; see fds.rs).
+    pub fds: fds::FdCache,
 }
 
 /// Space of the pool as statfs reports it (bytes).
@@ -324,6 +327,28 @@ pub(crate) fn canonical_dir(dir: &Path) -> Result<PathBuf> {
         return Err(Error::NotADirectory(dir.to_path_buf()));
     }
     fs::canonicalize(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// The checks every directory passes before it becomes a member (by `create`
+/// or `device add`), beyond carrying no other pool's label: not inside another
+/// member, no unlabelled metadata to overwrite, not on a FUSE filesystem.
+pub(crate) fn admit_member_dir(dir: &Path) -> Result<()> {
+    if let Some(owner) = dir.ancestors().skip(1).find(|a| has_label(a)) {
+        return Err(Error::NestedMember {
+            inner: dir.to_path_buf(),
+            outer: owner.to_path_buf(),
+        });
+    }
+    if dir.join(meta::META_FILE).exists() {
+        return Err(Error::Invalid(format!(
+            "{} holds vpool metadata without a label; refusing to overwrite it",
+            dir.display()
+        )));
+    }
+    if crate::util::on_fuse(dir).map_err(|e| Error::io(dir, e))? {
+        return Err(Error::MemberOnFuse(dir.to_path_buf()));
+    }
+    Ok(())
 }
 
 /// A file found in a member's data directory.
@@ -398,7 +423,7 @@ pub(crate) fn try_lock(dir: &Path, pool: &Uuid) -> Result<File> {
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o644)
+        .mode(crate::util::PRIVATE_FILE_MODE)
         .open(&p)
         .map_err(|e| Error::io(&p, e))?;
     // SAFETY: flock on a valid open descriptor; no memory is touched.
@@ -503,18 +528,7 @@ impl Pool {
                 };
                 return Err(Error::AlreadyInPool { path: c, pool });
             }
-            if let Some(owner) = c.ancestors().skip(1).find(|a| has_label(a)) {
-                return Err(Error::NestedMember {
-                    inner: c.clone(),
-                    outer: owner.to_path_buf(),
-                });
-            }
-            if c.join(meta::META_FILE).exists() {
-                return Err(Error::Invalid(format!(
-                    "{} holds vpool metadata without a label; refusing to overwrite it",
-                    c.display()
-                )));
-            }
+            admit_member_dir(&c)?;
             canon.push(c);
         }
         for a in &canon {
@@ -560,8 +574,9 @@ impl Pool {
         let mut done: Vec<&PathBuf> = Vec::new();
         let result = (|| -> Result<()> {
             for m in &members {
+                make_private(&m.path).map_err(|e| Error::io(&m.path, e))?;
                 let data = m.path.join(DATA_DIR);
-                fs::create_dir_all(&data).map_err(|e| Error::io(&data, e))?;
+                crate::util::create_private_dir(&data).map_err(|e| Error::io(&data, e))?;
                 done.push(&m.path);
                 MemberStore::create(&m.path, &image)?;
                 fsync_dir(&m.path).map_err(|e| Error::io(&m.path, e))?;
@@ -681,6 +696,7 @@ impl Pool {
             next_file_id: AtomicU64::new(1),
             intent_tag: AtomicU64::new(1),
             integrity: Integrity::default(),
+            fds: fds::FdCache::for_limit(fds::raise_fd_limit()),
         })
     }
 
@@ -896,6 +912,20 @@ impl Pool {
             .map(|m| match m.store.lock().as_ref() {
                 Some(s) => s.load(),
                 None => MemberStore::open(&m.dir).and_then(|s| s.load()),
+            })
+            .collect()
+    }
+
+    /// Members whose directory group or others may enter, with its mode: their
+    /// files are private, but a member made by hand or an older vpool may
+    /// still hold files they can read.
+    pub fn open_members(&self) -> Vec<(PathBuf, u32)> {
+        use std::os::unix::fs::PermissionsExt;
+        self.members()
+            .iter()
+            .filter_map(|m| {
+                let mode = fs::metadata(&m.dir).ok()?.permissions().mode();
+                (mode & 0o077 != 0).then(|| (m.dir.clone(), mode & 0o7777))
             })
             .collect()
     }
@@ -1131,6 +1161,19 @@ impl Pool {
         }
     }
 
+    /// The open file of an extent copy, from the descriptor cache.
+    pub fn extent_file(
+        &self,
+        member: u32,
+        ino: u64,
+        index: u64,
+        file_id: u64,
+    ) -> FsResult<Arc<File>> {
+        self.fds.get_or_open((member, ino, index, file_id), || {
+            self.open_extent_file(member, ino, index, file_id)
+        })
+    }
+
     pub fn open_extent_file(
         &self,
         member: u32,
@@ -1161,6 +1204,7 @@ impl Pool {
     /// them is durable).
     pub fn remove_extent_files(&self, files: &[(u32, u64, u64, u64)]) {
         for (member, ino, index, fid) in files {
+            self.fds.forget(&(*member, *ino, *index, *fid));
             if let Some(p) = self.sum_path(*member, *ino, *index, *fid) {
                 match fs::remove_file(&p) {
                     Ok(()) => {}

@@ -61,7 +61,7 @@
 //! before [`DeltaWriter::finish`] returned, and is responsible for fsyncing the
 //! directory holding it.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -443,7 +443,7 @@ impl DeltaWriter {
         };
         for path in paths {
             // On an error, dropping `w` removes the files created so far.
-            let file = OpenOptions::new()
+            let file = crate::util::private_options()
                 .write(true)
                 .read(true)
                 .create_new(true)

@@ -60,7 +60,9 @@ pub const DEFAULT_LEVEL: i32 = 1;
 const PREFETCH_BLOCKS: u64 = 1024;
 /// At most this many threads compress one capture.
 const MAX_CAPTURE_THREADS: usize = 4;
-/// Cached chain indexes (one per snapshot and file).
+/// Cached chain indexes (one per snapshot and file), at most. Each holds the
+/// delta files of its chain open, so fewer are kept when descriptors are
+/// scarce: one view per 64 descriptors of the extent-file cache's budget.
 const VIEW_CACHE: usize = 256;
 /// Cached decompressed frames (each up to 1 MiB, usually 64 KiB).
 const FRAME_CACHE: usize = 512;
@@ -181,15 +183,23 @@ pub struct PrunePolicy {
 
 /// What a snapshot name may be: a plain, visible directory name.
 pub fn check_name(name: &str) -> FsResult<()> {
-    if name.is_empty()
-        || name.len() > 255
-        || name.contains('/')
-        || name.starts_with('.')
-        || name.contains('\0')
-    {
-        return Err(FsError::Invalid);
-    }
-    Ok(())
+    let why = if name.is_empty() {
+        "is empty"
+    } else if name.len() > 255 {
+        "is longer than 255 bytes"
+    } else if name.contains('/') {
+        "contains '/'"
+    } else if name.starts_with('.') {
+        "starts with '.'"
+    } else if name.bytes().any(crate::util::is_control) {
+        "contains a control character (newline, tab, escape, NUL, ...)"
+    } else {
+        return Ok(());
+    };
+    Err(FsError::Message(format!(
+        "snapshot name \"{}\" {why}",
+        name.escape_debug()
+    )))
 }
 
 fn delta_dir(pool: &Pool, member: u32, id: u64) -> Option<PathBuf> {
@@ -361,6 +371,7 @@ impl SnapshotStore {
             }
         }
         let bs = pool.config().block_size as u64;
+        let views = lru((pool.fds.capacity() / 64).clamp(4, VIEW_CACHE));
         (
             SnapshotStore {
                 pool,
@@ -372,7 +383,7 @@ impl SnapshotStore {
                 job: Mutex::new(None),
                 job_cv: Condvar::new(),
                 workers: Arc::new((Mutex::new(0), Condvar::new())),
-                views: lru(VIEW_CACHE),
+                views,
                 frames: lru(FRAME_CACHE),
                 cache_epoch: AtomicU64::new(0),
                 admin: Mutex::new(()),
@@ -840,7 +851,7 @@ impl SnapshotStore {
         for m in &members {
             let dir = delta_dir(&self.pool, *m, job.id)
                 .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
-            fs::create_dir_all(&dir).map_err(FsError::Io)?;
+            crate::util::create_private_dir(&dir).map_err(FsError::Io)?;
             paths.push(dir.join(format!("{ino}.0.vd")));
         }
         let header = DeltaHeader {
@@ -1517,7 +1528,7 @@ impl SnapshotStore {
                 for m in &members {
                     let dir = delta_dir(&self.pool, *m, c.id)
                         .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
-                    fs::create_dir_all(&dir).map_err(FsError::Io)?;
+                    crate::util::create_private_dir(&dir).map_err(FsError::Io)?;
                     let p = dir.join(format!("{ino}.{seq}.vd"));
                     // A leftover of an interrupted merge.
                     let _ = fs::remove_file(&p);
@@ -1683,7 +1694,7 @@ impl SnapshotStore {
                     };
                     let dir = delta_dir(&self.pool, to, rec.id)
                         .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
-                    fs::create_dir_all(&dir).map_err(FsError::Io)?;
+                    crate::util::create_private_dir(&dir).map_err(FsError::Io)?;
                     let dst = dir.join(format!("{ino}.{}.vd", loc.seq));
                     crate::util::copy_file_atomic(src, &dst).map_err(FsError::Io)?;
                     members.push(to);
@@ -1968,6 +1979,10 @@ mod tests {
     #[test]
     fn names() {
         assert!(check_name("daily-1").is_ok());
+        for bad in ["a\nb", "a\0b", "\x1b[31mred", "tab\there", "del\x7f"] {
+            let e = check_name(bad).unwrap_err().to_string();
+            assert!(e.contains("control character"), "{bad:?}: {e}");
+        }
         for bad in ["", ".hidden", "..", "a/b", "."] {
             assert!(check_name(bad).is_err(), "{bad}");
         }

@@ -48,10 +48,10 @@ static STRIPE_LOCKS: std::sync::LazyLock<Vec<RwLock<()>>> =
 /// Blocks per stripe region.
 const REGION_BLOCKS: u64 = 16;
 
-/// One copy of an extent, on one member.
+/// One copy of an extent, on one member (its open file lives in the pool's
+/// descriptor cache, pool/fds.rs).
 pub struct ExtentCopy {
     pub member: u32,
-    file: RwLock<Option<Arc<File>>>,
 }
 
 pub struct Extent {
@@ -122,16 +122,13 @@ pub struct ScrubCounts {
 }
 
 impl Extent {
-    fn new(index: u64, file_id: u64, copies: Vec<(u32, Option<File>)>, fresh: bool) -> Extent {
+    fn new(index: u64, file_id: u64, members: Vec<u32>, fresh: bool) -> Extent {
         Extent {
             index,
             file_id,
-            copies: copies
+            copies: members
                 .into_iter()
-                .map(|(member, f)| ExtentCopy {
-                    member,
-                    file: RwLock::new(f.map(Arc::new)),
-                })
+                .map(|member| ExtentCopy { member })
                 .collect(),
             dirty: AtomicBool::new(fresh),
             fresh: AtomicBool::new(fresh),
@@ -145,15 +142,12 @@ impl Extent {
         }
     }
 
-    /// The copies but the one on `member`, sharing their open files.
+    /// The copies but the one on `member`.
     fn copies_without(&self, member: Option<u32>) -> Vec<ExtentCopy> {
         self.copies
             .iter()
             .filter(|c| Some(c.member) != member)
-            .map(|c| ExtentCopy {
-                member: c.member,
-                file: RwLock::new(c.file.read().clone()),
-            })
+            .map(|c| ExtentCopy { member: c.member })
             .collect()
     }
 
@@ -194,17 +188,12 @@ impl Extent {
     }
 
     fn file(&self, pool: &Pool, ino: u64, copy: usize) -> FsResult<Arc<File>> {
-        let c = &self.copies[copy];
-        if let Some(f) = c.file.read().as_ref() {
-            return Ok(f.clone());
-        }
-        let mut g = c.file.write();
-        if let Some(f) = g.as_ref() {
-            return Ok(f.clone());
-        }
-        let f = Arc::new(pool.open_extent_file(c.member, ino, self.index, self.file_id)?);
-        *g = Some(f.clone());
-        Ok(f)
+        pool.extent_file(self.copies[copy].member, ino, self.index, self.file_id)
+    }
+
+    /// Drops the cached descriptor of the copy on `member`.
+    fn forget_file(&self, pool: &Pool, ino: u64, member: u32) {
+        pool.fds.forget(&(member, ino, self.index, self.file_id));
     }
 
     /// Runs `op` on the file of every copy on a usable member. A copy whose
@@ -225,7 +214,7 @@ impl Extent {
             match self.file(pool, ino, i).and_then(|f| op(c.member, &f)) {
                 Ok(()) => done += 1,
                 Err(e) if pool.check_member_fs(c.member, &e) => {
-                    *c.file.write() = None;
+                    self.forget_file(pool, ino, c.member);
                     last_err = Some(e);
                 }
                 Err(e) => return Err(e),
@@ -529,10 +518,9 @@ impl Volume {
             .iter()
             .filter(|r| !r.members.is_empty())
             .map(|r| {
-                let copies = r.members.iter().map(|m| (*m, None)).collect();
                 (
                     r.index,
-                    Arc::new(Extent::new(r.index, r.file_id, copies, false)),
+                    Arc::new(Extent::new(r.index, r.file_id, r.members.clone(), false)),
                 )
             })
             .collect();
@@ -928,6 +916,27 @@ impl Volume {
         }
     }
 
+    /// Marks the blocks of `[start, end)` that lie in extents of the map
+    /// changed (a cut by truncate). Blocks outside every extent read as zeros
+    /// now and did at the last snapshot, or were marked when their extent
+    /// left the map (bitmaps outlive their extents): marking them would cost
+    /// memory and metadata in proportion to a size any user can type.
+    pub fn mark_mapped_blocks(&self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let per = self.blocks_per_extent();
+        let indexes: Vec<u64> = self
+            .map
+            .read()
+            .range(start / per..=(end - 1) / per)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in indexes {
+            self.mark_blocks(start.max(i * per), end.min((i + 1) * per));
+        }
+    }
+
     /// Changed blocks, as sorted `[start, end)` block ranges.
     pub fn changed_ranges(&self) -> Vec<(u64, u64)> {
         let per = self.esize / self.bs;
@@ -1164,8 +1173,12 @@ impl Volume {
             return Ok(e.clone());
         }
         let (fid, files) = pool.create_extent_files(self.ino, index, need)?;
-        let copies = files.into_iter().map(|(m, f)| (m, Some(f))).collect();
-        let e = Arc::new(Extent::new(index, fid, copies, true));
+        let mut members = Vec::with_capacity(files.len());
+        for (m, f) in files {
+            pool.fds.put((m, self.ino, index, fid), Arc::new(f));
+            members.push(m);
+        }
+        let e = Arc::new(Extent::new(index, fid, members, true));
         *e.sums.lock() = Sums::new_dirty(vec![self.zcrc; self.blocks_per_extent() as usize]);
         m.insert(index, e.clone());
         Ok(e)
@@ -1237,10 +1250,27 @@ impl Volume {
     }
 
     /// Deallocates `[off, off+len)`; reads of it return zeros afterwards.
+    /// Walks the extents of the map in the range, not the range itself (a
+    /// punch of a petabyte of holes costs nothing).
     pub fn punch(&self, pool: &Pool, off: u64, len: u64) -> FsResult<()> {
-        for p in pieces(self.esize, off, len as usize) {
-            let Some(ext) = self.get(p.index) else {
-                continue;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = off.saturating_add(len);
+        let exts: Vec<Arc<Extent>> = self
+            .map
+            .read()
+            .range(off / self.esize..=(end - 1) / self.esize)
+            .map(|(_, e)| e.clone())
+            .collect();
+        for ext in exts {
+            let start = (ext.index * self.esize).max(off);
+            let stop = ((ext.index + 1) * self.esize).min(end);
+            let p = Piece {
+                index: ext.index,
+                within: start - ext.index * self.esize,
+                len: (stop - start) as usize,
+                buf_off: 0,
             };
             self.change(pool, ext, &p, Some(None), |member, f| {
                 fallocate(
@@ -1600,7 +1630,7 @@ impl Volume {
             .extent_path(to, self.ino, index, ext.file_id)
             .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
         // A leftover of an interrupted move is overwritten.
-        let out = std::fs::OpenOptions::new()
+        let out = crate::util::private_options()
             .read(true)
             .write(true)
             .create(true)
@@ -1648,11 +1678,11 @@ impl Volume {
         }
         out.sync_data().map_err(FsError::Io)?;
         let mut copies = ext.copies_without(from);
-        copies.push(ExtentCopy {
-            member: to,
-            file: RwLock::new(Some(Arc::new(out))),
-        });
+        copies.push(ExtentCopy { member: to });
+        pool.fds
+            .put((to, self.ino, index, ext.file_id), Arc::new(out));
         if !self.swap_copies(&ext, copies) {
+            ext.forget_file(pool, self.ino, to);
             let _ = std::fs::remove_file(&path);
             return Ok(None);
         }
@@ -1925,11 +1955,11 @@ impl Volume {
     }
 
     /// Closes the member files (after the last handle of the file is released).
-    pub fn close_files(&self) {
+    pub fn close_files(&self, pool: &Pool) {
         for e in self.map.read().values() {
             if !e.dirty.load(Ordering::Acquire) {
                 for c in &e.copies {
-                    *c.file.write() = None;
+                    e.forget_file(pool, self.ino, c.member);
                 }
             }
             let mut g = e.sums.lock();

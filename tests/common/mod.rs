@@ -464,6 +464,34 @@ impl Mount {
     /// Run `vpool mount [-o OPTS] MEMBER MOUNTPOINT`; on failure return its
     /// output (and make sure nothing stayed mounted).
     pub fn try_new(member: &Path, mountpoint: &Path, opts: &[&str]) -> Result<Mount, Output> {
+        Mount::try_new_output(member, mountpoint, opts).map(|(m, _)| m)
+    }
+
+    /// [`Mount::try_new`] run through a wrapper command (e.g. `prlimit ... --`).
+    pub fn try_new_wrapped(
+        wrap: &[&str],
+        member: &Path,
+        mountpoint: &Path,
+        opts: &[&str],
+    ) -> Result<Mount, Output> {
+        Mount::mount_with(wrap, member, mountpoint, opts).map(|(m, _)| m)
+    }
+
+    /// [`Mount::try_new`], also returning the output of a successful mount.
+    pub fn try_new_output(
+        member: &Path,
+        mountpoint: &Path,
+        opts: &[&str],
+    ) -> Result<(Mount, Output), Output> {
+        Mount::mount_with(&[], member, mountpoint, opts)
+    }
+
+    fn mount_with(
+        wrap: &[&str],
+        member: &Path,
+        mountpoint: &Path,
+        opts: &[&str],
+    ) -> Result<(Mount, Output), Output> {
         let path = mountpoint
             .canonicalize()
             .unwrap_or_else(|_| mountpoint.to_path_buf());
@@ -474,7 +502,15 @@ impl Mount {
         }
         a.push(member.into());
         a.push(path.clone().into());
-        let o = run_t(60, VPOOL, &a);
+        let o = match wrap.split_first() {
+            None => run_t(60, VPOOL, &a),
+            Some((prog, rest)) => {
+                let mut w: Vec<OsString> = rest.iter().map(OsString::from).collect();
+                w.push(VPOOL.into());
+                w.extend(a);
+                run_t(60, prog, &w)
+            }
+        };
         if !o.status.success() {
             return Err(o);
         }
@@ -494,7 +530,7 @@ impl Mount {
         }
         m.pid = m.lookup_pid();
         m.arm_watchdog();
-        Ok(m)
+        Ok((m, o))
     }
 
     fn lookup_pid(&self) -> Option<i32> {
