@@ -32,6 +32,10 @@ pub struct MountOptions {
     pub snapdir_visible: bool,
     /// `nowritebackcache` turns the kernel's writeback cache off.
     pub writeback_cache: bool,
+    /// `force` (`vpool mount --force`): open even when members diverged; the
+    /// newest metadata copy wins and the other side's extent files are
+    /// quarantined.
+    pub force: bool,
 }
 
 impl MountOptions {
@@ -73,6 +77,7 @@ impl MountOptions {
                 ("auto_unmount", None) => o.fuse.push(MountOption::AutoUnmount),
                 ("default_permissions", None) => {} // always on
                 ("nonempty", None) => o.allow_nonempty = true,
+                ("force", None) => o.force = true,
                 ("nowritebackcache", None) => o.writeback_cache = false,
                 ("writebackcache", None) => o.writeback_cache = true,
                 ("threads", Some(n)) => {
@@ -205,6 +210,8 @@ pub fn run(
         libc::umask(0o077);
     }
     let pool = Pool::open(member)?;
+    pool.force
+        .store(opts.force, std::sync::atomic::Ordering::Release);
     for (dir, mode) in pool.open_members() {
         tracing::warn!(member = %dir.display(), mode = format!("{mode:o}"), "member directory is open to other users; chmod go-rwx it");
     }

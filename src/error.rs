@@ -50,6 +50,8 @@ pub enum Error {
         path: PathBuf,
         at: String,
     },
+    #[error("members diverged: {0}")]
+    MembersDiverged(String),
     #[error("metadata of member {path} is corrupt: {reason}")]
     CorruptMetadata { path: PathBuf, reason: String },
     #[error("metadata store error on {path}: {reason}")]

@@ -32,11 +32,17 @@ pub fn run(cmd: Command) -> Result<i32> {
         } => create(&dirs, copies, extent_size, block_size),
         Command::Mount {
             foreground,
-            options,
+            mut options,
             daemon_child,
+            force,
             dir,
             mountpoint,
-        } => mount(&dir, &mountpoint, &options, foreground, daemon_child),
+        } => {
+            if force {
+                options.push("force".into());
+            }
+            mount(&dir, &mountpoint, &options, foreground, daemon_child)
+        }
         Command::Unmount { mountpoint } => unmount(&mountpoint),
         Command::Status { json, target } => status(&target, json),
         Command::Check { json, dir } => check(&dir, json),

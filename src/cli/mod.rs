@@ -54,6 +54,11 @@ pub enum Command {
         /// Internal: this process is the detached daemon started by `vpool mount`.
         #[arg(long, hide = true)]
         daemon_child: bool,
+        /// Mount even when members diverged (each took writes while the other
+        /// was missing): the newest metadata copy wins, and extent files only
+        /// the other side references are moved to DIR/quarantine/.
+        #[arg(long)]
+        force: bool,
         dir: PathBuf,
         mountpoint: PathBuf,
     },

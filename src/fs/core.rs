@@ -534,7 +534,14 @@ impl Vfs {
         }
         self.commit()
             .map_err(|e| crate::Error::Other(format!("recovery commit failed: {e}")))?;
-        self.pool.remove_extent_files(&orphan_files);
+        // On a member that took commits of its own (opened with --force), an
+        // unreferenced file may be the other side's only copy of some data.
+        let diverged = self.pool.diverged_members();
+        let (keep, remove): (Vec<_>, Vec<_>) = orphan_files
+            .into_iter()
+            .partition(|(m, ..)| diverged.contains(m));
+        self.pool.quarantine_extent_files(&keep);
+        self.pool.remove_extent_files(&remove);
         Ok(())
     }
 
@@ -1987,7 +1994,7 @@ mod tests {
             dirents: vec![],
             ..Default::default()
         };
-        s.apply(&batch, true).unwrap();
+        s.apply(&batch, true, &Default::default()).unwrap();
     }
 
     #[test]

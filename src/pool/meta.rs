@@ -32,6 +32,12 @@ const DIRENTS: TableDefinition<(u64, &[u8]), u64> = TableDefinition::new("dirent
 const SUPER: TableDefinition<&str, u64> = TableDefinition::new("super");
 const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
 const CBT: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("cbt");
+/// Key prefix in `super` of a member that fell behind: `behind:<member uuid>`
+/// -> the first commit generation it missed (see `Pool::commit`).
+const BEHIND_PREFIX: &str = "behind:";
+
+/// Members that missed commits: member uuid -> the first generation missed.
+pub type Behind = BTreeMap<uuid::Uuid, u64>;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeKind {
@@ -148,6 +154,8 @@ pub struct MetaImage {
     pub cbt: BTreeMap<(u64, u64), Vec<u8>>,
     /// Inodes whose record failed its checksum (reported by check).
     pub corrupt: Vec<(u64, String)>,
+    /// Members that missed commits of this copy's history, and since when.
+    pub behind: Behind,
 }
 
 /// Key of a directory entry: parent inode and name.
@@ -223,8 +231,9 @@ impl MemberStore {
         load_from(&self.db, &self.path)
     }
 
-    /// Applies one batch in one transaction.
-    pub fn apply(&self, batch: &Batch, durable: bool) -> Result<()> {
+    /// Applies one batch in one transaction, recording `behind` as the members
+    /// that fell behind.
+    pub fn apply(&self, batch: &Batch, durable: bool, behind: &Behind) -> Result<()> {
         let p = &self.path;
         let mut wt = self.db.begin_write().map_err(|e| Error::store(p, e))?;
         wt.set_durability(if durable {
@@ -267,6 +276,7 @@ impl MemberStore {
                 .map_err(|e| Error::store(p, e))?;
             }
             let mut sup = wt.open_table(SUPER).map_err(|e| Error::store(p, e))?;
+            write_behind(&mut sup, behind, p)?;
             sup.insert("next_snap_id", batch.next_snap_id)
                 .map_err(|e| Error::store(p, e))?;
             sup.insert("generation", batch.generation)
@@ -318,6 +328,7 @@ impl MemberStore {
                     .map_err(|e| Error::store(p, e))?;
             }
             let mut sup = wt.open_table(SUPER).map_err(|e| Error::store(p, e))?;
+            write_behind(&mut sup, &image.behind, p)?;
             for (k, v) in [
                 ("generation", image.generation),
                 ("next_ino", image.next_ino),
@@ -331,6 +342,27 @@ impl MemberStore {
         wt.commit().map_err(|e| Error::store(p, e))?;
         Ok(())
     }
+}
+
+/// Makes the `behind:` keys of `super` say exactly `behind`.
+fn write_behind(sup: &mut redb::Table<&str, u64>, behind: &Behind, p: &Path) -> Result<()> {
+    let mut old = Vec::new();
+    for row in sup.range(BEHIND_PREFIX..).map_err(|e| Error::store(p, e))? {
+        let (k, _) = row.map_err(|e| Error::store(p, e))?;
+        let k = k.value().to_string();
+        if !k.starts_with(BEHIND_PREFIX) {
+            break;
+        }
+        old.push(k);
+    }
+    for k in old {
+        sup.remove(k.as_str()).map_err(|e| Error::store(p, e))?;
+    }
+    for (m, g) in behind {
+        sup.insert(format!("{BEHIND_PREFIX}{m}").as_str(), *g)
+            .map_err(|e| Error::store(p, e))?;
+    }
+    Ok(())
 }
 
 fn load_from(db: &impl ReadableDatabase, p: &Path) -> Result<MetaImage> {
@@ -353,6 +385,17 @@ fn load_from(db: &impl ReadableDatabase, p: &Path) -> Result<MetaImage> {
             });
         }
         img.generation = get("generation")?;
+        for row in sup.range(BEHIND_PREFIX..).map_err(|e| Error::store(p, e))? {
+            let (k, v) = row.map_err(|e| Error::store(p, e))?;
+            let Some(id) = k.value().strip_prefix(BEHIND_PREFIX) else {
+                break;
+            };
+            let id = uuid::Uuid::parse_str(id).map_err(|e| Error::CorruptMetadata {
+                path: p.to_path_buf(),
+                reason: format!("bad member in {}: {e}", k.value()),
+            })?;
+            img.behind.insert(id, v.value());
+        }
         img.next_ino = get("next_ino")?;
         img.next_file_id = get("next_file_id")?;
         img.next_snap_id = get("next_snap_id")?;
@@ -454,13 +497,28 @@ mod tests {
             dirents: vec![((1, b"a".to_vec()), Some(2))],
             ..Default::default()
         };
-        s.apply(&batch, true).unwrap();
+        let mut behind = Behind::new();
+        behind.insert(uuid::Uuid::from_u128(7), 2);
+        s.apply(&batch, true, &behind).unwrap();
         let got = s.load().unwrap();
         assert_eq!(got.generation, 2);
         assert_eq!(got.inodes.len(), 2);
         assert_eq!(got.dirents.get(&(1, b"a".to_vec())), Some(&2));
         drop(s);
         let s = MemberStore::open(d.path()).unwrap();
-        assert_eq!(s.load().unwrap().generation, 2);
+        let got = s.load().unwrap();
+        assert_eq!(got.generation, 2);
+        assert_eq!(got.behind, behind);
+        // A member back in step is forgotten by the next commit.
+        s.apply(
+            &Batch {
+                generation: 3,
+                ..batch
+            },
+            true,
+            &Behind::new(),
+        )
+        .unwrap();
+        assert!(s.load().unwrap().behind.is_empty());
     }
 }

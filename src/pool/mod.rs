@@ -42,6 +42,8 @@ use meta::{Batch, InodeRecord, MemberStore, MetaImage, NodeKind, ROOT_INO, Times
 
 pub const DATA_DIR: &str = "data";
 pub const LOCK_FILE: &str = "vpool.lock";
+/// Extent files of a diverged member that the winning copy does not reference.
+pub const QUARANTINE_DIR: &str = "quarantine";
 pub const DEFAULT_EXTENT_SIZE: u64 = 64 << 20;
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// How long a member's free-space reading is trusted on the write path.
@@ -262,6 +264,16 @@ pub struct Pool {
     pub intent_tag: AtomicU64,
     /// Open extent files (bounded; see fds.rs).
     pub fds: fds::FdCache,
+    /// Members that missed commits, and the first generation each missed:
+    /// written with every commit (see [`Pool::commit`]), read at open to tell a
+    /// stale member from one that went its own way.
+    behind: Mutex<meta::Behind>,
+    /// Open even when members diverged (`mount --force`): the newest copy wins.
+    pub force: std::sync::atomic::AtomicBool,
+    /// Members that took commits of their own while the winning copy counted
+    /// them as behind (opened with `force`): extent files there that no
+    /// record references are quarantined, not removed.
+    diverged: Mutex<Vec<u32>>,
 }
 
 /// Space of the pool as statfs reports it (bytes).
@@ -697,6 +709,9 @@ impl Pool {
             intent_tag: AtomicU64::new(1),
             integrity: Integrity::default(),
             fds: fds::FdCache::for_limit(fds::raise_fd_limit()),
+            behind: Mutex::new(meta::Behind::new()),
+            force: std::sync::atomic::AtomicBool::new(false),
+            diverged: Mutex::new(Vec::new()),
         })
     }
 
@@ -708,16 +723,76 @@ impl Pool {
     /// result and labels with stale paths are rewritten.
     pub fn load_metadata(&mut self, repair: bool) -> Result<MetaImage> {
         let members = self.members();
-        let mut images = Vec::with_capacity(members.len());
+        // A store that does not open or load is one damaged copy among several:
+        // the pool opens from the others, and (with `repair`) it is rebuilt.
+        let mut loaded: Vec<Option<MetaImage>> = Vec::with_capacity(members.len());
+        let mut damaged = Vec::new();
         for m in &members {
-            let s = MemberStore::open(&m.dir)?;
-            images.push(s.load()?);
-            *m.store.lock() = Some(s);
+            match MemberStore::open(&m.dir).and_then(|s| s.load().map(|img| (s, img))) {
+                Ok((s, img)) => {
+                    loaded.push(Some(img));
+                    *m.store.lock() = Some(s);
+                }
+                Err(e) => {
+                    tracing::error!(member = %m.dir.display(), error = %e, "metadata copy does not open: it is damaged");
+                    damaged.push((m.clone(), e));
+                    loaded.push(None);
+                }
+            }
         }
-        let best_i = (0..images.len())
-            .max_by_key(|i| images[*i].generation)
-            .ok_or_else(|| Error::Other("pool has no members".into()))?;
-        let mut img = images[best_i].clone();
+        let Some(best_i) = (0..loaded.len())
+            .filter(|i| loaded[*i].is_some())
+            .max_by_key(|i| loaded[*i].as_ref().map_or(0, |g| g.generation))
+        else {
+            return Err(match damaged.into_iter().next() {
+                Some((_, e)) => Error::Other(format!(
+                    "no member holds a readable copy of the metadata ({e}); \
+                     nothing was changed (see `vpool check`)"
+                )),
+                None => Error::Other("pool has no members".into()),
+            });
+        };
+        let mut img = loaded[best_i].clone().unwrap_or_default();
+        // A member the newest copy counts as behind since generation `g`, whose
+        // own copy went on to `g` or later, took commits of its own while cut
+        // off from the others: both sides hold changes the other lacks.
+        let mut split = Vec::new();
+        for (m, have) in members.iter().zip(&loaded) {
+            if let (Some(have), Some(g)) = (have, img.behind.get(&m.entry.uuid))
+                && have.generation >= *g
+            {
+                split.push((m.clone(), have.generation, *g));
+            }
+        }
+        if !split.is_empty() {
+            let desc: Vec<String> = split
+                .iter()
+                .map(|(m, have, g)| {
+                    format!(
+                        "{} took commits up to generation {have} on its own, after the others \
+                         counted it missing at generation {g}",
+                        m.dir.display()
+                    )
+                })
+                .collect();
+            if !self.force.load(Ordering::Acquire) {
+                return Err(Error::MembersDiverged(format!(
+                    "{}; the newest copy is on {} (generation {}). Mounting would lose the \
+                     other side's changes: mount the side you want alone, copy out what you \
+                     need, or mount with --force to keep the newest copy (extent files only \
+                     the other side references are moved to quarantine/, not deleted)",
+                    desc.join("; "),
+                    members[best_i].dir.display(),
+                    img.generation
+                )));
+            }
+            tracing::warn!(
+                "members diverged, opened with --force: {}; the newest copy wins",
+                desc.join("; ")
+            );
+            *self.diverged.lock() = split.iter().map(|(m, _, _)| m.entry.id).collect();
+        }
+        let images: Vec<MetaImage> = loaded.iter().flatten().cloned().collect();
         let same_gen: Vec<&MetaImage> = images
             .iter()
             .filter(|o| o.generation == img.generation)
@@ -738,7 +813,19 @@ impl Pool {
             });
         }
         if repair {
-            for (m, have) in members.iter().zip(&images) {
+            for (m, e) in &damaged {
+                let path = m.dir.join(meta::META_FILE);
+                let aside = m.dir.join(format!("{}.damaged", meta::META_FILE));
+                tracing::warn!(member = %m.dir.display(), error = %e, aside = %aside.display(), "rebuilding a damaged metadata copy from the newest good copy");
+                fs::rename(&path, &aside).or_else(|e| match e.kind() {
+                    io::ErrorKind::NotFound => Ok(()),
+                    _ => Err(Error::io(&path, e)),
+                })?;
+                *m.store.lock() = Some(MemberStore::create(&m.dir, &img)?);
+                fsync_dir(&m.dir).map_err(|e| Error::io(&m.dir, e))?;
+            }
+            for (m, have) in members.iter().zip(&loaded) {
+                let Some(have) = have else { continue };
                 if have.generation == img.generation && have.corrupt.is_empty() {
                     continue;
                 }
@@ -759,6 +846,7 @@ impl Pool {
     }
 
     fn after_load(&self, img: &MetaImage) {
+        *self.behind.lock() = img.behind.clone();
         let mut max_fid = img.next_file_id;
         for rec in img.inodes.values() {
             for e in &rec.extents {
@@ -1200,6 +1288,40 @@ impl Pool {
             .map(|m| m.data_dir.join(sum_file_name(ino, index, file_id)))
     }
 
+    /// Moves extent files and their sum files into `quarantine/` of their
+    /// member (files of a diverged member that the winning copy does not
+    /// reference: kept for inspection, never deleted by vpool).
+    pub fn quarantine_extent_files(&self, files: &[(u32, u64, u64, u64)]) {
+        for (member, ino, index, fid) in files {
+            self.fds.forget(&(*member, *ino, *index, *fid));
+            let Some(m) = self.member(*member) else {
+                continue;
+            };
+            let q = m.dir.join(QUARANTINE_DIR);
+            if let Err(e) = crate::util::create_private_dir(&q) {
+                tracing::error!(dir = %q.display(), error = %e, "cannot create quarantine directory; files left in place");
+                continue;
+            }
+            for name in [
+                extent_file_name(*ino, *index, *fid),
+                sum_file_name(*ino, *index, *fid),
+            ] {
+                let from = m.data_dir.join(&name);
+                match fs::rename(&from, q.join(&name)) {
+                    Ok(()) => {
+                        tracing::warn!(file = %from.display(), to = %q.display(), "extent file of a diverged member quarantined")
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::error!(file = %from.display(), error = %e, "cannot quarantine")
+                    }
+                }
+            }
+            let _ = fsync_dir(&q);
+            let _ = fsync_dir(&m.data_dir);
+        }
+    }
+
     /// Removes extent files and their sum files (after the commit that dropped
     /// them is durable).
     pub fn remove_extent_files(&self, files: &[(u32, u64, u64, u64)]) {
@@ -1322,6 +1444,27 @@ impl Pool {
     pub fn commit(&self, batch: &Batch, durable: bool) -> Result<()> {
         // One transaction per member, run side by side: each waits on its own disk.
         let members = self.members();
+        // Every member of the label that this commit does not reach falls
+        // behind at this generation (unless it already had); every member it
+        // reaches is in step again. The record goes with the commit itself.
+        let behind = {
+            let mut b = self.behind.lock();
+            let reached: HashSet<Uuid> = members
+                .iter()
+                .filter(|m| !m.is_failed())
+                .map(|m| m.entry.uuid)
+                .collect();
+            for e in &self.label().members {
+                if reached.contains(&e.uuid) {
+                    b.remove(&e.uuid);
+                } else {
+                    b.entry(e.uuid).or_insert(batch.generation);
+                }
+            }
+            b.retain(|id, _| self.label.read().members.iter().any(|e| e.uuid == *id));
+            b.clone()
+        };
+        let behind = &behind;
         std::thread::scope(|sc| {
             let handles: Vec<_> = members
                 .iter()
@@ -1330,7 +1473,7 @@ impl Pool {
                     (m.entry.id, sc.spawn(move || {
                         let mut g = m.store.lock();
                         let res = match g.as_ref() {
-                            Some(s) => s.apply(batch, durable),
+                            Some(s) => s.apply(batch, durable, behind),
                             None => Err(Error::Other("pool opened without metadata store".into())),
                         };
                         if res.is_err() && g.is_some() {
@@ -1364,8 +1507,15 @@ impl Pool {
                     Ok(()) => ok += 1,
                     Err(e) => {
                         // A member whose directory is gone fails; the commit
-                        // stands on the others.
+                        // stands on the others, and the next one records
+                        // that it missed this generation.
                         let gone = self.member(id).is_some_and(|m| self.probe_failed(&m));
+                        if gone && let Some(m) = self.member(id) {
+                            self.behind
+                                .lock()
+                                .entry(m.entry.uuid)
+                                .or_insert(batch.generation);
+                        }
                         if !gone && first_err.is_none() {
                             first_err = Some(e);
                         }
@@ -1378,6 +1528,11 @@ impl Pool {
                 None => Ok(()),
             }
         })
+    }
+
+    /// Members (ids) that went their own way and were overruled by `force`.
+    pub fn diverged_members(&self) -> Vec<u32> {
+        self.diverged.lock().clone()
     }
 
     /// Pooled capacity: each distinct filesystem under the members counted once,

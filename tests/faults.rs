@@ -1,0 +1,160 @@
+//! Data safety under faults made by hand (issue 12): no single damaged copy
+//! refuses or loses anything, and members that went their own way are never
+//! merged silently.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+/// Moves a member directory out of the way (as if its disk were unplugged)
+/// and returns where it went.
+fn unplug(dir: &Path) -> PathBuf {
+    let away = dir.with_extension("away");
+    fs::rename(dir, &away).unwrap();
+    away
+}
+
+fn replug(away: &Path, dir: &Path) {
+    fs::rename(away, dir).unwrap();
+}
+
+/// Point 3: with d2 missing, d1 took writes (a new file y, x rewritten,
+/// synced); then d2 alone was mounted (nothing written); with both back, y
+/// was gone, x had its old contents and d1's extent file was deleted. Now the
+/// reunion is refused as a split, and `--force` keeps the newest copy and
+/// deletes no extent file of the other side.
+#[test]
+fn members_that_diverged_are_not_merged_silently() {
+    let pool = Pool::new(2, &["--copies", "2", "--extent-size", "1M"]);
+    let (d1, d2) = (pool.members[0].clone(), pool.members[1].clone());
+    let old_x = pattern(1, 3 << 20);
+    let new_x = pattern(2, 3 << 20);
+    let y = pattern(3, 2 << 20);
+    let m = pool.mount();
+    write_synced(&m.join("x"), &old_x);
+    m.unmount();
+
+    let away2 = unplug(&d2);
+    let m = Mount::new(&d1, &pool.mnt(), &[]);
+    write_synced(&m.join("y"), &y);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("x"))
+        .unwrap();
+    f.write_all_at(&new_x, 0).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    m.unmount();
+
+    let away1 = unplug(&d1);
+    replug(&away2, &d2);
+    let m = Mount::new(&d2, &pool.mnt(), &[]);
+    assert_same(&read_all(&m.join("x")), &old_x, "x on the stale side");
+    m.unmount();
+
+    replug(&away1, &d1);
+    let files_before: Vec<PathBuf> = fs::read_dir(d1.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for dir in [&d1, &d2] {
+        let o = Mount::try_new(dir, &pool.mnt(), &[])
+            .err()
+            .unwrap_or_else(|| panic!("the two sides were mounted together through {dir:?}"));
+        assert_refused(
+            &o,
+            &["diverged", "--force"],
+            "mounting members that diverged",
+        );
+    }
+    for f in &files_before {
+        assert!(f.exists(), "{f:?} was removed by a refused mount");
+    }
+
+    let m = Mount::new(&d1, &pool.mnt(), &["force"]);
+    // The newest copy is d1's: it has y and the new x.
+    assert_same(&read_all(&m.join("y")), &y, "y after --force");
+    assert_same(&read_all(&m.join("x")), &new_x, "x after --force");
+    let (ok, report) = scrub_json(&m.path);
+    assert!(ok, "scrub after --force: {report}");
+    m.unmount();
+    for f in &files_before {
+        let name = f.file_name().unwrap();
+        assert!(
+            f.exists() || d1.join("quarantine").join(name).exists(),
+            "{f:?} was deleted"
+        );
+    }
+    // Once reunited, the pool mounts as usual.
+    let m = pool.mount();
+    assert_same(&read_all(&m.join("y")), &y, "y after the reunion");
+    m.unmount();
+    pool.assert_check_clean();
+}
+
+/// A stale member that took no commits of its own (it was only missing)
+/// rejoins without complaint.
+#[test]
+fn a_member_that_was_only_missing_rejoins() {
+    let pool = Pool::new(2, &["--copies", "2", "--extent-size", "1M"]);
+    let (d1, d2) = (pool.members[0].clone(), pool.members[1].clone());
+    let m = pool.mount();
+    write_synced(&m.join("x"), &pattern(1, 2 << 20));
+    m.unmount();
+    let away2 = unplug(&d2);
+    let m = Mount::new(&d1, &pool.mnt(), &[]);
+    write_synced(&m.join("y"), &pattern(2, 2 << 20));
+    m.unmount();
+    replug(&away2, &d2);
+    let m = Mount::new(&d2, &pool.mnt(), &[]);
+    assert_same(
+        &read_all(&m.join("y")),
+        &pattern(2, 2 << 20),
+        "y through the stale member",
+    );
+    let (ok, report) = scrub_json(&m.path);
+    assert!(ok, "scrub: {report}");
+    m.unmount();
+    pool.assert_check_clean();
+}
+
+/// Point 1: one damaged `meta.redb` (bytes flipped, or its first sector
+/// torn) made `vpool mount` refuse the whole pool although the other member
+/// held a good copy. Now the pool mounts from the good copy and the damaged
+/// one is rebuilt (the damaged file kept aside).
+#[test]
+fn one_damaged_metadata_copy_is_rebuilt_from_the_other() {
+    for damage in ["torn first sector", "flipped bytes"] {
+        let pool = Pool::new(2, &["--copies", "2"]);
+        let data = pattern(5, 3 << 20);
+        let m = pool.mount();
+        fs::create_dir(m.join("dir")).unwrap();
+        write_synced(&m.join("dir/f"), &data);
+        m.unmount();
+        let store = pool.members[1].join("meta.redb");
+        let f = fs::OpenOptions::new().write(true).open(&store).unwrap();
+        let len = f.metadata().unwrap().len();
+        match damage {
+            "torn first sector" => f.write_all_at(&[0u8; 512], 0).unwrap(),
+            _ => {
+                for off in (4096..len).step_by(997) {
+                    f.write_all_at(&[0xA5], off).unwrap();
+                }
+            }
+        }
+        drop(f);
+        let m = Mount::try_new(&pool.members[0], &pool.mnt(), &[])
+            .unwrap_or_else(|o| panic!("{damage}: mount refused\n{}", describe(&o)));
+        assert_same(&read_all(&m.join("dir/f")), &data, damage);
+        m.unmount();
+        assert!(
+            pool.members[1].join("meta.redb.damaged").exists(),
+            "{damage}: the damaged copy was not kept aside"
+        );
+        pool.assert_check_clean();
+    }
+}
