@@ -158,3 +158,46 @@ fn one_damaged_metadata_copy_is_rebuilt_from_the_other() {
         pool.assert_check_clean();
     }
 }
+
+/// Extent copy files on `member`, by extent index.
+fn extent_files(member: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(member.join("data")).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        // `<ino>.<index>.<file_id>`; sum files have a fourth part.
+        if let [_, index, _] = name.split('.').collect::<Vec<_>>()[..]
+            && let Ok(i) = index.parse()
+        {
+            out.push((i, p.clone()));
+        }
+    }
+    out
+}
+
+/// Point 5: lowering `copies` dropped copies without checking that the copy
+/// that stays reads good; a damaged survivor then lost the block for good.
+/// Here every extent has one damaged copy (on alternating members), so
+/// whichever copy `set copies=1` drops, half the survivors are damaged.
+#[test]
+fn lowering_copies_keeps_data_when_the_survivor_is_damaged() {
+    let pool = Pool::new(2, &["--copies", "2", "--extent-size", "1M"]);
+    let data = pattern(9, 6 << 20);
+    let m = pool.mount();
+    write_synced(&m.join("f"), &data);
+    m.unmount();
+    for (i, member) in pool.members.iter().enumerate() {
+        for (index, p) in extent_files(member) {
+            if index % 2 == i as u64 {
+                let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
+                f.write_all_at(b"DAMAGED!", 8192).unwrap();
+            }
+        }
+    }
+    let m = pool.mount();
+    let o = run_t(300, VPOOL, &args!["set", &m.path, "copies=1"]);
+    assert!(o.status.success(), "set copies=1\n{}", describe(&o));
+    assert_same(&read_all(&m.join("f")), &data, "file after copies=1");
+    m.unmount();
+    pool.assert_check_clean();
+}

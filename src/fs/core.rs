@@ -545,6 +545,36 @@ impl Vfs {
         Ok(())
     }
 
+    /// Dead extent files whose name no extent copy has taken again. Files are
+    /// named by (ino, index, file_id) on their member, so a copy moved back
+    /// onto a member before the old copy's file there was removed (a removal
+    /// deferred for a snapshot capture, say) has the same name: removing by
+    /// name would delete the live copy.
+    fn without_live(&self, dead: Vec<DeadExtent>) -> Vec<DeadExtent> {
+        if dead.is_empty() {
+            return dead;
+        }
+        let ns = self.ns.read();
+        dead.into_iter()
+            .filter(|(m, ino, idx, fid)| {
+                let live = ns
+                    .nodes
+                    .get(ino)
+                    .and_then(|n| n.volume.as_ref())
+                    .is_some_and(|v| v.copy_is_live(*idx, *fid, *m));
+                if live {
+                    tracing::info!(
+                        member = m,
+                        ino,
+                        index = idx,
+                        "a dead extent file's name is live again; kept"
+                    );
+                }
+                !live
+            })
+            .collect()
+    }
+
     /// Connects the kernel's caches (the FUSE adapter does, once mounted).
     pub fn set_kernel_cache(&self, k: Box<dyn KernelCache>) {
         let _ = self.kernel.set(k);
@@ -1706,8 +1736,9 @@ impl Vfs {
                 );
                 self.pool.clear_intents(batch.generation);
                 // Files a running snapshot capture may still read wait for it.
-                let dead = self.snaps.defer_dead(dead);
-                self.pool.remove_extent_files(&dead);
+                let mut dead = self.snaps.defer_dead(dead);
+                dead.extend(self.snaps.take_released());
+                self.pool.remove_extent_files(&self.without_live(dead));
                 Ok(())
             }
             Err(e) => {
@@ -1868,6 +1899,32 @@ mod tests {
         let v = open(&dirs[1]);
         let fh = v.open(a.ino, false).unwrap();
         assert_eq!(v.read(fh, 1000, data.len() as u32).unwrap(), data);
+    }
+
+    /// Issue 12, point 5: dead extent files are removed by name after the
+    /// commit; a name that a live copy has taken again (a copy moved back to
+    /// its member before the old file there went) must survive.
+    #[test]
+    fn a_dead_file_whose_name_is_live_again_is_kept() {
+        let (_d, dirs) = setup(1, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"img", 0o644, 0, ME).unwrap();
+        let data = vec![7u8; 100_000];
+        v.write(fh, 0, &data).unwrap();
+        v.commit().unwrap();
+        let node = v.ns.read().node(a.ino).unwrap();
+        let live = node.volume.as_ref().unwrap().all_files();
+        assert!(!live.is_empty());
+        // As if an old copy of the same names were still waiting for removal.
+        node.touch();
+        v.ns.write().dead_extents.extend(live.iter().copied());
+        v.commit().unwrap();
+        for (m, ino, idx, fid) in &live {
+            let p = v.pool.extent_path(*m, *ino, *idx, *fid).unwrap();
+            assert!(p.exists(), "live extent file {p:?} removed");
+        }
+        assert_eq!(v.read(fh, 0, data.len() as u32).unwrap(), data);
+        v.release(fh).unwrap();
     }
 
     #[test]

@@ -87,8 +87,24 @@ impl Vfs {
         }
     }
 
-    /// Drops the copy of `it` on `member`; false when there was none to drop.
+    /// Drops the copy of `it` on `member`; false when there was none to drop,
+    /// or when the copies that stay cannot be proven good first: every copy
+    /// is verified (and a bad block of a survivor rewritten from the copy
+    /// about to go) before redundancy is given up.
     fn drop_one(&self, it: &Item, member: u32) -> bool {
+        let mut counts = crate::volume::ScrubCounts::default();
+        let verified = it.vol.scrub_extent(&self.pool, it.index, &mut counts);
+        if verified.is_err() || counts.unrecoverable > 0 || counts.io_errors > 0 {
+            tracing::error!(
+                ino = it.node.ino,
+                extent = it.index,
+                member,
+                unrecoverable = counts.unrecoverable,
+                io_errors = counts.io_errors,
+                "copy kept: the copies that would stay do not all read good"
+            );
+            return false;
+        }
         match it.vol.drop_copy(it.index, member) {
             Some(dead) => {
                 it.node.touch();

@@ -327,6 +327,8 @@ pub struct SnapshotStore {
     workers: Arc<(Mutex<usize>, Condvar)>,
     views: Mutex<LruCache<(u64, u64), Arc<FileView>>>,
     frames: Mutex<FrameCache>,
+    /// Deferred dead extent files of a finished capture, for the next commit.
+    released: Mutex<Vec<DeadExtent>>,
     /// Bumped by every deletion (which rewrites deltas, so that the same frame
     /// offset names other blocks), under the `records` write lock. A view is
     /// labelled with the value its records were read at, is cached only if
@@ -385,6 +387,7 @@ impl SnapshotStore {
                 workers: Arc::new((Mutex::new(0), Condvar::new())),
                 views,
                 frames: lru(FRAME_CACHE),
+                released: Mutex::new(Vec::new()),
                 cache_epoch: AtomicU64::new(0),
                 admin: Mutex::new(()),
                 level: AtomicI32::new(DEFAULT_LEVEL),
@@ -510,6 +513,8 @@ impl SnapshotStore {
 
     /// Extent files dropped by a commit: kept while a capture may still read
     /// them (returned empty), else returned for removal now.
+    /// Dead extent files a running capture may still read are kept until it
+    /// ends; the others are returned for removal now.
     pub fn defer_dead(&self, dead: Vec<DeadExtent>) -> Vec<DeadExtent> {
         if dead.is_empty() {
             return dead;
@@ -999,7 +1004,14 @@ impl SnapshotStore {
             self.active.store(false, Ordering::Release);
             self.job_cv.notify_all();
         }
-        self.pool.remove_extent_files(&deferred);
+        // Removed by the next commit, which first checks that no extent has
+        // taken the name again meanwhile (a copy moved back to its member).
+        self.released.lock().extend(deferred);
+    }
+
+    /// Dead extent files a finished capture no longer reads (see `defer_dead`).
+    pub fn take_released(&self) -> Vec<DeadExtent> {
+        std::mem::take(&mut *self.released.lock())
     }
 
     fn remove_snapshot_dirs(&self, id: u64) {

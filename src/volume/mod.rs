@@ -1552,6 +1552,12 @@ impl Volume {
         (degraded, lost)
     }
 
+    /// Whether `member` holds a copy of extent `index` with file id `fid`.
+    pub fn copy_is_live(&self, index: u64, fid: u64, member: u32) -> bool {
+        self.get(index)
+            .is_some_and(|e| e.file_id == fid && e.copies.iter().any(|c| c.member == member))
+    }
+
     /// Members holding copies of extent `index` (empty when there is none).
     pub fn copy_members(&self, index: u64) -> Vec<u32> {
         self.get(index).map(|e| e.members()).unwrap_or_default()
