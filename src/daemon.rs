@@ -109,45 +109,66 @@ pub fn mount_type(path: &Path) -> Option<String> {
     mountinfo(path).map(|m| m.fstype)
 }
 
-/// The topmost mount at `path` (canonical) in /proc/self/mountinfo.
-struct MountEntry {
+/// One mount, as [`parse_mountinfo`] finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountEntry {
     /// `major:minor` of the mounted filesystem (names its bdi in sysfs).
-    dev: String,
-    fstype: String,
+    pub dev: String,
+    pub fstype: String,
 }
 
+/// The topmost mount at `path` (canonical) in /proc/self/mountinfo.
 fn mountinfo(path: &Path) -> Option<MountEntry> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_string_lossy();
+    parse_mountinfo(&info, path)
+}
+
+/// The last (topmost) mount at `path` in `info`, the text of a
+/// `/proc/<pid>/mountinfo`: `id parent major:minor root mountpoint options
+/// [optional fields...] - fstype source super-options`, the mount point with
+/// space, tab, newline and backslash escaped as `\ooo` (octal). Lines that do
+/// not have that shape are skipped.
+pub fn parse_mountinfo(info: &str, path: &Path) -> Option<MountEntry> {
+    use std::os::unix::ffi::OsStrExt;
+    let want = path.as_os_str().as_bytes();
     let mut found = None;
     for line in info.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 5 || unescape_mountinfo(fields[4]) != want {
+        if fields.len() < 6 || unescape_mountinfo(fields[4]) != want {
             continue;
         }
-        let sep = fields.iter().position(|f| *f == "-")?;
+        // The separator comes after the six fixed fields and the optional ones.
+        let Some(sep) = fields[6..].iter().position(|f| *f == "-").map(|i| i + 6) else {
+            continue;
+        };
+        let Some(fstype) = fields.get(sep + 1).filter(|t| !t.is_empty()) else {
+            continue;
+        };
         found = Some(MountEntry {
             dev: fields[2].to_string(),
-            fstype: fields.get(sep + 1)?.to_string(),
+            fstype: fstype.to_string(),
         });
     }
     found
 }
 
-fn unescape_mountinfo(s: &str) -> String {
-    let mut out = String::new();
+/// The bytes of a mountinfo path field: `\ooo` (three octal digits, at most
+/// `\377`) is one byte; anything else stands for itself.
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+            && let Some(d) = b.get(i + 1..i + 4)
+            && d.iter().all(|c| (b'0'..=b'7').contains(c))
+            && d[0] <= b'3'
         {
-            out.push(v as char);
+            out.push((d[0] - b'0') << 6 | (d[1] - b'0') << 3 | (d[2] - b'0'));
             i += 4;
             continue;
         }
-        out.push(b[i] as char);
+        out.push(b[i]);
         i += 1;
     }
     out
@@ -361,4 +382,62 @@ pub fn say_ready(msg: &str) {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "READY {msg}");
     let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: &str = "\
+22 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw
+36 22 8:1 / /mnt/a\\040b rw,relatime shared:1 master:2 - ext4 /dev/sda1 rw
+37 36 0:50 / /mnt/a\\040b rw - fuse.vpool vpool rw,user_id=0
+38 1 0:51 / /mnt/caf\\303\\251 rw - fuse.vpool vpool rw
+39 1 0:52 / /mnt/\u{e9}t\u{e9} rw - tmpfs tmpfs rw
+";
+
+    #[test]
+    fn topmost_mount_and_escapes() {
+        let m = parse_mountinfo(INFO, Path::new("/mnt/a b")).unwrap();
+        assert_eq!(m.dev, "0:50");
+        assert_eq!(m.fstype, "fuse.vpool");
+        assert_eq!(
+            parse_mountinfo(INFO, Path::new("/proc")).unwrap().fstype,
+            "proc"
+        );
+        assert_eq!(parse_mountinfo(INFO, Path::new("/mnt")), None);
+    }
+
+    /// Non-ASCII mount points: escaped or not, they match their path (each
+    /// byte became a char of its own, so they never matched).
+    #[test]
+    fn non_ascii_mount_points_match() {
+        let m = parse_mountinfo(INFO, Path::new("/mnt/caf\u{e9}")).unwrap();
+        assert_eq!(m.dev, "0:51");
+        let m = parse_mountinfo(INFO, Path::new("/mnt/\u{e9}t\u{e9}")).unwrap();
+        assert_eq!(m.fstype, "tmpfs");
+    }
+
+    /// A backslash followed by a multibyte character panicked (a string
+    /// sliced inside a character); malformed lines are skipped.
+    #[test]
+    fn malformed_lines_do_not_panic() {
+        for line in [
+            "1 1 0:1 / /x\\ab\u{e9} rw - t s o",
+            "1 1 0:1 / /x\\\u{e9}\u{e9} rw - t s o",
+            "1 1 0:1 / /x\\+12 rw - t s o",
+            "1 1 0:1 / /x\\",
+            "1 1 0:1 / /x rw",
+            "1 1 0:1 / /x rw -",
+            "1 1 0:1 / /x rw - ",
+            "",
+        ] {
+            let p = Path::new("/x");
+            assert_eq!(parse_mountinfo(line, p), None, "{line:?}");
+        }
+        assert_eq!(unescape_mountinfo("\\ab\u{e9}"), "\\ab\u{e9}".as_bytes());
+        assert_eq!(unescape_mountinfo("\\400\\377\\0"), b"\\400\xff\\0");
+        let m = parse_mountinfo("1 1 0:1 / /x rw a:1 - - t s o", Path::new("/x"));
+        assert_eq!(m.unwrap().fstype, "-");
+    }
 }

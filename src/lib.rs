@@ -13,6 +13,7 @@
 //! The storage core ([`pool`], [`volume`], [`fs::core`]) never imports `fuser`
 //! or `clap`.
 
+pub mod bytes;
 pub mod cli;
 pub mod control;
 pub mod daemon;

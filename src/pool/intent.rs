@@ -38,6 +38,12 @@ pub const INTENT_MAGIC: &[u8; 4] = b"VPIN";
 pub const RECORD_LEN: usize = 32;
 /// Initial size of each intent file, and the step it grows by.
 const PREALLOC_BYTES: u64 = 256 << 10;
+/// Largest intent file: 256 preallocation steps, 2 Mi records (extents first
+/// changed between two commits). A reader refuses a bigger file and a writer
+/// never grows one past it.
+pub const MAX_INTENT_BYTES: u64 = 256 * PREALLOC_BYTES;
+/// Bytes read at a time when scanning an intent file.
+const SCAN_CHUNK: usize = 64 << 10;
 
 fn path(dir: &Path, parity: u64) -> PathBuf {
     dir.join(format!("intent.{}", parity % 2))
@@ -65,6 +71,52 @@ pub fn decode(r: &[u8]) -> Option<(u64, u64, u64)> {
     }
     let u = |a: usize| u64::from_le_bytes(r[a..a + 8].try_into().unwrap_or_default());
     Some((u(4), u(12), u(20)))
+}
+
+/// Calls `each(slot, record)` for every valid record of intent file `f`
+/// (`slot`: its place, in records), reading it a chunk at a time; returns the
+/// file's length. A file of more than [`MAX_INTENT_BYTES`] is an
+/// `InvalidData` error (checked before reading and while reading).
+fn scan(f: &File, p: &Path, mut each: impl FnMut(u64, (u64, u64, u64))) -> io::Result<u64> {
+    let too_big = |n: u64| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: {n} bytes, more than the {MAX_INTENT_BYTES} an intent file can hold",
+                p.display()
+            ),
+        )
+    };
+    let len = f.metadata()?.len();
+    if len > MAX_INTENT_BYTES {
+        return Err(too_big(len));
+    }
+    let mut r = f.take(MAX_INTENT_BYTES + 1);
+    let mut buf = vec![0u8; SCAN_CHUNK];
+    let (mut have, mut total, mut slot) = (0usize, 0u64, 0u64);
+    loop {
+        let n = match r.read(&mut buf[have..]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        have += n;
+        total += n as u64;
+        if total > MAX_INTENT_BYTES {
+            return Err(too_big(total));
+        }
+        let whole = have - have % RECORD_LEN;
+        for rec in buf[..whole].chunks_exact(RECORD_LEN) {
+            if let Some(v) = decode(rec) {
+                each(slot, v);
+            }
+            slot += 1;
+        }
+        buf.copy_within(whole..have, 0);
+        have -= whole;
+    }
+    Ok(total)
 }
 
 /// One member's pair of intent files. Appends are group-committed: records
@@ -104,21 +156,17 @@ impl IntentLog {
     /// Opens an intent file, preallocated, with its cursor after the last
     /// valid record (records not yet resolved by recovery stay intact).
     fn open(dir: &Path, parity: u64) -> io::Result<(File, u64)> {
-        let mut f = OpenOptions::new()
+        let f = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
             .open(path(dir, parity))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)?;
-        let cursor = buf
-            .chunks_exact(RECORD_LEN)
-            .rposition(|r| decode(r).is_some())
-            .map(|i| (i as u64 + 1) * RECORD_LEN as u64)
-            .unwrap_or(0);
-        let len = buf.len() as u64;
+        let mut cursor = 0;
+        let len = scan(&f, &path(dir, parity), |slot, _| {
+            cursor = (slot + 1) * RECORD_LEN as u64;
+        })?;
         if len < PREALLOC_BYTES || !len.is_multiple_of(RECORD_LEN as u64) {
             Self::grow(
                 &f,
@@ -159,10 +207,17 @@ impl IntentLog {
                     Ok(m) => m.len(),
                     Err(e) => return (files, Err(e)),
                 };
-                if *cursor + RECORD_LEN as u64 > size
-                    && let Err(e) = Self::grow(f, size, size + PREALLOC_BYTES)
-                {
-                    return (files, Err(e));
+                if *cursor + RECORD_LEN as u64 > size {
+                    if size + PREALLOC_BYTES > MAX_INTENT_BYTES {
+                        let e = io::Error::other(format!(
+                            "{}: intent file full ({size} bytes, the most a reader accepts)",
+                            path(dir, *tag).display()
+                        ));
+                        return (files, Err(e));
+                    }
+                    if let Err(e) = Self::grow(f, size, size + PREALLOC_BYTES) {
+                        return (files, Err(e));
+                    }
                 }
                 if let Err(e) = f.write_all_at(rec, *cursor) {
                     return (files, Err(e));
@@ -249,21 +304,17 @@ impl IntentLog {
     pub fn pending(&self, durable: u64) -> io::Result<BTreeSet<(u64, u64)>> {
         let mut out = BTreeSet::new();
         for parity in 0..2 {
-            let mut buf = Vec::new();
-            match File::open(path(&self.dir, parity)) {
-                Ok(mut f) => {
-                    f.read_to_end(&mut buf)?;
-                }
+            let p = path(&self.dir, parity);
+            let f = match File::open(&p) {
+                Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
-            }
-            for r in buf.chunks_exact(RECORD_LEN) {
-                if let Some((tag, ino, index)) = decode(r)
-                    && tag > durable
-                {
+            };
+            scan(&f, &p, |_, (tag, ino, index)| {
+                if tag > durable {
                     out.insert((ino, index));
                 }
-            }
+            })?;
         }
         Ok(out)
     }
@@ -300,6 +351,40 @@ mod tests {
         let mut r = encode(1, 2, 3);
         r[13] ^= 1;
         assert!(decode(&r).is_none());
+    }
+
+    /// Intent files are scanned a chunk at a time under a cap: one beyond it
+    /// is refused (it was read whole into memory), and a writer never grows
+    /// one past it.
+    #[test]
+    fn oversized_intent_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let log = IntentLog::new(d.path());
+        log.append(5, 10, 0).unwrap();
+        let p = path(d.path(), 1);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        // Records across chunk boundaries are all found.
+        let n = SCAN_CHUNK as u64 / RECORD_LEN as u64 * 3 + 7;
+        for i in 0..n {
+            f.write_all_at(&encode(5, 20, i), (i + 1) * RECORD_LEN as u64)
+                .unwrap();
+        }
+        assert_eq!(log.pending(4).unwrap().len() as u64, n + 1);
+        f.set_len(MAX_INTENT_BYTES + 1).unwrap();
+        let e = log.pending(4).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("more than the 67108864"), "{e}");
+        drop(log);
+        let log = IntentLog::new(d.path());
+        assert!(log.append(7, 1, 1).is_err());
+        // Full at the cap: the writer refuses to grow it.
+        f.set_len(MAX_INTENT_BYTES).unwrap();
+        f.write_all_at(&encode(9, 1, 1), MAX_INTENT_BYTES - RECORD_LEN as u64)
+            .unwrap();
+        let log = IntentLog::new(d.path());
+        let e = log.append(9, 1, 2).unwrap_err();
+        assert!(e.to_string().contains("intent file full"), "{e}");
+        assert_eq!(log.pending(8).unwrap().len(), 1);
     }
 
     #[test]

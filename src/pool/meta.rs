@@ -109,8 +109,10 @@ pub fn encode_record(r: &InodeRecord) -> Vec<u8> {
     b
 }
 
+/// Checks the envelope and decodes the record (bincode reading no further
+/// than the payload: a length field beyond it fails).
 pub fn decode_record(b: &[u8]) -> std::result::Result<InodeRecord, String> {
-    bincode::deserialize(check_blob(b)?).map_err(|e| format!("record undecodable: {e}"))
+    crate::bytes::bincode_decode(check_blob(b)?).map_err(|e| format!("record undecodable: {e}"))
 }
 
 /// The same envelope around raw bytes (changed-block bitmaps, snapshot records).
@@ -476,6 +478,30 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 0x40;
         assert!(decode_record(&bad).unwrap_err().contains("checksum"));
+    }
+
+    /// Length and count fields far beyond the record (checksum valid) fail
+    /// cleanly; the encoding is the one `bincode::serialize` wrote.
+    #[test]
+    fn oversized_fields_fail_cleanly() {
+        let payload = bincode::serialize(&rec()).unwrap();
+        assert_eq!(check_blob(&encode_record(&rec())).unwrap(), &payload[..]);
+        // `target` length: after kind (4), mode, uid, gid, nlink (16), size
+        // (8), 3 timestamps (36), rdev (4), parent (8).
+        let at = 4 + 16 + 8 + 36 + 4 + 8;
+        assert_eq!(&payload[at..at + 8], &0u64.to_le_bytes());
+        for v in [u64::MAX, 1 << 40, payload.len() as u64] {
+            let mut p = payload.clone();
+            p[at..at + 8].copy_from_slice(&v.to_le_bytes());
+            let e = decode_record(&encode_blob(&p)).unwrap_err();
+            assert!(e.contains("record undecodable"), "{e}");
+        }
+        // The extent count (last field but one of the record).
+        let at = payload.len() - (8 + 8 + 8 + 8 + 4);
+        assert_eq!(&payload[at..at + 8], &1u64.to_le_bytes());
+        let mut p = payload.clone();
+        p[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(decode_record(&encode_blob(&p)).is_err());
     }
 
     #[test]

@@ -527,6 +527,14 @@ impl Pool {
                 opts.extent_size, opts.block_size
             )));
         }
+        // The bounds every reader of the label checks.
+        PoolConfig {
+            copies: opts.copies,
+            block_size: opts.block_size,
+            extent_size: opts.extent_size,
+        }
+        .validate(dirs.len())
+        .map_err(Error::Invalid)?;
         let mut canon: Vec<PathBuf> = Vec::new();
         for d in dirs {
             let c = canonical_dir(d)?;

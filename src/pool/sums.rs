@@ -30,6 +30,8 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
+use crate::bytes::read_capped;
+
 pub const SUM_MAGIC: [u8; 8] = *b"VPOOLSUM";
 pub const SUM_VERSION: u32 = 1;
 pub const SUM_HEADER: usize = 64;
@@ -113,21 +115,27 @@ pub fn decode(bytes: &[u8], id: SumId) -> Result<(u64, Vec<u32>), String> {
         return Err(format!("belongs to {got:?}, not {id:?}"));
     }
     let n = id.entries as usize;
-    if bytes.len() != SUM_HEADER + 4 * n {
+    if bytes.len() as u64 != file_len(id) {
         return Err(format!(
             "{} bytes for {n} entries (want {})",
             bytes.len(),
-            SUM_HEADER + 4 * n
+            file_len(id)
         ));
     }
     let entries = (0..n).map(|i| le32(bytes, SUM_HEADER + 4 * i)).collect();
     Ok((le64(bytes, 48), entries))
 }
 
+/// Length of the sum file of `id`: the header and 4 bytes an entry.
+pub fn file_len(id: SumId) -> u64 {
+    SUM_HEADER as u64 + 4 * u64::from(id.entries)
+}
+
 /// Reads a sum file: `Ok(None)` when it does not exist, an `InvalidData` error
-/// when it is damaged.
+/// when it is damaged. Reads no more than [`file_len`] of `id` (a longer file
+/// is damaged).
 pub fn read(path: &Path, id: SumId) -> io::Result<Option<(u64, Vec<u32>)>> {
-    let bytes = match std::fs::read(path) {
+    let bytes = match read_capped(path, file_len(id)) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
@@ -182,5 +190,23 @@ mod tests {
         let other = SumId { ino: 8, ..id() };
         assert!(decode(&b, other).unwrap_err().contains("belongs"));
         assert!(decode(&b[..b.len() - 1], id()).is_err());
+    }
+
+    /// A sum file is read only up to the length its extent needs: a huge one
+    /// is damaged, and not read into memory.
+    #[test]
+    fn oversized_file_is_damaged_without_reading_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.sum");
+        write(&p, id(), 1, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(read(&p, id()).unwrap(), Some((1, vec![1, 2, 3, 4])));
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(1 << 30).unwrap();
+        let e = read(&p, id()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            e.to_string().contains("1073741824 bytes, more than the 80"),
+            "{e}"
+        );
     }
 }

@@ -78,10 +78,14 @@ pub const ENTRY_LEN: u64 = 32;
 pub const FOOTER_LEN: u64 = 40;
 /// Most blocks in one data frame.
 pub const MAX_FRAME_BLOCKS: u32 = 256;
-pub const MIN_BLOCK_SIZE: u32 = 512;
-/// Largest block size: keeps a frame at most 2 GiB uncompressed, so its
-/// compressed length (at most slightly more) always fits the u32 `clen`.
-pub const MAX_BLOCK_SIZE: u32 = 1 << 23;
+pub const MIN_BLOCK_SIZE: u32 = crate::pool::label::MIN_BLOCK_SIZE;
+/// Largest block size, the pool's: keeps a frame at most 256 MiB
+/// uncompressed, so its compressed length (at most slightly more) always fits
+/// the u32 `clen`, and bounds what reading one frame allocates.
+pub const MAX_BLOCK_SIZE: u32 = crate::pool::label::MAX_BLOCK_SIZE;
+/// Index bytes read at a time by [`DeltaFile::open`].
+const INDEX_CHUNK: usize = 64 << 10;
+const _: () = assert!(INDEX_CHUNK.is_multiple_of(ENTRY_LEN as usize));
 
 /// Errors of delta files. A caller's mistake (bad data length, block number
 /// overflow, reading a non-data entry...) is an `Io` error of kind
@@ -199,8 +203,12 @@ impl Entry {
         b
     }
 
-    /// Decodes and checks one entry on its own (not its place in the file).
-    fn decode(b: &[u8]) -> Result<Entry, String> {
+    /// Decodes and checks one entry on its own (not its place in the file):
+    /// `b` is [`ENTRY_LEN`] bytes.
+    pub fn decode(b: &[u8]) -> Result<Entry, String> {
+        if b.len() != ENTRY_LEN as usize {
+            return Err(format!("index entry of {} bytes", b.len()));
+        }
         let kind =
             EntryKind::from_u8(b[12]).ok_or_else(|| format!("unknown entry kind {}", b[12]))?;
         if b[13..16] != [0, 0, 0] {
@@ -277,7 +285,11 @@ impl DeltaHeader {
         b
     }
 
-    fn decode(b: &[u8]) -> Result<DeltaHeader, String> {
+    /// Decodes and checks a header: `b` is [`HEADER_LEN`] bytes.
+    pub fn decode(b: &[u8]) -> Result<DeltaHeader, String> {
+        if b.len() != HEADER_LEN as usize {
+            return Err(format!("header of {} bytes", b.len()));
+        }
         if b[0..8] != MAGIC {
             return Err("bad header magic".into());
         }
@@ -305,6 +317,93 @@ impl DeltaHeader {
         };
         check_block_size(h.block_size)?;
         Ok(h)
+    }
+}
+
+/// Who a delta belongs to: what its reader expects its header to say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeltaId {
+    pub snap_id: u64,
+    /// 0 = none.
+    pub base_id: u64,
+    pub ino: u64,
+    pub block_size: u32,
+}
+
+impl DeltaHeader {
+    pub fn id(&self) -> DeltaId {
+        DeltaId {
+            snap_id: self.snap_id,
+            base_id: self.base_id,
+            ino: self.ino,
+            block_size: self.block_size,
+        }
+    }
+
+    /// Checks that the header names `want`; the error lists both.
+    pub fn check_id(&self, want: &DeltaId) -> Result<(), String> {
+        let got = self.id();
+        if got != *want {
+            return Err(format!(
+                "header names snapshot {} (base {}), inode {}, block size {}; expected snapshot {} (base {}), inode {}, block size {}",
+                got.snap_id,
+                got.base_id,
+                got.ino,
+                got.block_size,
+                want.snap_id,
+                want.base_id,
+                want.ino,
+                want.block_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The footer's fields, checked against the length of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footer {
+    pub index_offset: u64,
+    pub entry_count: u64,
+    pub index_crc: u32,
+}
+
+impl Footer {
+    /// Decodes and checks the footer of a file of `file_len` bytes: `b` is
+    /// its last [`FOOTER_LEN`] bytes; the index must lie between the header
+    /// and the footer and end exactly where the footer starts.
+    pub fn decode(b: &[u8], file_len: u64) -> Result<Footer, String> {
+        if b.len() != FOOTER_LEN as usize {
+            return Err(format!("footer of {} bytes", b.len()));
+        }
+        if file_len < HEADER_LEN + FOOTER_LEN {
+            return Err(format!("{file_len} bytes, shorter than header and footer"));
+        }
+        if b[0..8] != FOOTER_MAGIC {
+            return Err("bad footer magic (incomplete or truncated file)".into());
+        }
+        if crc32c::crc32c(&b[0..32]) != u32_at(b, 32) {
+            return Err("footer checksum mismatch".into());
+        }
+        if u32_at(b, 36) != 0 {
+            return Err("nonzero reserved footer bytes 36..40".into());
+        }
+        let f = Footer {
+            index_offset: u64_at(b, 8),
+            entry_count: u64_at(b, 16),
+            index_crc: u32_at(b, 24),
+        };
+        let index_end = file_len - FOOTER_LEN;
+        let index_len = f.entry_count.checked_mul(ENTRY_LEN);
+        if f.index_offset < HEADER_LEN
+            || index_len.and_then(|l| f.index_offset.checked_add(l)) != Some(index_end)
+        {
+            return Err(format!(
+                "index of {} entries at {} does not end at the footer ({index_end})",
+                f.entry_count, f.index_offset
+            ));
+        }
+        Ok(f)
     }
 }
 
@@ -374,8 +473,31 @@ pub fn read_frame_at(
         ));
     }
     let raw = read_raw_at(file, path, e)?;
-    // At most 256 blocks of at most 8 MiB: no overflow.
+    // At most 256 blocks of at most 1 MiB: no overflow.
     let want = e.count as usize * block_size as usize;
+    // The frame says how much it holds (every frame written here does): a
+    // wrong size is refused before `want` bytes are allocated for it.
+    match zstd::zstd_safe::get_frame_content_size(&raw) {
+        Ok(Some(n)) if n == want as u64 => {}
+        Ok(Some(n)) => {
+            return Err(corrupt(
+                path,
+                format!(
+                    "frame of block {} at offset {} holds {n} bytes, expected {want}",
+                    e.start, e.offset
+                ),
+            ));
+        }
+        Ok(None) | Err(_) => {
+            return Err(corrupt(
+                path,
+                format!(
+                    "frame of block {} at offset {}: no zstd frame with its content size",
+                    e.start, e.offset
+                ),
+            ));
+        }
+    }
     let data = zstd::bulk::decompress(&raw, want).map_err(|err| {
         corrupt(
             path,
@@ -744,68 +866,54 @@ impl DeltaFile {
         let mut fb = [0u8; FOOTER_LEN as usize];
         file.read_exact_at(&mut fb, len - FOOTER_LEN)
             .map_err(io_err(path))?;
-        if fb[0..8] != FOOTER_MAGIC {
-            return Err(corrupt(
-                path,
-                "bad footer magic (incomplete or truncated file)",
-            ));
-        }
-        if crc32c::crc32c(&fb[0..32]) != u32_at(&fb, 32) {
-            return Err(corrupt(path, "footer checksum mismatch"));
-        }
-        if u32_at(&fb, 36) != 0 {
-            return Err(corrupt(path, "nonzero reserved footer bytes 36..40"));
-        }
-        let index_offset = u64_at(&fb, 8);
-        let entry_count = u64_at(&fb, 16);
-        let index_crc = u32_at(&fb, 24);
+        let footer = Footer::decode(&fb, len).map_err(|r| corrupt(path, r))?;
+        let index_offset = footer.index_offset;
+        // The index is read a chunk at a time, every entry checked as it
+        // comes: memory grows with the entries actually read, not with the
+        // count the footer claims.
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut crc = 0u32;
         let index_end = len - FOOTER_LEN;
-        let index_len = entry_count.checked_mul(ENTRY_LEN);
-        if index_offset < HEADER_LEN
-            || index_len.and_then(|l| index_offset.checked_add(l)) != Some(index_end)
-        {
-            return Err(corrupt(
-                path,
-                format!(
-                    "index of {entry_count} entries at {index_offset} does not end at the footer ({index_end})"
-                ),
-            ));
+        let mut buf = vec![0u8; (index_end - index_offset).min(INDEX_CHUNK as u64) as usize];
+        let mut at = index_offset;
+        while at < index_end {
+            // Bounded by the chunk size: fits usize.
+            let n = (index_end - at).min(INDEX_CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            file.read_exact_at(chunk, at).map_err(io_err(path))?;
+            crc = crc32c::crc32c_append(crc, chunk);
+            for b in chunk.chunks_exact(ENTRY_LEN as usize) {
+                let e = Entry::decode(b).map_err(|r| corrupt(path, r))?;
+                if e.kind == EntryKind::Data
+                    && (e.offset < HEADER_LEN
+                        || e.offset.saturating_add(u64::from(e.clen)) > index_offset)
+                {
+                    return Err(corrupt(
+                        path,
+                        format!(
+                            "frame of block {} ({} bytes at {}) outside the frame area {HEADER_LEN}..{index_offset}",
+                            e.start, e.clen, e.offset
+                        ),
+                    ));
+                }
+                if let Some(prev) = entries.last()
+                    && Entry::end(prev) > e.start
+                {
+                    return Err(corrupt(
+                        path,
+                        format!(
+                            "index not sorted or overlapping at block {} (previous entry ends at {})",
+                            e.start,
+                            Entry::end(prev)
+                        ),
+                    ));
+                }
+                entries.push(e);
+            }
+            at += n as u64;
         }
-        // Bounded by the file length, checked just above.
-        let mut ib = vec![0u8; (index_end - index_offset) as usize];
-        file.read_exact_at(&mut ib, index_offset)
-            .map_err(io_err(path))?;
-        if crc32c::crc32c(&ib) != index_crc {
+        if crc != footer.index_crc {
             return Err(corrupt(path, "index checksum mismatch"));
-        }
-        let mut entries = Vec::with_capacity(entry_count as usize);
-        for chunk in ib.chunks_exact(ENTRY_LEN as usize) {
-            let e = Entry::decode(chunk).map_err(|r| corrupt(path, r))?;
-            if e.kind == EntryKind::Data
-                && (e.offset < HEADER_LEN
-                    || e.offset.saturating_add(u64::from(e.clen)) > index_offset)
-            {
-                return Err(corrupt(
-                    path,
-                    format!(
-                        "frame of block {} ({} bytes at {}) outside the frame area {HEADER_LEN}..{index_offset}",
-                        e.start, e.clen, e.offset
-                    ),
-                ));
-            }
-            if let Some(prev) = entries.last()
-                && Entry::end(prev) > e.start
-            {
-                return Err(corrupt(
-                    path,
-                    format!(
-                        "index not sorted or overlapping at block {} (previous entry ends at {})",
-                        e.start,
-                        Entry::end(prev)
-                    ),
-                ));
-            }
-            entries.push(e);
         }
         Ok(DeltaFile {
             header,
@@ -814,6 +922,16 @@ impl DeltaFile {
             path: path.to_path_buf(),
             file,
         })
+    }
+
+    /// Opens a delta as [`open`](Self::open) does and checks that its header
+    /// names `want` (snapshot, base, inode, block size): a delta of another
+    /// snapshot, file or block size is `Corrupt`.
+    pub fn open_checked(path: impl AsRef<Path>, want: &DeltaId) -> Result<DeltaFile, DeltaError> {
+        let path = path.as_ref();
+        let f = Self::open(path)?;
+        f.header.check_id(want).map_err(|r| corrupt(path, r))?;
+        Ok(f)
     }
 
     pub fn path(&self) -> &Path {
@@ -1186,6 +1304,93 @@ mod tests {
         let mut past = s;
         past.offset = f.len;
         assert!(is_corrupt(&f.read_frame(&past)));
+    }
+
+    /// A footer claiming a huge index over a sparse file: `open` reads the
+    /// index a chunk at a time and stops at the first bad entry (it allocated
+    /// the whole claimed index first, 1 TiB here).
+    #[test]
+    fn huge_claimed_index_is_not_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sparse");
+        let f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .unwrap();
+        let len = 1u64 << 40;
+        f.write_all_at(&header().encode(), 0).unwrap();
+        f.set_len(len).unwrap();
+        let index_offset = HEADER_LEN + 24;
+        let count = (len - FOOTER_LEN - index_offset) / ENTRY_LEN;
+        f.write_all_at(&encode_footer(index_offset, count, 0), len - FOOTER_LEN)
+            .unwrap();
+        let r = DeltaFile::open(&p);
+        assert!(
+            matches!(&r, Err(DeltaError::Corrupt { reason, .. }) if reason.contains("has no blocks")),
+            "{r:?}"
+        );
+    }
+
+    /// A delta opened for a snapshot must be that snapshot's delta of that
+    /// file, against that base, at that block size (the header said so, and
+    /// nothing checked it).
+    #[test]
+    fn open_checked_refuses_another_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a");
+        small_delta(&p);
+        let want = header().id();
+        assert_eq!(DeltaFile::open_checked(&p, &want).unwrap().header, header());
+        for (other, field) in [
+            (DeltaId { snap_id: 8, ..want }, "snapshot 7"),
+            (DeltaId { base_id: 0, ..want }, "base 3"),
+            (DeltaId { ino: 43, ..want }, "inode 42"),
+            (
+                DeltaId {
+                    block_size: 4096,
+                    ..want
+                },
+                "block size 512",
+            ),
+        ] {
+            let r = DeltaFile::open_checked(&p, &other);
+            match r {
+                Err(DeltaError::Corrupt { reason, .. }) => {
+                    assert!(reason.contains(field), "{reason}");
+                    assert!(reason.contains("expected"), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// A frame must declare the size it decompresses to, and that size must
+    /// be the entry's: otherwise nothing is allocated for it.
+    #[test]
+    fn frame_without_the_right_content_size_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a");
+        let mut w = DeltaWriter::create(std::slice::from_ref(&p), &header(), 3).unwrap();
+        let data = blocks(2, 4);
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        enc.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut enc, &data).unwrap();
+        let nosize = enc.finish().unwrap();
+        assert_eq!(zstd::stream::decode_all(&nosize[..]).unwrap(), data);
+        let e = w.add_raw(0, 2, &nosize, crc32c::crc32c(&nosize)).unwrap();
+        let r = w.read_frame(&e);
+        assert!(
+            matches!(&r, Err(DeltaError::Corrupt { reason, .. }) if reason.contains("content size")),
+            "{r:?}"
+        );
+        let big = zstd::bulk::compress(&blocks(MAX_FRAME_BLOCKS as usize, 4), 3).unwrap();
+        let e = w.add_raw(10, 1, &big, crc32c::crc32c(&big)).unwrap();
+        let r = w.read_frame(&e);
+        assert!(
+            matches!(&r, Err(DeltaError::Corrupt { reason, .. }) if reason.contains("holds 131072 bytes, expected 512")),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -36,11 +36,14 @@ use lru::LruCache;
 use parking_lot::{Condvar, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use super::delta::{DeltaError, DeltaFile, DeltaHeader, DeltaWriter, Entry, MAX_FRAME_BLOCKS};
+use super::delta::{
+    DeltaError, DeltaFile, DeltaHeader, DeltaId, DeltaWriter, Entry, MAX_FRAME_BLOCKS,
+};
 use super::flatten::{self, Level, Run, Source};
 use super::ranges::RangeSet;
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
+use crate::pool::label::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use crate::pool::meta::{BlobChange, InodeRecord, NodeKind, Timestamp, check_blob, encode_blob};
 use crate::util::fsync_dir;
 use crate::volume::{DeadExtent, Segment, Volume};
@@ -138,9 +141,48 @@ impl SnapshotRecord {
         encode_blob(&bincode::serialize(self).unwrap_or_default())
     }
 
+    /// Checks the envelope, decodes (bincode reading no further than the
+    /// payload) and validates the record on its own ([`Self::validate`]).
     pub fn decode(b: &[u8]) -> Result<SnapshotRecord, String> {
-        bincode::deserialize(check_blob(b)?)
-            .map_err(|e| format!("snapshot record undecodable: {e}"))
+        let r: SnapshotRecord = crate::bytes::bincode_decode(check_blob(b)?)
+            .map_err(|e| format!("snapshot record undecodable: {e}"))?;
+        r.validate()?;
+        Ok(r)
+    }
+
+    /// What a record must hold on its own: an id of at least 1, a block size
+    /// a pool can have, and a base older than itself (so that no chain of
+    /// bases can loop).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.id == 0 {
+            return Err("snapshot id 0".into());
+        }
+        let bs = self.block_size;
+        if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+            return Err(format!(
+                "snapshot {}: block size {bs} is not a power of two in {MIN_BLOCK_SIZE}..={MAX_BLOCK_SIZE}",
+                self.id
+            ));
+        }
+        if let Some(p) = self.parent
+            && (p == 0 || p >= self.id)
+        {
+            return Err(format!(
+                "snapshot {}: base snapshot {p} is not an older snapshot",
+                self.id
+            ));
+        }
+        Ok(())
+    }
+
+    /// What the header of this snapshot's delta of `ino` must say.
+    pub fn delta_id(&self, ino: u64) -> DeltaId {
+        DeltaId {
+            snap_id: self.id,
+            base_id: self.parent.unwrap_or(0),
+            ino,
+            block_size: self.block_size,
+        }
     }
 
     /// Size in blocks of `ino` here, `None` when it was not a file of this snapshot.
@@ -360,18 +402,21 @@ impl SnapshotStore {
         raw: &BTreeMap<u64, Vec<u8>>,
         next_id: u64,
     ) -> (SnapshotStore, Vec<(u64, String)>) {
-        let mut records = BTreeMap::new();
+        let mut decoded = BTreeMap::new();
         let mut bad = Vec::new();
         let mut max = next_id.max(1);
         for (id, b) in raw {
-            max = max.max(id + 1);
+            max = max.max(id.saturating_add(1));
             match SnapshotRecord::decode(b) {
                 Ok(r) => {
-                    records.insert(*id, Arc::new(r));
+                    decoded.insert(*id, r);
                 }
                 Err(e) => bad.push((*id, e)),
             }
         }
+        let (records, more) = check_records(decoded, pool.config().block_size);
+        bad.extend(more);
+        bad.sort_by_key(|(id, _)| *id);
         let bs = pool.config().block_size as u64;
         let views = lru((pool.fds.capacity() / 64).clamp(4, VIEW_CACHE));
         (
@@ -911,7 +956,15 @@ impl SnapshotStore {
                         let opened = members
                             .first()
                             .and_then(|m| delta_path(&self.pool, *m, job.id, *ino, 0))
-                            .map(|p| DeltaFile::open(&p));
+                            .map(|p| {
+                                let want = DeltaId {
+                                    snap_id: job.id,
+                                    base_id: job.parent.unwrap_or(0),
+                                    ino: *ino,
+                                    block_size: job.bs as u32,
+                                };
+                                DeltaFile::open_checked(&p, &want)
+                            });
                         match opened {
                             Some(Ok(d)) => g.finished = Some(Arc::new(d)),
                             Some(Err(e)) => {
@@ -1094,7 +1147,7 @@ impl SnapshotStore {
             let Some(p) = delta_path(&self.pool, *m, rec.id, ino, loc.seq) else {
                 continue;
             };
-            match DeltaFile::open(&p) {
+            match DeltaFile::open_checked(&p, &rec.delta_id(ino)) {
                 Ok(d) => out.push(Arc::new(d)),
                 Err(e) => {
                     tracing::error!(snapshot = %rec.name, ino, error = %e, "delta copy unreadable");
@@ -1689,7 +1742,11 @@ impl SnapshotStore {
                     .iter()
                     .filter(|m| self.pool.usable(**m))
                     .filter_map(|m| delta_path(&self.pool, *m, rec.id, *ino, loc.seq))
-                    .find(|p| DeltaFile::open(p).and_then(|d| d.verify()).is_ok());
+                    .find(|p| {
+                        DeltaFile::open_checked(p, &rec.delta_id(*ino))
+                            .and_then(|d| d.verify())
+                            .is_ok()
+                    });
                 let mut members = keep.clone();
                 while members.len() < want {
                     let Some(src) = &source else {
@@ -1750,7 +1807,8 @@ impl SnapshotStore {
                         continue;
                     };
                     checked += 1;
-                    match DeltaFile::open(&p).and_then(|d| d.verify()) {
+                    match DeltaFile::open_checked(&p, &rec.delta_id(*ino)).and_then(|d| d.verify())
+                    {
                         Ok(_) => good = good.or(Some(p)),
                         Err(e) => {
                             bad += 1;
@@ -1815,7 +1873,9 @@ impl SnapshotStore {
                         ));
                         continue;
                     };
-                    if let Err(e) = DeltaFile::open(&p).and_then(|d| d.verify()) {
+                    if let Err(e) =
+                        DeltaFile::open_checked(&p, &r.delta_id(*ino)).and_then(|d| d.verify())
+                    {
                         out.push(format!("snapshot {}: {e}", r.name));
                     }
                 }
@@ -1855,6 +1915,55 @@ pub fn check_pool(dir: &std::path::Path) -> crate::Result<crate::pool::inspect::
         report.notes.extend(notes);
     }
     Ok(report)
+}
+
+/// Checks the loaded records together, in id order: each is stored under
+/// its own id, has the pool's block size `bs`, and, when readable (pending or
+/// complete), has its base among the good records and complete (a failed
+/// record's base may be gone: deleting a snapshot leaves its failed children
+/// as they are). Bases are older than their snapshot ([`SnapshotRecord::validate`]),
+/// so no chain loops. Returns the good records and, for every other one, why.
+#[allow(clippy::type_complexity)]
+pub fn check_records(
+    recs: BTreeMap<u64, SnapshotRecord>,
+    bs: u32,
+) -> (BTreeMap<u64, Arc<SnapshotRecord>>, Vec<(u64, String)>) {
+    let mut good: BTreeMap<u64, Arc<SnapshotRecord>> = BTreeMap::new();
+    let mut bad = Vec::new();
+    for (key, r) in recs {
+        let why = if r.id != key {
+            Some(format!("record {key} holds snapshot {}", r.id))
+        } else if let Err(e) = r.validate() {
+            Some(e)
+        } else if r.block_size != bs {
+            Some(format!(
+                "snapshot {}: block size {} differs from the pool's {bs}",
+                r.id, r.block_size
+            ))
+        } else {
+            match r.parent {
+                Some(p) if r.is_readable() => match good.get(&p) {
+                    None => Some(format!(
+                        "snapshot {}: its base snapshot {p} is missing or unreadable",
+                        r.id
+                    )),
+                    Some(b) if b.state != State::Complete => Some(format!(
+                        "snapshot {}: its base snapshot {p} is not complete",
+                        r.id
+                    )),
+                    Some(_) => None,
+                },
+                _ => None,
+            }
+        };
+        match why {
+            Some(why) => bad.push((key, why)),
+            None => {
+                good.insert(key, Arc::new(r));
+            }
+        }
+    }
+    (good, bad)
 }
 
 fn first_ok<T>(
@@ -1973,6 +2082,125 @@ fn iso_week_key(t: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rec(id: u64, parent: Option<u64>, state: State) -> SnapshotRecord {
+        SnapshotRecord {
+            id,
+            name: format!("s{id}"),
+            kind: if parent.is_some() {
+                Kind::Incremental
+            } else {
+                Kind::Full
+            },
+            parent,
+            created: Timestamp::default(),
+            state,
+            block_size: 4096,
+            inodes: BTreeMap::new(),
+            dirents: BTreeMap::new(),
+            deltas: BTreeMap::new(),
+            interval: BTreeMap::new(),
+            logical_bytes: 0,
+            stored_bytes: 0,
+            changed_blocks: 0,
+        }
+    }
+
+    /// Issue 10: a record with block size 0 (its reads divided by it) or a
+    /// base that is not older (a cycle of bases hung every read) decoded.
+    #[test]
+    fn decode_refuses_bad_sizes_and_bases() {
+        let ok = rec(5, Some(3), State::Complete);
+        let r = SnapshotRecord::decode(&ok.encode()).unwrap();
+        assert_eq!((r.id, r.parent, r.block_size), (5, Some(3), 4096));
+        let bad = |r: SnapshotRecord, want: &str| {
+            let e = SnapshotRecord::decode(&r.encode()).unwrap_err();
+            assert!(e.contains(want), "{e} (want {want:?})");
+        };
+        for bs in [0, 1, 511, 4095, 2 << 20, u32::MAX] {
+            bad(
+                SnapshotRecord {
+                    block_size: bs,
+                    ..ok.clone()
+                },
+                &format!("block size {bs} is not"),
+            );
+        }
+        bad(
+            rec(5, Some(5), State::Complete),
+            "base snapshot 5 is not an older",
+        );
+        bad(
+            rec(5, Some(9), State::Failed("x".into())),
+            "base snapshot 9",
+        );
+        bad(rec(5, Some(0), State::Complete), "base snapshot 0");
+        bad(rec(0, None, State::Complete), "snapshot id 0");
+        // A length field beyond the payload (checksum valid).
+        let payload = bincode::serialize(&ok).unwrap();
+        let mut p = payload.clone();
+        p[8..16].copy_from_slice(&u64::MAX.to_le_bytes()); // the name's length
+        let e = SnapshotRecord::decode(&encode_blob(&p)).unwrap_err();
+        assert!(e.contains("undecodable"), "{e}");
+    }
+
+    /// Records are checked together: stored under their own id, the pool's
+    /// block size, readable ones on a complete base that is there. A cycle of
+    /// bases (which hung `chain`) is refused, and a long chain is fine.
+    #[test]
+    fn check_records_finds_bad_sets() {
+        let ids = |v: &[(u64, String)]| v.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        let set = |v: Vec<SnapshotRecord>| -> BTreeMap<u64, SnapshotRecord> {
+            v.into_iter().map(|r| (r.id, r)).collect()
+        };
+        // A cycle 2 -> 3 -> 2 (and 4 on it): all out, none loops.
+        let mut recs = set(vec![
+            rec(1, None, State::Complete),
+            rec(2, Some(3), State::Complete),
+            rec(3, Some(2), State::Complete),
+            rec(4, Some(3), State::Complete),
+        ]);
+        let (good, bad) = check_records(recs.clone(), 4096);
+        assert_eq!(good.keys().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(ids(&bad), vec![2, 3, 4]);
+        assert!(
+            bad[0].1.contains("base snapshot 3 is not an older"),
+            "{bad:?}"
+        );
+        assert!(bad[1].1.contains("missing or unreadable"), "{bad:?}");
+        // Missing base: a complete record is out, a failed one stays.
+        recs = set(vec![
+            rec(2, Some(1), State::Complete),
+            rec(3, Some(1), State::Failed("x".into())),
+            rec(4, Some(3), State::Pending),
+            rec(5, None, State::Complete),
+        ]);
+        let mut wrong_key = rec(6, None, State::Complete);
+        wrong_key.id = 7;
+        recs.insert(6, wrong_key);
+        let mut other_bs = rec(8, None, State::Complete);
+        other_bs.block_size = 512;
+        recs.insert(8, other_bs);
+        let (good, bad) = check_records(recs, 4096);
+        assert_eq!(good.keys().copied().collect::<Vec<_>>(), vec![3, 5]);
+        assert_eq!(ids(&bad), vec![2, 4, 6, 8]);
+        assert!(
+            bad[1].1.contains("base snapshot 3 is not complete"),
+            "{bad:?}"
+        );
+        assert!(bad[2].1.contains("record 6 holds snapshot 7"), "{bad:?}");
+        assert!(
+            bad[3]
+                .1
+                .contains("block size 512 differs from the pool's 4096"),
+            "{bad:?}"
+        );
+        // A long chain.
+        let mut v = vec![rec(1, None, State::Complete)];
+        v.extend((2..20_000).map(|i| rec(i, Some(i - 1), State::Complete)));
+        let (good, bad) = check_records(set(v), 4096);
+        assert_eq!((good.len(), bad.len()), (19_999, 0));
+    }
 
     #[test]
     fn calendar_keys() {
