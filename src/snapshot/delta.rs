@@ -1313,7 +1313,7 @@ mod tests {
     fn huge_claimed_index_is_not_allocated() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sparse");
-        let f = OpenOptions::new()
+        let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&p)
