@@ -1204,10 +1204,17 @@ fn check_sum(b: &[u8]) -> Result<usize, String> {
             Err(_) => {}
             Ok((generation, vals)) => {
                 accepted();
-                if vals.len() != id.entries as usize || b.len() != 64 + 4 * vals.len() {
+                // Version 2 (page checksums) or version 1 (none).
+                let v1_len = 64 + 4 * vals.len() as u64;
+                if vals.len() != id.entries as usize
+                    || (b.len() as u64 != sums::file_len(id) && b.len() as u64 != v1_len)
+                {
                     return Err(format!("{} entries from {} bytes", vals.len(), b.len()));
                 }
-                if b[44..48] == [0; 4]
+                // A version-2 file re-encodes to itself (version 1 files are
+                // rewritten as version 2).
+                if b[8..12] == sums::SUM_VERSION.to_le_bytes()
+                    && b[44..48] == [0; 4]
                     && b[60..64] == [0; 4]
                     && sums::encode(id, generation, &vals) != b
                 {

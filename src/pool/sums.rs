@@ -1,10 +1,10 @@
 //! Block checksums of one extent copy: the sum file `data/<ino>.<index>.<file_id>.sum`
 //! beside the extent file on every member holding a copy.
 //!
-//! Layout (version 1, little-endian):
+//! Layout (version 2, little-endian):
 //! ```text
 //! 0   8  magic "VPOOLSUM"
-//! 8   4  version (1)
+//! 8   4  version (2; 1 is read too)
 //! 12  4  block size
 //! 16  8  ino
 //! 24  8  extent index
@@ -15,7 +15,14 @@
 //! 56  4  crc32c of bytes 0..56
 //! 60  4  reserved (0)
 //! 64  4n entries: crc32c of each block as it reads (holes read as zeros)
+//! 64+4n  4p  page checksums: crc32c of each page of 1024 entries (the last
+//!            page may be shorter), p = ceil(n / 1024)     [version 2 only]
 //! ```
+//! A flipped entry would otherwise make good data unreadable (every copy's
+//! blocks fail against it): with the page checksums a damaged table is
+//! detected, and the table of another copy, or the data, is used instead.
+//! Version 1 files (no page checksums) are still read, and rewritten as
+//! version 2 by the next commit that writes the table.
 //! Every copy's sum file holds the same table (the copies hold the same data);
 //! a reader verifies whichever copy it reads against the one table in memory,
 //! loaded from the valid sum file of the highest generation (a member that
@@ -33,8 +40,10 @@ use std::path::Path;
 use crate::bytes::read_capped;
 
 pub const SUM_MAGIC: [u8; 8] = *b"VPOOLSUM";
-pub const SUM_VERSION: u32 = 1;
+pub const SUM_VERSION: u32 = 2;
 pub const SUM_HEADER: usize = 64;
+/// Entries covered by one page checksum (version 2).
+pub const SUM_PAGE_ENTRIES: usize = 1024;
 
 /// Identity a sum file must carry to belong to an extent copy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +66,7 @@ pub fn zero_crc(bs: usize) -> u32 {
 }
 
 pub fn encode(id: SumId, generation: u64, vals: &[u32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(SUM_HEADER + vals.len() * 4);
+    let mut out = Vec::with_capacity(file_len(id) as usize);
     out.extend_from_slice(&SUM_MAGIC);
     out.extend_from_slice(&SUM_VERSION.to_le_bytes());
     out.extend_from_slice(&id.block_size.to_le_bytes());
@@ -73,7 +82,19 @@ pub fn encode(id: SumId, generation: u64, vals: &[u32]) -> Vec<u8> {
     for v in vals {
         out.extend_from_slice(&v.to_le_bytes());
     }
+    let pages: Vec<u32> = out[SUM_HEADER..]
+        .chunks(SUM_PAGE_ENTRIES * 4)
+        .map(crc32c::crc32c)
+        .collect();
+    for c in pages {
+        out.extend_from_slice(&c.to_le_bytes());
+    }
     out
+}
+
+/// Page checksums of a table of `entries` entries.
+fn pages(entries: u32) -> u64 {
+    u64::from(entries).div_ceil(SUM_PAGE_ENTRIES as u64)
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {
@@ -101,7 +122,7 @@ pub fn decode(bytes: &[u8], id: SumId) -> Result<(u64, Vec<u32>), String> {
         return Err("header checksum mismatch".into());
     }
     let version = le32(bytes, 8);
-    if version != SUM_VERSION {
+    if version != SUM_VERSION && version != 1 {
         return Err(format!("unsupported version {version}"));
     }
     let got = SumId {
@@ -115,19 +136,42 @@ pub fn decode(bytes: &[u8], id: SumId) -> Result<(u64, Vec<u32>), String> {
         return Err(format!("belongs to {got:?}, not {id:?}"));
     }
     let n = id.entries as usize;
-    if bytes.len() as u64 != file_len(id) {
+    let want = if version == 1 {
+        file_len_v1(id)
+    } else {
+        file_len(id)
+    };
+    if bytes.len() as u64 != want {
         return Err(format!(
-            "{} bytes for {n} entries (want {})",
-            bytes.len(),
-            file_len(id)
+            "{} bytes for {n} entries (want {want})",
+            bytes.len()
         ));
     }
-    let entries = (0..n).map(|i| le32(bytes, SUM_HEADER + 4 * i)).collect();
+    let table = &bytes[SUM_HEADER..SUM_HEADER + 4 * n];
+    if version != 1 {
+        let sums = &bytes[SUM_HEADER + 4 * n..];
+        for (k, page) in table.chunks(SUM_PAGE_ENTRIES * 4).enumerate() {
+            if crc32c::crc32c(page) != le32(sums, 4 * k) {
+                return Err(format!(
+                    "entries {}..{} damaged (page checksum mismatch)",
+                    k * SUM_PAGE_ENTRIES,
+                    ((k + 1) * SUM_PAGE_ENTRIES).min(n)
+                ));
+            }
+        }
+    }
+    let entries = (0..n).map(|i| le32(table, 4 * i)).collect();
     Ok((le64(bytes, 48), entries))
 }
 
-/// Length of the sum file of `id`: the header and 4 bytes an entry.
+/// Length of the sum file of `id`: the header, 4 bytes an entry and 4 bytes
+/// a page of entries.
 pub fn file_len(id: SumId) -> u64 {
+    file_len_v1(id) + 4 * pages(id.entries)
+}
+
+/// Length of a version-1 sum file (no page checksums).
+fn file_len_v1(id: SumId) -> u64 {
     SUM_HEADER as u64 + 4 * u64::from(id.entries)
 }
 
@@ -182,8 +226,49 @@ mod tests {
     fn round_trip_and_damage() {
         let vals = vec![1, 2, 3, zero_crc(4096)];
         let b = encode(id(), 42, &vals);
-        assert_eq!(b.len(), SUM_HEADER + 16);
-        assert_eq!(decode(&b, id()).unwrap(), (42, vals));
+        // Pinned layout (docs/design.md section 17.1): header, entries, one
+        // page checksum for up to 1024 entries.
+        assert_eq!(b.len(), SUM_HEADER + 16 + 4);
+        assert_eq!(&b[0..8], b"VPOOLSUM");
+        assert_eq!(le32(&b, 8), 2);
+        assert_eq!(le32(&b, 40), 4);
+        assert_eq!(le64(&b, 48), 42);
+        assert_eq!(le32(&b, SUM_HEADER + 8), 3);
+        assert_eq!(
+            le32(&b, SUM_HEADER + 16),
+            crc32c::crc32c(&b[SUM_HEADER..SUM_HEADER + 16])
+        );
+        assert_eq!(decode(&b, id()).unwrap(), (42, vals.clone()));
+        // A flipped entry is found, whichever page it is in.
+        for at in [SUM_HEADER, SUM_HEADER + 7, SUM_HEADER + 15] {
+            let mut bad = b.clone();
+            bad[at] ^= 0x10;
+            assert!(
+                decode(&bad, id()).unwrap_err().contains("page checksum"),
+                "{at}"
+            );
+        }
+        let big = SumId {
+            entries: 2500,
+            ..id()
+        };
+        let many: Vec<u32> = (0..2500).collect();
+        let b2 = encode(big, 1, &many);
+        assert_eq!(b2.len() as u64, file_len(big));
+        assert_eq!(b2.len(), SUM_HEADER + 4 * 2500 + 4 * 3);
+        let mut bad = b2.clone();
+        bad[SUM_HEADER + 4 * 2400] ^= 1;
+        assert!(
+            decode(&bad, big)
+                .unwrap_err()
+                .contains("entries 2048..2500")
+        );
+        // Version 1 (no page checksums) is still read.
+        let mut v1 = b[..SUM_HEADER + 16].to_vec();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32c::crc32c(&v1[..56]);
+        v1[56..60].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode(&v1, id()).unwrap(), (42, vals));
         let mut bad = b.clone();
         bad[20] ^= 1;
         assert!(decode(&bad, id()).unwrap_err().contains("checksum"));
@@ -205,7 +290,7 @@ mod tests {
         let e = read(&p, id()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(
-            e.to_string().contains("1073741824 bytes, more than the 80"),
+            e.to_string().contains("1073741824 bytes, more than the 84"),
             "{e}"
         );
     }
