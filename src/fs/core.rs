@@ -275,6 +275,9 @@ pub struct Vfs {
     pub(crate) next_fh: AtomicU64,
     commit_lock: Mutex<()>,
     generation: AtomicU64,
+    /// Commits that removed extent files (space freed): a writer that met
+    /// ENOSPC retries once another writer's commit freed space meanwhile.
+    freed: AtomicU64,
 }
 
 /// A changed-block bitmap as the metadata store keeps it.
@@ -426,6 +429,7 @@ impl Vfs {
             next_fh: AtomicU64::new(1),
             commit_lock: Mutex::new(()),
             generation: AtomicU64::new(img.generation),
+            freed: AtomicU64::new(0),
         };
         if !opts.read_only {
             vfs.recover(&suspects)?;
@@ -1206,13 +1210,14 @@ impl Vfs {
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
         self.writable()?;
+        let freed = self.freed.load(Ordering::Acquire);
         let r = {
             let _g = self.gate.read();
             self.write_locked(fh, off, data)
         };
         match r {
             // The commit that frees space takes the gate itself: retry without it held.
-            Err(FsError::NoSpace) if self.reclaim_space() => {
+            Err(FsError::NoSpace) if self.reclaim_space(freed) => {
                 let _g = self.gate.read();
                 self.write_locked(fh, off, data)
             }
@@ -1549,11 +1554,18 @@ impl Vfs {
     /// When a write runs out of space while files removed since the last commit
     /// still hold theirs, commit now so their extent files go. Returns whether
     /// anything was freed (worth retrying the write).
-    fn reclaim_space(&self) -> bool {
-        if self.ns.read().dead_extents.is_empty() {
-            return false;
+    /// After ENOSPC: whether a retry may now find room. Files of deleted data
+    /// are removed by a commit, so one is run when any are pending; when none
+    /// are, another writer's commit may be removing them right now (it took
+    /// them), so wait for any running commit and retry if one freed space
+    /// since the write began (`freed` then). Concurrent writers of a flush
+    /// otherwise failed while the first one's commit was freeing the space.
+    fn reclaim_space(&self, freed: u64) -> bool {
+        if !self.ns.read().dead_extents.is_empty() {
+            return self.commit().is_ok();
         }
-        self.commit().is_ok()
+        drop(self.commit_lock.lock());
+        self.freed.load(Ordering::Acquire) != freed
     }
 
     /// Whether anything awaits a commit.
@@ -1738,7 +1750,11 @@ impl Vfs {
                 // Files a running snapshot capture may still read wait for it.
                 let mut dead = self.snaps.defer_dead(dead);
                 dead.extend(self.snaps.take_released());
-                self.pool.remove_extent_files(&self.without_live(dead));
+                let dead = self.without_live(dead);
+                self.pool.remove_extent_files(&dead);
+                if !dead.is_empty() {
+                    self.freed.fetch_add(1, Ordering::AcqRel);
+                }
                 Ok(())
             }
             Err(e) => {
