@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use common::*;
@@ -282,6 +282,61 @@ fn freed_space_is_usable_by_the_very_next_write() {
         );
         fs::remove_file(&dst).unwrap();
     }
+    m.unmount();
+    pool.assert_check_clean();
+}
+
+/// Point 7: `lseek(SEEK_DATA)` on a descriptor whose writes were still in the
+/// kernel's writeback cache answered from the daemon's older size: after a
+/// 1 MiB `pwrite` at 0 into a new file, SEEK_DATA at 0 failed with ENXIO (a
+/// copying tool would skip the data; hole probes called holes unsupported).
+#[test]
+fn seek_data_sees_writes_still_in_the_kernel_cache() {
+    use std::os::unix::io::AsRawFd;
+    let pool = Pool::new(1, &[]);
+    let m = pool.mount();
+    for round in 0..20 {
+        let p = m.join(format!("f{round}"));
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .unwrap();
+        f.write_all_at(&pattern(round, 1 << 20), 0).unwrap();
+        let data = lseek(&f, 0, libc::SEEK_DATA)
+            .unwrap_or_else(|e| panic!("round {round}: SEEK_DATA at 0 after a 1 MiB write: {e}"));
+        assert_eq!(data, 0, "round {round}: SEEK_DATA");
+        let hole = lseek(&f, 0, libc::SEEK_HOLE).unwrap();
+        assert_eq!(hole, 1 << 20, "round {round}: SEEK_HOLE");
+        // A hole punched below cached data, then data past it.
+        f.write_all_at(b"tail", 3 << 20).unwrap();
+        assert_eq!(
+            lseek(&f, 1 << 20, libc::SEEK_DATA).unwrap(),
+            3 << 20,
+            "round {round}"
+        );
+        let _ = f.as_raw_fd();
+    }
+    m.unmount();
+}
+
+/// Point 7: a directory replaced by `rename` while open: `fstat` on its
+/// descriptor failed with ENOENT instead of showing it with no links.
+#[test]
+fn an_open_directory_replaced_by_rename_still_answers_fstat() {
+    let pool = Pool::new(1, &[]);
+    let m = pool.mount();
+    fs::create_dir(m.join("a")).unwrap();
+    fs::create_dir(m.join("b")).unwrap();
+    let d = fs::File::open(m.join("a")).unwrap();
+    fs::rename(m.join("b"), m.join("a")).unwrap();
+    let md = d
+        .metadata()
+        .unwrap_or_else(|e| panic!("fstat of the replaced directory: {e}"));
+    assert!(md.is_dir());
+    assert_eq!(md.nlink(), 0, "a replaced directory has no links");
+    drop(d);
     m.unmount();
     pool.assert_check_clean();
 }

@@ -219,6 +219,15 @@ impl Namespace {
     }
 
     /// Drops a node whose last link and last handle are gone.
+    /// Frees a node that lost its last link, unless a handle still holds it
+    /// open (its last release frees it): an open directory replaced by
+    /// `rename` or removed still answers `fstat`, with no links.
+    fn free_unless_open(&mut self, node: &Node) {
+        if node.open.load(Ordering::Acquire) == 0 {
+            self.free(node.ino);
+        }
+    }
+
     fn free(&mut self, ino: u64) {
         if let Some(n) = self.nodes.remove(&ino) {
             if let Some(v) = &n.volume {
@@ -238,6 +247,8 @@ pub(crate) enum Handle {
     },
     Dir {
         entries: Mutex<Vec<DirEntry>>,
+        /// The directory (none for `.snapshots` views), kept while open.
+        node: Option<Arc<Node>>,
     },
     /// A file of a snapshot (read-only).
     SnapFile {
@@ -257,6 +268,9 @@ pub struct DirEntry {
 /// on its own (restore, clone) that the kernel did not see pass.
 pub trait KernelCache: Send + Sync {
     fn inval_inode(&self, ino: u64);
+    /// Makes the kernel write back (and drop) its cached pages of `ino` from
+    /// byte `from` on. Must not be called from a thread serving a request.
+    fn write_back(&self, ino: u64, from: u64);
     fn inval_entry(&self, parent: u64, name: &[u8]);
 }
 
@@ -579,6 +593,13 @@ impl Vfs {
             .collect()
     }
 
+    /// See [`KernelCache::write_back`].
+    pub fn write_back_kernel(&self, ino: u64, from: u64) {
+        if let Some(k) = self.kernel.get() {
+            k.write_back(ino, from);
+        }
+    }
+
     /// Connects the kernel's caches (the FUSE adapter does, once mounted).
     pub fn set_kernel_cache(&self, k: Box<dyn KernelCache>) {
         let _ = self.kernel.set(k);
@@ -748,6 +769,10 @@ impl Vfs {
         }
         let mut ns = self.ns.write();
         let pnode = ns.node(parent)?;
+        if pnode.meta.lock().nlink == 0 {
+            // A removed directory still open: nothing is created in it.
+            return Err(FsError::NotFound);
+        }
         if ns.dir(parent)?.contains_key(name) {
             return Err(FsError::Exists);
         }
@@ -978,7 +1003,7 @@ impl Vfs {
         }
         ns.set_entry(parent, name, None);
         node.meta.lock().nlink = 0;
-        ns.free(ino);
+        ns.free_unless_open(&node);
         if let Ok(p) = ns.node(parent) {
             let mut pm = p.meta.lock();
             pm.nlink = pm.nlink.saturating_sub(1);
@@ -1120,7 +1145,7 @@ impl Vfs {
                         return Err(FsError::NotEmpty);
                     }
                     dst.meta.lock().nlink = 0;
-                    ns.free(dst_ino);
+                    ns.free_unless_open(&dst);
                     if let Ok(n) = ns.node(newparent) {
                         let mut m = n.meta.lock();
                         m.nlink = m.nlink.saturating_sub(1);
@@ -1392,11 +1417,19 @@ impl Vfs {
 
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
         let entries = self.list_any(ino)?;
+        let node = if is_snap(ino) {
+            None
+        } else {
+            let n = self.ns.read().node(ino)?;
+            n.open.fetch_add(1, Ordering::AcqRel);
+            Some(n)
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.write().insert(
             fh,
             Arc::new(Handle::Dir {
                 entries: Mutex::new(entries),
+                node,
             }),
         );
         Ok(fh)
@@ -1453,7 +1486,7 @@ impl Vfs {
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)?;
-        let Handle::Dir { entries } = h.as_ref() else {
+        let Handle::Dir { entries, .. } = h.as_ref() else {
             return Err(FsError::BadHandle);
         };
         let mut e = entries.lock();
@@ -1468,7 +1501,20 @@ impl Vfs {
     }
 
     pub fn releasedir(&self, fh: u64) -> FsResult<()> {
-        self.handles.write().remove(&fh);
+        let h = self.handles.write().remove(&fh);
+        if let Some(h) = h
+            && let Handle::Dir {
+                node: Some(node), ..
+            } = h.as_ref()
+            && node.open.fetch_sub(1, Ordering::AcqRel) == 1
+            && node.meta.lock().nlink == 0
+        {
+            let mut ns = self.ns.write();
+            // Re-check under the namespace lock: another open may have raced.
+            if node.open.load(Ordering::Acquire) == 0 && ns.nodes.contains_key(&node.ino) {
+                ns.free(node.ino);
+            }
+        }
         Ok(())
     }
 

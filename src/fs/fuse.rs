@@ -52,6 +52,17 @@ impl crate::fs::core::KernelCache for Invalidator {
         }
     }
 
+    fn write_back(&self, ino: u64, from: u64) {
+        // Invalidating a range makes the kernel write its dirty pages back
+        // first (launder), through ordinary WRITE requests.
+        if let Err(e) = self
+            .0
+            .inval_inode(INodeNo(ino), from.min(i64::MAX as u64) as i64, 0)
+        {
+            tracing::debug!(ino, error = %e, "cannot have the kernel write back its pages");
+        }
+    }
+
     fn inval_entry(&self, parent: u64, name: &[u8]) {
         if let Err(e) = self.0.inval_entry(INodeNo(parent), OsStr::from_bytes(name)) {
             tracing::debug!(parent, error = %e, "cannot invalidate a kernel dentry");
@@ -557,7 +568,7 @@ impl Filesystem for FuseFs {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
@@ -567,10 +578,31 @@ impl Filesystem for FuseFs {
             reply.error(Errno::from_i32(libc::EINVAL));
             return;
         }
-        match self.vfs.lseek(fh.0, offset as u64, whence) {
+        let fh = fh.0;
+        let answer = move |vfs: &Vfs, reply: ReplyLseek| match vfs.lseek(fh, offset as u64, whence)
+        {
             Ok(o) => reply.offset(o as i64),
             Err(e) => reply.error(errno(&e)),
+        };
+        if self.writeback_cache && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE) {
+            // The kernel asks without writing back what its writeback cache
+            // holds, so the daemon could call written data a hole. It is made
+            // to write back its pages from `offset` first, from another thread:
+            // the writes it sends need this session's threads, this one among
+            // them, and the reply can come from anywhere.
+            let vfs = self.vfs.clone();
+            let spawned = std::thread::Builder::new()
+                .name("vpool-seek".into())
+                .spawn(move || {
+                    vfs.write_back_kernel(ino.0, offset as u64);
+                    answer(&vfs, reply);
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a thread for SEEK_DATA/SEEK_HOLE");
+            }
+            return;
         }
+        answer(&self.vfs, reply);
     }
 
     fn copy_file_range(
