@@ -147,8 +147,23 @@ fn one_damaged_metadata_copy_is_rebuilt_from_the_other() {
             }
         }
         drop(f);
+        // Offline, status names the damaged copy (and repairs nothing).
+        let st = status_json(&pool.members[0]);
+        assert_eq!(st["state"], "DEGRADED", "{damage}: {st}");
+        let bad = st["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["health"] == "DAMAGED")
+            .unwrap_or_else(|| panic!("{damage}: no member shown DAMAGED: {st}"));
+        assert_eq!(
+            bad["path"],
+            pool.members[1].display().to_string(),
+            "{damage}"
+        );
         let m = Mount::try_new(&pool.members[0], &pool.mnt(), &[])
             .unwrap_or_else(|o| panic!("{damage}: mount refused\n{}", describe(&o)));
+        assert_eq!(m.status()["state"], "ONLINE", "{damage}: rebuilt at mount");
         assert_same(&read_all(&m.join("dir/f")), &data, damage);
         m.unmount();
         assert!(

@@ -274,6 +274,9 @@ pub struct Pool {
     /// them as behind (opened with `force`): extent files there that no
     /// record references are quarantined, not removed.
     diverged: Mutex<Vec<u32>>,
+    /// Members whose metadata copy did not open or load and was not rebuilt
+    /// (opened without repair), with the reason: `status` names them.
+    damaged_meta: Mutex<Vec<(u32, String)>>,
 }
 
 /// Space of the pool as statfs reports it (bytes).
@@ -720,6 +723,7 @@ impl Pool {
             behind: Mutex::new(meta::Behind::new()),
             force: std::sync::atomic::AtomicBool::new(false),
             diverged: Mutex::new(Vec::new()),
+            damaged_meta: Mutex::new(Vec::new()),
         })
     }
 
@@ -832,6 +836,7 @@ impl Pool {
                 *m.store.lock() = Some(MemberStore::create(&m.dir, &img)?);
                 fsync_dir(&m.dir).map_err(|e| Error::io(&m.dir, e))?;
             }
+            damaged.clear();
             for (m, have) in members.iter().zip(&loaded) {
                 let Some(have) = have else { continue };
                 if have.generation == img.generation && have.corrupt.is_empty() {
@@ -849,6 +854,10 @@ impl Pool {
             }
             self.refresh_label_paths()?;
         }
+        *self.damaged_meta.lock() = damaged
+            .iter()
+            .map(|(m, e)| (m.entry.id, e.to_string()))
+            .collect();
         self.after_load(&img);
         Ok(img)
     }
@@ -1619,10 +1628,22 @@ impl Pool {
                 }
             }
             stored_total += stored;
-            let (health, reason) = match (m.fail_reason(), m.probe()) {
-                (Some(why), _) => ("FAULTED", Some(why)),
-                (None, Err(why)) => ("FAULTED", Some(why)),
-                (None, Ok(())) => ("ONLINE", None),
+            let damaged = self
+                .damaged_meta
+                .lock()
+                .iter()
+                .find(|(id, _)| *id == m.entry.id)
+                .map(|(_, why)| why.clone());
+            let (health, reason) = match (m.fail_reason(), m.probe(), damaged) {
+                (Some(why), _, _) => ("FAULTED", Some(why)),
+                (None, Err(why), _) => ("FAULTED", Some(why)),
+                (None, Ok(()), Some(why)) => (
+                    "DAMAGED",
+                    Some(format!(
+                        "metadata copy damaged ({why}); rebuilt from the others at the next read-write mount"
+                    )),
+                ),
+                (None, Ok(()), None) => ("ONLINE", None),
             };
             members.push(MemberStatus {
                 reason,
