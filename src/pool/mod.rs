@@ -804,9 +804,9 @@ impl Pool {
             );
             *self.diverged.lock() = split.iter().map(|(m, _, _)| m.entry.id).collect();
         }
-        let images: Vec<MetaImage> = loaded.iter().flatten().cloned().collect();
-        let same_gen: Vec<&MetaImage> = images
+        let same_gen: Vec<&MetaImage> = loaded
             .iter()
+            .flatten()
             .filter(|o| o.generation == img.generation)
             .collect();
         heal_inodes(&mut img, &same_gen);
@@ -1465,20 +1465,22 @@ impl Pool {
         // behind at this generation (unless it already had); every member it
         // reaches is in step again. The record goes with the commit itself.
         let behind = {
+            let label = self.label();
             let mut b = self.behind.lock();
             let reached: HashSet<Uuid> = members
                 .iter()
                 .filter(|m| !m.is_failed())
                 .map(|m| m.entry.uuid)
                 .collect();
-            for e in &self.label().members {
+            for e in &label.members {
                 if reached.contains(&e.uuid) {
                     b.remove(&e.uuid);
                 } else {
                     b.entry(e.uuid).or_insert(batch.generation);
                 }
             }
-            b.retain(|id, _| self.label.read().members.iter().any(|e| e.uuid == *id));
+            // Members removed from the pool are no one's concern any more.
+            b.retain(|id, _| label.members.iter().any(|e| e.uuid == *id));
             b.clone()
         };
         let behind = &behind;
