@@ -1989,6 +1989,36 @@ mod tests {
         v.release(fh).unwrap();
     }
 
+    /// A snapshot record that does not load (damaged, or invalid) is left out
+    /// of the view, but its delta files are not taken for leftovers of a
+    /// failed capture: they are all there is to rebuild it from.
+    #[test]
+    fn deltas_of_an_unreadable_snapshot_record_are_kept() {
+        let (_d, dirs) = setup(1, 64 * 1024);
+        drop(open(&dirs[0]));
+        let store = crate::pool::meta::MemberStore::open(&dirs[0]).unwrap();
+        let generation = store.generation().unwrap() + 1;
+        let batch = crate::pool::meta::Batch {
+            generation,
+            next_ino: ROOT_INO + 1,
+            next_file_id: 1,
+            next_snap_id: 6,
+            snapshots: vec![(5, Some(crate::pool::meta::encode_blob(b"not a record")))],
+            ..Default::default()
+        };
+        store.apply(&batch, true, &Default::default()).unwrap();
+        drop(store);
+        let snapdir = dirs[0].join(crate::snapshot::SNAP_DIR).join("5");
+        std::fs::create_dir_all(&snapdir).unwrap();
+        std::fs::write(snapdir.join("2.0.vd"), b"delta bytes").unwrap();
+        let v = open(&dirs[0]);
+        assert!(v.snaps.by_name("x").is_none());
+        assert!(
+            snapdir.join("2.0.vd").exists(),
+            "deltas of an unreadable record removed"
+        );
+    }
+
     #[test]
     fn truncate_punch_and_seek() {
         let (_d, dirs) = setup(1, 64 * 1024);

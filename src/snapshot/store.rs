@@ -371,6 +371,9 @@ pub struct SnapshotStore {
     frames: Mutex<FrameCache>,
     /// Deferred dead extent files of a finished capture, for the next commit.
     released: Mutex<Vec<DeadExtent>>,
+    /// Snapshots whose record is in the metadata but did not load (damaged or
+    /// invalid): their delta files are kept, never taken for leftovers.
+    unreadable: BTreeSet<u64>,
     /// Bumped by every deletion (which rewrites deltas, so that the same frame
     /// offset names other blocks), under the `records` write lock. A view is
     /// labelled with the value its records were read at, is cached only if
@@ -421,6 +424,7 @@ impl SnapshotStore {
         let views = lru((pool.fds.capacity() / 64).clamp(4, VIEW_CACHE));
         (
             SnapshotStore {
+                unreadable: bad.iter().map(|(id, _)| *id).collect(),
                 pool,
                 bs,
                 records: RwLock::new(records),
@@ -1110,6 +1114,13 @@ impl SnapshotStore {
             };
             for ent in list.flatten() {
                 let name = ent.file_name().to_string_lossy().into_owned();
+                if name
+                    .parse::<u64>()
+                    .is_ok_and(|id| self.unreadable.contains(&id))
+                {
+                    tracing::warn!(path = %ent.path().display(), "deltas of a snapshot whose record does not load are kept (see vpool check)");
+                    continue;
+                }
                 let rec = name.parse::<u64>().ok().and_then(|id| recs.get(&id));
                 let Some(rec) = rec.filter(|r| r.state == State::Complete) else {
                     let _ = fs::remove_dir_all(ent.path());
