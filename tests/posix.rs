@@ -1706,3 +1706,19 @@ fn st_blocks_current_right_after_fsync() {
          {via_fd} (fstat); expected >= 4 MiB"
     );
 }
+
+/// A mountpoint with non-ASCII characters and a space (escaped in
+/// /proc/self/mountinfo as octal) is recognised: status answers through it and
+/// `vpool unmount` unmounts it (it said "not mounted" and left it mounted).
+#[test]
+fn non_ascii_mountpoint_mounts_and_unmounts() {
+    let pool = Pool::new(1, &[]);
+    let mp = pool.scratch("mnt é ü");
+    fs::create_dir(&mp).unwrap();
+    let m = Mount::new(&pool.members[0], &mp, &[]);
+    write_synced(&m.join("f"), b"data");
+    assert_eq!(status_json(&m.path)["mounted"], true);
+    m.unmount();
+    assert!(!is_mounted(&mp));
+    pool.assert_check_clean();
+}
