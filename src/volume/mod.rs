@@ -926,13 +926,8 @@ impl Volume {
             return;
         }
         let per = self.blocks_per_extent();
-        let indexes: Vec<u64> = self
-            .map
-            .read()
-            .range(start / per..=(end - 1) / per)
-            .map(|(i, _)| *i)
-            .collect();
-        for i in indexes {
+        for ext in self.extents_in(start / per..=(end - 1) / per) {
+            let i = ext.index;
             self.mark_blocks(start.max(i * per), end.min((i + 1) * per));
         }
     }
@@ -1153,6 +1148,16 @@ impl Volume {
         self.map.read().get(&index).cloned()
     }
 
+    /// The extents of the map whose index lies in `indexes` (taken out of the
+    /// map's lock): walks what is allocated, never the index range itself.
+    fn extents_in(&self, indexes: impl std::ops::RangeBounds<u64>) -> Vec<Arc<Extent>> {
+        self.map
+            .read()
+            .range(indexes)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+
     /// The extent now in the map at `e`'s index (a migration may have swapped
     /// it while the caller waited for its stripes), else `e`.
     fn current(&self, e: Arc<Extent>) -> Arc<Extent> {
@@ -1257,13 +1262,7 @@ impl Volume {
             return Ok(());
         }
         let end = off.saturating_add(len);
-        let exts: Vec<Arc<Extent>> = self
-            .map
-            .read()
-            .range(off / self.esize..=(end - 1) / self.esize)
-            .map(|(_, e)| e.clone())
-            .collect();
-        for ext in exts {
+        for ext in self.extents_in(off / self.esize..=(end - 1) / self.esize) {
             let start = (ext.index * self.esize).max(off);
             let stop = ((ext.index + 1) * self.esize).min(end);
             let p = Piece {
@@ -1396,13 +1395,7 @@ impl Volume {
         if off >= size {
             return Ok(None);
         }
-        let exts: Vec<Arc<Extent>> = self
-            .map
-            .read()
-            .range(off / self.esize..)
-            .map(|(_, e)| e.clone())
-            .collect();
-        for ext in exts {
+        for ext in self.extents_in(off / self.esize..) {
             let start = ext.index * self.esize;
             if start >= size {
                 break;
