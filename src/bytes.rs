@@ -2,19 +2,20 @@
 //! bounds-checked little-endian cursor, and bincode decoding limited to the
 //! input (see `docs/design.md`, "Parser validation and fuzzing").
 
-use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 
 use bincode::Options;
 use serde::de::DeserializeOwned;
 
+use crate::storage::{OpenMode, Storage};
+
 /// Reads the whole file at `path`, refusing one of more than `cap` bytes with
 /// an `InvalidData` error (before reading it, from its length, and while
 /// reading, so that a file growing meanwhile cannot get past the cap).
-pub fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
-    let f = File::open(path)?;
-    let len = f.metadata()?.len();
+pub fn read_capped(s: &dyn Storage, path: &Path, cap: u64) -> io::Result<Vec<u8>> {
+    let f = s.open(path, OpenMode::READ)?;
+    let len = f.len()?;
     let too_big = |n: u64| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -25,10 +26,19 @@ pub fn read_capped(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
         return Err(too_big(len));
     }
     // `len <= cap`; a cap above the address space is not a concern here.
-    let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    f.take(cap.saturating_add(1)).read_to_end(&mut buf)?;
-    if buf.len() as u64 > cap {
-        return Err(too_big(buf.len() as u64));
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    buf.truncate(got);
+    // Grown since the length was read: past the cap?
+    let mut probe = [0u8; 1];
+    if got as u64 == len && f.read_at(&mut probe, len)? > 0 && len >= cap {
+        return Err(too_big(len + 1));
     }
     Ok(buf)
 }
@@ -111,6 +121,7 @@ pub fn bincode_decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, bincode::Error
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::real::RealStorage;
     use std::collections::BTreeMap;
 
     #[test]
@@ -131,12 +142,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("f");
         std::fs::write(&p, [7u8; 10]).unwrap();
-        assert_eq!(read_capped(&p, 10).unwrap(), vec![7u8; 10]);
-        let e = read_capped(&p, 9).unwrap_err();
+        assert_eq!(read_capped(&RealStorage, &p, 10).unwrap(), vec![7u8; 10]);
+        let e = read_capped(&RealStorage, &p, 9).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("10 bytes, more than the 9"), "{e}");
         assert_eq!(
-            read_capped(&d.path().join("none"), 9).unwrap_err().kind(),
+            read_capped(&RealStorage, &d.path().join("none"), 9).unwrap_err().kind(),
             io::ErrorKind::NotFound
         );
     }

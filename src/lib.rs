@@ -21,6 +21,7 @@ pub mod error;
 pub mod fs;
 pub mod pool;
 pub mod snapshot;
+pub mod storage;
 pub mod util;
 pub mod volume;
 

@@ -1,10 +1,10 @@
 //! Small helpers shared by the layers: durable file replacement, private
 //! files and directories, size parsing.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 
 /// Mode of every file vpool creates in a member directory: member files hold
 /// every user's data, whatever the modes users see through the mount.
@@ -17,15 +17,6 @@ pub fn private_options() -> OpenOptions {
     let mut o = OpenOptions::new();
     o.mode(PRIVATE_FILE_MODE);
     o
-}
-
-/// Creates `dir` and its missing parents with [`PRIVATE_DIR_MODE`] (directories
-/// that exist already are left as they are).
-pub fn create_private_dir(dir: &Path) -> io::Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(PRIVATE_DIR_MODE)
-        .create(dir)
 }
 
 /// Takes group and other permissions off `dir` (a member root): it holds
@@ -98,78 +89,6 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// fsyncs a directory so that entries created, renamed or removed in it are durable.
-pub fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// The directory of `path` and the temporary name beside it that
-/// [`write_file_atomic`] and [`copy_file_atomic`] write first.
-fn tmp_beside(path: &Path) -> io::Result<(&Path, PathBuf)> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    Ok((dir, dir.join(format!(".{}.tmp", name.to_string_lossy()))))
-}
-
-/// Replaces `path` with `data` durably: write a temporary file, fsync it, rename it
-/// over `path`, fsync the directory. A crash leaves either the old or the new file.
-pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let (dir, tmp) = tmp_beside(path)?;
-    {
-        let mut f = private_options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        // An earlier temporary file may have been left with another mode.
-        f.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    fsync_dir(dir)
-}
-
-/// Replaces (or creates) `dst` with a copy of `src` durably, the same way as
-/// [`write_file_atomic`], without reading the file into memory. The copy is
-/// private ([`PRIVATE_FILE_MODE`]) whatever the mode of `src`.
-pub fn copy_file_atomic(src: &Path, dst: &Path) -> io::Result<()> {
-    let (dir, tmp) = tmp_beside(dst)?;
-    {
-        let mut from = File::open(src)?;
-        let mut to = private_options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        to.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
-        io::copy(&mut from, &mut to)?;
-        to.sync_all()?;
-    }
-    fs::rename(&tmp, dst)?;
-    fsync_dir(dir)
-}
-
-/// The filesystem statistics of the filesystem holding `path`.
-pub fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    // SAFETY: statvfs is plain old data; zeroed is a valid value, and `c` is a valid
-    // NUL-terminated path that outlives the call.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: see above; `st` is a valid out-pointer.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st)
-}
-
 /// Nice value of background threads (snapshot capture): they yield the CPU
 /// to the FUSE threads serving applications, and get all of it when idle.
 pub const BACKGROUND_NICE: i32 = 10;
@@ -232,39 +151,5 @@ mod tests {
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert!(parse_size("x").is_err());
         assert!(parse_size("12Q").is_err());
-    }
-
-    #[test]
-    fn atomic_write_replaces() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("f");
-        write_file_atomic(&p, b"one").unwrap();
-        write_file_atomic(&p, b"two").unwrap();
-        assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-    }
-
-    #[test]
-    fn copies_are_private_whatever_the_source_mode() {
-        let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("src");
-        fs::write(&src, b"data").unwrap();
-        fs::set_permissions(&src, fs::Permissions::from_mode(0o644)).unwrap();
-        let dst = d.path().join("dst");
-        copy_file_atomic(&src, &dst).unwrap();
-        assert_eq!(fs::read(&dst).unwrap(), b"data");
-        assert_eq!(
-            fs::metadata(&dst).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        let sub = d.path().join("a/b");
-        create_private_dir(&sub).unwrap();
-        assert_eq!(
-            fs::metadata(&sub).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
     }
 }

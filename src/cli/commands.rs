@@ -288,9 +288,9 @@ fn status_of(target: &Path) -> Result<PoolStatus> {
             _ => bail!("daemon gave no status"),
         }
     };
-    if crate::pool::label::has_label(&canon) {
+    if crate::pool::label::has_label(&crate::storage::real::RealStorage, &canon) {
         // A member directory: ask the daemon if the pool is mounted.
-        if let Some((pid, mp)) = read_lock_info(&canon)
+        if let Some((pid, mp)) = read_lock_info(&crate::storage::real::RealStorage, &canon)
             && pid_alive(pid)
             && let Ok(st) = ask(&mp)
         {

@@ -23,8 +23,8 @@ pub(super) enum Target {
 pub(super) fn resolve(target: &Path) -> Result<Target> {
     let canon = std::fs::canonicalize(target)
         .with_context(|| format!("{} does not exist", target.display()))?;
-    if crate::pool::label::has_label(&canon) {
-        if let Some((pid, mp)) = read_lock_info(&canon)
+    if crate::pool::label::has_label(&crate::storage::real::RealStorage, &canon) {
+        if let Some((pid, mp)) = read_lock_info(&crate::storage::real::RealStorage, &canon)
             && pid_alive(pid)
         {
             return Ok(Target::Mounted(mp));

@@ -1996,7 +1996,7 @@ mod tests {
     fn deltas_of_an_unreadable_snapshot_record_are_kept() {
         let (_d, dirs) = setup(1, 64 * 1024);
         drop(open(&dirs[0]));
-        let store = crate::pool::meta::MemberStore::open(&dirs[0]).unwrap();
+        let store = crate::pool::meta::MemberStore::open(&crate::storage::real::RealStorage, &dirs[0]).unwrap();
         let generation = store.generation().unwrap() + 1;
         let batch = crate::pool::meta::Batch {
             generation,
@@ -2133,7 +2133,7 @@ mod tests {
     /// Overwrites inode `ino`'s record on member `dir` with garbage, keeping the generation.
     fn damage_record(dir: &std::path::Path, ino: u64) {
         use crate::pool::meta::MemberStore;
-        let s = MemberStore::open(dir).unwrap();
+        let s = MemberStore::open(&crate::storage::real::RealStorage, dir).unwrap();
         let img = s.load().unwrap();
         let batch = crate::pool::meta::Batch {
             generation: img.generation,

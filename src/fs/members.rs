@@ -187,7 +187,7 @@ impl Vfs {
         let (made, old) = self.snaps.place_deltas(from, want)?;
         self.commit()?;
         for p in old {
-            let _ = std::fs::remove_file(p);
+            let _ = self.pool.storage().remove_file(&p);
         }
         Ok(made)
     }

@@ -75,7 +75,7 @@ impl Vfs {
                 .members()
                 .iter()
                 .filter(|m| !m.is_failed())
-                .flat_map(|m| crate::pool::label::label_problems(&m.dir))
+                .flat_map(|m| crate::pool::label::label_problems(self.pool.storage(), &m.dir))
                 .collect();
             if !bad.is_empty() {
                 let n = bad.len() as u64;

@@ -15,13 +15,13 @@
 //! `Arc`, and fdatasync on a reopened descriptor flushes the same inode (and
 //! reports its unseen writeback errors).
 
-use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroUsize;
-use std::sync::Arc;
 
 use lru::LruCache;
 use parking_lot::Mutex;
+
+use crate::storage::Handle;
 
 /// Identity of an extent copy's file: `(member, ino, index, file_id)`.
 pub type FdKey = (u32, u64, u64, u64);
@@ -33,7 +33,7 @@ pub const FD_RESERVE: u64 = 256;
 const MAX_CACHED: u64 = 1 << 16;
 
 pub struct FdCache {
-    shards: Vec<Mutex<LruCache<FdKey, Arc<File>>>>,
+    shards: Vec<Mutex<LruCache<FdKey, Handle>>>,
     capacity: usize,
 }
 
@@ -61,7 +61,7 @@ impl FdCache {
         self.capacity
     }
 
-    fn shard(&self, key: &FdKey) -> &Mutex<LruCache<FdKey, Arc<File>>> {
+    fn shard(&self, key: &FdKey) -> &Mutex<LruCache<FdKey, Handle>> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         &self.shards[h.finish() as usize % SHARDS]
@@ -71,21 +71,21 @@ impl FdCache {
     pub fn get_or_open<E>(
         &self,
         key: FdKey,
-        open: impl FnOnce() -> Result<File, E>,
-    ) -> Result<Arc<File>, E> {
+        open: impl FnOnce() -> Result<Handle, E>,
+    ) -> Result<Handle, E> {
         if let Some(f) = self.shard(&key).lock().get(&key) {
             return Ok(f.clone());
         }
         // Opened without the shard's lock: a slow member must not hold up
         // the other files of the shard. Two racing opens of one file both
         // name the file at the path; the last one is kept.
-        let f = Arc::new(open()?);
+        let f = open()?;
         self.shard(&key).lock().put(key, f.clone());
         Ok(f)
     }
 
     /// Caches `f`, just created at the path of `key` (replacing any entry).
-    pub fn put(&self, key: FdKey, f: Arc<File>) {
+    pub fn put(&self, key: FdKey, f: Handle) {
         self.shard(&key).lock().put(key, f);
     }
 
@@ -132,6 +132,13 @@ pub fn raise_fd_limit() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::real::RealFile;
+    use std::fs::File;
+    use std::sync::Arc;
+
+    fn h(f: std::io::Result<File>) -> std::io::Result<Handle> {
+        f.map(|f| Arc::new(RealFile(f)) as Handle)
+    }
 
     #[test]
     fn bounded_and_forgets() {
@@ -140,19 +147,19 @@ mod tests {
         assert_eq!(c.capacity(), 32);
         for i in 0..200u64 {
             let p = d.path().join(i.to_string());
-            c.get_or_open((0, i, 0, 0), || File::create(&p)).unwrap();
+            c.get_or_open((0, i, 0, 0), || h(File::create(&p))).unwrap();
         }
         assert!(c.len() <= 32, "{} cached", c.len());
         let p = d.path().join("x");
-        let f = c.get_or_open((1, 1, 1, 1), || File::create(&p)).unwrap();
+        let f = c.get_or_open((1, 1, 1, 1), || h(File::create(&p))).unwrap();
         let again = c
-            .get_or_open((1, 1, 1, 1), || -> std::io::Result<File> {
+            .get_or_open((1, 1, 1, 1), || -> std::io::Result<Handle> {
                 panic!("reopened")
             })
             .unwrap();
         assert!(Arc::ptr_eq(&f, &again));
         c.forget(&(1, 1, 1, 1));
-        let reopened = c.get_or_open((1, 1, 1, 1), || File::open(&p)).unwrap();
+        let reopened = c.get_or_open((1, 1, 1, 1), || h(File::open(&p))).unwrap();
         assert!(!Arc::ptr_eq(&f, &reopened));
         assert!(FdCache::for_limit(64).capacity() >= SHARDS);
         assert!(FdCache::for_limit(1 << 30).capacity() as u64 <= MAX_CACHED + SHARDS as u64);

@@ -69,7 +69,7 @@ pub fn check_open(pool: &Pool) -> Result<CheckReport> {
         ));
     }
     for m in pool.members().iter() {
-        for p in label_problems(&m.dir) {
+        for p in label_problems(pool.storage(), &m.dir) {
             r.problems.push(format!("label copy damaged: {p}"));
         }
     }
@@ -245,7 +245,7 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
                     continue;
                 };
                 if let Some(sp) = pool.sum_path(*m, *ino, e.index, e.file_id)
-                    && !sp.exists()
+                    && !pool.storage().exists(&sp)
                 {
                     r.problems.push(format!(
                         "inode {ino}: the checksums of extent {} ({}) are missing; `vpool scrub` rebuilds them",
@@ -253,11 +253,11 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
                         sp.display()
                     ));
                 }
-                match std::fs::metadata(&path) {
-                    Ok(md) if md.len() > esize => r.problems.push(format!(
+                match pool.storage().stat(&path) {
+                    Ok(md) if md.len > esize => r.problems.push(format!(
                         "{} is {} bytes, larger than the extent size {esize}",
                         path.display(),
-                        md.len()
+                        md.len
                     )),
                     Ok(_) => {}
                     Err(e) => r.problems.push(format!(
@@ -292,7 +292,7 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
                             block_size: cfg.block_size,
                             entries: (cfg.extent_size / cfg.block_size as u64) as u32,
                         };
-                        if let Err(e) = super::sums::read(&m.data_dir.join(&name), id) {
+                        if let Err(e) = super::sums::read(pool.storage(), &m.data_dir.join(&name), id) {
                             r.problems.push(format!(
                                 "{}: sum file {name} is damaged ({e}); `vpool scrub` rebuilds it",
                                 m.data_dir.display()

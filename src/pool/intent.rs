@@ -27,10 +27,11 @@
 //! pool had written since the last commit.)
 
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::storage::{Handle, OpenMode, Storage};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -77,7 +78,7 @@ pub fn decode(r: &[u8]) -> Option<(u64, u64, u64)> {
 /// (`slot`: its place, in records), reading it a chunk at a time; returns the
 /// file's length. A file of more than [`MAX_INTENT_BYTES`] is an
 /// `InvalidData` error (checked before reading and while reading).
-fn scan(f: &File, p: &Path, mut each: impl FnMut(u64, (u64, u64, u64))) -> io::Result<u64> {
+fn scan(f: &Handle, p: &Path, mut each: impl FnMut(u64, (u64, u64, u64))) -> io::Result<u64> {
     let too_big = |n: u64| {
         io::Error::new(
             io::ErrorKind::InvalidData,
@@ -87,15 +88,18 @@ fn scan(f: &File, p: &Path, mut each: impl FnMut(u64, (u64, u64, u64))) -> io::R
             ),
         )
     };
-    let len = f.metadata()?.len();
+    let len = f.len()?;
     if len > MAX_INTENT_BYTES {
         return Err(too_big(len));
     }
-    let mut r = f.take(MAX_INTENT_BYTES + 1);
     let mut buf = vec![0u8; SCAN_CHUNK];
     let (mut have, mut total, mut slot) = (0usize, 0u64, 0u64);
     loop {
-        let n = match r.read(&mut buf[have..]) {
+        let want = (SCAN_CHUNK - have).min((MAX_INTENT_BYTES + 1 - total) as usize);
+        if want == 0 {
+            return Err(too_big(total));
+        }
+        let n = match f.read_at(&mut buf[have..have + want], total) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -124,6 +128,7 @@ fn scan(f: &File, p: &Path, mut each: impl FnMut(u64, (u64, u64, u64))) -> io::R
 /// next write and fdatasync, so many extents starting to change at once (after
 /// every commit) cost a few syncs, not one each.
 pub struct IntentLog {
+    storage: Arc<dyn Storage>,
     dir: PathBuf,
     state: Mutex<State>,
     done: Condvar,
@@ -133,7 +138,7 @@ pub struct IntentLog {
 struct State {
     /// Open files and their write cursors, by parity; taken by the leader
     /// while it writes.
-    files: [Option<(File, u64)>; 2],
+    files: [Option<(Handle, u64)>; 2],
     queue: Vec<(u64, [u8; RECORD_LEN])>,
     /// Sequence number of the next queued record.
     next: u64,
@@ -145,8 +150,9 @@ struct State {
 }
 
 impl IntentLog {
-    pub fn new(dir: &Path) -> IntentLog {
+    pub fn new(storage: Arc<dyn Storage>, dir: &Path) -> IntentLog {
         IntentLog {
+            storage,
             dir: dir.to_path_buf(),
             state: Mutex::new(State::default()),
             done: Condvar::new(),
@@ -155,14 +161,10 @@ impl IntentLog {
 
     /// Opens an intent file, preallocated, with its cursor after the last
     /// valid record (records not yet resolved by recovery stay intact).
-    fn open(dir: &Path, parity: u64) -> io::Result<(File, u64)> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path(dir, parity))?;
+    fn open(s: &dyn Storage, dir: &Path, parity: u64) -> io::Result<(Handle, u64)> {
+        let p = path(dir, parity);
+        let created = !s.exists(&p);
+        let f = s.open(&p, OpenMode::CREATE)?;
         let mut cursor = 0;
         let len = scan(&f, &path(dir, parity), |slot, _| {
             cursor = (slot + 1) * RECORD_LEN as u64;
@@ -174,12 +176,17 @@ impl IntentLog {
                 PREALLOC_BYTES.max(len.next_multiple_of(RECORD_LEN as u64)),
             )?;
         }
+        if created {
+            // The entry of a new intent file is durable before any record in
+            // it counts as durable.
+            s.sync_dir(dir)?;
+        }
         Ok((f, cursor))
     }
 
     /// Writes zeros over `[from, to)` and syncs (size and allocation change:
     /// the one journal commit, done ahead of time).
-    fn grow(f: &File, from: u64, to: u64) -> io::Result<()> {
+    fn grow(f: &Handle, from: u64, to: u64) -> io::Result<()> {
         if to > from {
             f.write_all_at(&vec![0u8; (to - from) as usize], from)?;
             f.sync_all()?;
@@ -189,22 +196,23 @@ impl IntentLog {
 
     /// Writes `batch` to the files and syncs them; returns the files.
     fn write_batch(
+        s: &dyn Storage,
         dir: &Path,
-        mut files: [Option<(File, u64)>; 2],
+        mut files: [Option<(Handle, u64)>; 2],
         batch: &[(u64, [u8; RECORD_LEN])],
-    ) -> ([Option<(File, u64)>; 2], io::Result<()>) {
+    ) -> ([Option<(Handle, u64)>; 2], io::Result<()>) {
         let mut touched = [false; 2];
         for (tag, rec) in batch {
             let p = (tag % 2) as usize;
             if files[p].is_none() {
-                match Self::open(dir, *tag) {
+                match Self::open(s, dir, *tag) {
                     Ok(f) => files[p] = Some(f),
                     Err(e) => return (files, Err(e)),
                 }
             }
             if let Some((f, cursor)) = files[p].as_mut() {
-                let size = match f.metadata() {
-                    Ok(m) => m.len(),
+                let size = match f.len() {
+                    Ok(m) => m,
                     Err(e) => return (files, Err(e)),
                 };
                 if *cursor + RECORD_LEN as u64 > size {
@@ -272,7 +280,7 @@ impl IntentLog {
             let upto = g.next;
             let files = std::mem::take(&mut g.files);
             drop(g);
-            let (files, res) = Self::write_batch(&self.dir, files, &batch);
+            let (files, res) = Self::write_batch(&*self.storage, &self.dir, files, &batch);
             g = self.state.lock();
             g.files = files;
             g.leader = false;
@@ -305,7 +313,7 @@ impl IntentLog {
         let mut out = BTreeSet::new();
         for parity in 0..2 {
             let p = path(&self.dir, parity);
-            let f = match File::open(&p) {
+            let f = match self.storage.open(&p, OpenMode::READ) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
@@ -327,7 +335,7 @@ mod tests {
     #[test]
     fn records_roundtrip_and_pending_filters_by_tag() {
         let d = tempfile::tempdir().unwrap();
-        let log = IntentLog::new(d.path());
+        let log = IntentLog::new(crate::storage::real(), d.path());
         log.append(5, 10, 0).unwrap();
         log.append(6, 11, 2).unwrap();
         log.append(6, 12, 3).unwrap();
@@ -345,7 +353,7 @@ mod tests {
         let len = std::fs::metadata(path(d.path(), 0)).unwrap().len();
         assert_eq!(len, PREALLOC_BYTES);
         drop(log);
-        let log = IntentLog::new(d.path());
+        let log = IntentLog::new(crate::storage::real(), d.path());
         log.append(8, 14, 5).unwrap();
         assert_eq!(log.pending(6).unwrap().len(), 2);
         let mut r = encode(1, 2, 3);
@@ -359,10 +367,11 @@ mod tests {
     #[test]
     fn oversized_intent_file_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        let log = IntentLog::new(d.path());
+        let log = IntentLog::new(crate::storage::real(), d.path());
         log.append(5, 10, 0).unwrap();
         let p = path(d.path(), 1);
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        use std::os::unix::fs::FileExt;
         // Records across chunk boundaries are all found.
         let n = SCAN_CHUNK as u64 / RECORD_LEN as u64 * 3 + 7;
         for i in 0..n {
@@ -375,13 +384,13 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("more than the 67108864"), "{e}");
         drop(log);
-        let log = IntentLog::new(d.path());
+        let log = IntentLog::new(crate::storage::real(), d.path());
         assert!(log.append(7, 1, 1).is_err());
         // Full at the cap: the writer refuses to grow it.
         f.set_len(MAX_INTENT_BYTES).unwrap();
         f.write_all_at(&encode(9, 1, 1), MAX_INTENT_BYTES - RECORD_LEN as u64)
             .unwrap();
-        let log = IntentLog::new(d.path());
+        let log = IntentLog::new(crate::storage::real(), d.path());
         let e = log.append(9, 1, 2).unwrap_err();
         assert!(e.to_string().contains("intent file full"), "{e}");
         assert_eq!(log.pending(8).unwrap().len(), 1);
@@ -390,7 +399,7 @@ mod tests {
     #[test]
     fn concurrent_appends_are_all_durable() {
         let d = tempfile::tempdir().unwrap();
-        let log = std::sync::Arc::new(IntentLog::new(d.path()));
+        let log = std::sync::Arc::new(IntentLog::new(crate::storage::real(), d.path()));
         let threads: Vec<_> = (0..8u64)
             .map(|t| {
                 let log = log.clone();

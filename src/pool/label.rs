@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::bytes::{LeReader, read_capped};
 use crate::error::{Error, Result};
-use crate::util::write_file_atomic;
+use crate::storage::{Storage, write_file_atomic};
 
 pub const LABEL_MAGIC: &[u8; 8] = b"VPOOLLBL";
 pub const LABEL_VERSION: u32 = 1;
@@ -235,18 +235,18 @@ impl Label {
 }
 
 /// Whether `dir` holds any label file (valid or not).
-pub fn has_label(dir: &Path) -> bool {
-    LABEL_FILES.iter().any(|f| dir.join(f).exists())
+pub fn has_label(s: &dyn Storage, dir: &Path) -> bool {
+    LABEL_FILES.iter().any(|f| s.exists(&dir.join(f)))
 }
 
 /// Reads the newest valid label copy in `dir`.
-pub fn read_label(dir: &Path) -> Result<Label> {
+pub fn read_label(s: &dyn Storage, dir: &Path) -> Result<Label> {
     let mut best: Option<Label> = None;
     let mut problems = Vec::new();
     let mut found_any = false;
     for f in LABEL_FILES {
         let p = dir.join(f);
-        match read_capped(&p, MAX_LABEL_BYTES) {
+        match read_capped(s, &p, MAX_LABEL_BYTES) {
             Ok(bytes) => {
                 found_any = true;
                 match Label::decode(&bytes) {
@@ -277,11 +277,11 @@ pub fn read_label(dir: &Path) -> Result<Label> {
 }
 
 /// Checks both label copies of `dir` and returns a description of each bad one.
-pub fn label_problems(dir: &Path) -> Vec<String> {
+pub fn label_problems(s: &dyn Storage, dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for f in LABEL_FILES {
         let p = dir.join(f);
-        match read_capped(&p, MAX_LABEL_BYTES) {
+        match read_capped(s, &p, MAX_LABEL_BYTES) {
             Ok(bytes) => {
                 if let Err(e) = Label::decode(&bytes) {
                     out.push(format!("{}: {e}", p.display()));
@@ -296,14 +296,14 @@ pub fn label_problems(dir: &Path) -> Vec<String> {
 /// Writes both label copies of `dir`, one after the other, each durably.
 /// A label that [`Label::validate`] refuses is not written (no reader would
 /// accept it).
-pub fn write_label(dir: &Path, label: &Label) -> Result<()> {
+pub fn write_label(s: &dyn Storage, dir: &Path, label: &Label) -> Result<()> {
     label
         .validate()
         .map_err(|why| Error::Invalid(format!("refusing to write an invalid label: {why}")))?;
     let bytes = label.encode();
     for f in LABEL_FILES {
         let p = dir.join(f);
-        write_file_atomic(&p, &bytes).map_err(|e| Error::io(p, e))?;
+        write_file_atomic(s, &p, &bytes).map_err(|e| Error::io(p, e))?;
     }
     Ok(())
 }
@@ -311,6 +311,7 @@ pub fn write_label(dir: &Path, label: &Label) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::real::RealStorage as R;
     use std::fs;
 
     fn sample() -> Label {
@@ -446,15 +447,15 @@ mod tests {
         for f in LABEL_FILES {
             fs::write(d.path().join(f), encoded(&l)).unwrap();
         }
-        match read_label(d.path()) {
+        match read_label(&R, d.path()) {
             Err(Error::CorruptLabel { reason, .. }) => {
                 assert!(reason.contains("block size 0"), "{reason}")
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(label_problems(d.path()).len(), 2);
+        assert_eq!(label_problems(&R, d.path()).len(), 2);
         assert!(matches!(
-            write_label(d.path(), &l),
+            write_label(&R, d.path(), &l),
             Err(Error::Invalid(why)) if why.contains("block size 0")
         ));
     }
@@ -464,19 +465,19 @@ mod tests {
     fn oversized_label_file_is_a_damaged_copy() {
         let d = tempfile::tempdir().unwrap();
         let l = sample();
-        write_label(d.path(), &l).unwrap();
+        write_label(&R, d.path(), &l).unwrap();
         let p = d.path().join(LABEL_FILES[1]);
         let f = fs::OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(MAX_LABEL_BYTES + 1).unwrap();
-        assert_eq!(read_label(d.path()).unwrap(), l);
-        let problems = label_problems(d.path());
+        assert_eq!(read_label(&R, d.path()).unwrap(), l);
+        let problems = label_problems(&R, d.path());
         assert_eq!(problems.len(), 1);
         assert!(
             problems[0].contains("more than the 2097152"),
             "{problems:?}"
         );
         fs::remove_file(d.path().join(LABEL_FILES[0])).unwrap();
-        match read_label(d.path()) {
+        match read_label(&R, d.path()) {
             Err(Error::CorruptLabel { reason, .. }) => {
                 assert!(reason.contains("more than the 2097152"), "{reason}")
             }
@@ -498,7 +499,7 @@ mod tests {
             };
             let r = Pool::create(&[d.path().to_path_buf()], opts);
             assert!(matches!(r, Err(Error::Invalid(_))), "{bs} {es}: {r:?}");
-            assert!(!has_label(d.path()));
+            assert!(!has_label(&R, d.path()));
         }
     }
 
@@ -506,13 +507,13 @@ mod tests {
     fn newest_valid_copy_wins() {
         let d = tempfile::tempdir().unwrap();
         let mut l = sample();
-        write_label(d.path(), &l).unwrap();
+        write_label(&R, d.path(), &l).unwrap();
         l.generation = 8;
         let p = d.path().join(LABEL_FILES[0]);
         fs::write(&p, l.encode()).unwrap();
-        assert_eq!(read_label(d.path()).unwrap().generation, 8);
+        assert_eq!(read_label(&R, d.path()).unwrap().generation, 8);
         // Corrupt the newer copy: the older valid one is used.
         fs::write(&p, b"garbage").unwrap();
-        assert_eq!(read_label(d.path()).unwrap().generation, 7);
+        assert_eq!(read_label(&R, d.path()).unwrap().generation, 7);
     }
 }

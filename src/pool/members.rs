@@ -10,7 +10,6 @@
 //! - remove: the caller has migrated everything off and committed; then the
 //!   others' labels stop listing it, then its label files go, then its files.
 
-use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -20,7 +19,6 @@ use super::label::{self, MemberEntry, has_label, read_label, write_label};
 use super::meta::{self, MemberStore, MetaImage};
 use super::{DATA_DIR, LOCK_FILE, Member, Pool, admit_member_dir, canonical_dir, try_lock};
 use crate::error::{Error, Result};
-use crate::util::fsync_dir;
 
 /// What `add_member` found.
 pub enum Added {
@@ -34,14 +32,15 @@ impl Pool {
     /// off commits so that it is current), a data directory, labels. Capacity
     /// is usable at once.
     pub fn add_member(&self, dir: &Path, image: &MetaImage) -> Result<Added> {
-        let dir = canonical_dir(dir)?;
+        let s = self.storage();
+        let dir = canonical_dir(s, dir)?;
         let mut l = self.label();
         if l.members.iter().any(|e| e.path == dir) && self.members().iter().any(|m| m.dir == dir) {
             return Ok(Added::Already);
         }
         let mut resumed = None;
-        if has_label(&dir) {
-            match read_label(&dir) {
+        if has_label(s, &dir) {
+            match read_label(s, &dir) {
                 Ok(other) if other.pool == l.pool => {
                     if l.members.iter().any(|e| e.uuid == other.member) {
                         return Ok(Added::Already);
@@ -63,7 +62,7 @@ impl Pool {
                 }
             }
         } else {
-            admit_member_dir(&dir)?;
+            admit_member_dir(s, &dir)?;
         }
         for m in self.members().iter() {
             if dir.starts_with(&m.dir) || m.dir.starts_with(&dir) {
@@ -85,22 +84,28 @@ impl Pool {
             id,
             path: dir.clone(),
         };
-        crate::util::make_private(&dir).map_err(|e| Error::io(&dir, e))?;
+        s.make_private(&dir).map_err(|e| Error::io(&dir, e))?;
         let data = dir.join(DATA_DIR);
-        crate::util::create_private_dir(&data).map_err(|e| Error::io(&data, e))?;
-        let _ = fs::remove_file(dir.join(meta::META_FILE));
-        let store = MemberStore::create(&dir, image)?;
-        fsync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        crate::storage::create_dir_all(s, &data).map_err(|e| Error::io(&data, e))?;
+        let _ = s.remove_file(&dir.join(meta::META_FILE));
+        let store = MemberStore::create(s, &dir, image)?;
+        s.sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         l.members.push(entry.clone());
         // Its own label first (a member is complete once labelled), then the rest.
         let mut own = l.clone();
         own.generation = self.label().generation + 1;
         own.member = entry.uuid;
-        write_label(&dir, &own)?;
+        write_label(s, &dir, &own)?;
         self.write_labels(l)?;
-        let lock = try_lock(&dir, &self.pool_id())?;
-        let md = fs::metadata(&dir).map_err(|e| Error::io(&dir, e))?;
-        let member = Arc::new(Member::new(entry, lock, &md, Some(store)));
+        let lock = try_lock(s, &dir, &self.pool_id())?;
+        let md = s.stat(&dir).map_err(|e| Error::io(&dir, e))?;
+        let member = Arc::new(Member::new(
+            self.storage_arc(),
+            entry,
+            lock,
+            &md,
+            Some(store),
+        ));
         // Best effort: the member is in the labels already.
         if let Some(mp) = self.mountpoint.lock().clone() {
             let _ = member.write_lock_info(&mp);
@@ -112,7 +117,10 @@ impl Pool {
 
     /// The member (present or missing) a path or uuid names.
     pub fn find_member(&self, what: &Path) -> Option<MemberEntry> {
-        let canon = fs::canonicalize(what).unwrap_or_else(|_| what.to_path_buf());
+        let canon = self
+            .storage()
+            .canonicalize(what)
+            .unwrap_or_else(|_| what.to_path_buf());
         let s = what.to_string_lossy();
         self.label()
             .members
@@ -136,16 +144,17 @@ impl Pool {
         if let Some(m) = m
             && m.probe().is_ok()
         {
+            let s = self.storage();
             for f in label::LABEL_FILES {
-                let _ = fs::remove_file(m.dir.join(f));
+                let _ = s.remove_file(&m.dir.join(f));
             }
-            let _ = fsync_dir(&m.dir);
+            let _ = s.sync_dir(&m.dir);
             *m.store.lock() = None;
             for f in [meta::META_FILE, "intent.0", "intent.1", LOCK_FILE] {
-                let _ = fs::remove_file(m.dir.join(f));
+                let _ = s.remove_file(&m.dir.join(f));
             }
-            let _ = fs::remove_dir_all(&m.data_dir);
-            let _ = fs::remove_dir_all(m.dir.join("snap"));
+            let _ = crate::storage::remove_dir_all(s, &m.data_dir);
+            let _ = crate::storage::remove_dir_all(s, &m.dir.join("snap"));
         }
         tracing::info!(member = %entry.path.display(), id, "member retired");
         Ok(())

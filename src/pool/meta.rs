@@ -20,6 +20,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::storage::redb_backend::SeamBackend;
+use crate::storage::{OpenMode, Storage};
 
 pub const META_FILE: &str = "meta.redb";
 pub const META_FORMAT: u64 = 1;
@@ -194,30 +196,40 @@ impl MemberStore {
     }
 
     /// Creates a new store holding `image`.
-    pub fn create(dir: &Path, image: &MetaImage) -> Result<MemberStore> {
+    pub fn create(s: &dyn Storage, dir: &Path, image: &MetaImage) -> Result<MemberStore> {
         let path = dir.join(META_FILE);
-        // Created private first: redb would create it with the process umask.
-        crate::util::private_options()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
+        let f = s
+            .open(&path, OpenMode::REPLACE)
             .map_err(|e| Error::io(&path, e))?;
-        let db = Database::create(&path).map_err(|e| Error::store(&path, e))?;
-        let s = MemberStore { path, db };
-        s.replace_all(image)?;
-        Ok(s)
+        let db = Database::builder()
+            .create_with_backend(SeamBackend(f))
+            .map_err(|e| Error::store(&path, e))?;
+        let st = MemberStore { path, db };
+        st.replace_all(image)?;
+        Ok(st)
     }
 
-    pub fn open(dir: &Path) -> Result<MemberStore> {
+    pub fn open(s: &dyn Storage, dir: &Path) -> Result<MemberStore> {
         let path = dir.join(META_FILE);
-        if !path.exists() {
-            return Err(Error::CorruptMetadata {
-                path: path.clone(),
-                reason: "metadata file is missing".into(),
-            });
+        let missing = |reason: &str| Error::CorruptMetadata {
+            path: path.clone(),
+            reason: reason.into(),
+        };
+        let f = match s.open(&path, OpenMode::WRITE) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(missing("metadata file is missing"));
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        // redb would make a new, empty database of an empty file: that is
+        // a lost copy, not an empty pool.
+        if f.len().map_err(|e| Error::io(&path, e))? == 0 {
+            return Err(missing("metadata file is empty"));
         }
-        let db = Database::open(&path).map_err(|e| Error::store(&path, e))?;
+        let db = Database::builder()
+            .create_with_backend(SeamBackend(f))
+            .map_err(|e| Error::store(&path, e))?;
         Ok(MemberStore { path, db })
     }
 
@@ -514,7 +526,7 @@ mod tests {
             ..Default::default()
         };
         img.inodes.insert(1, rec());
-        let s = MemberStore::create(d.path(), &img).unwrap();
+        let s = MemberStore::create(&crate::storage::real::RealStorage, d.path(), &img).unwrap();
         let batch = Batch {
             generation: 2,
             next_ino: 3,
@@ -531,7 +543,7 @@ mod tests {
         assert_eq!(got.inodes.len(), 2);
         assert_eq!(got.dirents.get(&(1, b"a".to_vec())), Some(&2));
         drop(s);
-        let s = MemberStore::open(d.path()).unwrap();
+        let s = MemberStore::open(&crate::storage::real::RealStorage, d.path()).unwrap();
         let got = s.load().unwrap();
         assert_eq!(got.generation, 2);
         assert_eq!(got.behind, behind);

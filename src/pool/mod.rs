@@ -22,10 +22,7 @@ pub mod meta;
 pub mod sums;
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +33,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::{Error, FsError, FsResult, Result};
-use crate::util::{fsync_dir, make_private, statvfs};
+use crate::storage::{Handle, LockGuard, OpenMode, Stat, Storage};
 use label::{Label, MemberEntry, PoolConfig, has_label, read_label, write_label};
 use meta::{Batch, InodeRecord, MemberStore, MetaImage, NodeKind, ROOT_INO, Timestamp};
 
@@ -85,7 +82,8 @@ pub struct Member {
     /// This member's metadata store; reopened after a failed commit (redb refuses
     /// further transactions after an I/O error until the database is reopened).
     store: Mutex<Option<MemberStore>>,
-    _lock: File,
+    _lock: Box<dyn LockGuard>,
+    storage: Arc<dyn Storage>,
     space: Mutex<Option<SpaceReading>>,
     /// Number of extent files on this member (placement tie-break).
     pub extents: AtomicU64,
@@ -119,10 +117,8 @@ impl Member {
         {
             return Ok(r.avail);
         }
-        let st = statvfs(&self.dir)?;
-        let frsize = st.f_frsize as u64;
-        let total = st.f_blocks as u64 * frsize;
-        let avail = (st.f_bavail as u64 * frsize).saturating_sub(Self::reserve(total));
+        let st = self.storage.space(&self.dir)?;
+        let avail = st.avail.saturating_sub(Self::reserve(st.total));
         *g = Some(SpaceReading {
             at: Instant::now(),
             avail,
@@ -137,22 +133,24 @@ impl Member {
     /// A member opened (and locked, `lock`) at `entry.path`, whose
     /// directory's metadata is `md`.
     fn new(
+        storage: Arc<dyn Storage>,
         entry: MemberEntry,
-        lock: File,
-        md: &fs::Metadata,
+        lock: Box<dyn LockGuard>,
+        md: &Stat,
         store: Option<MemberStore>,
     ) -> Member {
         let dir = entry.path.clone();
         Member {
             data_dir: dir.join(DATA_DIR),
-            intent: intent::IntentLog::new(&dir),
+            intent: intent::IntentLog::new(storage.clone(), &dir),
             entry,
-            dev: md.dev(),
+            dev: md.dev,
             store: Mutex::new(store),
             _lock: lock,
+            storage,
             space: Mutex::new(None),
             extents: AtomicU64::new(0),
-            dir_id: (md.dev(), md.ino()),
+            dir_id: (md.dev, md.ino),
             failed: Default::default(),
             fail_reason: Mutex::new(None),
             draining: Default::default(),
@@ -163,12 +161,12 @@ impl Member {
     /// Records in the member's lock file who holds it (pid, mountpoint).
     fn write_lock_info(&self, mountpoint: &Path) -> Result<()> {
         let p = self.dir.join(LOCK_FILE);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .truncate(true)
-            .open(&p)
+        let f = self
+            .storage
+            .open(&p, OpenMode::REPLACE)
             .map_err(|e| Error::io(&p, e))?;
-        writeln!(f, "{}\n{}", std::process::id(), mountpoint.display())
+        let info = format!("{}\n{}\n", std::process::id(), mountpoint.display());
+        f.write_all_at(info.as_bytes(), 0)
             .map_err(|e| Error::io(&p, e))
     }
 
@@ -182,14 +180,20 @@ impl Member {
 
     /// Whether the member's directory is still the one opened, with its label.
     pub fn probe(&self) -> std::result::Result<(), String> {
-        let md = fs::metadata(&self.dir).map_err(|e| format!("directory unreachable: {e}"))?;
-        if (md.dev(), md.ino()) != self.dir_id {
+        let s = &*self.storage;
+        let md = s
+            .stat(&self.dir)
+            .map_err(|e| format!("directory unreachable: {e}"))?;
+        if (md.dev, md.ino) != self.dir_id {
             return Err("directory was replaced".into());
         }
-        if !label::LABEL_FILES.iter().any(|f| self.dir.join(f).exists()) {
+        if !label::LABEL_FILES
+            .iter()
+            .any(|f| s.exists(&self.dir.join(f)))
+        {
             return Err("label is gone".into());
         }
-        if !self.data_dir.is_dir() {
+        if !s.is_dir(&self.data_dir) {
             return Err("data directory is gone".into());
         }
         Ok(())
@@ -277,6 +281,8 @@ pub struct Pool {
     /// Members whose metadata copy did not open or load and was not rebuilt
     /// (opened without repair), with the reason: `status` names them.
     damaged_meta: Mutex<Vec<(u32, String)>>,
+    /// Where every member file is read and written.
+    storage: Arc<dyn Storage>,
 }
 
 /// Space of the pool as statfs reports it (bytes).
@@ -330,37 +336,37 @@ pub struct PoolStatus {
     pub unavailable_bytes: u64,
 }
 
-pub(crate) fn canonical_dir(dir: &Path) -> Result<PathBuf> {
-    let md = fs::metadata(dir).map_err(|e| {
+pub(crate) fn canonical_dir(s: &dyn Storage, dir: &Path) -> Result<PathBuf> {
+    let md = s.stat(dir).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             Error::DirectoryMissing(dir.to_path_buf())
         } else {
             Error::io(dir, e)
         }
     })?;
-    if !md.is_dir() {
+    if !md.is_dir {
         return Err(Error::NotADirectory(dir.to_path_buf()));
     }
-    fs::canonicalize(dir).map_err(|e| Error::io(dir, e))
+    s.canonicalize(dir).map_err(|e| Error::io(dir, e))
 }
 
 /// The checks every directory passes before it becomes a member (by `create`
 /// or `device add`), beyond carrying no other pool's label: not inside another
 /// member, no unlabelled metadata to overwrite, not on a FUSE filesystem.
-pub(crate) fn admit_member_dir(dir: &Path) -> Result<()> {
-    if let Some(owner) = dir.ancestors().skip(1).find(|a| has_label(a)) {
+pub(crate) fn admit_member_dir(s: &dyn Storage, dir: &Path) -> Result<()> {
+    if let Some(owner) = dir.ancestors().skip(1).find(|a| has_label(s, a)) {
         return Err(Error::NestedMember {
             inner: dir.to_path_buf(),
             outer: owner.to_path_buf(),
         });
     }
-    if dir.join(meta::META_FILE).exists() {
+    if s.exists(&dir.join(meta::META_FILE)) {
         return Err(Error::Invalid(format!(
             "{} holds vpool metadata without a label; refusing to overwrite it",
             dir.display()
         )));
     }
-    if crate::util::on_fuse(dir).map_err(|e| Error::io(dir, e))? {
+    if s.on_fuse(dir).map_err(|e| Error::io(dir, e))? {
         return Err(Error::MemberOnFuse(dir.to_path_buf()));
     }
     Ok(())
@@ -423,42 +429,31 @@ fn root_record() -> InodeRecord {
 }
 
 /// Reads the mountpoint and pid a running daemon wrote into a member's lock file.
-pub fn read_lock_info(dir: &Path) -> Option<(u32, PathBuf)> {
-    let s = fs::read_to_string(dir.join(LOCK_FILE)).ok()?;
+pub fn read_lock_info(st: &dyn Storage, dir: &Path) -> Option<(u32, PathBuf)> {
+    let b = st.read(&dir.join(LOCK_FILE)).ok()?;
+    let s = String::from_utf8_lossy(&b);
     let mut lines = s.lines();
     let pid = lines.next()?.trim().parse().ok()?;
     let mp = PathBuf::from(lines.next()?.trim());
     Some((pid, mp))
 }
 
-pub(crate) fn try_lock(dir: &Path, pool: &Uuid) -> Result<File> {
+pub(crate) fn try_lock(s: &dyn Storage, dir: &Path, pool: &Uuid) -> Result<Box<dyn LockGuard>> {
     let p = dir.join(LOCK_FILE);
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(crate::util::PRIVATE_FILE_MODE)
-        .open(&p)
-        .map_err(|e| Error::io(&p, e))?;
-    // SAFETY: flock on a valid open descriptor; no memory is touched.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            let at = match read_lock_info(dir) {
+    match s.try_lock(&p).map_err(|e| Error::io(&p, e))? {
+        Some(g) => Ok(g),
+        None => {
+            let at = match read_lock_info(s, dir) {
                 Some((pid, mp)) => format!(" at {} by pid {pid}", mp.display()),
                 None => String::new(),
             };
-            return Err(Error::AlreadyMounted {
+            Err(Error::AlreadyMounted {
                 pool: pool.to_string(),
                 path: dir.to_path_buf(),
                 at,
-            });
+            })
         }
-        return Err(Error::io(&p, e));
     }
-    Ok(f)
 }
 
 /// Takes the damaged inode records of `best` from another metadata image of
@@ -504,6 +499,11 @@ impl Pool {
     /// writes each member's metadata before its label, so a directory with a label
     /// is always a complete member.
     pub fn create(dirs: &[PathBuf], opts: CreateOptions) -> Result<Label> {
+        Self::create_in(&crate::storage::real::RealStorage, dirs, opts)
+    }
+
+    /// [`Pool::create`] on the given storage.
+    pub fn create_in(s: &dyn Storage, dirs: &[PathBuf], opts: CreateOptions) -> Result<Label> {
         if dirs.is_empty() {
             return Err(Error::Invalid(
                 "at least one member directory is needed".into(),
@@ -528,18 +528,18 @@ impl Pool {
         .map_err(Error::Invalid)?;
         let mut canon: Vec<PathBuf> = Vec::new();
         for d in dirs {
-            let c = canonical_dir(d)?;
+            let c = canonical_dir(s, d)?;
             if canon.contains(&c) {
                 return Err(Error::DirectoryGivenTwice(d.clone()));
             }
-            if has_label(&c) {
-                let pool = match read_label(&c) {
+            if has_label(s, &c) {
+                let pool = match read_label(s, &c) {
                     Ok(l) => l.pool.to_string(),
                     Err(_) => "(unreadable label)".to_string(),
                 };
                 return Err(Error::AlreadyInPool { path: c, pool });
             }
-            admit_member_dir(&c)?;
+            admit_member_dir(s, &c)?;
             canon.push(c);
         }
         for a in &canon {
@@ -585,25 +585,26 @@ impl Pool {
         let mut done: Vec<&PathBuf> = Vec::new();
         let result = (|| -> Result<()> {
             for m in &members {
-                make_private(&m.path).map_err(|e| Error::io(&m.path, e))?;
+                s.make_private(&m.path)
+                    .map_err(|e| Error::io(&m.path, e))?;
                 let data = m.path.join(DATA_DIR);
-                crate::util::create_private_dir(&data).map_err(|e| Error::io(&data, e))?;
+                crate::storage::create_dir_all(s, &data).map_err(|e| Error::io(&data, e))?;
                 done.push(&m.path);
-                MemberStore::create(&m.path, &image)?;
-                fsync_dir(&m.path).map_err(|e| Error::io(&m.path, e))?;
+                MemberStore::create(s, &m.path, &image)?;
+                s.sync_dir(&m.path).map_err(|e| Error::io(&m.path, e))?;
             }
             for m in &members {
                 label.member = m.uuid;
-                write_label(&m.path, &label)?;
+                write_label(s, &m.path, &label)?;
             }
             Ok(())
         })();
         if let Err(e) = result {
             for p in done {
-                let _ = fs::remove_file(p.join(meta::META_FILE));
-                let _ = fs::remove_dir(p.join(DATA_DIR));
+                let _ = s.remove_file(&p.join(meta::META_FILE));
+                let _ = s.remove_dir(&p.join(DATA_DIR));
                 for f in label::LABEL_FILES {
-                    let _ = fs::remove_file(p.join(f));
+                    let _ = s.remove_file(&p.join(f));
                 }
             }
             return Err(e);
@@ -617,8 +618,14 @@ impl Pool {
     /// missing leaves the pool DEGRADED (listed in `missing`); one that carries
     /// another pool's label refuses the open.
     pub fn open(dir: &Path) -> Result<Pool> {
-        let dir = canonical_dir(dir)?;
-        let first = read_label(&dir)?;
+        Self::open_in(crate::storage::real(), dir)
+    }
+
+    /// [`Pool::open`] on the given storage.
+    pub fn open_in(storage: Arc<dyn Storage>, dir: &Path) -> Result<Pool> {
+        let s = &*storage;
+        let dir = canonical_dir(s, dir)?;
+        let first = read_label(s, &dir)?;
         let mut label = first.clone();
         let mut found: Vec<(MemberEntry, PathBuf, Label)> = Vec::new();
         let mut missing: Vec<MemberEntry> = Vec::new();
@@ -643,7 +650,7 @@ impl Pool {
                 } else {
                     entry.path.clone()
                 };
-                let l = match read_label(&path) {
+                let l = match read_label(s, &path) {
                     Ok(l) => l,
                     Err(e) => {
                         let why = match &e {
@@ -687,9 +694,10 @@ impl Pool {
         }
         let mut members = Vec::new();
         for (entry, path, _) in found {
-            let lock = try_lock(&path, &label.pool)?;
-            let md = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+            let lock = try_lock(s, &path, &label.pool)?;
+            let md = s.stat(&path).map_err(|e| Error::io(&path, e))?;
             members.push(Arc::new(Member::new(
+                storage.clone(),
                 MemberEntry {
                     path: path.clone(),
                     ..entry
@@ -712,7 +720,18 @@ impl Pool {
             force: std::sync::atomic::AtomicBool::new(false),
             diverged: Mutex::new(Vec::new()),
             damaged_meta: Mutex::new(Vec::new()),
+            storage,
         })
+    }
+
+    /// The storage every member file goes through.
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
+    /// A shared reference to [`Pool::storage`].
+    pub fn storage_arc(&self) -> Arc<dyn Storage> {
+        self.storage.clone()
     }
 
     /// Loads the metadata: opens every member's store and takes the copy with the
@@ -728,7 +747,9 @@ impl Pool {
         let mut loaded: Vec<Option<MetaImage>> = Vec::with_capacity(members.len());
         let mut damaged = Vec::new();
         for m in &members {
-            match MemberStore::open(&m.dir).and_then(|s| s.load().map(|img| (s, img))) {
+            match MemberStore::open(self.storage(), &m.dir)
+                .and_then(|s| s.load().map(|img| (s, img)))
+            {
                 Ok((s, img)) => {
                     loaded.push(Some(img));
                     *m.store.lock() = Some(s);
@@ -817,12 +838,13 @@ impl Pool {
                 let path = m.dir.join(meta::META_FILE);
                 let aside = m.dir.join(format!("{}.damaged", meta::META_FILE));
                 tracing::warn!(member = %m.dir.display(), error = %e, aside = %aside.display(), "rebuilding a damaged metadata copy from the newest good copy");
-                fs::rename(&path, &aside).or_else(|e| match e.kind() {
+                let s = self.storage();
+                s.rename(&path, &aside).or_else(|e| match e.kind() {
                     io::ErrorKind::NotFound => Ok(()),
                     _ => Err(Error::io(&path, e)),
                 })?;
-                *m.store.lock() = Some(MemberStore::create(&m.dir, &img)?);
-                fsync_dir(&m.dir).map_err(|e| Error::io(&m.dir, e))?;
+                *m.store.lock() = Some(MemberStore::create(s, &m.dir, &img)?);
+                s.sync_dir(&m.dir).map_err(|e| Error::io(&m.dir, e))?;
             }
             damaged.clear();
             for (m, have) in members.iter().zip(&loaded) {
@@ -897,7 +919,7 @@ impl Pool {
                 continue;
             }
             l.member = m.entry.uuid;
-            write_label(&m.dir, &l)?;
+            write_label(self.storage(), &m.dir, &l)?;
         }
         *self.label.write() = l;
         Ok(())
@@ -1004,7 +1026,7 @@ impl Pool {
             .iter()
             .map(|m| match m.store.lock().as_ref() {
                 Some(s) => s.load(),
-                None => MemberStore::open(&m.dir).and_then(|s| s.load()),
+                None => MemberStore::open(self.storage(), &m.dir).and_then(|s| s.load()),
             })
             .collect()
     }
@@ -1013,11 +1035,10 @@ impl Pool {
     /// files are private, but a member made by hand or an older vpool may
     /// still hold files they can read.
     pub fn open_members(&self) -> Vec<(PathBuf, u32)> {
-        use std::os::unix::fs::PermissionsExt;
         self.members()
             .iter()
             .filter_map(|m| {
-                let mode = fs::metadata(&m.dir).ok()?.permissions().mode();
+                let mode = self.storage.stat(&m.dir).ok()?.mode;
                 (mode & 0o077 != 0).then(|| (m.dir.clone(), mode & 0o7777))
             })
             .collect()
@@ -1127,10 +1148,9 @@ impl Pool {
 
     pub fn clear_lock_info(&self) {
         for m in self.members().iter() {
-            let _ = OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(m.dir.join(LOCK_FILE));
+            let _ = self
+                .storage
+                .open(&m.dir.join(LOCK_FILE), OpenMode::REPLACE);
         }
     }
 
@@ -1189,18 +1209,18 @@ impl Pool {
         ino: u64,
         index: u64,
         need: u64,
-    ) -> FsResult<(u64, Vec<(u32, File)>)> {
+    ) -> FsResult<(u64, Vec<(u32, Handle)>)> {
         let copies = self.config().copies.max(1) as usize;
-        let cleanup = |made: &[(u32, File)], fid: u64| {
+        let cleanup = |made: &[(u32, Handle)], fid: u64| {
             for (m, _) in made {
                 if let Some(p) = self.extent_path(*m, ino, index, fid) {
-                    let _ = fs::remove_file(p);
+                    let _ = self.storage.remove_file(&p);
                 }
             }
         };
         'fid: loop {
             let fid = self.next_file_id.fetch_add(1, Ordering::SeqCst);
-            let mut made: Vec<(u32, File)> = Vec::with_capacity(copies);
+            let mut made: Vec<(u32, Handle)> = Vec::with_capacity(copies);
             while made.len() < copies {
                 let exclude: Vec<u32> = made.iter().map(|(m, _)| *m).collect();
                 let member_id = match self.place(&exclude, need) {
@@ -1220,13 +1240,7 @@ impl Pool {
                     return Err(FsError::NoSpace);
                 };
                 let p = m.data_dir.join(extent_file_name(ino, index, fid));
-                match OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&p)
-                {
+                match self.storage.open(&p, OpenMode::NEW) {
                     Ok(f) => made.push((member_id, f)),
                     // A leftover of a crash (never published): take the next id.
                     Err(io) if io.kind() == io::ErrorKind::AlreadyExists => {
@@ -1261,7 +1275,7 @@ impl Pool {
         ino: u64,
         index: u64,
         file_id: u64,
-    ) -> FsResult<Arc<File>> {
+    ) -> FsResult<Handle> {
         self.fds.get_or_open((member, ino, index, file_id), || {
             self.open_extent_file(member, ino, index, file_id)
         })
@@ -1273,11 +1287,11 @@ impl Pool {
         ino: u64,
         index: u64,
         file_id: u64,
-    ) -> FsResult<File> {
+    ) -> FsResult<Handle> {
         let p = self
             .extent_path(member, ino, index, file_id)
             .ok_or_else(|| FsError::Corrupt(format!("extent on unknown member {member}")))?;
-        match OpenOptions::new().read(true).write(true).open(&p) {
+        match self.storage.open(&p, OpenMode::WRITE) {
             Ok(f) => Ok(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(FsError::Corrupt(format!(
                 "extent file {} is missing",
@@ -1303,7 +1317,7 @@ impl Pool {
                 continue;
             };
             let q = m.dir.join(QUARANTINE_DIR);
-            if let Err(e) = crate::util::create_private_dir(&q) {
+            if let Err(e) = crate::storage::create_dir_all(self.storage(), &q) {
                 tracing::error!(dir = %q.display(), error = %e, "cannot create quarantine directory; files left in place");
                 continue;
             }
@@ -1312,7 +1326,7 @@ impl Pool {
                 sum_file_name(*ino, *index, *fid),
             ] {
                 let from = m.data_dir.join(&name);
-                match fs::rename(&from, q.join(&name)) {
+                match self.storage.rename(&from, &q.join(&name)) {
                     Ok(()) => {
                         tracing::warn!(file = %from.display(), to = %q.display(), "extent file of a diverged member quarantined")
                     }
@@ -1322,8 +1336,8 @@ impl Pool {
                     }
                 }
             }
-            let _ = fsync_dir(&q);
-            let _ = fsync_dir(&m.data_dir);
+            let _ = self.storage.sync_dir(&q);
+            let _ = self.storage.sync_dir(&m.data_dir);
         }
     }
 
@@ -1333,7 +1347,7 @@ impl Pool {
         for (member, ino, index, fid) in files {
             self.fds.forget(&(*member, *ino, *index, *fid));
             if let Some(p) = self.sum_path(*member, *ino, *index, *fid) {
-                match fs::remove_file(&p) {
+                match self.storage.remove_file(&p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => {
@@ -1342,7 +1356,7 @@ impl Pool {
                 }
             }
             if let Some(p) = self.extent_path(*member, *ino, *index, *fid) {
-                match fs::remove_file(&p) {
+                match self.storage.remove_file(&p) {
                     Ok(()) => {
                         if let Some(m) = self.member(*member) {
                             m.extents.fetch_sub(1, Ordering::Relaxed);
@@ -1395,6 +1409,12 @@ impl Pool {
             .into_iter()
             .filter_map(|(id, v)| self.member(id).filter(|m| !m.is_failed()).map(|m| (m, v)))
             .collect();
+        if !self.storage.concurrent() {
+            for (m, v) in &members {
+                m.intent.append_many(tag, v)?;
+            }
+            return Ok(());
+        }
         // Each member waits on its own disk.
         std::thread::scope(|sc| {
             let hs: Vec<_> = members
@@ -1435,7 +1455,7 @@ impl Pool {
     pub fn sync_data_dirs(&self, members: &HashSet<u32>) -> io::Result<()> {
         for id in members {
             if let Some(m) = self.member(*id).filter(|m| !m.is_failed())
-                && let Err(e) = fsync_dir(&m.data_dir)
+                && let Err(e) = self.storage.sync_dir(&m.data_dir)
                 && !self.check_member(*id, &e)
             {
                 return Err(e);
@@ -1472,41 +1492,47 @@ impl Pool {
             b.clone()
         };
         let behind = &behind;
-        std::thread::scope(|sc| {
-            let handles: Vec<_> = members
-                .iter()
-                .filter(|m| !m.is_failed())
-                .map(|m| {
-                    (m.entry.id, sc.spawn(move || {
-                        let mut g = m.store.lock();
-                        let res = match g.as_ref() {
-                            Some(s) => s.apply(batch, durable, behind),
-                            None => Err(Error::Other("pool opened without metadata store".into())),
-                        };
-                        if res.is_err() && g.is_some() {
-                            // Close and reopen so the next commit can go through once
-                            // the cause (a full disk, say) is gone.
-                            *g = None;
-                            match MemberStore::open(&m.dir) {
-                                Ok(s) => *g = Some(s),
-                                Err(e) => tracing::error!(member = %m.dir.display(), error = %e, "cannot reopen metadata store"),
-                            }
-                        }
-                        res
-                    }))
-                })
-                .collect();
-            let results: Vec<(u32, Result<()>)> = handles
-                .into_iter()
-                .map(|(id, h)| {
-                    (
-                        id,
-                        h.join().unwrap_or_else(|_| {
-                            Err(Error::Other("metadata commit thread panicked".into()))
-                        }),
-                    )
-                })
-                .collect();
+        let apply = |m: &Member| -> Result<()> {
+            let mut g = m.store.lock();
+            let res = match g.as_ref() {
+                Some(s) => s.apply(batch, durable, behind),
+                None => Err(Error::Other("pool opened without metadata store".into())),
+            };
+            if res.is_err() && g.is_some() {
+                // Close and reopen so the next commit can go through once
+                // the cause (a full disk, say) is gone.
+                *g = None;
+                match MemberStore::open(&*m.storage, &m.dir) {
+                    Ok(s) => *g = Some(s),
+                    Err(e) => tracing::error!(member = %m.dir.display(), error = %e, "cannot reopen metadata store"),
+                }
+            }
+            res
+        };
+        let apply = &apply;
+        let live: Vec<&Arc<Member>> = members.iter().filter(|m| !m.is_failed()).collect();
+        let results: Vec<(u32, Result<()>)> = if self.storage.concurrent() {
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = live
+                    .iter()
+                    .map(|m| (m.entry.id, sc.spawn(move || apply(m))))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|(id, h)| {
+                        (
+                            id,
+                            h.join().unwrap_or_else(|_| {
+                                Err(Error::Other("metadata commit thread panicked".into()))
+                            }),
+                        )
+                    })
+                    .collect()
+            })
+        } else {
+            live.iter().map(|m| (m.entry.id, apply(m))).collect()
+        };
+        {
             let mut ok = 0;
             let mut first_err = None;
             for (id, r) in results {
@@ -1534,7 +1560,7 @@ impl Pool {
                 None if ok == 0 => Err(Error::Other("no member left to commit to".into())),
                 None => Ok(()),
             }
-        })
+        }
     }
 
     /// Members (ids) that went their own way and were overruled by `force`.
@@ -1552,13 +1578,11 @@ impl Pool {
             if !seen.insert(m.dev) {
                 continue;
             }
-            if let Ok(st) = statvfs(&m.dir) {
-                let fr = st.f_frsize;
-                let total = st.f_blocks * fr;
-                let reserve = Member::reserve(total);
-                s.size += total;
-                s.free += (st.f_bfree * fr).saturating_sub(reserve);
-                s.avail += (st.f_bavail * fr).saturating_sub(reserve);
+            if let Ok(st) = self.storage.space(&m.dir) {
+                let reserve = Member::reserve(st.total);
+                s.size += st.total;
+                s.free += st.free.saturating_sub(reserve);
+                s.avail += st.avail.saturating_sub(reserve);
             }
         }
         let c = self.config().copies.max(1) as u64;
@@ -1572,10 +1596,13 @@ impl Pool {
     /// Lists the files in a member's data directory.
     pub fn list_extent_files(&self, member: &Member) -> io::Result<Vec<ExtentFileEntry>> {
         let mut out = Vec::new();
-        for ent in fs::read_dir(&member.data_dir)? {
-            let ent = ent?;
-            let name = ent.file_name().to_string_lossy().into_owned();
-            let bytes = ent.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+        for ent in self.storage.list(&member.data_dir)? {
+            let name = ent.to_string_lossy().into_owned();
+            let bytes = self
+                .storage
+                .stat(&member.data_dir.join(&ent))
+                .map(|m| m.allocated)
+                .unwrap_or(0);
             let (parsed, sum) = match name.strip_suffix(".sum") {
                 Some(base) => (parse_extent_file_name(base), true),
                 None => (parse_extent_file_name(&name), false),
@@ -1598,11 +1625,8 @@ impl Pool {
         let (mut size, mut free) = (0u64, 0u64);
         let mut stored_total = 0u64;
         for m in self.members().iter() {
-            let (msize, mfree) = match statvfs(&m.dir) {
-                Ok(st) => {
-                    let fr = st.f_frsize;
-                    (st.f_blocks * fr, st.f_bavail * fr)
-                }
+            let (msize, mfree) = match self.storage.space(&m.dir) {
+                Ok(st) => (st.total, st.avail),
                 Err(_) => (0, 0),
             };
             if seen.insert(m.dev) {

@@ -32,12 +32,11 @@
 //! data, and that extent then has an intent record, so recovery after a crash
 //! recomputes its table from the data (see `Volume::resync`).
 
-use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::bytes::read_capped;
+use crate::storage::{OpenMode, Storage};
 
 pub const SUM_MAGIC: [u8; 8] = *b"VPOOLSUM";
 pub const SUM_VERSION: u32 = 2;
@@ -178,8 +177,8 @@ fn file_len_v1(id: SumId) -> u64 {
 /// Reads a sum file: `Ok(None)` when it does not exist, an `InvalidData` error
 /// when it is damaged. Reads no more than [`file_len`] of `id` (a longer file
 /// is damaged).
-pub fn read(path: &Path, id: SumId) -> io::Result<Option<(u64, Vec<u32>)>> {
-    let bytes = match read_capped(path, file_len(id)) {
+pub fn read(s: &dyn Storage, path: &Path, id: SumId) -> io::Result<Option<(u64, Vec<u32>)>> {
+    let bytes = match read_capped(s, path, file_len(id)) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
@@ -191,17 +190,18 @@ pub fn read(path: &Path, id: SumId) -> io::Result<Option<(u64, Vec<u32>)>> {
 
 /// Writes a whole sum file in place and fdatasyncs it. Returns whether the file
 /// was created (its directory entry then needs an fsync).
-pub fn write(path: &Path, id: SumId, generation: u64, vals: &[u32]) -> io::Result<bool> {
-    let created = !path.exists();
-    let f: File = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)?;
+pub fn write(
+    s: &dyn Storage,
+    path: &Path,
+    id: SumId,
+    generation: u64,
+    vals: &[u32],
+) -> io::Result<bool> {
+    let created = !s.exists(path);
+    let f = s.open(path, OpenMode::CREATE)?;
     let bytes = encode(id, generation, vals);
     f.write_all_at(&bytes, 0)?;
-    if f.metadata()?.len() > bytes.len() as u64 {
+    if f.len()? > bytes.len() as u64 {
         f.set_len(bytes.len() as u64)?;
     }
     f.sync_data()?;
@@ -211,6 +211,7 @@ pub fn write(path: &Path, id: SumId, generation: u64, vals: &[u32]) -> io::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::real::RealStorage as R;
 
     fn id() -> SumId {
         SumId {
@@ -283,11 +284,11 @@ mod tests {
     fn oversized_file_is_damaged_without_reading_it() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("x.sum");
-        write(&p, id(), 1, &[1, 2, 3, 4]).unwrap();
-        assert_eq!(read(&p, id()).unwrap(), Some((1, vec![1, 2, 3, 4])));
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        write(&R, &p, id(), 1, &[1, 2, 3, 4]).unwrap();
+        assert_eq!(read(&R, &p, id()).unwrap(), Some((1, vec![1, 2, 3, 4])));
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
         f.set_len(1 << 30).unwrap();
-        let e = read(&p, id()).unwrap_err();
+        let e = read(&R, &p, id()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(
             e.to_string().contains("1073741824 bytes, more than the 84"),

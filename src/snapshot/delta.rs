@@ -61,10 +61,11 @@
 //! before [`DeltaWriter::finish`] returned, and is responsible for fsyncing the
 //! directory holding it.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::storage::{Handle, OpenMode, Storage};
 
 use serde::{Deserialize, Serialize};
 
@@ -421,7 +422,7 @@ fn encode_footer(index_offset: u64, entry_count: u64, index_crc: u32) -> [u8; FO
 }
 
 /// Reads `e`'s compressed frame and checks its CRC.
-fn read_raw_at(file: &File, path: &Path, e: &Entry) -> Result<Vec<u8>, DeltaError> {
+fn read_raw_at(file: &Handle, path: &Path, e: &Entry) -> Result<Vec<u8>, DeltaError> {
     if e.kind != EntryKind::Data {
         return Err(invalid(
             path,
@@ -460,7 +461,7 @@ fn read_raw_at(file: &File, path: &Path, e: &Entry) -> Result<Vec<u8>, DeltaErro
 /// file, a zstd error or a wrong decompressed length is `Corrupt`; a non-data
 /// entry or an invalid block size is an `InvalidInput` error.
 pub fn read_frame_at(
-    file: &File,
+    file: &Handle,
     path: &Path,
     e: &Entry,
     block_size: u32,
@@ -529,8 +530,9 @@ pub fn read_frame_at(
 /// [`finish`](Self::finish) succeeding removes its files (as
 /// [`abandon`](Self::abandon) does).
 pub struct DeltaWriter {
+    storage: Arc<dyn Storage>,
     paths: Vec<PathBuf>,
-    files: Vec<File>,
+    files: Vec<Handle>,
     header: DeltaHeader,
     compressor: zstd::bulk::Compressor<'static>,
     /// In insertion order; sorted by `finish`.
@@ -545,6 +547,7 @@ impl DeltaWriter {
     /// Creates every file (`create_new`: an existing file is an error) and
     /// writes the header. On an error, files already created are removed.
     pub fn create(
+        storage: Arc<dyn Storage>,
         paths: &[PathBuf],
         header: &DeltaHeader,
         level: i32,
@@ -555,6 +558,7 @@ impl DeltaWriter {
         check_block_size(header.block_size).map_err(|r| invalid(first, r))?;
         let compressor = zstd::bulk::Compressor::new(level).map_err(io_err(first))?;
         let mut w = DeltaWriter {
+            storage,
             paths: Vec::with_capacity(paths.len()),
             files: Vec::with_capacity(paths.len()),
             header: header.clone(),
@@ -565,11 +569,9 @@ impl DeltaWriter {
         };
         for path in paths {
             // On an error, dropping `w` removes the files created so far.
-            let file = crate::util::private_options()
-                .write(true)
-                .read(true)
-                .create_new(true)
-                .open(path)
+            let file = w
+                .storage
+                .open(path, OpenMode::NEW)
                 .map_err(io_err(path))?;
             w.paths.push(path.clone());
             w.files.push(file);
@@ -824,7 +826,7 @@ impl Drop for DeltaWriter {
         if !self.finished {
             for path in &self.paths {
                 // Best effort: an incomplete delta never opens anyway.
-                let _ = std::fs::remove_file(path);
+                let _ = self.storage.remove_file(path);
             }
         }
     }
@@ -839,7 +841,7 @@ pub struct DeltaFile {
     /// File length in bytes.
     pub len: u64,
     path: PathBuf,
-    file: File,
+    file: Handle,
 }
 
 impl DeltaFile {
@@ -849,10 +851,10 @@ impl DeltaFile {
     /// count, frame fields), entries sorted and not overlapping, data frames
     /// inside `[HEADER_LEN, index_offset)`. Frames themselves are checked when
     /// read ([`verify`](Self::verify) reads them all).
-    pub fn open(path: impl AsRef<Path>) -> Result<DeltaFile, DeltaError> {
+    pub fn open(s: &dyn Storage, path: impl AsRef<Path>) -> Result<DeltaFile, DeltaError> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(io_err(path))?;
-        let len = file.metadata().map_err(io_err(path))?.len();
+        let file = s.open(path, OpenMode::READ).map_err(io_err(path))?;
+        let len = file.len().map_err(io_err(path))?;
         if len < HEADER_LEN + FOOTER_LEN {
             return Err(corrupt(
                 path,
@@ -927,9 +929,13 @@ impl DeltaFile {
     /// Opens a delta as [`open`](Self::open) does and checks that its header
     /// names `want` (snapshot, base, inode, block size): a delta of another
     /// snapshot, file or block size is `Corrupt`.
-    pub fn open_checked(path: impl AsRef<Path>, want: &DeltaId) -> Result<DeltaFile, DeltaError> {
+    pub fn open_checked(
+        s: &dyn Storage,
+        path: impl AsRef<Path>,
+        want: &DeltaId,
+    ) -> Result<DeltaFile, DeltaError> {
         let path = path.as_ref();
-        let f = Self::open(path)?;
+        let f = Self::open(s, path)?;
         f.header.check_id(want).map_err(|r| corrupt(path, r))?;
         Ok(f)
     }
@@ -968,6 +974,8 @@ impl DeltaFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::real::RealStorage as R;
+    use std::os::unix::fs::FileExt;
 
     const BS: u32 = 512;
 
@@ -1005,7 +1013,7 @@ mod tests {
     /// A small finished delta with data, zero and hole entries; returns the
     /// entries and the data of each data entry (by start).
     fn small_delta(path: &Path) -> (Vec<Entry>, Vec<(u64, Vec<u8>)>) {
-        let mut w = DeltaWriter::create(&[path.to_path_buf()], &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(crate::storage::real(), &[path.to_path_buf()], &header(), 3).unwrap();
         let a = blocks(2, 1);
         let b = blocks(1, 9);
         w.add_data(10, &b).unwrap();
@@ -1020,7 +1028,7 @@ mod tests {
     fn roundtrip_two_copies() {
         let dir = tempfile::tempdir().unwrap();
         let paths = vec![dir.path().join("a.delta"), dir.path().join("b.delta")];
-        let mut w = DeltaWriter::create(&paths, &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(crate::storage::real(), &paths, &header(), 3).unwrap();
         assert_eq!(w.stored_bytes(), HEADER_LEN);
         let d1 = blocks(3, 5);
         let d2 = blocks(MAX_FRAME_BLOCKS as usize, 11);
@@ -1052,7 +1060,7 @@ mod tests {
         assert_eq!(a.len() as u64, len);
 
         for p in &paths {
-            let f = DeltaFile::open(p).unwrap();
+            let f = DeltaFile::open(&R, p).unwrap();
             assert_eq!(f.header, header());
             assert_eq!(f.entries, entries);
             assert_eq!(f.len, len);
@@ -1078,11 +1086,11 @@ mod tests {
     fn empty_delta() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d");
-        let w = DeltaWriter::create(std::slice::from_ref(&p), &header(), 1).unwrap();
+        let w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 1).unwrap();
         let (entries, len) = w.finish().unwrap();
         assert!(entries.is_empty());
         assert_eq!(len, HEADER_LEN + FOOTER_LEN);
-        let f = DeltaFile::open(&p).unwrap();
+        let f = DeltaFile::open(&R, &p).unwrap();
         assert!(f.entries.is_empty());
         assert_eq!(f.lookup(0), None);
     }
@@ -1101,7 +1109,7 @@ mod tests {
                 let mut bytes = orig.clone();
                 bytes[off] ^= mask;
                 std::fs::write(&q, &bytes).unwrap();
-                let f = match DeltaFile::open(&q) {
+                let f = match DeltaFile::open(&R, &q) {
                     Ok(f) => f,
                     Err(e) => {
                         assert!(
@@ -1144,19 +1152,19 @@ mod tests {
         let q = dir.path().join("cut");
         for n in 0..orig.len() {
             std::fs::write(&q, &orig[..n]).unwrap();
-            assert!(is_corrupt(&DeltaFile::open(&q)), "length {n}");
+            assert!(is_corrupt(&DeltaFile::open(&R, &q)), "length {n}");
         }
         let mut longer = orig.clone();
         longer.push(0);
         std::fs::write(&q, &longer).unwrap();
-        assert!(is_corrupt(&DeltaFile::open(&q)));
+        assert!(is_corrupt(&DeltaFile::open(&R, &q)));
     }
 
     #[test]
     fn overlap_fails_at_finish_and_removes_files() {
         let dir = tempfile::tempdir().unwrap();
         let paths = vec![dir.path().join("a"), dir.path().join("b")];
-        let mut w = DeltaWriter::create(&paths, &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(crate::storage::real(), &paths, &header(), 3).unwrap();
         w.add_data(4, &blocks(2, 1)).unwrap();
         w.add_zero(5, 3).unwrap(); // overlaps block 5
         let r = w.finish();
@@ -1168,12 +1176,12 @@ mod tests {
     fn abandon_and_drop_remove_files() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a");
-        let mut w = DeltaWriter::create(std::slice::from_ref(&p), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
         w.add_data(0, &blocks(1, 1)).unwrap();
         assert!(p.exists());
         w.abandon();
         assert!(!p.exists());
-        let w = DeltaWriter::create(std::slice::from_ref(&p), &header(), 3).unwrap();
+        let w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
         drop(w);
         assert!(!p.exists());
     }
@@ -1184,23 +1192,23 @@ mod tests {
         let a = dir.path().join("a");
         let b = dir.path().join("b");
         std::fs::write(&b, b"keep").unwrap();
-        let r = DeltaWriter::create(&[a.clone(), b.clone()], &header(), 3);
+        let r = DeltaWriter::create(crate::storage::real(), &[a.clone(), b.clone()], &header(), 3);
         assert!(
             matches!(r, Err(DeltaError::Io { ref source, .. }) if source.kind() == io::ErrorKind::AlreadyExists)
         );
         assert!(!a.exists(), "partly created delta left behind");
         assert_eq!(std::fs::read(&b).unwrap(), b"keep");
-        assert!(is_invalid(&DeltaWriter::create(&[], &header(), 3)));
+        assert!(is_invalid(&DeltaWriter::create(crate::storage::real(), &[], &header(), 3)));
         let mut bad = header();
         bad.block_size = 1000;
-        assert!(is_invalid(&DeltaWriter::create(&[a], &bad, 3)));
+        assert!(is_invalid(&DeltaWriter::create(crate::storage::real(), &[a], &bad, 3)));
     }
 
     #[test]
     fn invalid_writes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a");
-        let mut w = DeltaWriter::create(std::slice::from_ref(&p), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
         let inval = |r: Result<Entry, DeltaError>| is_invalid(&r);
         assert!(inval(w.add_data(0, &[])));
         assert!(inval(w.add_data(0, &[0u8; BS as usize + 1])));
@@ -1223,7 +1231,7 @@ mod tests {
     fn long_runs_are_split() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a");
-        let mut w = DeltaWriter::create(std::slice::from_ref(&p), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
         let big = u64::from(u32::MAX) + 10;
         w.add_zero(0, big).unwrap();
         w.add_zero(big, 5).unwrap();
@@ -1244,7 +1252,7 @@ mod tests {
             ]
         );
         w.finish().unwrap();
-        let f = DeltaFile::open(&p).unwrap();
+        let f = DeltaFile::open(&R, &p).unwrap();
         assert_eq!(f.lookup(big + 4).unwrap().kind, EntryKind::Zero);
         assert_eq!(f.lookup(big + 5).unwrap().kind, EntryKind::Hole);
     }
@@ -1254,9 +1262,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src");
         let (_, data) = small_delta(&src);
-        let s = DeltaFile::open(&src).unwrap();
+        let s = DeltaFile::open(&R, &src).unwrap();
         let dst = dir.path().join("dst");
-        let mut w = DeltaWriter::create(std::slice::from_ref(&dst), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&dst), &header(), 3).unwrap();
         let mut copied = Vec::new();
         for (start, want) in &data {
             let e = s.lookup(*start).unwrap();
@@ -1272,7 +1280,7 @@ mod tests {
             copied.push((ne, want));
         }
         w.finish().unwrap();
-        let d = DeltaFile::open(&dst).unwrap();
+        let d = DeltaFile::open(&R, &dst).unwrap();
         d.verify().unwrap();
         for (ne, want) in copied {
             assert_eq!(d.lookup(ne.start).unwrap(), &ne);
@@ -1286,7 +1294,7 @@ mod tests {
     fn bad_frame_content_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a");
-        let mut w = DeltaWriter::create(std::slice::from_ref(&p), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
         let garbage = b"definitely not zstd";
         let g = w.add_raw(0, 1, garbage, crc32c::crc32c(garbage)).unwrap();
         let short = zstd::bulk::compress(&blocks(1, 3), 3).unwrap();
@@ -1295,7 +1303,7 @@ mod tests {
         let l = w.add_raw(3, 2, &long, crc32c::crc32c(&long)).unwrap();
         assert!(is_corrupt(&w.read_frame(&g)));
         w.finish().unwrap();
-        let f = DeltaFile::open(&p).unwrap();
+        let f = DeltaFile::open(&R, &p).unwrap();
         for e in [g, s, l] {
             assert!(is_corrupt(&f.read_frame(&e)), "{e:?}");
         }
@@ -1325,7 +1333,7 @@ mod tests {
         let count = (len - FOOTER_LEN - index_offset) / ENTRY_LEN;
         f.write_all_at(&encode_footer(index_offset, count, 0), len - FOOTER_LEN)
             .unwrap();
-        let r = DeltaFile::open(&p);
+        let r = DeltaFile::open(&R, &p);
         assert!(
             matches!(&r, Err(DeltaError::Corrupt { reason, .. }) if reason.contains("has no blocks")),
             "{r:?}"
@@ -1341,7 +1349,7 @@ mod tests {
         let p = dir.path().join("a");
         small_delta(&p);
         let want = header().id();
-        assert_eq!(DeltaFile::open_checked(&p, &want).unwrap().header, header());
+        assert_eq!(DeltaFile::open_checked(&R, &p, &want).unwrap().header, header());
         for (other, field) in [
             (DeltaId { snap_id: 8, ..want }, "snapshot 7"),
             (DeltaId { base_id: 0, ..want }, "base 3"),
@@ -1354,7 +1362,7 @@ mod tests {
                 "block size 512",
             ),
         ] {
-            let r = DeltaFile::open_checked(&p, &other);
+            let r = DeltaFile::open_checked(&R, &p, &other);
             match r {
                 Err(DeltaError::Corrupt { reason, .. }) => {
                     assert!(reason.contains(field), "{reason}");
@@ -1371,7 +1379,7 @@ mod tests {
     fn frame_without_the_right_content_size_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a");
-        let mut w = DeltaWriter::create(std::slice::from_ref(&p), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
         let data = blocks(2, 4);
         let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
         enc.include_contentsize(false).unwrap();

@@ -25,7 +25,6 @@
 //! removes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs;
 use std::io;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -45,7 +44,6 @@ use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
 use crate::pool::label::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use crate::pool::meta::{BlobChange, InodeRecord, NodeKind, Timestamp, check_blob, encode_blob};
-use crate::util::fsync_dir;
 use crate::volume::{DeadExtent, Segment, Volume};
 
 /// Directory of delta files in each member: `snap/<id>/<ino>.<seq>.vd`.
@@ -905,7 +903,7 @@ impl SnapshotStore {
         for m in &members {
             let dir = delta_dir(&self.pool, *m, job.id)
                 .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
-            crate::util::create_private_dir(&dir).map_err(FsError::Io)?;
+            crate::storage::create_dir_all(self.pool.storage(), &dir).map_err(FsError::Io)?;
             paths.push(dir.join(format!("{ino}.0.vd")));
         }
         let header = DeltaHeader {
@@ -915,7 +913,8 @@ impl SnapshotStore {
             file_size: size,
             block_size: job.bs as u32,
         };
-        let w = DeltaWriter::create(&paths, &header, job.level).map_err(delta_err)?;
+        let w = DeltaWriter::create(self.pool.storage_arc(), &paths, &header, job.level)
+            .map_err(delta_err)?;
         tracing::debug!(snapshot = job.id, ino, ?members, "delta started");
         Ok((w, members))
     }
@@ -923,10 +922,14 @@ impl SnapshotStore {
     /// The background capture of `job`: saves every pending block, finishes the
     /// delta files and publishes the record as complete (or failed).
     pub fn run_job(&self, job: Arc<Job>) {
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, MAX_CAPTURE_THREADS);
+        let threads = if self.pool.storage().concurrent() {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .clamp(1, MAX_CAPTURE_THREADS)
+        } else {
+            1
+        };
         std::thread::scope(|sc| {
             for _ in 0..threads {
                 sc.spawn(|| self.capture_worker(&job));
@@ -967,7 +970,7 @@ impl SnapshotStore {
                                     ino: *ino,
                                     block_size: job.bs as u32,
                                 };
-                                DeltaFile::open_checked(&p, &want)
+                                DeltaFile::open_checked(self.pool.storage(), &p, &want)
                             });
                         match opened {
                             Some(Ok(d)) => g.finished = Some(Arc::new(d)),
@@ -1000,8 +1003,9 @@ impl SnapshotStore {
             for m in &dirs {
                 if let Some(d) = delta_dir(&self.pool, *m, job.id) {
                     let parent = d.parent().map(|p| p.to_path_buf());
-                    let r = fsync_dir(&d).and_then(|_| match parent {
-                        Some(p) => fsync_dir(&p),
+                    let s = self.pool.storage();
+                    let r = s.sync_dir(&d).and_then(|_| match parent {
+                        Some(p) => s.sync_dir(&p),
                         None => Ok(()),
                     });
                     if let Err(e) = r {
@@ -1074,7 +1078,7 @@ impl SnapshotStore {
     fn remove_snapshot_dirs(&self, id: u64) {
         for m in self.pool.members().iter() {
             let d = m.dir.join(SNAP_DIR).join(id.to_string());
-            if let Err(e) = fs::remove_dir_all(&d)
+            if let Err(e) = crate::storage::remove_dir_all(self.pool.storage(), &d)
                 && e.kind() != io::ErrorKind::NotFound
             {
                 tracing::warn!(path = %d.display(), error = %e, "cannot remove snapshot files");
@@ -1109,36 +1113,39 @@ impl SnapshotStore {
         let recs = self.records.read();
         for m in self.pool.members().iter() {
             let root = m.dir.join(SNAP_DIR);
-            let Ok(list) = fs::read_dir(&root) else {
+            let s = self.pool.storage();
+            let Ok(list) = s.list(&root) else {
                 continue;
             };
-            for ent in list.flatten() {
-                let name = ent.file_name().to_string_lossy().into_owned();
+            for ent in list {
+                let name = ent.to_string_lossy().into_owned();
+                let ent_path = root.join(&ent);
                 if name
                     .parse::<u64>()
                     .is_ok_and(|id| self.unreadable.contains(&id))
                 {
-                    tracing::warn!(path = %ent.path().display(), "deltas of a snapshot whose record does not load are kept (see vpool check)");
+                    tracing::warn!(path = %ent_path.display(), "deltas of a snapshot whose record does not load are kept (see vpool check)");
                     continue;
                 }
                 let rec = name.parse::<u64>().ok().and_then(|id| recs.get(&id));
                 let Some(rec) = rec.filter(|r| r.state == State::Complete) else {
-                    let _ = fs::remove_dir_all(ent.path());
+                    let _ = crate::storage::remove_dir_all(s, &ent_path);
                     continue;
                 };
-                let Ok(files) = fs::read_dir(ent.path()) else {
+                let Ok(files) = s.list(&ent_path) else {
                     continue;
                 };
-                for f in files.flatten() {
-                    let fname = f.file_name().to_string_lossy().into_owned();
+                for f in files {
+                    let fname = f.to_string_lossy().into_owned();
+                    let f_path = ent_path.join(&f);
                     let keep = parse_delta_name(&fname).is_some_and(|(ino, seq)| {
                         rec.deltas
                             .get(&ino)
                             .is_some_and(|l| l.seq == seq && l.members.contains(&m.entry.id))
                     });
                     if !keep {
-                        tracing::info!(path = %f.path().display(), "removing a delta file no snapshot references");
-                        let _ = fs::remove_file(f.path());
+                        tracing::info!(path = %f_path.display(), "removing a delta file no snapshot references");
+                        let _ = s.remove_file(&f_path);
                     }
                 }
             }
@@ -1158,7 +1165,7 @@ impl SnapshotStore {
             let Some(p) = delta_path(&self.pool, *m, rec.id, ino, loc.seq) else {
                 continue;
             };
-            match DeltaFile::open_checked(&p, &rec.delta_id(ino)) {
+            match DeltaFile::open_checked(self.pool.storage(), &p, &rec.delta_id(ino)) {
                 Ok(d) => out.push(Arc::new(d)),
                 Err(e) => {
                     tracing::error!(snapshot = %rec.name, ino, error = %e, "delta copy unreadable");
@@ -1604,10 +1611,10 @@ impl SnapshotStore {
                 for m in &members {
                     let dir = delta_dir(&self.pool, *m, c.id)
                         .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
-                    crate::util::create_private_dir(&dir).map_err(FsError::Io)?;
+                    crate::storage::create_dir_all(self.pool.storage(), &dir).map_err(FsError::Io)?;
                     let p = dir.join(format!("{ino}.{seq}.vd"));
                     // A leftover of an interrupted merge.
-                    let _ = fs::remove_file(&p);
+                    let _ = self.pool.storage().remove_file(&p);
                     paths.push(p);
                 }
                 let header = DeltaHeader {
@@ -1617,9 +1624,13 @@ impl SnapshotStore {
                     file_size: inode.size,
                     block_size: self.bs as u32,
                 };
-                let mut w =
-                    DeltaWriter::create(&paths, &header, self.level.load(Ordering::Relaxed))
-                        .map_err(delta_err)?;
+                let mut w = DeltaWriter::create(
+                    self.pool.storage_arc(),
+                    &paths,
+                    &header,
+                    self.level.load(Ordering::Relaxed),
+                )
+                .map_err(delta_err)?;
                 made.extend(paths.iter().cloned());
                 let src = |snap: u64| if snap == c.id { &cd } else { &xd };
                 for r in &runs {
@@ -1663,14 +1674,14 @@ impl SnapshotStore {
         })();
         if let Err(e) = result {
             for p in made {
-                let _ = fs::remove_file(p);
+                let _ = self.pool.storage().remove_file(&p);
             }
             return Err(e);
         }
         for l in rec.deltas.values() {
             for m in &l.members {
                 if let Some(d) = delta_dir(&self.pool, *m, c.id) {
-                    fsync_dir(&d).map_err(FsError::Io)?;
+                    self.pool.storage().sync_dir(&d).map_err(FsError::Io)?;
                 }
             }
         }
@@ -1754,7 +1765,7 @@ impl SnapshotStore {
                     .filter(|m| self.pool.usable(**m))
                     .filter_map(|m| delta_path(&self.pool, *m, rec.id, *ino, loc.seq))
                     .find(|p| {
-                        DeltaFile::open_checked(p, &rec.delta_id(*ino))
+                        DeltaFile::open_checked(self.pool.storage(), p, &rec.delta_id(*ino))
                             .and_then(|d| d.verify())
                             .is_ok()
                     });
@@ -1774,9 +1785,10 @@ impl SnapshotStore {
                     };
                     let dir = delta_dir(&self.pool, to, rec.id)
                         .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
-                    crate::util::create_private_dir(&dir).map_err(FsError::Io)?;
+                    crate::storage::create_dir_all(self.pool.storage(), &dir).map_err(FsError::Io)?;
                     let dst = dir.join(format!("{ino}.{}.vd", loc.seq));
-                    crate::util::copy_file_atomic(src, &dst).map_err(FsError::Io)?;
+                    crate::storage::copy_file_atomic(self.pool.storage(), src, &dst)
+                        .map_err(FsError::Io)?;
                     members.push(to);
                     made += 1;
                 }
@@ -1818,7 +1830,8 @@ impl SnapshotStore {
                         continue;
                     };
                     checked += 1;
-                    match DeltaFile::open_checked(&p, &rec.delta_id(*ino)).and_then(|d| d.verify())
+                    match DeltaFile::open_checked(self.pool.storage(), &p, &rec.delta_id(*ino))
+                        .and_then(|d| d.verify())
                     {
                         Ok(_) => good = good.or(Some(p)),
                         Err(e) => {
@@ -1836,7 +1849,7 @@ impl SnapshotStore {
                         ));
                         continue;
                     };
-                    match crate::util::copy_file_atomic(src, &p) {
+                    match crate::storage::copy_file_atomic(self.pool.storage(), src, &p) {
                         Ok(()) => {
                             fixed += 1;
                             tracing::warn!(snapshot = %rec.name, ino, path = %p.display(), "scrub: delta copy rewritten from a good copy");
@@ -1885,7 +1898,8 @@ impl SnapshotStore {
                         continue;
                     };
                     if let Err(e) =
-                        DeltaFile::open_checked(&p, &r.delta_id(*ino)).and_then(|d| d.verify())
+                        DeltaFile::open_checked(self.pool.storage(), &p, &r.delta_id(*ino))
+                            .and_then(|d| d.verify())
                     {
                         out.push(format!("snapshot {}: {e}", r.name));
                     }

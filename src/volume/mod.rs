@@ -23,10 +23,7 @@
 //! cannot move while a change is in flight.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
-use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -36,6 +33,7 @@ use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
 use crate::pool::meta::ExtentRecord;
 use crate::pool::sums::{self, SumId, block_crc};
+use crate::storage::{Alloc, Handle, OpenMode};
 
 /// Stripe locks, one table for the process: block checksums and data change
 /// together under the stripe's write lock; verified reads hold it for reading.
@@ -187,7 +185,7 @@ impl Extent {
         Ok(())
     }
 
-    fn file(&self, pool: &Pool, ino: u64, copy: usize) -> FsResult<Arc<File>> {
+    fn file(&self, pool: &Pool, ino: u64, copy: usize) -> FsResult<Handle> {
         pool.extent_file(self.copies[copy].member, ino, self.index, self.file_id)
     }
 
@@ -203,7 +201,7 @@ impl Extent {
         &self,
         pool: &Pool,
         ino: u64,
-        mut op: impl FnMut(u32, &File) -> FsResult<()>,
+        mut op: impl FnMut(u32, &Handle) -> FsResult<()>,
     ) -> FsResult<()> {
         let mut done = 0;
         let mut last_err = None;
@@ -287,113 +285,12 @@ fn pieces(esize: u64, off: u64, len: usize) -> impl Iterator<Item = Piece> {
     })
 }
 
-fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a valid descriptor with plain integer arguments.
-    let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn lseek(f: &File, off: u64, whence: i32) -> io::Result<Option<u64>> {
-    // SAFETY: lseek on a valid descriptor; moves only that descriptor's offset,
-    // which vpool never uses (all I/O is positional).
-    let r = unsafe { libc::lseek(f.as_raw_fd(), off as i64, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENXIO) {
-            return Ok(None);
-        }
-        return Err(e);
-    }
-    Ok(Some(r as u64))
-}
-
-/// `FS_IOC_FIEMAP` (`_IOWR('f', 11, struct fiemap)`).
-const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
-const FIEMAP_EXTENT_LAST: u32 = 0x1;
-/// Extents asked for per FIEMAP call.
-const FIEMAP_BATCH: usize = 64;
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct FiemapExtent {
-    logical: u64,
-    physical: u64,
-    length: u64,
-    reserved64: [u64; 2],
-    flags: u32,
-    reserved: [u32; 3],
-}
-
-#[repr(C)]
-struct Fiemap {
-    start: u64,
-    length: u64,
-    flags: u32,
-    mapped_extents: u32,
-    extent_count: u32,
-    reserved: u32,
-    extents: [FiemapExtent; FIEMAP_BATCH],
-}
-
-/// The allocated ranges of `f` within `[lo, hi)`, written or not (FIEMAP sees
-/// preallocated, unwritten extents, which SEEK_DATA reports as holes), merged
-/// and clipped. `None` when the filesystem has no FIEMAP (tmpfs).
-fn fiemap_ranges(f: &File, lo: u64, hi: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut pos = lo;
-    while pos < hi {
-        let mut fm = Fiemap {
-            start: pos,
-            length: hi - pos,
-            flags: 0,
-            mapped_extents: 0,
-            extent_count: FIEMAP_BATCH as u32,
-            reserved: 0,
-            extents: [FiemapExtent::default(); FIEMAP_BATCH],
-        };
-        // SAFETY: FS_IOC_FIEMAP reads the header and writes at most
-        // `extent_count` entries into `extents`, all inside `fm`, which lives
-        // across the call.
-        let rc = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP as _, &mut fm as *mut Fiemap) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL)
-                    if out.is_empty() && pos == lo =>
-                {
-                    Ok(None)
-                }
-                _ => Err(e),
-            };
-        }
-        let n = (fm.mapped_extents as usize).min(FIEMAP_BATCH);
-        if n == 0 {
-            break;
-        }
-        let mut last = false;
-        for e in &fm.extents[..n] {
-            let (s, t) = (e.logical.max(lo), (e.logical + e.length).min(hi));
-            if s < t {
-                match out.last_mut() {
-                    Some((_, end)) if *end >= s => *end = (*end).max(t),
-                    _ => out.push((s, t)),
-                }
-            }
-            pos = pos.max(e.logical + e.length);
-            last |= e.flags & FIEMAP_EXTENT_LAST != 0;
-        }
-        if last {
-            break;
-        }
-    }
-    Ok(Some(out))
+fn lseek(f: &Handle, off: u64, whence: i32) -> io::Result<Option<u64>> {
+    f.seek(off, whence == libc::SEEK_DATA)
 }
 
 /// The data ranges of `f` within `[lo, hi)` by SEEK_DATA/SEEK_HOLE.
-fn seek_data_ranges(f: &File, lo: u64, hi: u64) -> io::Result<Vec<(u64, u64)>> {
+fn seek_data_ranges(f: &Handle, lo: u64, hi: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut out = Vec::new();
     let mut pos = lo;
     while pos < hi {
@@ -424,7 +321,7 @@ fn widen_merge(ranges: impl IntoIterator<Item = (u64, u64)>, bs: u64) -> Vec<(u6
 }
 
 /// Fills `dst` from `f` at `off`; past the member file's end is a hole (zeros).
-fn read_full(f: &File, dst: &mut [u8], off: u64) -> FsResult<()> {
+fn read_full(f: &Handle, dst: &mut [u8], off: u64) -> FsResult<()> {
     let mut done = 0;
     while done < dst.len() {
         match f.read_at(&mut dst[done..], off + done as u64) {
@@ -450,7 +347,7 @@ fn map_write_err(e: io::Error) -> FsError {
 }
 
 /// Whether `[off, off+len)` of `f` is already fully allocated (writing it needs no space).
-fn fully_allocated(f: &File, off: u64, len: u64) -> io::Result<bool> {
+fn fully_allocated(f: &Handle, off: u64, len: u64) -> io::Result<bool> {
     match lseek(f, off, libc::SEEK_HOLE)? {
         Some(h) => Ok(h >= off + len),
         None => Ok(false),
@@ -486,7 +383,7 @@ pub type DeadExtent = (u32, u64, u64, u64);
 
 /// Refuses a write of `len` bytes at `within` of `f` on `member` when the member is
 /// down to its reserve, unless the range is already allocated (overwrites need no space).
-fn check_room(pool: &Pool, member: u32, f: &File, within: u64, len: u64) -> FsResult<()> {
+fn check_room(pool: &Pool, member: u32, f: &Handle, within: u64, len: u64) -> FsResult<()> {
     let m = pool
         .member(member)
         .ok_or_else(|| FsError::Corrupt(format!("unknown member {member}")))?;
@@ -610,7 +507,7 @@ impl Volume {
             let Some(p) = pool.sum_path(c.member, self.ino, ext.index, ext.file_id) else {
                 continue;
             };
-            match sums::read(&p, id) {
+            match sums::read(pool.storage(), &p, id) {
                 Ok(Some((gen_, v))) => match &found {
                     // Copies of different generations: one missed commits.
                     Some((g, _)) if *g != gen_ => {
@@ -1012,7 +909,7 @@ impl Volume {
         // count in st_blocks and must stay allocated in the snapshot), widened
         // to whole blocks.
         let (lo, hi) = (off - base, off - base + len);
-        let raw = match fiemap_ranges(&f, lo, hi).map_err(FsError::Io)? {
+        let raw = match f.allocated_ranges(lo, hi).map_err(FsError::Io)? {
             Some(r) => r,
             None => seek_data_ranges(&f, lo, hi).map_err(FsError::Io)?,
         };
@@ -1045,16 +942,7 @@ impl Volume {
         let within = off % self.esize;
         let len = (count * self.bs).min(self.esize - within);
         if let Ok(f) = ext.file(pool, self.ino, ext.first_usable(pool)) {
-            // SAFETY: posix_fadvise on a valid descriptor with plain integers;
-            // it only affects the page cache.
-            unsafe {
-                libc::posix_fadvise(
-                    f.as_raw_fd(),
-                    within as i64,
-                    len as i64,
-                    libc::POSIX_FADV_WILLNEED,
-                );
-            }
+            f.will_need(within, len);
         }
     }
 
@@ -1180,7 +1068,7 @@ impl Volume {
         let (fid, files) = pool.create_extent_files(self.ino, index, need)?;
         let mut members = Vec::with_capacity(files.len());
         for (m, f) in files {
-            pool.fds.put((m, self.ino, index, fid), Arc::new(f));
+            pool.fds.put((m, self.ino, index, fid), f);
             members.push(m);
         }
         let e = Arc::new(Extent::new(index, fid, members, true));
@@ -1218,7 +1106,7 @@ impl Volume {
         ext: Arc<Extent>,
         p: &Piece,
         content: Option<Option<&[u8]>>,
-        op: impl FnMut(u32, &File) -> FsResult<()>,
+        op: impl FnMut(u32, &Handle) -> FsResult<()>,
     ) -> FsResult<()> {
         let end = p.within + p.len as u64;
         let _g = self.lock_excl(p.index, p.within / self.bs, end.div_ceil(self.bs));
@@ -1272,13 +1160,8 @@ impl Volume {
                 buf_off: 0,
             };
             self.change(pool, ext, &p, Some(None), |member, f| {
-                fallocate(
-                    f,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    p.within,
-                    p.len as u64,
-                )
-                .map_err(FsError::Io)?;
+                f.allocate(Alloc::Punch, p.within, p.len as u64)
+                    .map_err(FsError::Io)?;
                 invalidate_space(pool, member);
                 Ok(())
             })?;
@@ -1292,24 +1175,14 @@ impl Volume {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
             self.change(pool, ext, &p, Some(None), |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
-                let zr = fallocate(
-                    f,
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                    p.within,
-                    p.len as u64,
-                );
+                let zr = f.allocate(Alloc::ZeroRange, p.within, p.len as u64);
                 match zr {
                     Ok(()) => Ok(()),
                     Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                         // The member filesystem lacks ZERO_RANGE: punch, then allocate.
-                        fallocate(
-                            f,
-                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                            p.within,
-                            p.len as u64,
-                        )
-                        .map_err(FsError::Io)?;
-                        fallocate(f, libc::FALLOC_FL_KEEP_SIZE, p.within, p.len as u64)
+                        f.allocate(Alloc::Punch, p.within, p.len as u64)
+                            .map_err(FsError::Io)?;
+                        f.allocate(Alloc::KeepSize, p.within, p.len as u64)
                             .map_err(map_write_err)
                     }
                     Err(e) => Err(map_write_err(e)),
@@ -1325,7 +1198,7 @@ impl Volume {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
             self.change(pool, ext, &p, None, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
-                fallocate(f, libc::FALLOC_FL_KEEP_SIZE, p.within, p.len as u64).map_err(|e| {
+                f.allocate(Alloc::KeepSize, p.within, p.len as u64).map_err(|e| {
                     invalidate_space(pool, member);
                     map_write_err(e)
                 })
@@ -1349,7 +1222,7 @@ impl Volume {
             ext.prepare(pool, self.ino)?;
             let new_sums = self.sums_after(pool, &ext, cut, self.esize, None)?;
             ext.each_copy(pool, self.ino, |_, f| {
-                if f.metadata().map_err(FsError::Io)?.len() > cut {
+                if f.len().map_err(FsError::Io)? > cut {
                     f.set_len(cut).map_err(FsError::Io)?;
                 }
                 Ok(())
@@ -1375,7 +1248,7 @@ impl Volume {
     fn longer_than(&self, pool: &Pool, ext: &Extent, len: u64) -> FsResult<bool> {
         let mut longer = false;
         ext.each_copy(pool, self.ino, |_, f| {
-            longer |= f.metadata().map_err(FsError::Io)?.len() > len;
+            longer |= f.len().map_err(FsError::Io)? > len;
             Ok(())
         })?;
         Ok(longer)
@@ -1445,8 +1318,8 @@ impl Volume {
                 let b = e
                     .file(pool, self.ino, e.first_usable(pool))
                     .ok()
-                    .and_then(|f| f.metadata().ok())
-                    .map(|m| m.blocks())
+                    .and_then(|f| f.allocated().ok())
+                    .map(|b| b / 512)
                     .unwrap_or(0);
                 e.blocks.store(b, Ordering::Release);
             }
@@ -1515,7 +1388,7 @@ impl Volume {
             let Some(p) = pool.sum_path(c.member, self.ino, e.index, e.file_id) else {
                 continue;
             };
-            match sums::write(&p, id, generation, &vals) {
+            match sums::write(pool.storage(), &p, id, generation, &vals) {
                 Ok(created) => {
                     if created {
                         new_dirs.insert(c.member);
@@ -1561,8 +1434,7 @@ impl Volume {
         let Some(e) = self.get(index) else { return 0 };
         e.file(pool, self.ino, e.first_usable(pool))
             .ok()
-            .and_then(|f| f.metadata().ok())
-            .map(|m| m.blocks() * 512)
+            .and_then(|f| f.allocated().ok())
             .unwrap_or(0)
     }
 
@@ -1629,12 +1501,9 @@ impl Volume {
             .extent_path(to, self.ino, index, ext.file_id)
             .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
         // A leftover of an interrupted move is overwritten.
-        let out = crate::util::private_options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
+        let out = pool
+            .storage()
+            .open(&path, OpenMode::REPLACE)
             .map_err(map_write_err)?;
         let exp = self.expected(pool, &ext, 0, n);
         let bs = self.bs;
@@ -1669,20 +1538,19 @@ impl Volume {
         // Same length as the source (reads past it are zeros either way).
         let src_len = ext
             .file(pool, self.ino, ext.first_usable(pool))
-            .and_then(|f| f.metadata().map_err(FsError::Io))
-            .map(|m| m.len())
+            .and_then(|f| f.len().map_err(FsError::Io))
             .unwrap_or(0);
-        if out.metadata().map_err(FsError::Io)?.len() < src_len {
+        if out.len().map_err(FsError::Io)? < src_len {
             out.set_len(src_len).map_err(map_write_err)?;
         }
         out.sync_data().map_err(FsError::Io)?;
         let mut copies = ext.copies_without(from);
         copies.push(ExtentCopy { member: to });
         pool.fds
-            .put((to, self.ino, index, ext.file_id), Arc::new(out));
+            .put((to, self.ino, index, ext.file_id), out);
         if !self.swap_copies(&ext, copies) {
             ext.forget_file(pool, self.ino, to);
-            let _ = std::fs::remove_file(&path);
+            let _ = pool.storage().remove_file(&path);
             return Ok(None);
         }
         if let Some(m) = pool.member(to) {
