@@ -528,12 +528,16 @@ impl Vfs {
             }
         }
         let mut orphan_files = Vec::new();
+        let mut present: HashSet<(u32, String)> = HashSet::new();
         for m in self.pool.members().iter() {
             let list = self
                 .pool
                 .list_extent_files(m)
                 .map_err(|e| crate::Error::io(&m.data_dir, e))?;
             for f in list {
+                if !f.sum {
+                    present.insert((m.entry.id, f.name.clone()));
+                }
                 // A sum file goes with its extent file.
                 if let Some((ino, idx, fid)) = f.parsed
                     && !referenced
@@ -550,8 +554,19 @@ impl Vfs {
                 "removing extent files no inode references"
             );
         }
+        let refill = self.drop_missing_copies(&present);
         self.commit()
             .map_err(|e| crate::Error::Other(format!("recovery commit failed: {e}")))?;
+        if !refill.is_empty() {
+            match self.fill_copies_of(refill, &mut |_, _| {}) {
+                Ok((n, bytes)) => {
+                    tracing::warn!(copies = n, bytes, "missing extent copies rebuilt from good copies")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot rebuild missing extent copies; `vpool scrub` or `vpool set copies` retries")
+                }
+            }
+        }
         // On a member that took commits of its own (opened with --force), an
         // unreferenced file may be the other side's only copy of some data.
         let diverged = self.pool.diverged_members();
@@ -561,6 +576,47 @@ impl Vfs {
         self.pool.quarantine_extent_files(&keep);
         self.pool.remove_extent_files(&remove);
         Ok(())
+    }
+
+    /// Extent copies the metadata lists on a present member whose file is not
+    /// there (created while the member was failing, its directory entry never
+    /// made durable before a crash) are dropped from their extents when a
+    /// copy that is there remains; those extents are returned, to get their
+    /// copies back from the good ones. A missing only copy stays listed
+    /// (`check` reports it: its data is lost).
+    fn drop_missing_copies(&self, present: &HashSet<(u32, String)>) -> Vec<super::members::Item> {
+        let mut out = Vec::new();
+        let members: HashSet<u32> = self.pool.members().iter().map(|m| m.entry.id).collect();
+        let ns = self.ns.read();
+        let mut nodes: Vec<&Arc<Node>> = ns.nodes.values().collect();
+        nodes.sort_unstable_by_key(|n| n.ino);
+        for n in nodes {
+            let Some(v) = &n.volume else { continue };
+            for (m, ino, idx, fid) in v.all_files() {
+                let name = crate::pool::extent_file_name(ino, idx, fid);
+                if !members.contains(&m) || present.contains(&(m, name.clone())) {
+                    continue;
+                }
+                let others_there = v
+                    .copy_members(idx)
+                    .iter()
+                    .any(|o| *o != m && present.contains(&(*o, name.clone())));
+                if !others_there {
+                    tracing::error!(member = m, ino, extent = idx, "extent file missing and no other copy is there");
+                    continue;
+                }
+                if v.drop_copy(idx, m).is_some() {
+                    tracing::warn!(member = m, ino, extent = idx, "extent copy missing (its member failed before it was durable); rebuilding it from another copy");
+                    n.touch();
+                    out.push(super::members::Item {
+                        node: n.clone(),
+                        vol: v.clone(),
+                        index: idx,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Dead extent files whose name no extent copy has taken again. Files are
@@ -1261,7 +1317,13 @@ impl Vfs {
             return Err(FsError::FileTooLarge);
         }
         self.snaps.preserve(node.ino, off, data.len() as u64);
-        vol.write(&self.pool, off, data)?;
+        if let Err(e) = vol.write(&self.pool, off, data) {
+            // Pieces before the failure are written, maybe into new extents:
+            // the next commit must record the map as it is now (the data
+            // shows, and a commit that says it is durable must make it so).
+            node.touch();
+            return Err(e);
+        }
         let now = Timestamp::now();
         {
             let mut m = node.meta.lock();
@@ -1296,21 +1358,33 @@ impl Vfs {
         if mode & !known != 0 {
             return Err(FsError::NotSupported);
         }
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0
+            && (!keep || mode & libc::FALLOC_FL_ZERO_RANGE != 0)
+        {
+            return Err(FsError::NotSupported);
+        }
         self.snaps.preserve(node.ino, off, len);
-        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
-            if !keep || mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
-                return Err(FsError::NotSupported);
-            }
+        let r = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
             if off < size {
-                vol.punch(&self.pool, off, end.min(size) - off)?;
+                vol.punch(&self.pool, off, end.min(size) - off)
+            } else {
+                Ok(())
             }
         } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
             let zend = if keep { end.min(size) } else { end };
             if zend > off {
-                vol.zero_range(&self.pool, off, zend - off)?;
+                vol.zero_range(&self.pool, off, zend - off)
+            } else {
+                Ok(())
             }
         } else {
-            vol.allocate(&self.pool, off, len)?;
+            vol.allocate(&self.pool, off, len)
+        };
+        if let Err(e) = r {
+            // As in `write_locked`: what was done before the failure is
+            // recorded by the next commit.
+            node.touch();
+            return Err(e);
         }
         let now = Timestamp::now();
         {
@@ -1716,18 +1790,23 @@ impl Vfs {
             for ino in ns.deleted.drain() {
                 batch.inodes.push((ino, None));
             }
-            let dirents: Vec<_> = ns.dirent_changes.drain().collect();
+            // In key order: one workload gives one sequence of writes (the
+            // simulator replays a seed exactly), and redb inserts in order.
+            batch.inodes.sort_unstable_by_key(|(ino, _)| *ino);
+            let mut dirents: Vec<_> = ns.dirent_changes.drain().collect();
+            dirents.sort_unstable();
             batch.dirents = dirents.clone();
             batch.next_ino = ns.next_ino;
             batch.next_file_id = self.pool.next_file_id.load(Ordering::SeqCst);
             batch.generation = self.generation.load(Ordering::SeqCst) + 1;
             let dead = std::mem::take(&mut ns.dead_extents);
-            let volumes: Vec<Arc<Node>> = ns
+            let mut volumes: Vec<Arc<Node>> = ns
                 .nodes
                 .values()
                 .filter(|n| n.volume.is_some())
                 .cloned()
                 .collect();
+            volumes.sort_unstable_by_key(|n| n.ino);
             let mut cbt_taken = Vec::new();
             for n in &volumes {
                 if let Some(v) = &n.volume {
@@ -1775,6 +1854,12 @@ impl Vfs {
                 }
             }
             self.pool.sync_data_dirs(&new_dirs).map_err(FsError::Io)?;
+            // A new extent file is durable only with its directory entry: one
+            // whose every copy is on a member that failed before its entry was
+            // synced is not, and the commit must not say it is.
+            if fresh.iter().any(|e| e.usable_copies(&self.pool) == 0) {
+                return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
+            }
             self.pool.commit(&batch, true).map_err(FsError::from)
         })();
         match result {
@@ -1840,7 +1925,11 @@ impl Vfs {
     /// written: over-reporting only.
     fn prelog_hot_extents(&self) {
         let tag = self.pool.intent_tag.load(Ordering::Acquire);
-        let since_ms = crate::volume::clock_ms().saturating_sub(HOT_WINDOW_MS);
+        let since_ms = self
+            .pool
+            .storage()
+            .clock_ms()
+            .saturating_sub(HOT_WINDOW_MS);
         let hot: Vec<(u64, Arc<crate::volume::Extent>)> = {
             let ns = self.ns.read();
             ns.nodes

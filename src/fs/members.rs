@@ -50,7 +50,8 @@ impl Vfs {
     /// Every extent of every file as of now.
     pub(crate) fn extents(&self) -> Vec<Item> {
         let ns = self.ns.read();
-        ns.nodes
+        let mut out: Vec<Item> = ns
+            .nodes
             .values()
             .filter_map(|n| n.volume.clone().map(|v| (n.clone(), v)))
             .flat_map(|(n, v)| {
@@ -60,7 +61,10 @@ impl Vfs {
                     index,
                 })
             })
-            .collect()
+            .collect();
+        // In file order: one run, one order of work (and of member I/O).
+        out.sort_unstable_by_key(|it| (it.node.ino, it.index));
+        out
     }
 
     /// Moves (`from`) or adds a copy of one extent onto `to` (placed when
@@ -142,9 +146,17 @@ impl Vfs {
     /// Extents with fewer copies on usable members than `copies` get more
     /// (extents made while the pool was degraded, or after copies was raised).
     fn fill_copies(&self, progress: Progress) -> FsResult<(u64, u64)> {
+        self.fill_copies_of(self.extents(), progress)
+    }
+
+    /// [`Vfs::fill_copies`] for the extents of `items` only.
+    pub(crate) fn fill_copies_of(
+        &self,
+        items: Vec<Item>,
+        progress: Progress,
+    ) -> FsResult<(u64, u64)> {
         let want = self.pool.config().copies.max(1) as usize;
-        let work: Vec<Item> = self
-            .extents()
+        let work: Vec<Item> = items
             .into_iter()
             .filter(|it| {
                 // (An extent with no usable copy cannot be rebuilt: it stays

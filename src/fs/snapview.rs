@@ -406,8 +406,13 @@ impl Vfs {
             tracing::warn!(error = %e, "cannot start the snapshot thread; capturing inline");
             self.snaps.run_job(job.clone());
         }
+        // The record is durable only once this commit is: until then a crash
+        // loses the snapshot, so its creation is not reported done before.
         if let Err(e) = self.commit() {
             tracing::warn!(error = %e, "commit after snapshot creation failed; it will be retried");
+            return Err(FsError::Message(format!(
+                "snapshot {name} is being captured, but its record could not be made durable ({e:?}); it may not survive a crash"
+            )));
         }
         self.snaps
             .infos()
@@ -445,10 +450,11 @@ impl Vfs {
         }
         self.commit()?;
         for p in old {
-            let r = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
+            let st = self.pool.storage();
+            let r = if st.is_dir(&p) {
+                crate::storage::remove_dir_all(st, &p)
             } else {
-                std::fs::remove_file(&p)
+                st.remove_file(&p)
             };
             if let Err(e) = r
                 && e.kind() != std::io::ErrorKind::NotFound

@@ -26,7 +26,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
@@ -44,7 +43,7 @@ pub const QUARANTINE_DIR: &str = "quarantine";
 pub const DEFAULT_EXTENT_SIZE: u64 = 64 << 20;
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// How long a member's free-space reading is trusted on the write path.
-const SPACE_TTL: Duration = Duration::from_millis(100);
+const SPACE_TTL_MS: u64 = 100;
 /// Below this many available bytes, free space is read on every check.
 const NEAR_FULL: u64 = 64 << 20;
 
@@ -67,7 +66,8 @@ impl Default for CreateOptions {
 }
 
 struct SpaceReading {
-    at: Instant,
+    /// [`Storage::clock_ms`] of the reading.
+    at_ms: u64,
     avail: u64,
 }
 
@@ -111,8 +111,9 @@ impl Member {
         let mut g = self.space.lock();
         // Near the reserve every call reads the filesystem afresh, so that writes
         // racing within one cache period cannot eat into the reserve.
+        let now = self.storage.clock_ms();
         if let Some(r) = g.as_ref()
-            && r.at.elapsed() < SPACE_TTL
+            && now.saturating_sub(r.at_ms) < SPACE_TTL_MS
             && r.avail > NEAR_FULL
         {
             return Ok(r.avail);
@@ -120,7 +121,7 @@ impl Member {
         let st = self.storage.space(&self.dir)?;
         let avail = st.avail.saturating_sub(Self::reserve(st.total));
         *g = Some(SpaceReading {
-            at: Instant::now(),
+            at_ms: now,
             avail,
         });
         Ok(avail)
@@ -779,8 +780,12 @@ impl Pool {
         // off from the others: both sides hold changes the other lacks.
         let mut split = Vec::new();
         for (m, have) in members.iter().zip(&loaded) {
+            // A copy that lists its own member as behind was rewritten from
+            // another's image (at mount or by scrub), not committed by its
+            // member: a member a commit reaches is in step, never behind.
             if let (Some(have), Some(g)) = (have, img.behind.get(&m.entry.uuid))
                 && have.generation >= *g
+                && !have.behind.contains_key(&m.entry.uuid)
             {
                 split.push((m.clone(), have.generation, *g));
             }
@@ -985,6 +990,10 @@ impl Pool {
         }
         let mut rewritten = 0;
         for (m, img) in self.members().iter().zip(&images) {
+            if m.is_failed() {
+                // No I/O goes to a failed member.
+                continue;
+            }
             let why = match img {
                 Err(e) => Some(format!("unreadable ({e})")),
                 Ok(i) if i.generation != best.generation => Some(format!(
@@ -1453,6 +1462,8 @@ impl Pool {
 
     /// fsyncs the data directories of the given members (new extent files durable).
     pub fn sync_data_dirs(&self, members: &HashSet<u32>) -> io::Result<()> {
+        let mut members: Vec<&u32> = members.iter().collect();
+        members.sort_unstable();
         for id in members {
             if let Some(m) = self.member(*id).filter(|m| !m.is_failed())
                 && let Err(e) = self.storage.sync_dir(&m.data_dir)

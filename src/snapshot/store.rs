@@ -1921,7 +1921,15 @@ impl SnapshotStore {
 /// `vpool check`: the pool checks of [`crate::pool::inspect`], then every
 /// snapshot record and every delta copy.
 pub fn check_pool(dir: &std::path::Path) -> crate::Result<crate::pool::inspect::CheckReport> {
-    let pool = Arc::new(Pool::open(dir)?);
+    check_pool_in(crate::storage::real(), dir)
+}
+
+/// [`check_pool`] on the given storage.
+pub fn check_pool_in(
+    storage: Arc<dyn crate::storage::Storage>,
+    dir: &std::path::Path,
+) -> crate::Result<crate::pool::inspect::CheckReport> {
+    let pool = Arc::new(Pool::open_in(storage, dir)?);
     let mut report = crate::pool::inspect::check_open(&pool)?;
     let newest = pool
         .member_images()

@@ -230,6 +230,13 @@ pub trait Storage: Send + Sync + Debug {
         true
     }
 
+    /// Milliseconds on a monotonic clock, for the core's timing decisions
+    /// (cached free space, recently changed extents). The simulator's clock
+    /// is its count of operations, so that timing cannot change a seed's run.
+    fn clock_ms(&self) -> u64 {
+        monotonic_ms()
+    }
+
     fn exists(&self, path: &Path) -> bool {
         self.stat(path).is_ok()
     }
@@ -328,6 +335,15 @@ pub fn copy_file_atomic(s: &dyn Storage, src: &Path, dst: &Path) -> io::Result<(
     }
     s.rename(&tmp, dst)?;
     s.sync_dir(dir)
+}
+
+/// Milliseconds on a monotonic clock local to this process.
+pub fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// The host filesystem, shared.

@@ -21,7 +21,7 @@
 //! Each top-level directory is its own device with its own capacity
 //! ([`SimStorage::set_capacity`]): writes past it fail with ENOSPC.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -130,7 +130,8 @@ impl Rng {
 
 #[derive(Debug)]
 struct State {
-    nodes: HashMap<u64, Node>,
+    /// Ordered: a power cut draws its choices node by node, in one order.
+    nodes: BTreeMap<u64, Node>,
     next_ino: u64,
     /// Bumped by each power cut: handles of an earlier boot fail with EIO.
     boot: u64,
@@ -143,6 +144,8 @@ struct State {
     locks: HashSet<u64>,
     /// Faults that fired, with the operation and path.
     fired: Vec<String>,
+    /// Prints every operation that changes the disk (debugging a seed).
+    trace: bool,
 }
 
 /// The simulated disk (cheap to clone: clones share one disk).
@@ -226,7 +229,7 @@ impl Data {
 
 impl State {
     fn new(seed: u64) -> State {
-        let mut nodes = HashMap::new();
+        let mut nodes = BTreeMap::new();
         nodes.insert(ROOT, Node::Dir(DirNode::default()));
         State {
             nodes,
@@ -240,12 +243,21 @@ impl State {
             used: HashMap::new(),
             locks: HashSet::new(),
             fired: Vec::new(),
+            trace: false,
         }
     }
 
     /// Counts one operation; fails it if the power is off or a fault fires.
     fn tick(&mut self, class: OpClass, path: &Path) -> io::Result<Option<FaultKind>> {
-        self.ops += 1;
+        // Only operations that change the disk are counted: how often the
+        // core reads (free space, say, cached for a time) may vary between
+        // runs, and a cut between two reads is a cut before the next write.
+        if matches!(class, OpClass::Write | OpClass::Sync) {
+            self.ops += 1;
+            if self.trace {
+                eprintln!("sim op {} {class:?} {}", self.ops, path.display());
+            }
+        }
         if let Some(d) = self.dead_after
             && self.ops > d
         {
@@ -504,7 +516,7 @@ impl State {
                     if f.cur.len != f.durable.len && rng.chance(50) {
                         out.len = f.cur.len;
                     }
-                    let keys: std::collections::BTreeSet<u64> = f
+                    let keys: BTreeSet<u64> = f
                         .cur
                         .pages
                         .keys()
@@ -640,12 +652,14 @@ impl SimStorage {
         p
     }
 
-    /// Operations counted so far.
+    /// Operations that changed the disk so far (writes, namespace changes,
+    /// syncs).
     pub fn ops(&self) -> u64 {
         self.st.lock().ops
     }
 
-    /// The power goes off after `n` more operations.
+    /// The power goes off after `n` more operations that change the disk;
+    /// the one after them fails, and every operation from then on.
     pub fn die_after(&self, n: u64) {
         let mut st = self.st.lock();
         st.dead_after = Some(st.ops + n);
@@ -661,6 +675,11 @@ impl SimStorage {
     /// fail with EIO from now on, locks are released.
     pub fn power_cut(&self) {
         self.st.lock().cut();
+    }
+
+    /// Prints every operation that changes the disk from now on.
+    pub fn set_trace(&self, on: bool) {
+        self.st.lock().trace = on;
     }
 
     pub fn inject(&self, f: Fault) {
@@ -1036,6 +1055,10 @@ impl Storage for SimStorage {
     fn concurrent(&self) -> bool {
         false
     }
+
+    fn clock_ms(&self) -> u64 {
+        self.st.lock().ops
+    }
 }
 
 #[cfg(test)]
@@ -1139,6 +1162,9 @@ mod tests {
         assert_eq!(s.fired().len(), 1);
         s.die_after(1);
         f.len().unwrap();
-        assert!(f.len().is_err() && s.is_dead());
+        f.sync_data().unwrap();
+        f.len().unwrap();
+        assert!(f.sync_data().is_err() && s.is_dead());
+        assert!(f.len().is_err(), "reads fail once the power is off");
     }
 }

@@ -69,20 +69,11 @@ pub struct Extent {
     /// Tag a commit logged an intent record under ahead of time (see
     /// `Volume::hot_extents`).
     prelogged: AtomicU64,
-    /// When it was last changed ([`clock_ms`]); recently changed extents keep
+    /// When it was last changed ([`crate::storage::Storage::clock_ms`]); recently changed extents keep
     /// intent records logged ahead across commits (see `Volume::hot_extents`).
     touched_ms: AtomicU64,
     intent_lock: Mutex<()>,
     sums: Mutex<Sums>,
-}
-
-/// Milliseconds on a monotonic clock local to this process.
-pub fn clock_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
 }
 
 /// The block checksums of an extent, loaded from a sum file on first use.
@@ -163,7 +154,8 @@ impl Extent {
     /// Makes sure a durable intent record covers a change to this extent under
     /// the pool's current tag (see pool/intent.rs).
     fn prepare(&self, pool: &Pool, ino: u64) -> FsResult<()> {
-        self.touched_ms.store(clock_ms(), Ordering::Relaxed);
+        self.touched_ms
+            .store(pool.storage().clock_ms(), Ordering::Relaxed);
         let tag = pool.intent_tag.load(Ordering::Acquire);
         if self.intent_tag.load(Ordering::Acquire) == tag {
             return Ok(());
@@ -233,7 +225,7 @@ impl Extent {
     }
 
     /// Copies on usable members.
-    fn usable_copies(&self, pool: &Pool) -> usize {
+    pub fn usable_copies(&self, pool: &Pool) -> usize {
         self.copies.iter().filter(|c| pool.usable(c.member)).count()
     }
 
@@ -1384,22 +1376,33 @@ impl Volume {
             }
         };
         let id = self.sum_id(e);
+        let mut written = 0;
+        let mut last_err = None;
         for c in e.copies.iter().filter(|c| pool.usable(c.member)) {
             let Some(p) = pool.sum_path(c.member, self.ino, e.index, e.file_id) else {
                 continue;
             };
             match sums::write(pool.storage(), &p, id, generation, &vals) {
                 Ok(created) => {
+                    written += 1;
                     if created {
                         new_dirs.insert(c.member);
                     }
                 }
-                Err(err) if pool.check_member(c.member, &err) => {}
+                Err(err) if pool.check_member(c.member, &err) => last_err = Some(err),
                 Err(err) => {
                     e.sums.lock().dirty = true;
                     return Err(map_write_err(err));
                 }
             }
+        }
+        if written == 0 {
+            // No copy took the table (every member holding one failed): the
+            // commit must not claim the extent durable.
+            e.sums.lock().dirty = true;
+            return Err(FsError::Io(
+                last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EIO)),
+            ));
         }
         Ok(())
     }
@@ -1579,7 +1582,7 @@ impl Volume {
     }
 
     /// Extents changed under a tag of at least `since_tag` or at
-    /// [`clock_ms`] `since_ms` or later: likely to change again in the next
+    /// [`crate::storage::Storage::clock_ms`] `since_ms` or later: likely to change again in the next
     /// commit interval, so the commit logs their intent records for the next
     /// tag ahead of time, off the writers' path (a writer otherwise waits for
     /// that fdatasync, which is slow while the disk is busy with the commit's
