@@ -201,7 +201,12 @@ impl Sim {
     }
 
     fn fail(&self, what: impl std::fmt::Display) -> ! {
-        let tail: Vec<&String> = self.trace.iter().rev().take(25).rev().collect();
+        let keep = if std::env::var_os("VPOOL_SIM_FULL").is_some() {
+            usize::MAX
+        } else {
+            25
+        };
+        let tail: Vec<&String> = self.trace.iter().rev().take(keep).rev().collect();
         panic!(
             "simulation failed: {what}\n  reproduce: VPOOL_SIM_SEED={} cargo test --release --test sim one_seed (step {}, {} cuts)\n  faults fired: {:?}\n  last steps:\n    {}",
             self.seed,
@@ -365,6 +370,10 @@ impl Sim {
                 let end = off + len as u64;
                 let c = self.content(name).expect("file in model");
                 let new_size = c.cur.as_ref().map(|v| (v.len() as u64).max(end));
+                if new_size.is_none() {
+                    // The size before is unknown, so is the one after.
+                    c.any_size = true;
+                }
                 match res {
                     Ok(_) => {
                         if let Some(cur) = c.cur.as_mut() {

@@ -171,13 +171,15 @@ impl Node {
 
 #[derive(Default)]
 pub(crate) struct Namespace {
-    pub(crate) nodes: HashMap<u64, Arc<Node>>,
-    pub(crate) children: HashMap<u64, BTreeMap<Vec<u8>, u64>>,
+    /// Ordered: every walk over the files (commit, recovery, scrub) does
+    /// its member I/O in one order, which the simulator replays.
+    pub(crate) nodes: BTreeMap<u64, Arc<Node>>,
+    pub(crate) children: BTreeMap<u64, BTreeMap<Vec<u8>, u64>>,
     next_ino: u64,
     /// Directory entries changed since the last commit (`None`: removed).
-    dirent_changes: HashMap<(u64, Vec<u8>), Option<u64>>,
+    dirent_changes: BTreeMap<(u64, Vec<u8>), Option<u64>>,
     /// Inodes removed since the last commit.
-    deleted: HashSet<u64>,
+    deleted: std::collections::BTreeSet<u64>,
     /// Extent files to remove after the next durable commit.
     pub(crate) dead_extents: Vec<DeadExtent>,
     /// Changed-block bitmaps of removed files, deleted by the next commit.
@@ -731,7 +733,7 @@ impl Vfs {
         refuse_snap(&[ino])?;
         let _g = self.gate.read();
         let node = self.ns.read().node(ino)?;
-        let now = Timestamp::now();
+        let now = self.now();
         if let Some(size) = s.size {
             let vol = match &node.volume {
                 Some(v) => v,
@@ -832,7 +834,7 @@ impl Vfs {
         if ns.dir(parent)?.contains_key(name) {
             return Err(FsError::Exists);
         }
-        let now = Timestamp::now();
+        let now = self.now();
         let (pgid, psetgid) = {
             let pm = pnode.meta.lock();
             (pm.gid, pm.mode & libc::S_ISGID != 0)
@@ -1016,7 +1018,7 @@ impl Vfs {
         let gone = {
             let mut m = node.meta.lock();
             m.nlink = m.nlink.saturating_sub(1);
-            m.ctime = Timestamp::now();
+            m.ctime = self.now();
             m.nlink == 0
         };
         node.touch();
@@ -1027,7 +1029,7 @@ impl Vfs {
 
     fn touch_dir(&self, ns: &Namespace, dir: u64) {
         if let Ok(n) = ns.node(dir) {
-            let now = Timestamp::now();
+            let now = self.now();
             let mut m = n.meta.lock();
             m.mtime = now;
             m.ctime = now;
@@ -1090,7 +1092,7 @@ impl Vfs {
                     return Err(FsError::TooManyLinks);
                 }
                 m.nlink += 1;
-                m.ctime = Timestamp::now();
+                m.ctime = self.now();
             }
             node.touch();
             ns.set_entry(newparent, newname, Some(ino));
@@ -1144,7 +1146,7 @@ impl Vfs {
         if src_is_dir && newparent != parent && Self::is_within(&ns, newparent, src_ino) {
             return Err(FsError::Invalid);
         }
-        let now = Timestamp::now();
+        let now = self.now();
         if exchange {
             let dst_ino = dst_ino.ok_or(FsError::NotFound)?;
             let dst = ns.node(dst_ino)?;
@@ -1324,7 +1326,7 @@ impl Vfs {
             node.touch();
             return Err(e);
         }
-        let now = Timestamp::now();
+        let now = self.now();
         {
             let mut m = node.meta.lock();
             if end > m.size {
@@ -1386,7 +1388,7 @@ impl Vfs {
             node.touch();
             return Err(e);
         }
-        let now = Timestamp::now();
+        let now = self.now();
         {
             let mut m = node.meta.lock();
             if !keep && end > m.size {
@@ -1626,7 +1628,7 @@ impl Vfs {
                 return Err(FsError::NoSpace);
             }
             m.xattrs.insert(name.to_vec(), value.to_vec());
-            m.ctime = Timestamp::now();
+            m.ctime = self.now();
         }
         node.touch();
         Ok(())
@@ -1665,7 +1667,7 @@ impl Vfs {
         {
             let mut m = node.meta.lock();
             m.xattrs.remove(name).ok_or(FsError::NoAttribute)?;
-            m.ctime = Timestamp::now();
+            m.ctime = self.now();
         }
         node.touch();
         Ok(())
@@ -1689,6 +1691,12 @@ impl Vfs {
     }
 
     /// Whether anything awaits a commit.
+    /// The time for timestamps (the storage's clock: the simulator's is
+    /// virtual, so that a seed replays byte for byte).
+    fn now(&self) -> Timestamp {
+        Timestamp::at(self.pool.storage().now())
+    }
+
     pub fn has_pending(&self) -> bool {
         if self.snaps.has_changes() {
             return true;
@@ -1787,14 +1795,13 @@ impl Vfs {
                     dirty_nodes.push((n.clone(), rec.size));
                 }
             }
-            for ino in ns.deleted.drain() {
+            for ino in std::mem::take(&mut ns.deleted) {
                 batch.inodes.push((ino, None));
             }
             // In key order: one workload gives one sequence of writes (the
             // simulator replays a seed exactly), and redb inserts in order.
             batch.inodes.sort_unstable_by_key(|(ino, _)| *ino);
-            let mut dirents: Vec<_> = ns.dirent_changes.drain().collect();
-            dirents.sort_unstable();
+            let dirents: Vec<_> = std::mem::take(&mut ns.dirent_changes).into_iter().collect();
             batch.dirents = dirents.clone();
             batch.next_ino = ns.next_ino;
             batch.next_file_id = self.pool.next_file_id.load(Ordering::SeqCst);

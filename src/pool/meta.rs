@@ -60,7 +60,11 @@ pub struct Timestamp {
 
 impl Timestamp {
     pub fn now() -> Self {
-        let (secs, nanos) = crate::util::now();
+        Self::at(crate::util::now())
+    }
+
+    /// The time `(secs, nanos)` since the epoch.
+    pub fn at((secs, nanos): (i64, u32)) -> Self {
         Timestamp { secs, nanos }
     }
 }

@@ -407,8 +407,7 @@ pub fn parse_extent_file_name(name: &str) -> Option<(u64, u64, u64)> {
     Some((ino, index, fid))
 }
 
-fn root_record() -> InodeRecord {
-    let now = Timestamp::now();
+fn root_record(now: Timestamp) -> InodeRecord {
     // SAFETY: geteuid/getegid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     InodeRecord {
@@ -569,7 +568,7 @@ impl Pool {
             next_file_id: 1,
             ..Default::default()
         };
-        image.inodes.insert(ROOT_INO, root_record());
+        image.inodes.insert(ROOT_INO, root_record(Timestamp::at(s.now())));
         let config = PoolConfig {
             copies: opts.copies,
             block_size: opts.block_size,
@@ -579,7 +578,7 @@ impl Pool {
             pool,
             member: members[0].uuid,
             generation: 1,
-            created: crate::util::now().0,
+            created: s.now().0,
             config,
             members: members.clone(),
         };
@@ -634,6 +633,7 @@ impl Pool {
         // is older than another member's (its directory was missing while a
         // member was added) does not hide the members added since.
         let mut seen: HashSet<Uuid> = HashSet::new();
+        let mut mismatched: Vec<(MemberEntry, PathBuf, Label)> = Vec::new();
         loop {
             let todo: Vec<MemberEntry> = label
                 .members
@@ -669,7 +669,7 @@ impl Pool {
                         continue;
                     }
                 };
-                if l.pool != first.pool || l.member != entry.uuid {
+                if l.pool != first.pool {
                     return Err(Error::ForeignMember {
                         path,
                         found: format!("pool {} member {}", l.pool, l.member),
@@ -679,12 +679,30 @@ impl Pool {
                 if l.generation > label.generation {
                     label = l.clone();
                 }
+                if l.member != entry.uuid {
+                    // Another member of this pool lives there now (removed, then
+                    // added again): a conflict only if the newest label still
+                    // lists the one expected (checked below); its own label
+                    // joined the candidates for the newest above.
+                    mismatched.push((entry.clone(), path, l));
+                    continue;
+                }
                 found.push((entry.clone(), path, l));
             }
         }
         // Members the newest label no longer lists (removed while another
         // member's label lagged) are not opened.
         found.retain(|(e, _, _)| label.members.iter().any(|m| m.uuid == e.uuid));
+        if let Some((entry, path, l)) = mismatched
+            .into_iter()
+            .find(|(e, _, _)| label.members.iter().any(|m| m.uuid == e.uuid))
+        {
+            return Err(Error::ForeignMember {
+                path,
+                found: format!("pool {} member {}", l.pool, l.member),
+                expected: format!("pool {} member {}", first.pool, entry.uuid),
+            });
+        }
         missing.retain(|e| label.members.iter().any(|m| m.uuid == e.uuid));
         if !found.iter().any(|(e, _, _)| e.uuid == first.member) {
             return Err(Error::Invalid(format!(
@@ -917,17 +935,39 @@ impl Pool {
 
     /// Writes `l` (generation bumped) to every present member and makes it the
     /// pool's label. Members the new label no longer lists are not written.
+    ///
+    /// Once one member holds the new label it is the newest on disk, which
+    /// the next open follows: from then on it is the pool's label in memory
+    /// too, whatever happens to the other writes (a member whose write fails
+    /// with an I/O error is failed; its older label loses at the next open).
+    /// Fails only when no member took it.
     pub fn write_labels(&self, mut l: Label) -> Result<()> {
         l.generation = self.label.read().generation.max(l.generation) + 1;
+        let mut wrote = 0;
+        let mut first_err = None;
         for m in self.members().iter().filter(|m| !m.is_failed()) {
             if !l.members.iter().any(|e| e.uuid == m.entry.uuid) {
                 continue;
             }
             l.member = m.entry.uuid;
-            write_label(self.storage(), &m.dir, &l)?;
+            match write_label(self.storage(), &m.dir, &l) {
+                Ok(()) => wrote += 1,
+                Err(e) => {
+                    tracing::error!(member = %m.dir.display(), error = %e, "cannot write the label");
+                    if let Error::Io { source, .. } = &e {
+                        self.check_member(m.entry.id, source);
+                    }
+                    first_err.get_or_insert(e);
+                }
+            }
         }
-        *self.label.write() = l;
-        Ok(())
+        match first_err {
+            Some(e) if wrote == 0 => Err(e),
+            _ => {
+                *self.label.write() = l;
+                Ok(())
+            }
+        }
     }
 
     /// A copy of the current label.
@@ -1572,6 +1612,15 @@ impl Pool {
                 None => Ok(()),
             }
         }
+    }
+
+    /// Whether member `id` missed commits (it failed or was missing, and the
+    /// newest metadata copy counts it behind): its extent copies may be stale.
+    pub fn is_behind(&self, id: u32) -> bool {
+        let Some(m) = self.member(id) else {
+            return true;
+        };
+        self.behind.lock().contains_key(&m.entry.uuid)
     }
 
     /// Members (ids) that went their own way and were overruled by `force`.

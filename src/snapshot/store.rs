@@ -685,7 +685,7 @@ impl SnapshotStore {
             name: f.name,
             kind: f.kind,
             parent,
-            created: Timestamp::now(),
+            created: Timestamp::at(self.pool.storage().now()),
             state: State::Pending,
             block_size: self.bs as u32,
             inodes: f.inodes,

@@ -237,6 +237,12 @@ pub trait Storage: Send + Sync + Debug {
         monotonic_ms()
     }
 
+    /// Seconds and nanoseconds since the epoch, for timestamps that go into
+    /// metadata (virtual in the simulator, for the same reason).
+    fn now(&self) -> (i64, u32) {
+        crate::util::now()
+    }
+
     fn exists(&self, path: &Path) -> bool {
         self.stat(path).is_ok()
     }

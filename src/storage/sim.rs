@@ -1059,6 +1059,12 @@ impl Storage for SimStorage {
     fn clock_ms(&self) -> u64 {
         self.st.lock().ops
     }
+
+    fn now(&self) -> (i64, u32) {
+        // 2026-01-01, then one millisecond per operation.
+        let ops = self.st.lock().ops;
+        (1_767_225_600 + (ops / 1000) as i64, (ops % 1000) as u32 * 1_000_000)
+    }
 }
 
 #[cfg(test)]

@@ -1665,7 +1665,15 @@ impl Volume {
                         self.read_copy(pool, ext, c, b0, &mut buf).ok().map(|_| buf)
                     })
                     .collect();
-                let Some(first) = bufs.iter().position(|b| b.is_some()) else {
+                // Where no copy matches the old checksum, the fallback is a
+                // copy on a member in step: one that missed commits (failed
+                // and back) holds stale data, which must not win.
+                let readable = |c: &usize| bufs[*c].is_some();
+                let Some(first) = (0..bufs.len())
+                    .filter(readable)
+                    .find(|c| !pool.is_behind(ext.copies[*c].member))
+                    .or_else(|| (0..bufs.len()).find(readable))
+                else {
                     return Err(eio());
                 };
                 for i in 0..(len as usize / bs) {
