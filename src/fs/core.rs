@@ -1323,6 +1323,9 @@ impl Vfs {
             // Pieces before the failure are written, maybe into new extents:
             // the next commit must record the map as it is now (the data
             // shows, and a commit that says it is durable must make it so).
+            // What landed past the end of the file is taken back: a later
+            // extension must read zeros there.
+            self.clear_past_end(&node, vol, off, end);
             node.touch();
             return Err(e);
         }
@@ -1337,6 +1340,36 @@ impl Vfs {
         }
         node.touch();
         Ok(data.len() as u32)
+    }
+
+    /// After a failed write or allocation of `[off, end)`: punches the part
+    /// past the file's size (best effort: what stays there is also cut at
+    /// the next mount).
+    fn clear_past_end(&self, node: &Node, vol: &Volume, off: u64, end: u64) {
+        let size = node.meta.lock().size;
+        let from = off.max(size);
+        if end <= from {
+            return;
+        }
+        // Whole blocks first: they need no read (a block the failed write
+        // tore does not verify), and all of them lie past the end.
+        let bs = vol.block_size();
+        let (ws, we) = (from.next_multiple_of(bs), end.next_multiple_of(bs));
+        let mut r = Ok(());
+        if we > ws {
+            r = vol.punch(&self.pool, ws, we - ws);
+        }
+        if r.is_ok() && ws > from {
+            // The block holding `from`: a punch when it verifies (the piece
+            // there was written whole), else what a torn write left past the
+            // end is zeroed on the copies whose bytes before still verify.
+            r = vol
+                .punch(&self.pool, from, ws.min(end) - from)
+                .or_else(|_| vol.zero_block_tail(&self.pool, from).map(|_| ()));
+        }
+        if let Err(e) = r {
+            tracing::warn!(ino = node.ino, error = %e, "cannot punch what a failed write left past the end of the file");
+        }
     }
 
     /// fallocate: plain allocation (extends the size unless KEEP_SIZE), PUNCH_HOLE
@@ -1384,7 +1417,8 @@ impl Vfs {
         };
         if let Err(e) = r {
             // As in `write_locked`: what was done before the failure is
-            // recorded by the next commit.
+            // recorded by the next commit, and nothing stays past the end.
+            self.clear_past_end(&node, vol, off, end);
             node.touch();
             return Err(e);
         }
@@ -1759,11 +1793,14 @@ impl Vfs {
         // Holding the commit lock also waits for a commit in flight, whose data
         // syncs this call must not overtake.
         let _g = self.commit_lock.lock();
-        if datasync && !self.layout_pending() {
+        // The fast path flushes data only; after a member failure, only a
+        // commit recording it behind makes the surviving copies the ones a
+        // restart trusts (otherwise the stale copy matches the old table).
+        if datasync && !self.layout_pending() && !self.pool.failure_unrecorded() {
             if let Some(v) = &node.volume {
                 let (mut dirs, mut fresh) = (HashSet::new(), Vec::new());
                 v.sync(&self.pool, &mut dirs, &mut fresh, None)?;
-                if fresh.is_empty() {
+                if fresh.is_empty() && !self.pool.failure_unrecorded() {
                     return Ok(());
                 }
             } else {

@@ -400,8 +400,12 @@ impl Vfs {
         if job.id > MAX_SNAP_ID {
             tracing::warn!(id = job.id, "snapshot id beyond the .snapshots numbering");
         }
-        // The thread is waited for by `wait_idle` (it holds the pool).
-        if let Err(e) = self.snaps.spawn_job(job.clone()) {
+        // The thread is waited for by `wait_idle` (it holds the pool). On
+        // storage that wants one order of operations (the simulator) the
+        // capture runs here, before anything else touches the pool.
+        if !self.pool.storage().concurrent() {
+            self.snaps.run_job(job.clone());
+        } else if let Err(e) = self.snaps.spawn_job(job.clone()) {
             // Without a worker the capture runs here.
             tracing::warn!(error = %e, "cannot start the snapshot thread; capturing inline");
             self.snaps.run_job(job.clone());

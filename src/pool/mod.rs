@@ -284,6 +284,12 @@ pub struct Pool {
     damaged_meta: Mutex<Vec<(u32, String)>>,
     /// Where every member file is read and written.
     storage: Arc<dyn Storage>,
+    /// Members failed since the mount, and how many of those failures a
+    /// durable commit has recorded (as members behind): until it has, a
+    /// flush that wrote only the surviving copies is not durable (after a
+    /// restart the stale copy could not be told from the good one).
+    failures: AtomicU64,
+    failures_recorded: AtomicU64,
 }
 
 /// Space of the pool as statfs reports it (bytes).
@@ -740,6 +746,8 @@ impl Pool {
             diverged: Mutex::new(Vec::new()),
             damaged_meta: Mutex::new(Vec::new()),
             storage,
+            failures: AtomicU64::new(0),
+            failures_recorded: AtomicU64::new(0),
         })
     }
 
@@ -1114,6 +1122,7 @@ impl Pool {
     pub fn fail_member(&self, id: u32, why: &str) {
         let Some(m) = self.member(id) else { return };
         if !m.failed.swap(true, Ordering::AcqRel) {
+            self.failures.fetch_add(1, Ordering::AcqRel);
             *m.fail_reason.lock() = Some(why.to_string());
             tracing::error!(member = %m.dir.display(), reason = why, "member FAILED: the pool is DEGRADED; I/O goes to the other copies");
         }
@@ -1518,6 +1527,22 @@ impl Pool {
     /// Applies a metadata batch to every member. Durable commits are what fsync
     /// promises; the batch's generation is the same everywhere.
     pub fn commit(&self, batch: &Batch, durable: bool) -> Result<()> {
+        // Failures up to here are in this commit's record of who is behind.
+        let failures = self.failures.load(Ordering::Acquire);
+        let r = self.commit_inner(batch, durable);
+        if r.is_ok() && durable {
+            self.failures_recorded.fetch_max(failures, Ordering::AcqRel);
+        }
+        r
+    }
+
+    /// Whether a member failed since the last durable commit recorded who
+    /// is behind.
+    pub fn failure_unrecorded(&self) -> bool {
+        self.failures.load(Ordering::Acquire) != self.failures_recorded.load(Ordering::Acquire)
+    }
+
+    fn commit_inner(&self, batch: &Batch, durable: bool) -> Result<()> {
         // One transaction per member, run side by side: each waits on its own disk.
         let members = self.members();
         // Every member of the label that this commit does not reach falls

@@ -84,6 +84,10 @@ struct Sums {
     table: Option<Option<Vec<u32>>>,
     /// Changed since the sum files were last written.
     dirty: bool,
+    /// With no usable table: the sum files on disk were removed (durably),
+    /// so that one a read merely failed to load cannot come back later to
+    /// judge blocks written since.
+    cleared: bool,
 }
 
 impl Sums {
@@ -92,6 +96,7 @@ impl Sums {
         Sums {
             table: Some(Some(vals)),
             dirty: true,
+            cleared: false,
         }
     }
 }
@@ -532,6 +537,37 @@ impl Volume {
         (None, false)
     }
 
+    /// Before the first change to an extent with no usable table: removes
+    /// its sum files, durably. Invariant: a sum file on disk matches its
+    /// copy's blocks (or is damaged); a table that failed to load for a
+    /// passing reason would otherwise reappear, stale, after a restart.
+    fn clear_sum_files(&self, pool: &Pool, ext: &Extent) -> FsResult<()> {
+        if self.sums(pool, ext).cleared {
+            return Ok(());
+        }
+        let st = pool.storage();
+        for c in ext.copies.iter().filter(|c| pool.usable(c.member)) {
+            let (Some(p), Some(m)) = (
+                pool.sum_path(c.member, self.ino, ext.index, ext.file_id),
+                pool.member(c.member),
+            ) else {
+                continue;
+            };
+            let r = match st.remove_file(&p) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            }
+            .and_then(|_| st.sync_dir(&m.data_dir));
+            match r {
+                Ok(()) => {}
+                Err(e) if pool.check_member(c.member, &e) => {}
+                Err(e) => return Err(FsError::Io(e)),
+            }
+        }
+        self.sums(pool, ext).cleared = true;
+        Ok(())
+    }
+
     /// Whether `ext` has a usable checksum table (its blocks are verified).
     fn has_table(&self, pool: &Pool, ext: &Extent) -> bool {
         matches!(self.sums(pool, ext).table, Some(Some(_)))
@@ -743,6 +779,7 @@ impl Volume {
         new: Option<&[u8]>,
     ) -> FsResult<Option<(u64, Vec<u32>)>> {
         if !self.has_table(pool, ext) {
+            self.clear_sum_files(pool, ext)?;
             return Ok(None);
         }
         let bs = self.bs;
@@ -771,6 +808,50 @@ impl Volume {
 
     pub fn block_size(&self) -> u64 {
         self.bs
+    }
+
+    /// Zeros the bytes of the block holding `pos` from `pos` on, on every
+    /// copy whose bytes before `pos` still match the block's checksum taken
+    /// with zeros after (what the table holds for a block at the end of the
+    /// file). For a failed write past the end, whose torn sectors make the
+    /// block fail verification, so that a punch (a verified
+    /// read-modify-write) cannot clear them. Returns the copies cleared.
+    pub fn zero_block_tail(&self, pool: &Pool, pos: u64) -> FsResult<u64> {
+        let (index, within) = (pos / self.esize, pos % self.esize);
+        let tail = (within % self.bs) as usize;
+        if tail == 0 {
+            return Ok(0);
+        }
+        let Some(ext) = self.get(index) else {
+            return Ok(0);
+        };
+        let b = within / self.bs;
+        let _g = self.lock_excl(index, b, b + 1);
+        let ext = self.current(ext);
+        let Some(want) = self.expected(pool, &ext, b, b + 1) else {
+            return Ok(0);
+        };
+        let bs = self.bs as usize;
+        let mut cleared = 0;
+        for c in 0..ext.copies.len() {
+            let mut blk = vec![0u8; bs];
+            if self.read_copy(pool, &ext, c, b, &mut blk).is_err() {
+                continue;
+            }
+            if blk[tail..].iter().all(|x| *x == 0) {
+                continue;
+            }
+            blk[tail..].fill(0);
+            if block_crc(&blk) != want[0] {
+                continue;
+            }
+            ext.file(pool, self.ino, c)?
+                .write_all_at(&blk[tail..], b * self.bs + tail as u64)
+                .map_err(map_write_err)?;
+            ext.written();
+            cleared += 1;
+        }
+        Ok(cleared)
     }
 
     fn words_per_extent(&self) -> usize {
@@ -1453,9 +1534,13 @@ impl Volume {
         }
         // A copy: a snapshot capture still reading through the old extent
         // verifies against it.
-        let sums = Sums {
-            table: old.sums.lock().table.clone(),
-            dirty: true,
+        let sums = {
+            let g = old.sums.lock();
+            Sums {
+                table: g.table.clone(),
+                dirty: true,
+                cleared: g.cleared,
+            }
         };
         let e = Extent {
             index: old.index,
@@ -1665,9 +1750,10 @@ impl Volume {
                         self.read_copy(pool, ext, c, b0, &mut buf).ok().map(|_| buf)
                     })
                     .collect();
-                // Where no copy matches the old checksum, the fallback is a
-                // copy on a member in step: one that missed commits (failed
-                // and back) holds stale data, which must not win.
+                // A copy matching the old checksum holds what the last
+                // commit made durable. Where none does (the block was being
+                // rewritten), the fallback is a copy on a member in step: one
+                // that missed commits (failed, and back) holds stale data.
                 let readable = |c: &usize| bufs[*c].is_some();
                 let Some(first) = (0..bufs.len())
                     .filter(readable)
