@@ -559,6 +559,16 @@ impl Vfs {
         let refill = self.drop_missing_copies(&present);
         self.commit()
             .map_err(|e| crate::Error::Other(format!("recovery commit failed: {e}")))?;
+        // On a member that took commits of its own (opened with --force), an
+        // unreferenced file may be the other side's only copy of some data.
+        let diverged = self.pool.diverged_members();
+        let (keep, remove): (Vec<_>, Vec<_>) = orphan_files
+            .into_iter()
+            .partition(|(m, ..)| diverged.contains(m));
+        self.pool.quarantine_extent_files(&keep);
+        self.pool.remove_extent_files(&remove);
+        // After the orphans are gone: a rebuilt copy takes the name of its
+        // extent on its new member, which an orphan there may have had.
         if !refill.is_empty() {
             match self.fill_copies_of(refill, &mut |_, _| {}) {
                 Ok((n, bytes)) => {
@@ -569,14 +579,6 @@ impl Vfs {
                 }
             }
         }
-        // On a member that took commits of its own (opened with --force), an
-        // unreferenced file may be the other side's only copy of some data.
-        let diverged = self.pool.diverged_members();
-        let (keep, remove): (Vec<_>, Vec<_>) = orphan_files
-            .into_iter()
-            .partition(|(m, ..)| diverged.contains(m));
-        self.pool.quarantine_extent_files(&keep);
-        self.pool.remove_extent_files(&remove);
         Ok(())
     }
 

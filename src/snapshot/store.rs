@@ -1002,12 +1002,14 @@ impl SnapshotStore {
         if job.error.lock().is_none() {
             for m in &dirs {
                 if let Some(d) = delta_dir(&self.pool, *m, job.id) {
-                    let parent = d.parent().map(|p| p.to_path_buf());
+                    // The delta directory, `snap/` and the member directory:
+                    // `snap/` may have been created by an earlier capture
+                    // whose sync failed, and its entry is durable only now.
                     let s = self.pool.storage();
-                    let r = s.sync_dir(&d).and_then(|_| match parent {
-                        Some(p) => s.sync_dir(&p),
-                        None => Ok(()),
-                    });
+                    let r = d
+                        .ancestors()
+                        .take(3)
+                        .try_for_each(|dir| s.sync_dir(dir));
                     if let Err(e) = r {
                         self.fail_job(&job, format!("syncing {}: {e}", d.display()));
                         break;

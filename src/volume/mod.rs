@@ -1750,16 +1750,19 @@ impl Volume {
                         self.read_copy(pool, ext, c, b0, &mut buf).ok().map(|_| buf)
                     })
                     .collect();
-                // A copy matching the old checksum holds what the last
-                // commit made durable. Where none does (the block was being
-                // rewritten), the fallback is a copy on a member in step: one
-                // that missed commits (failed, and back) holds stale data.
-                let readable = |c: &usize| bufs[*c].is_some();
-                let Some(first) = (0..bufs.len())
-                    .filter(readable)
-                    .find(|c| !pool.is_behind(ext.copies[*c].member))
-                    .or_else(|| (0..bufs.len()).find(readable))
-                else {
+                // Copies on a member that missed commits (failed, and back)
+                // are stale: they may even match the old checksum, of data a
+                // flush since replaced on the others. They count only when
+                // no copy on a member in step reads.
+                let in_step: Vec<bool> = (0..bufs.len())
+                    .map(|c| bufs[c].is_some() && !pool.is_behind(ext.copies[c].member))
+                    .collect();
+                let trusted: Vec<bool> = if in_step.iter().any(|t| *t) {
+                    in_step
+                } else {
+                    bufs.iter().map(|b| b.is_some()).collect()
+                };
+                let Some(first) = trusted.iter().position(|t| *t) else {
                     return Err(eio());
                 };
                 for i in 0..(len as usize / bs) {
@@ -1768,9 +1771,8 @@ impl Volume {
                     let crcs: Vec<Option<u32>> =
                         (0..bufs.len()).map(|c| blk(c).map(block_crc)).collect();
                     let want = old.map(|o| o[b as usize]);
-                    let chosen = crcs
-                        .iter()
-                        .position(|c| c.is_some() && *c == want)
+                    let chosen = (0..crcs.len())
+                        .find(|c| trusted[*c] && crcs[*c].is_some() && crcs[*c] == want)
                         .unwrap_or(first);
                     let crc = crcs[chosen].unwrap_or(self.zcrc);
                     vals[b as usize] = crc;
