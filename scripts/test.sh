@@ -5,7 +5,8 @@
 #   scripts/test.sh
 #
 # Environment:
-#   VPOOL_TEST_ARGS     extra arguments for `cargo test --release` (e.g. a filter)
+#   VPOOL_TEST_ARGS     extra arguments for `cargo test --release --features
+#                       fault-injection` (e.g. a filter)
 #   VPOOL_TEST_TIMEOUT  seconds before `cargo test` is killed (default 1500)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -96,14 +97,14 @@ log "tools:"
 } | sed 's/^/      /' >&2
 
 step "cargo fmt --check" cargo fmt --all -- --check
-step "cargo clippy -D warnings" cargo clippy --all-targets -- -D warnings
+step "cargo clippy -D warnings" cargo clippy --all-targets --all-features -- -D warnings
 
 run_tests() {
     local rc=0
     # A hung FUSE test must not eat CI's whole time budget.
     # shellcheck disable=SC2086 # VPOOL_TEST_ARGS is deliberately word-split
     timeout -k 30 "$TEST_TIMEOUT" \
-        cargo test --release ${VPOOL_TEST_ARGS:-} 2>&1 | tee "$TEST_LOG" || rc=$?
+        cargo test --release --features fault-injection ${VPOOL_TEST_ARGS:-} 2>&1 | tee "$TEST_LOG" || rc=$?
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then
         warn "cargo test timed out after ${TEST_TIMEOUT}s"
     fi

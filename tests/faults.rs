@@ -355,3 +355,60 @@ fn an_open_directory_replaced_by_rename_still_answers_fstat() {
     m.unmount();
     pool.assert_check_clean();
 }
+
+/// Point 4, mounted: an I/O error injected through the storage seam in a
+/// running daemon (a test build's switch, `fault-injection`): the member
+/// fails, the pool goes DEGRADED and goes on from the other copy, fsync
+/// still means durable, and nothing written before or after is lost.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn io_error_in_a_running_daemon_fails_the_member_not_the_pool() {
+    let pool = Pool::new(2, &["--copies", "2", "--extent-size", "1M"]);
+    let (d1, d2) = (pool.members[0].clone(), pool.members[1].canonicalize().unwrap());
+    let trigger = pool.scratch("trigger");
+    let env_path = format!("VPOOL_FAULT_PATH={}/", d2.display());
+    let env_trigger = format!("VPOOL_FAULT_TRIGGER={}", trigger.display());
+    let m = Mount::try_new_wrapped(&["env", &env_path, &env_trigger], &d1, &pool.mnt(), &[])
+        .unwrap_or_else(|o| panic!("mount with fault injection: {}", describe(&o)));
+    let a = pattern(1, 3 << 20);
+    write_synced(&m.join("a"), &a);
+    assert_eq!(m.status()["state"], "ONLINE");
+
+    // From now on every operation on d2 fails with EIO.
+    fs::write(&trigger, b"").unwrap();
+    let b = pattern(2, 3 << 20);
+    write_synced(&m.join("b"), &b);
+    let mut a2 = a.clone();
+    a2[1 << 20..(1 << 20) + 4096].fill(7);
+    let f = fs::OpenOptions::new().write(true).open(m.join("a")).unwrap();
+    f.write_all_at(&a2[1 << 20..(1 << 20) + 4096], 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let st = m.status();
+    assert_eq!(st["state"], "DEGRADED", "{st}");
+    let bad = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| Path::new(x["path"].as_str().unwrap()) == d2)
+        .unwrap_or_else(|| panic!("d2 not in status: {st}"));
+    assert_eq!(bad["health"], "FAULTED", "{st}");
+    assert!(
+        bad["reason"].as_str().unwrap_or("").contains("I/O error"),
+        "{st}"
+    );
+    assert_same(&read_all(&m.join("a")), &a2, "a while degraded");
+    assert_same(&read_all(&m.join("b")), &b, "b while degraded");
+    m.unmount();
+
+    // The disk is back: everything acknowledged is there, and scrub brings
+    // d2's copies up to date.
+    fs::remove_file(&trigger).unwrap();
+    let m = pool.mount();
+    assert_same(&read_all(&m.join("a")), &a2, "a after the member returned");
+    assert_same(&read_all(&m.join("b")), &b, "b after the member returned");
+    let (ok, report) = scrub_json(&m.path);
+    assert!(ok, "scrub after the member returned: {report}");
+    m.unmount();
+    pool.assert_check_clean();
+}

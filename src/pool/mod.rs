@@ -188,11 +188,26 @@ impl Member {
         if (md.dev, md.ino) != self.dir_id {
             return Err("directory was replaced".into());
         }
-        if !label::LABEL_FILES
-            .iter()
-            .any(|f| s.exists(&self.dir.join(f)))
-        {
-            return Err("label is gone".into());
+        let mut io_err = None;
+        let mut labelled = false;
+        for f in label::LABEL_FILES {
+            match s.stat(&self.dir.join(f)) {
+                Ok(_) => labelled = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => io_err = Some(e),
+            }
+        }
+        if !labelled {
+            return Err(match io_err {
+                Some(e) => format!("I/O error reading the label: {e}"),
+                None => "label is gone".into(),
+            });
+        }
+        if let Err(e) = s.stat(&self.data_dir) {
+            return Err(match e.kind() {
+                io::ErrorKind::NotFound => "data directory is gone".into(),
+                _ => format!("I/O error on the data directory: {e}"),
+            });
         }
         if !s.is_dir(&self.data_dir) {
             return Err("data directory is gone".into());
