@@ -1192,11 +1192,61 @@ impl Volume {
         };
         let res = ext.each_copy(pool, self.ino, op);
         ext.written();
-        res?;
+        if let Err(e) = res {
+            // Some copies may hold part of the change (a short write, then
+            // ENOSPC): make the blocks agree with their checksums again, or
+            // bytes outside the failed range would fail verification too.
+            self.heal_blocks(pool, &ext, p.within / self.bs, end.div_ceil(self.bs));
+            return Err(e);
+        }
         if let Some((b0, v)) = new_sums {
             self.set_sums(pool, &ext, b0, &v);
         }
         Ok(())
+    }
+
+    /// After a change to blocks `[b0, b1)` of `ext` failed part-way: per
+    /// block, the copy matching the checksum (else the first that reads) is
+    /// written to the copies that differ, and the table takes its checksum.
+    /// Best effort; the caller holds the blocks' stripes.
+    fn heal_blocks(&self, pool: &Pool, ext: &Extent, b0: u64, b1: u64) {
+        let Some(old) = self.expected(pool, ext, b0, b1) else {
+            return;
+        };
+        let bs = self.bs as usize;
+        for b in b0..b1 {
+            let bufs: Vec<Option<Vec<u8>>> = (0..ext.copies.len())
+                .map(|c| {
+                    let mut buf = vec![0u8; bs];
+                    self.read_copy(pool, ext, c, b, &mut buf).ok().map(|_| buf)
+                })
+                .collect();
+            let want = old[(b - b0) as usize];
+            let crcs: Vec<Option<u32>> = bufs.iter().map(|x| x.as_deref().map(block_crc)).collect();
+            let Some(chosen) = crcs
+                .iter()
+                .position(|c| *c == Some(want))
+                .or_else(|| crcs.iter().position(|c| c.is_some()))
+            else {
+                continue;
+            };
+            let (Some(good), Some(crc)) = (&bufs[chosen], crcs[chosen]) else {
+                continue;
+            };
+            for (c, have) in crcs.iter().enumerate() {
+                if c == chosen || have.is_none() || *have == Some(crc) {
+                    continue;
+                }
+                if let Ok(f) = ext.file(pool, self.ino, c)
+                    && let Err(e) = f.write_all_at(good, b * self.bs)
+                {
+                    pool.check_member(ext.copies[c].member, &e);
+                }
+            }
+            if crc != want {
+                self.set_sums(pool, ext, b, &[crc]);
+            }
+        }
     }
 
     /// Writes `data` at `off` to every copy, placing new extents as needed.
