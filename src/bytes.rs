@@ -147,7 +147,9 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("10 bytes, more than the 9"), "{e}");
         assert_eq!(
-            read_capped(&RealStorage, &d.path().join("none"), 9).unwrap_err().kind(),
+            read_capped(&RealStorage, &d.path().join("none"), 9)
+                .unwrap_err()
+                .kind(),
             io::ErrorKind::NotFound
         );
     }

@@ -384,6 +384,17 @@ pub fn say_ready(msg: &str) {
     let _ = out.flush();
 }
 
+/// The storage of the daemon's members: the host filesystem, or (test
+/// builds only) the same with injected I/O errors when the environment asks.
+fn member_storage() -> Arc<dyn crate::storage::Storage> {
+    #[cfg(feature = "fault-injection")]
+    if let Some(f) = crate::storage::faulty::FaultyStorage::from_env() {
+        tracing::warn!("fault injection enabled (test build): I/O errors on request");
+        return Arc::new(f);
+    }
+    crate::storage::real()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,15 +451,4 @@ mod tests {
         let m = parse_mountinfo("1 1 0:1 / /x rw a:1 - - t s o", Path::new("/x"));
         assert_eq!(m.unwrap().fstype, "-");
     }
-}
-
-/// The storage of the daemon's members: the host filesystem, or (test
-/// builds only) the same with injected I/O errors when the environment asks.
-fn member_storage() -> Arc<dyn crate::storage::Storage> {
-    #[cfg(feature = "fault-injection")]
-    if let Some(f) = crate::storage::faulty::FaultyStorage::from_env() {
-        tracing::warn!("fault injection enabled (test build): I/O errors on request");
-        return Arc::new(f);
-    }
-    crate::storage::real()
 }

@@ -364,7 +364,10 @@ fn an_open_directory_replaced_by_rename_still_answers_fstat() {
 #[test]
 fn io_error_in_a_running_daemon_fails_the_member_not_the_pool() {
     let pool = Pool::new(2, &["--copies", "2", "--extent-size", "1M"]);
-    let (d1, d2) = (pool.members[0].clone(), pool.members[1].canonicalize().unwrap());
+    let (d1, d2) = (
+        pool.members[0].clone(),
+        pool.members[1].canonicalize().unwrap(),
+    );
     let trigger = pool.scratch("trigger");
     let env_path = format!("VPOOL_FAULT_PATH={}/", d2.display());
     let env_trigger = format!("VPOOL_FAULT_TRIGGER={}", trigger.display());
@@ -380,8 +383,12 @@ fn io_error_in_a_running_daemon_fails_the_member_not_the_pool() {
     write_synced(&m.join("b"), &b);
     let mut a2 = a.clone();
     a2[1 << 20..(1 << 20) + 4096].fill(7);
-    let f = fs::OpenOptions::new().write(true).open(m.join("a")).unwrap();
-    f.write_all_at(&a2[1 << 20..(1 << 20) + 4096], 1 << 20).unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("a"))
+        .unwrap();
+    f.write_all_at(&a2[1 << 20..(1 << 20) + 4096], 1 << 20)
+        .unwrap();
     f.sync_all().unwrap();
     drop(f);
     let st = m.status();

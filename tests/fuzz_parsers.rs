@@ -2,6 +2,7 @@
 //! read, and the fuzzing of every parser (see "Fuzzing" below and
 //! `docs/design.md`, "Parser validation and fuzzing").
 
+use vpool::storage::real::RealStorage;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -221,7 +222,7 @@ fn write_fixtures() {
     std::fs::write(dir.join("snapshot.rec"), fixture_snapshot().encode()).unwrap();
     let p = dir.join("delta.vd");
     let _ = std::fs::remove_file(&p);
-    let mut w = DeltaWriter::create(std::slice::from_ref(&p), &fixture_delta_header(), 3).unwrap();
+    let mut w = DeltaWriter::create(vpool::storage::real(), std::slice::from_ref(&p), &fixture_delta_header(), 3).unwrap();
     let data = fixture_delta_data();
     w.add_data(10, &data[1].1).unwrap();
     w.add_zero(2, 3).unwrap();
@@ -269,7 +270,7 @@ fn v1_sum_fixture() {
     assert_eq!(vals[0], sums::zero_crc(4096));
     assert_eq!(vals[1], 0x9e37_79b9);
     // Read from a file too.
-    let (generation, vals) = sums::read(&fixture_dir().join("extent.sum"), fixture_sum_id())
+    let (generation, vals) = sums::read(&RealStorage, &fixture_dir().join("extent.sum"), fixture_sum_id())
         .unwrap()
         .unwrap();
     assert_eq!((generation, vals.len()), (31, 256));
@@ -284,7 +285,7 @@ fn v1_intent_fixture() {
     // The log reads the file as it finds it in a member directory.
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("intent.0"), &b).unwrap();
-    let log = intent::IntentLog::new(d.path());
+    let log = intent::IntentLog::new(vpool::storage::real(), d.path());
     let pending: Vec<(u64, u64)> = log.pending(7).unwrap().into_iter().collect();
     assert_eq!(pending, vec![(2, 1 << 40), (13, 5)]);
     assert_eq!(log.pending(6).unwrap().len(), 4);
@@ -361,7 +362,7 @@ fn v1_snapshot_record_fixture() {
 
 #[test]
 fn v1_delta_fixture() {
-    let f = DeltaFile::open(fixture_dir().join("delta.vd")).unwrap();
+    let f = DeltaFile::open(&RealStorage, fixture_dir().join("delta.vd")).unwrap();
     assert_eq!(f.header, fixture_delta_header());
     let kinds: Vec<(u64, u32, EntryKind)> = f
         .entries
@@ -1269,7 +1270,7 @@ fn check_intent(b: &[u8]) -> Result<usize, String> {
     let dir = TMP.with(|d| d.path().join("intent"));
     std::fs::create_dir_all(&dir).map_err(|e| format!("test setup: {e}"))?;
     std::fs::write(dir.join("intent.0"), b).map_err(|e| format!("test setup: {e}"))?;
-    match intent::IntentLog::new(&dir).pending(6) {
+    match intent::IntentLog::new(vpool::storage::real(), &dir).pending(6) {
         Ok(got) if got != want => Err(format!("pending {got:?}, records say {want:?}")),
         Ok(got) => {
             if !got.is_empty() {
@@ -1288,7 +1289,7 @@ fn delta_sample(header: &DeltaHeader, n: u64) -> Sample {
     let p = dir.path().join("d");
     let bs = header.block_size as usize;
     let mut w =
-        DeltaWriter::create(std::slice::from_ref(&p), header, 3).unwrap_or_else(|e| panic!("{e}"));
+        DeltaWriter::create(vpool::storage::real(), std::slice::from_ref(&p), header, 3).unwrap_or_else(|e| panic!("{e}"));
     for i in 0..n {
         let data: Vec<u8> = (0..bs * (1 + i as usize % 3))
             .map(|j| (j as u64 * (i + 3) / 7) as u8)
@@ -1440,7 +1441,7 @@ fn check_delta_parts(b: &[u8]) -> Result<usize, String> {
 fn check_delta_file(b: &[u8]) -> Result<usize, String> {
     let p = TMP.with(|d| d.path().join("delta"));
     std::fs::write(&p, b).map_err(|e| format!("test setup: {e}"))?;
-    let f = match DeltaFile::open(&p) {
+    let f = match DeltaFile::open(&RealStorage, &p) {
         Err(e) if e.to_string().is_empty() => return Err("empty error message".into()),
         Err(_) => return Ok(0),
         Ok(f) => f,
@@ -1481,14 +1482,14 @@ fn check_delta_file(b: &[u8]) -> Result<usize, String> {
     }
     let _ = f.verify();
     let want = f.header.id();
-    if DeltaFile::open_checked(&p, &want).is_err() {
+    if DeltaFile::open_checked(&RealStorage, &p, &want).is_err() {
         return Err("open_checked refused its own identity".into());
     }
     let other = DeltaId {
         ino: want.ino ^ 1,
         ..want
     };
-    if DeltaFile::open_checked(&p, &other).is_ok() {
+    if DeltaFile::open_checked(&RealStorage, &p, &other).is_ok() {
         return Err("open_checked accepted another inode".into());
     }
     Ok(extra)

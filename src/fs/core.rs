@@ -572,7 +572,11 @@ impl Vfs {
         if !refill.is_empty() {
             match self.fill_copies_of(refill, &mut |_, _| {}) {
                 Ok((n, bytes)) => {
-                    tracing::warn!(copies = n, bytes, "missing extent copies rebuilt from good copies")
+                    tracing::warn!(
+                        copies = n,
+                        bytes,
+                        "missing extent copies rebuilt from good copies"
+                    )
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot rebuild missing extent copies; `vpool scrub` or `vpool set copies` retries")
@@ -606,11 +610,21 @@ impl Vfs {
                     .iter()
                     .any(|o| *o != m && present.contains(&(*o, name.clone())));
                 if !others_there {
-                    tracing::error!(member = m, ino, extent = idx, "extent file missing and no other copy is there");
+                    tracing::error!(
+                        member = m,
+                        ino,
+                        extent = idx,
+                        "extent file missing and no other copy is there"
+                    );
                     continue;
                 }
                 if v.drop_copy(idx, m).is_some() {
-                    tracing::warn!(member = m, ino, extent = idx, "extent copy missing (its member failed before it was durable); rebuilding it from another copy");
+                    tracing::warn!(
+                        member = m,
+                        ino,
+                        extent = idx,
+                        "extent copy missing (its member failed before it was durable); rebuilding it from another copy"
+                    );
                     n.touch();
                     out.push(super::members::Item {
                         node: n.clone(),
@@ -1971,11 +1985,7 @@ impl Vfs {
     /// written: over-reporting only.
     fn prelog_hot_extents(&self) {
         let tag = self.pool.intent_tag.load(Ordering::Acquire);
-        let since_ms = self
-            .pool
-            .storage()
-            .clock_ms()
-            .saturating_sub(HOT_WINDOW_MS);
+        let since_ms = self.pool.storage().clock_ms().saturating_sub(HOT_WINDOW_MS);
         let hot: Vec<(u64, Arc<crate::volume::Extent>)> = {
             let ns = self.ns.read();
             ns.nodes
@@ -2131,7 +2141,9 @@ mod tests {
     fn deltas_of_an_unreadable_snapshot_record_are_kept() {
         let (_d, dirs) = setup(1, 64 * 1024);
         drop(open(&dirs[0]));
-        let store = crate::pool::meta::MemberStore::open(&crate::storage::real::RealStorage, &dirs[0]).unwrap();
+        let store =
+            crate::pool::meta::MemberStore::open(&crate::storage::real::RealStorage, &dirs[0])
+                .unwrap();
         let generation = store.generation().unwrap() + 1;
         let batch = crate::pool::meta::Batch {
             generation,

@@ -292,7 +292,9 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
                             block_size: cfg.block_size,
                             entries: (cfg.extent_size / cfg.block_size as u64) as u32,
                         };
-                        if let Err(e) = super::sums::read(pool.storage(), &m.data_dir.join(&name), id) {
+                        if let Err(e) =
+                            super::sums::read(pool.storage(), &m.data_dir.join(&name), id)
+                        {
                             r.problems.push(format!(
                                 "{}: sum file {name} is damaged ({e}); `vpool scrub` rebuilds it",
                                 m.data_dir.display()

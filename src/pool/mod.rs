@@ -120,10 +120,7 @@ impl Member {
         }
         let st = self.storage.space(&self.dir)?;
         let avail = st.avail.saturating_sub(Self::reserve(st.total));
-        *g = Some(SpaceReading {
-            at_ms: now,
-            avail,
-        });
+        *g = Some(SpaceReading { at_ms: now, avail });
         Ok(avail)
     }
 
@@ -589,7 +586,9 @@ impl Pool {
             next_file_id: 1,
             ..Default::default()
         };
-        image.inodes.insert(ROOT_INO, root_record(Timestamp::at(s.now())));
+        image
+            .inodes
+            .insert(ROOT_INO, root_record(Timestamp::at(s.now())));
         let config = PoolConfig {
             copies: opts.copies,
             block_size: opts.block_size,
@@ -606,8 +605,7 @@ impl Pool {
         let mut done: Vec<&PathBuf> = Vec::new();
         let result = (|| -> Result<()> {
             for m in &members {
-                s.make_private(&m.path)
-                    .map_err(|e| Error::io(&m.path, e))?;
+                s.make_private(&m.path).map_err(|e| Error::io(&m.path, e))?;
                 let data = m.path.join(DATA_DIR);
                 crate::storage::create_dir_all(s, &data).map_err(|e| Error::io(&data, e))?;
                 done.push(&m.path);
@@ -1221,9 +1219,7 @@ impl Pool {
 
     pub fn clear_lock_info(&self) {
         for m in self.members().iter() {
-            let _ = self
-                .storage
-                .open(&m.dir.join(LOCK_FILE), OpenMode::REPLACE);
+            let _ = self.storage.open(&m.dir.join(LOCK_FILE), OpenMode::REPLACE);
         }
     }
 
@@ -1342,13 +1338,7 @@ impl Pool {
     }
 
     /// The open file of an extent copy, from the descriptor cache.
-    pub fn extent_file(
-        &self,
-        member: u32,
-        ino: u64,
-        index: u64,
-        file_id: u64,
-    ) -> FsResult<Handle> {
+    pub fn extent_file(&self, member: u32, ino: u64, index: u64, file_id: u64) -> FsResult<Handle> {
         self.fds.get_or_open((member, ino, index, file_id), || {
             self.open_extent_file(member, ino, index, file_id)
         })
@@ -1595,7 +1585,9 @@ impl Pool {
                 *g = None;
                 match MemberStore::open(&*m.storage, &m.dir) {
                     Ok(s) => *g = Some(s),
-                    Err(e) => tracing::error!(member = %m.dir.display(), error = %e, "cannot reopen metadata store"),
+                    Err(e) => {
+                        tracing::error!(member = %m.dir.display(), error = %e, "cannot reopen metadata store")
+                    }
                 }
             }
             res

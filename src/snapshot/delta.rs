@@ -569,10 +569,7 @@ impl DeltaWriter {
         };
         for path in paths {
             // On an error, dropping `w` removes the files created so far.
-            let file = w
-                .storage
-                .open(path, OpenMode::NEW)
-                .map_err(io_err(path))?;
+            let file = w.storage.open(path, OpenMode::NEW).map_err(io_err(path))?;
             w.paths.push(path.clone());
             w.files.push(file);
         }
@@ -1013,7 +1010,9 @@ mod tests {
     /// A small finished delta with data, zero and hole entries; returns the
     /// entries and the data of each data entry (by start).
     fn small_delta(path: &Path) -> (Vec<Entry>, Vec<(u64, Vec<u8>)>) {
-        let mut w = DeltaWriter::create(crate::storage::real(), &[path.to_path_buf()], &header(), 3).unwrap();
+        let mut w =
+            DeltaWriter::create(crate::storage::real(), &[path.to_path_buf()], &header(), 3)
+                .unwrap();
         let a = blocks(2, 1);
         let b = blocks(1, 9);
         w.add_data(10, &b).unwrap();
@@ -1086,7 +1085,13 @@ mod tests {
     fn empty_delta() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d");
-        let w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 1).unwrap();
+        let w = DeltaWriter::create(
+            crate::storage::real(),
+            std::slice::from_ref(&p),
+            &header(),
+            1,
+        )
+        .unwrap();
         let (entries, len) = w.finish().unwrap();
         assert!(entries.is_empty());
         assert_eq!(len, HEADER_LEN + FOOTER_LEN);
@@ -1176,12 +1181,24 @@ mod tests {
     fn abandon_and_drop_remove_files() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a");
-        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(
+            crate::storage::real(),
+            std::slice::from_ref(&p),
+            &header(),
+            3,
+        )
+        .unwrap();
         w.add_data(0, &blocks(1, 1)).unwrap();
         assert!(p.exists());
         w.abandon();
         assert!(!p.exists());
-        let w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
+        let w = DeltaWriter::create(
+            crate::storage::real(),
+            std::slice::from_ref(&p),
+            &header(),
+            3,
+        )
+        .unwrap();
         drop(w);
         assert!(!p.exists());
     }
@@ -1192,23 +1209,44 @@ mod tests {
         let a = dir.path().join("a");
         let b = dir.path().join("b");
         std::fs::write(&b, b"keep").unwrap();
-        let r = DeltaWriter::create(crate::storage::real(), &[a.clone(), b.clone()], &header(), 3);
+        let r = DeltaWriter::create(
+            crate::storage::real(),
+            &[a.clone(), b.clone()],
+            &header(),
+            3,
+        );
         assert!(
             matches!(r, Err(DeltaError::Io { ref source, .. }) if source.kind() == io::ErrorKind::AlreadyExists)
         );
         assert!(!a.exists(), "partly created delta left behind");
         assert_eq!(std::fs::read(&b).unwrap(), b"keep");
-        assert!(is_invalid(&DeltaWriter::create(crate::storage::real(), &[], &header(), 3)));
+        assert!(is_invalid(&DeltaWriter::create(
+            crate::storage::real(),
+            &[],
+            &header(),
+            3
+        )));
         let mut bad = header();
         bad.block_size = 1000;
-        assert!(is_invalid(&DeltaWriter::create(crate::storage::real(), &[a], &bad, 3)));
+        assert!(is_invalid(&DeltaWriter::create(
+            crate::storage::real(),
+            &[a],
+            &bad,
+            3
+        )));
     }
 
     #[test]
     fn invalid_writes_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a");
-        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(
+            crate::storage::real(),
+            std::slice::from_ref(&p),
+            &header(),
+            3,
+        )
+        .unwrap();
         let inval = |r: Result<Entry, DeltaError>| is_invalid(&r);
         assert!(inval(w.add_data(0, &[])));
         assert!(inval(w.add_data(0, &[0u8; BS as usize + 1])));
@@ -1231,7 +1269,13 @@ mod tests {
     fn long_runs_are_split() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a");
-        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(
+            crate::storage::real(),
+            std::slice::from_ref(&p),
+            &header(),
+            3,
+        )
+        .unwrap();
         let big = u64::from(u32::MAX) + 10;
         w.add_zero(0, big).unwrap();
         w.add_zero(big, 5).unwrap();
@@ -1264,7 +1308,13 @@ mod tests {
         let (_, data) = small_delta(&src);
         let s = DeltaFile::open(&R, &src).unwrap();
         let dst = dir.path().join("dst");
-        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&dst), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(
+            crate::storage::real(),
+            std::slice::from_ref(&dst),
+            &header(),
+            3,
+        )
+        .unwrap();
         let mut copied = Vec::new();
         for (start, want) in &data {
             let e = s.lookup(*start).unwrap();
@@ -1294,7 +1344,13 @@ mod tests {
     fn bad_frame_content_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a");
-        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(
+            crate::storage::real(),
+            std::slice::from_ref(&p),
+            &header(),
+            3,
+        )
+        .unwrap();
         let garbage = b"definitely not zstd";
         let g = w.add_raw(0, 1, garbage, crc32c::crc32c(garbage)).unwrap();
         let short = zstd::bulk::compress(&blocks(1, 3), 3).unwrap();
@@ -1349,7 +1405,10 @@ mod tests {
         let p = dir.path().join("a");
         small_delta(&p);
         let want = header().id();
-        assert_eq!(DeltaFile::open_checked(&R, &p, &want).unwrap().header, header());
+        assert_eq!(
+            DeltaFile::open_checked(&R, &p, &want).unwrap().header,
+            header()
+        );
         for (other, field) in [
             (DeltaId { snap_id: 8, ..want }, "snapshot 7"),
             (DeltaId { base_id: 0, ..want }, "base 3"),
@@ -1379,7 +1438,13 @@ mod tests {
     fn frame_without_the_right_content_size_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a");
-        let mut w = DeltaWriter::create(crate::storage::real(), std::slice::from_ref(&p), &header(), 3).unwrap();
+        let mut w = DeltaWriter::create(
+            crate::storage::real(),
+            std::slice::from_ref(&p),
+            &header(),
+            3,
+        )
+        .unwrap();
         let data = blocks(2, 4);
         let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
         enc.include_contentsize(false).unwrap();

@@ -1006,10 +1006,7 @@ impl SnapshotStore {
                     // `snap/` may have been created by an earlier capture
                     // whose sync failed, and its entry is durable only now.
                     let s = self.pool.storage();
-                    let r = d
-                        .ancestors()
-                        .take(3)
-                        .try_for_each(|dir| s.sync_dir(dir));
+                    let r = d.ancestors().take(3).try_for_each(|dir| s.sync_dir(dir));
                     if let Err(e) = r {
                         self.fail_job(&job, format!("syncing {}: {e}", d.display()));
                         break;
@@ -1613,7 +1610,8 @@ impl SnapshotStore {
                 for m in &members {
                     let dir = delta_dir(&self.pool, *m, c.id)
                         .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
-                    crate::storage::create_dir_all(self.pool.storage(), &dir).map_err(FsError::Io)?;
+                    crate::storage::create_dir_all(self.pool.storage(), &dir)
+                        .map_err(FsError::Io)?;
                     let p = dir.join(format!("{ino}.{seq}.vd"));
                     // A leftover of an interrupted merge.
                     let _ = self.pool.storage().remove_file(&p);
@@ -1787,7 +1785,8 @@ impl SnapshotStore {
                     };
                     let dir = delta_dir(&self.pool, to, rec.id)
                         .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
-                    crate::storage::create_dir_all(self.pool.storage(), &dir).map_err(FsError::Io)?;
+                    crate::storage::create_dir_all(self.pool.storage(), &dir)
+                        .map_err(FsError::Io)?;
                     let dst = dir.join(format!("{ino}.{}.vd", loc.seq));
                     crate::storage::copy_file_atomic(self.pool.storage(), src, &dst)
                         .map_err(FsError::Io)?;

@@ -125,6 +125,9 @@ pub trait FileIo: Send + Sync + Debug {
         self.sync_data()
     }
     fn len(&self) -> io::Result<u64>;
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
     /// Allocated bytes.
     fn allocated(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;

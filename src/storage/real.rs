@@ -81,7 +81,11 @@ impl FileIo for RealFile {
     }
 
     fn seek(&self, off: u64, data: bool) -> io::Result<Option<u64>> {
-        let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+        let whence = if data {
+            libc::SEEK_DATA
+        } else {
+            libc::SEEK_HOLE
+        };
         // SAFETY: lseek on a valid descriptor; moves only that descriptor's
         // offset, which vpool never uses (all I/O is positional).
         let r = unsafe { libc::lseek(self.0.as_raw_fd(), off as i64, whence) };

@@ -372,8 +372,12 @@ impl State {
                     // cut may bring the file back; then usage is recounted).
                     let bytes = f.cur.pages.len() as u64 * PAGE;
                     let dev = f.dev;
-                    *self.used.entry(dev).or_default() =
-                        self.used.get(&dev).copied().unwrap_or(0).saturating_sub(bytes);
+                    *self.used.entry(dev).or_default() = self
+                        .used
+                        .get(&dev)
+                        .copied()
+                        .unwrap_or(0)
+                        .saturating_sub(bytes);
                 } else if f.nlink == 1 && delta > 0 {
                     let bytes = f.cur.pages.len() as u64 * PAGE;
                     *self.used.entry(f.dev).or_default() += bytes;
@@ -461,7 +465,7 @@ impl State {
                 f.cur.pages.remove(&k);
                 freed += PAGE;
             }
-            if len % PAGE != 0 {
+            if !len.is_multiple_of(PAGE) {
                 f.cur.zero(len, len.div_ceil(PAGE) * PAGE, false);
             }
         }
@@ -564,7 +568,7 @@ impl State {
                     for k in gone {
                         out.pages.remove(&k);
                     }
-                    if out.len % PAGE != 0 {
+                    if !out.len.is_multiple_of(PAGE) {
                         let l = out.len;
                         out.zero(l, l.div_ceil(PAGE) * PAGE, false);
                     }
@@ -781,7 +785,9 @@ impl FileIo for SimFile {
 
     fn allocate(&self, mode: Alloc, off: u64, len: u64) -> io::Result<()> {
         self.writable()?;
-        self.with(OpClass::Write, |st, _| st.allocate(self.ino, mode, off, len))
+        self.with(OpClass::Write, |st, _| {
+            st.allocate(self.ino, mode, off, len)
+        })
     }
 
     fn seek(&self, off: u64, data: bool) -> io::Result<Option<u64>> {
@@ -922,7 +928,10 @@ impl Storage for SimStorage {
         if fp == tp {
             st.set_entries(
                 fp,
-                vec![(tname.to_os_string(), Some(ino)), (fname.to_os_string(), None)],
+                vec![
+                    (tname.to_os_string(), Some(ino)),
+                    (fname.to_os_string(), None),
+                ],
             )
         } else {
             st.set_entry(tp, tname, Some(ino))?;
@@ -1063,7 +1072,10 @@ impl Storage for SimStorage {
     fn now(&self) -> (i64, u32) {
         // 2026-01-01, then one millisecond per operation.
         let ops = self.st.lock().ops;
-        (1_767_225_600 + (ops / 1000) as i64, (ops % 1000) as u32 * 1_000_000)
+        (
+            1_767_225_600 + (ops / 1000) as i64,
+            (ops % 1000) as u32 * 1_000_000,
+        )
     }
 }
 
@@ -1104,7 +1116,9 @@ mod tests {
         for seed in 0..50 {
             let s = SimStorage::new(seed);
             let d = s.add_device("d", None);
-            let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 + seed as u32) as u8).collect();
+            let data: Vec<u8> = (0..20_000u32)
+                .map(|i| (i * 7 + seed as u32) as u8)
+                .collect();
             s.create_dir(&d.join("sub")).unwrap();
             s.sync_dir(&d).unwrap();
             let p = d.join("sub/f");
@@ -1148,7 +1162,10 @@ mod tests {
         assert_eq!(f.seek(0, true).unwrap(), Some(8192));
         assert_eq!(f.seek(8192, false).unwrap(), Some(16384));
         assert_eq!(f.seek(0, false).unwrap(), Some(0));
-        assert_eq!(f.allocated_ranges(0, 1 << 20).unwrap(), Some(vec![(8192, 16384)]));
+        assert_eq!(
+            f.allocated_ranges(0, 1 << 20).unwrap(),
+            Some(vec![(8192, 16384)])
+        );
         let e = f.write_all_at(&[1u8; 8192], 0).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
         f.allocate(Alloc::Punch, 8192, 4096).unwrap();

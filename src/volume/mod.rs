@@ -1321,10 +1321,11 @@ impl Volume {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
             self.change(pool, ext, &p, None, |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
-                f.allocate(Alloc::KeepSize, p.within, p.len as u64).map_err(|e| {
-                    invalidate_space(pool, member);
-                    map_write_err(e)
-                })
+                f.allocate(Alloc::KeepSize, p.within, p.len as u64)
+                    .map_err(|e| {
+                        invalidate_space(pool, member);
+                        map_write_err(e)
+                    })
             })?;
         }
         Ok(())
@@ -1684,8 +1685,7 @@ impl Volume {
         out.sync_data().map_err(FsError::Io)?;
         let mut copies = ext.copies_without(from);
         copies.push(ExtentCopy { member: to });
-        pool.fds
-            .put((to, self.ino, index, ext.file_id), out);
+        pool.fds.put((to, self.ino, index, ext.file_id), out);
         if !self.swap_copies(&ext, copies) {
             ext.forget_file(pool, self.ino, to);
             let _ = pool.storage().remove_file(&path);
