@@ -419,3 +419,53 @@ fn io_error_in_a_running_daemon_fails_the_member_not_the_pool() {
     m.unmount();
     pool.assert_check_clean();
 }
+
+/// Point 4, mounted: a member directory swapped for another while mounted
+/// (an empty directory renamed into its place, as a wrong disk mounted there
+/// would be): the member fails ("replaced"), nothing is written into the
+/// stranger, the pool goes on from the other copy, and once the right
+/// directory is back everything is there.
+#[test]
+fn a_member_directory_swapped_while_mounted_fails_that_member() {
+    let pool = Pool::new(2, &["--copies", "2", "--extent-size", "1M"]);
+    let d2 = pool.members[1].clone();
+    let m = pool.mount();
+    let a = pattern(11, 3 << 20);
+    write_synced(&m.join("a"), &a);
+    let away = unplug(&d2);
+    fs::create_dir(&d2).unwrap();
+    let b = pattern(12, 2 << 20);
+    write_synced(&m.join("b"), &b);
+    assert!(
+        wait_until(std::time::Duration::from_secs(15), || m.status()["state"]
+            == "DEGRADED"),
+        "status must say DEGRADED once the directory is swapped: {}",
+        m.status()
+    );
+    let st = m.status();
+    let member = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| Path::new(x["path"].as_str().unwrap()) == d2.canonicalize().unwrap())
+        .unwrap_or_else(|| panic!("d2 not in status: {st}"))
+        .clone();
+    assert_eq!(member["health"], "FAULTED", "{st}");
+    assert_same(&read_all(&m.join("a")), &a, "a with d2 swapped");
+    assert_same(&read_all(&m.join("b")), &b, "b with d2 swapped");
+    m.unmount();
+    assert_eq!(
+        fs::read_dir(&d2).unwrap().count(),
+        0,
+        "vpool wrote into the directory swapped in"
+    );
+    fs::remove_dir(&d2).unwrap();
+    replug(&away, &d2);
+    let m = pool.mount();
+    assert_same(&read_all(&m.join("a")), &a, "a after the swap back");
+    assert_same(&read_all(&m.join("b")), &b, "b after the swap back");
+    let (ok, report) = scrub_json(&m.path);
+    assert!(ok, "scrub after the swap back: {report}");
+    m.unmount();
+    pool.assert_check_clean();
+}

@@ -2,7 +2,6 @@
 //! read, and the fuzzing of every parser (see "Fuzzing" below and
 //! `docs/design.md`, "Parser validation and fuzzing").
 
-use vpool::storage::real::RealStorage;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vpool::storage::real::RealStorage;
 
 use uuid::Uuid;
 use vpool::pool::intent;
@@ -222,7 +222,13 @@ fn write_fixtures() {
     std::fs::write(dir.join("snapshot.rec"), fixture_snapshot().encode()).unwrap();
     let p = dir.join("delta.vd");
     let _ = std::fs::remove_file(&p);
-    let mut w = DeltaWriter::create(vpool::storage::real(), std::slice::from_ref(&p), &fixture_delta_header(), 3).unwrap();
+    let mut w = DeltaWriter::create(
+        vpool::storage::real(),
+        std::slice::from_ref(&p),
+        &fixture_delta_header(),
+        3,
+    )
+    .unwrap();
     let data = fixture_delta_data();
     w.add_data(10, &data[1].1).unwrap();
     w.add_zero(2, 3).unwrap();
@@ -270,9 +276,13 @@ fn v1_sum_fixture() {
     assert_eq!(vals[0], sums::zero_crc(4096));
     assert_eq!(vals[1], 0x9e37_79b9);
     // Read from a file too.
-    let (generation, vals) = sums::read(&RealStorage, &fixture_dir().join("extent.sum"), fixture_sum_id())
-        .unwrap()
-        .unwrap();
+    let (generation, vals) = sums::read(
+        &RealStorage,
+        &fixture_dir().join("extent.sum"),
+        fixture_sum_id(),
+    )
+    .unwrap()
+    .unwrap();
     assert_eq!((generation, vals.len()), (31, 256));
 }
 
@@ -1288,8 +1298,8 @@ fn delta_sample(header: &DeltaHeader, n: u64) -> Sample {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let p = dir.path().join("d");
     let bs = header.block_size as usize;
-    let mut w =
-        DeltaWriter::create(vpool::storage::real(), std::slice::from_ref(&p), header, 3).unwrap_or_else(|e| panic!("{e}"));
+    let mut w = DeltaWriter::create(vpool::storage::real(), std::slice::from_ref(&p), header, 3)
+        .unwrap_or_else(|e| panic!("{e}"));
     for i in 0..n {
         let data: Vec<u8> = (0..bs * (1 + i as usize % 3))
             .map(|j| (j as u64 * (i + 3) / 7) as u8)

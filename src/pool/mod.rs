@@ -161,7 +161,7 @@ impl Member {
         let p = self.dir.join(LOCK_FILE);
         let f = self
             .storage
-            .open(&p, OpenMode::REPLACE)
+            .open(&p, OpenMode::EMPTY)
             .map_err(|e| Error::io(&p, e))?;
         let info = format!("{}\n{}\n", std::process::id(), mountpoint.display());
         f.write_all_at(info.as_bytes(), 0)
@@ -1219,7 +1219,12 @@ impl Pool {
 
     pub fn clear_lock_info(&self) {
         for m in self.members().iter() {
-            let _ = self.storage.open(&m.dir.join(LOCK_FILE), OpenMode::REPLACE);
+            // Never created here: a failed member's directory may be a
+            // stranger now (a disk swapped in its place).
+            if m.is_failed() {
+                continue;
+            }
+            let _ = self.storage.open(&m.dir.join(LOCK_FILE), OpenMode::EMPTY);
         }
     }
 

@@ -68,6 +68,13 @@ impl OpenMode {
         create_new: false,
         truncate: true,
     };
+    /// Read-write, emptied; must exist.
+    pub const EMPTY: OpenMode = OpenMode {
+        write: true,
+        create: false,
+        create_new: false,
+        truncate: true,
+    };
     /// Read-write, must not exist.
     pub const NEW: OpenMode = OpenMode {
         write: true,
