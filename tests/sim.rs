@@ -6,7 +6,7 @@
 //! or tears them at sector granularity) and drives the core (`Vfs`, no FUSE,
 //! no root) with a random workload: writes, fsync/fdatasync, commits,
 //! truncates, punches, renames, unlinks, snapshot create/wait/delete/restore,
-//! device add/remove, `set copies`, scrub. At random points the power goes
+//! device add/remove/replace, rebalance, `set copies`, scrub. At random points the power goes
 //! off in the middle of whatever the core is doing (`die_after`), and one-shot
 //! EIO, ENOSPC or short writes are injected on chosen files. After each cut
 //! the pool is reopened and checked against a model:
@@ -129,6 +129,11 @@ struct SnapM {
 
 struct Sim {
     seed: u64,
+    /// Version of the workload generator: regression seeds keep the one
+    /// they failed with; 2 adds device replace and rebalance.
+    generator: u32,
+    /// Draws of generator versions above 1 (the first stream stays as it was).
+    rng2: Rng,
     step: usize,
     rng: Rng,
     disk: SimStorage,
@@ -158,7 +163,7 @@ fn st(disk: &SimStorage) -> Arc<dyn Storage> {
 }
 
 impl Sim {
-    fn new(seed: u64) -> Sim {
+    fn new(seed: u64, generator: u32) -> Sim {
         let mut rng = Rng::new(seed);
         let disk = SimStorage::new(seed.wrapping_mul(31).wrapping_add(7));
         let n = 2 + rng.below(2) as usize;
@@ -180,6 +185,8 @@ impl Sim {
         .unwrap_or_else(|e| panic!("seed {seed}: create: {e}"));
         let mut s = Sim {
             seed,
+            generator,
+            rng2: Rng::new(seed ^ 0x5EED_0F_2),
             step: 0,
             rng,
             disk,
@@ -211,8 +218,9 @@ impl Sim {
         };
         let tail: Vec<&String> = self.trace.iter().rev().take(keep).rev().collect();
         panic!(
-            "simulation failed: {what}\n  reproduce: VPOOL_SIM_SEED={} cargo test --release --test sim one_seed (step {}, {} cuts)\n  faults fired: {:?}\n  last steps:\n    {}",
+            "simulation failed: {what}\n  reproduce: VPOOL_SIM_SEED={} VPOOL_SIM_GEN={} cargo test --release --test sim one_seed (step {}, {} cuts)\n  faults fired: {:?}\n  last steps:\n    {}",
             self.seed,
+            self.generator,
             self.step,
             self.cuts,
             self.disk.fired(),
@@ -678,6 +686,32 @@ impl Sim {
 
     fn device_change(&mut self) {
         let in_pool = self.members.contains(&self.spare);
+        if self.generator >= 2 {
+            match self.rng2.below(3) {
+                0 if !in_pool => {
+                    let i = self.rng2.below(self.members.len() as u64) as usize;
+                    let old = self.members[i].clone();
+                    let new = self.spare.clone();
+                    self.trace
+                        .push(format!("device replace {} by the spare", old.display()));
+                    if self
+                        .vfs()
+                        .device_replace(&old, &new, &mut |_, _| {})
+                        .is_ok()
+                    {
+                        self.members[i] = new;
+                        self.spare = old;
+                    }
+                    return;
+                }
+                1 => {
+                    self.trace.push("rebalance".into());
+                    let _ = self.vfs().rebalance(&mut |_, _| {});
+                    return;
+                }
+                _ => {}
+            }
+        }
         if !in_pool {
             self.trace.push("device add spare".into());
             let spare = self.spare.clone();
@@ -954,14 +988,21 @@ impl Sim {
     }
 }
 
+/// Version of the workload generator the simulation runs.
+const GENERATOR: u32 = 2;
+
 fn run_seed(seed: u64) -> u64 {
+    run_seed_gen(seed, GENERATOR)
+}
+
+fn run_seed_gen(seed: u64, generator: u32) -> u64 {
     if std::env::var_os("VPOOL_SIM_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
             .with_test_writer()
             .try_init();
     }
-    let mut s = Sim::new(seed);
+    let mut s = Sim::new(seed, generator);
     s.run(STEPS);
     s.cuts
 }
@@ -990,14 +1031,14 @@ fn simulation() {
     );
 }
 
-/// Seeds that failed before a fix, kept as they are. (A seed names a run of
-/// the workload generator as it is: changing the generator turns these into
-/// other runs, still worth running.)
+/// Seeds that failed before a fix, kept as they are, with the version of
+/// the workload generator they failed with.
 macro_rules! regressions {
     ($($name:ident = $seed:expr;)*) => {$(
         #[test]
         fn $name() {
-            run_seed($seed);
+            // Generator 1: the workload these seeds failed with.
+            run_seed_gen($seed, 1);
         }
     )*};
 }
@@ -1059,6 +1100,10 @@ fn one_seed() {
         .ok()
         .and_then(|v| v.parse().ok())
     {
-        run_seed(seed);
+        let generator = std::env::var("VPOOL_SIM_GEN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(GENERATOR);
+        run_seed_gen(seed, generator);
     }
 }
