@@ -186,7 +186,7 @@ impl Sim {
         let mut s = Sim {
             seed,
             generator,
-            rng2: Rng::new(seed ^ 0x5EED_0F_2),
+            rng2: Rng::new(seed ^ 0x05EE_D0F2),
             step: 0,
             rng,
             disk,
