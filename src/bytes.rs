@@ -26,18 +26,10 @@ pub fn read_capped(s: &dyn Storage, path: &Path, cap: u64) -> io::Result<Vec<u8>
         return Err(too_big(len));
     }
     // `len <= cap`; a cap above the address space is not a concern here.
-    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read_at(&mut buf[got..], got as u64)? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    buf.truncate(got);
+    let buf = f.read_prefix(len)?;
     // Grown since the length was read: past the cap?
     let mut probe = [0u8; 1];
-    if got as u64 == len && f.read_at(&mut probe, len)? > 0 && len >= cap {
+    if buf.len() as u64 == len && f.read_at(&mut probe, len)? > 0 && len >= cap {
         return Err(too_big(len + 1));
     }
     Ok(buf)

@@ -190,9 +190,8 @@ pub trait FileIo: Send + Sync + Debug {
         Ok(())
     }
 
-    /// The whole file.
-    fn read_all(&self) -> io::Result<Vec<u8>> {
-        let len = self.len()?;
+    /// The first `len` bytes (fewer if the file is shorter).
+    fn read_prefix(&self, len: u64) -> io::Result<Vec<u8>> {
         let mut v = vec![0u8; usize::try_from(len).map_err(|_| io::ErrorKind::OutOfMemory)?];
         let mut got = 0;
         while got < v.len() {
@@ -203,6 +202,11 @@ pub trait FileIo: Send + Sync + Debug {
         }
         v.truncate(got);
         Ok(v)
+    }
+
+    /// The whole file.
+    fn read_all(&self) -> io::Result<Vec<u8>> {
+        self.read_prefix(self.len()?)
     }
 }
 

@@ -400,6 +400,17 @@ impl State {
         }
     }
 
+    /// A new node (`make` gets its device) entered at `path`; its inode.
+    fn make_node(&mut self, path: &Path, make: impl FnOnce(u64) -> Node) -> io::Result<u64> {
+        let (parent, name) = self.parent(path)?;
+        let dev = self.dev_of_new(parent, name);
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.nodes.insert(ino, make(dev));
+        self.set_entry(parent, name, Some(ino))?;
+        Ok(ino)
+    }
+
     fn charge(&mut self, dev: u64, bytes: u64) -> io::Result<()> {
         let cap = self.capacity.get(&dev).copied().unwrap_or(DEFAULT_CAPACITY);
         let used = self.used.entry(dev).or_default();
@@ -859,21 +870,14 @@ impl Storage for SimStorage {
                 ino
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) && mode.create => {
-                let (parent, name) = st.parent(path)?;
-                let dev = st.dev_of_new(parent, name);
-                let ino = st.next_ino;
-                st.next_ino += 1;
-                st.nodes.insert(
-                    ino,
+                st.make_node(path, |dev| {
                     Node::File(FileNode {
                         cur: Data::default(),
                         durable: Data::default(),
                         dev,
                         nlink: 0,
-                    }),
-                );
-                st.set_entry(parent, name, Some(ino))?;
-                ino
+                    })
+                })?
             }
             Err(e) => return Err(e),
         };
@@ -945,18 +949,13 @@ impl Storage for SimStorage {
         if st.resolve(path).is_ok() {
             return Err(errno(libc::EEXIST));
         }
-        let (parent, name) = st.parent(path)?;
-        let dev = st.dev_of_new(parent, name);
-        let ino = st.next_ino;
-        st.next_ino += 1;
-        st.nodes.insert(
-            ino,
+        st.make_node(path, |dev| {
             Node::Dir(DirNode {
                 dev,
                 ..Default::default()
-            }),
-        );
-        st.set_entry(parent, name, Some(ino))
+            })
+        })
+        .map(|_| ())
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
