@@ -596,9 +596,7 @@ impl Vfs {
         let mut out = Vec::new();
         let members: HashSet<u32> = self.pool.members().iter().map(|m| m.entry.id).collect();
         let ns = self.ns.read();
-        let mut nodes: Vec<&Arc<Node>> = ns.nodes.values().collect();
-        nodes.sort_unstable_by_key(|n| n.ino);
-        for n in nodes {
+        for n in ns.nodes.values() {
             let Some(v) = &n.volume else { continue };
             for (m, ino, idx, fid) in v.all_files() {
                 let name = crate::pool::extent_file_name(ino, idx, fid);
@@ -1851,8 +1849,8 @@ impl Vfs {
             for ino in std::mem::take(&mut ns.deleted) {
                 batch.inodes.push((ino, None));
             }
-            // In key order: one workload gives one sequence of writes (the
-            // simulator replays a seed exactly), and redb inserts in order.
+            // In key order (deleted inodes were appended): redb inserts in
+            // order, and one workload gives one sequence of writes.
             batch.inodes.sort_unstable_by_key(|(ino, _)| *ino);
             let dirents: Vec<_> = std::mem::take(&mut ns.dirent_changes).into_iter().collect();
             batch.dirents = dirents.clone();
@@ -1860,13 +1858,12 @@ impl Vfs {
             batch.next_file_id = self.pool.next_file_id.load(Ordering::SeqCst);
             batch.generation = self.generation.load(Ordering::SeqCst) + 1;
             let dead = std::mem::take(&mut ns.dead_extents);
-            let mut volumes: Vec<Arc<Node>> = ns
+            let volumes: Vec<Arc<Node>> = ns
                 .nodes
                 .values()
                 .filter(|n| n.volume.is_some())
                 .cloned()
                 .collect();
-            volumes.sort_unstable_by_key(|n| n.ino);
             let mut cbt_taken = Vec::new();
             for n in &volumes {
                 if let Some(v) = &n.volume {
