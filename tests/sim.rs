@@ -1093,6 +1093,18 @@ regressions! {
     regression_failed_write_keeps_its_blocks_readable = 18068;
 }
 
+/// Open: found by generator 2 at the end of this round of work. A `device
+/// replace` interrupted by a power cut, after injected faults on both other
+/// members, leaves labels from which opening through one member finds the
+/// pool without the member that holds the extents (`check`: "extent on
+/// unknown member"), while the mount through another member reads all the
+/// data. Kept as the reproduction until it is fixed.
+#[test]
+#[ignore = "open finding: device replace interrupted by a power cut (see its comment)"]
+fn open_replace_interrupted_by_a_cut_leaves_labels_that_disagree() {
+    run_seed_gen(14889, 2);
+}
+
 /// `VPOOL_SIM_SEED=<seed>`: one seed, as a failure prints it.
 #[test]
 fn one_seed() {
