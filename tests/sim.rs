@@ -1105,9 +1105,14 @@ fn open_replace_interrupted_by_a_cut_leaves_labels_that_disagree() {
     run_seed_gen(14889, 2);
 }
 
-/// Open, the same family: a `device replace` with an I/O error on the other
-/// member, then cuts: the newest label found at the next mount still lists
-/// the replaced member, whose label is gone, and reads of its extents fail.
+/// Open, the same family: a `device replace` while the other member has
+/// failed (EIO), then cuts. The failed member's label predates the replace
+/// and does not list the new member; mounting through it follows only the
+/// labels it can reach, so the pool opens from its stale metadata, with the
+/// replaced member "missing" and the new one unknown, and reads fail. (The
+/// known limit of section 17.4 — a member cannot learn of members added
+/// while it was away — met through a member that failed rather than one
+/// that was missing.)
 #[test]
 #[ignore = "open finding: device replace with a failing member, then cuts (see its comment)"]
 fn open_replace_with_a_failing_member_leaves_the_old_member_listed() {
