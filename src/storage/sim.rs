@@ -387,10 +387,11 @@ impl State {
         Ok(())
     }
 
-    fn dev_of_new(&self, parent: u64, name: &OsStr) -> u64 {
+    /// The device of a node about to be made in `parent` (its inode will be
+    /// `next_ino`).
+    fn dev_of_new(&self, parent: u64) -> u64 {
         if parent == ROOT {
             // A top-level directory is a device of its own.
-            let _ = name;
             self.next_ino
         } else {
             match self.nodes.get(&parent) {
@@ -403,7 +404,7 @@ impl State {
     /// A new node (`make` gets its device) entered at `path`; its inode.
     fn make_node(&mut self, path: &Path, make: impl FnOnce(u64) -> Node) -> io::Result<u64> {
         let (parent, name) = self.parent(path)?;
-        let dev = self.dev_of_new(parent, name);
+        let dev = self.dev_of_new(parent);
         let ino = self.next_ino;
         self.next_ino += 1;
         self.nodes.insert(ino, make(dev));
