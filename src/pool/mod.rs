@@ -200,16 +200,12 @@ impl Member {
                 None => "label is gone".into(),
             });
         }
-        if let Err(e) = s.stat(&self.data_dir) {
-            return Err(match e.kind() {
-                io::ErrorKind::NotFound => "data directory is gone".into(),
-                _ => format!("I/O error on the data directory: {e}"),
-            });
+        match s.stat(&self.data_dir) {
+            Ok(st) if st.is_dir => Ok(()),
+            Ok(_) => Err("data directory is gone".into()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err("data directory is gone".into()),
+            Err(e) => Err(format!("I/O error on the data directory: {e}")),
         }
-        if !s.is_dir(&self.data_dir) {
-            return Err("data directory is gone".into());
-        }
-        Ok(())
     }
 }
 
@@ -1477,23 +1473,34 @@ impl Pool {
             .into_iter()
             .filter_map(|(id, v)| self.member(id).filter(|m| !m.is_failed()).map(|m| (m, v)))
             .collect();
+        self.per_member(
+            &members,
+            |(m, v)| m.intent.append_many(tag, v),
+            || Err(io::Error::other("intent thread panicked")),
+        )
+        .into_iter()
+        .collect()
+    }
+
+    /// Runs `f` on every item (one per member), side by side when the
+    /// storage allows it (each member waits on its own disk), else in order
+    /// (the simulator's one order of operations); a run that panicked gives
+    /// `panicked()`. Results are in the order of `items`.
+    fn per_member<I: Sync, T: Send>(
+        &self,
+        items: &[I],
+        f: impl Fn(&I) -> T + Sync,
+        panicked: impl Fn() -> T,
+    ) -> Vec<T> {
         if !self.storage.concurrent() {
-            for (m, v) in &members {
-                m.intent.append_many(tag, v)?;
-            }
-            return Ok(());
+            return items.iter().map(f).collect();
         }
-        // Each member waits on its own disk.
+        let f = &f;
         std::thread::scope(|sc| {
-            let hs: Vec<_> = members
-                .iter()
-                .map(|(m, v)| sc.spawn(move || m.intent.append_many(tag, v)))
-                .collect();
-            for h in hs {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("intent thread panicked")))?;
-            }
-            Ok(())
+            let hs: Vec<_> = items.iter().map(|i| sc.spawn(move || f(i))).collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| panicked()))
+                .collect()
         })
     }
 
@@ -1597,57 +1604,38 @@ impl Pool {
             }
             res
         };
-        let apply = &apply;
         let live: Vec<&Arc<Member>> = members.iter().filter(|m| !m.is_failed()).collect();
-        let results: Vec<(u32, Result<()>)> = if self.storage.concurrent() {
-            std::thread::scope(|sc| {
-                let handles: Vec<_> = live
-                    .iter()
-                    .map(|m| (m.entry.id, sc.spawn(move || apply(m))))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|(id, h)| {
-                        (
-                            id,
-                            h.join().unwrap_or_else(|_| {
-                                Err(Error::Other("metadata commit thread panicked".into()))
-                            }),
-                        )
-                    })
-                    .collect()
-            })
-        } else {
-            live.iter().map(|m| (m.entry.id, apply(m))).collect()
-        };
-        {
-            let mut ok = 0;
-            let mut first_err = None;
-            for (id, r) in results {
-                match r {
-                    Ok(()) => ok += 1,
-                    Err(e) => {
-                        // A member whose directory is gone fails; the commit
-                        // stands on the others, and the next one records
-                        // that it missed this generation.
-                        let gone = self.member(id).is_some_and(|m| self.probe_failed(&m));
-                        if gone && let Some(m) = self.member(id) {
-                            self.behind
-                                .lock()
-                                .entry(m.entry.uuid)
-                                .or_insert(batch.generation);
-                        }
-                        if !gone && first_err.is_none() {
-                            first_err = Some(e);
-                        }
+        let done = self.per_member(
+            &live,
+            |m| apply(m),
+            || Err(Error::Other("metadata commit thread panicked".into())),
+        );
+        let mut ok = 0;
+        let mut first_err = None;
+        for (m, r) in live.iter().zip(done) {
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    // A member whose directory is gone fails; the commit
+                    // stands on the others, and the next one records that
+                    // it missed this generation.
+                    let gone = self.probe_failed(m);
+                    if gone {
+                        self.behind
+                            .lock()
+                            .entry(m.entry.uuid)
+                            .or_insert(batch.generation);
+                    }
+                    if !gone && first_err.is_none() {
+                        first_err = Some(e);
                     }
                 }
             }
-            match first_err {
-                Some(e) => Err(e),
-                None if ok == 0 => Err(Error::Other("no member left to commit to".into())),
-                None => Ok(()),
-            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None if ok == 0 => Err(Error::Other("no member left to commit to".into())),
+            None => Ok(()),
         }
     }
 
