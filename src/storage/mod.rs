@@ -147,6 +147,16 @@ pub trait FileIo: Send + Sync + Debug {
     /// when the filesystem cannot tell (tmpfs).
     fn allocated_ranges(&self, lo: u64, hi: u64) -> io::Result<Option<Vec<(u64, u64)>>>;
 
+    /// `SEEK_DATA` from `off` (see [`FileIo::seek`]).
+    fn seek_data(&self, off: u64) -> io::Result<Option<u64>> {
+        self.seek(off, true)
+    }
+
+    /// `SEEK_HOLE` from `off` (see [`FileIo::seek`]).
+    fn seek_hole(&self, off: u64) -> io::Result<Option<u64>> {
+        self.seek(off, false)
+    }
+
     /// A hint that `[off, off+len)` will be read soon (readahead).
     fn will_need(&self, _off: u64, _len: u64) {}
 

@@ -282,22 +282,18 @@ fn pieces(esize: u64, off: u64, len: usize) -> impl Iterator<Item = Piece> {
     })
 }
 
-fn lseek(f: &Handle, off: u64, whence: i32) -> io::Result<Option<u64>> {
-    f.seek(off, whence == libc::SEEK_DATA)
-}
-
 /// The data ranges of `f` within `[lo, hi)` by SEEK_DATA/SEEK_HOLE.
 fn seek_data_ranges(f: &Handle, lo: u64, hi: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut out = Vec::new();
     let mut pos = lo;
     while pos < hi {
-        let Some(d) = lseek(f, pos, libc::SEEK_DATA)? else {
+        let Some(d) = f.seek_data(pos)? else {
             break;
         };
         if d >= hi {
             break;
         }
-        let h = lseek(f, d, libc::SEEK_HOLE)?.unwrap_or(hi).min(hi);
+        let h = f.seek_hole(d)?.unwrap_or(hi).min(hi);
         out.push((d, h));
         pos = h.max(d + 1);
     }
@@ -345,7 +341,7 @@ fn map_write_err(e: io::Error) -> FsError {
 
 /// Whether `[off, off+len)` of `f` is already fully allocated (writing it needs no space).
 fn fully_allocated(f: &Handle, off: u64, len: u64) -> io::Result<bool> {
-    match lseek(f, off, libc::SEEK_HOLE)? {
+    match f.seek_hole(off)? {
         Some(h) => Ok(h >= off + len),
         None => Ok(false),
     }
@@ -1205,46 +1201,26 @@ impl Volume {
         Ok(())
     }
 
-    /// After a change to blocks `[b0, b1)` of `ext` failed part-way: per
-    /// block, the copy matching the checksum (else the first that reads) is
-    /// written to the copies that differ, and the table takes its checksum.
-    /// Best effort; the caller holds the blocks' stripes.
+    /// After a change to blocks `[b0, b1)` of `ext` failed part-way: the
+    /// copies are made to agree ([`Volume::agree_blocks`]) and the table takes
+    /// the checksums of what they hold. Best effort; the caller holds the
+    /// blocks' stripes.
     fn heal_blocks(&self, pool: &Pool, ext: &Extent, b0: u64, b1: u64) {
         let Some(old) = self.expected(pool, ext, b0, b1) else {
             return;
         };
-        let bs = self.bs as usize;
-        for b in b0..b1 {
-            let bufs: Vec<Option<Vec<u8>>> = (0..ext.copies.len())
-                .map(|c| {
-                    let mut buf = vec![0u8; bs];
-                    self.read_copy(pool, ext, c, b, &mut buf).ok().map(|_| buf)
-                })
-                .collect();
-            let want = old[(b - b0) as usize];
-            let crcs: Vec<Option<u32>> = bufs.iter().map(|x| x.as_deref().map(block_crc)).collect();
-            let Some(chosen) = crcs
-                .iter()
-                .position(|c| *c == Some(want))
-                .or_else(|| crcs.iter().position(|c| c.is_some()))
-            else {
-                continue;
-            };
-            let (Some(good), Some(crc)) = (&bufs[chosen], crcs[chosen]) else {
-                continue;
-            };
-            for (c, have) in crcs.iter().enumerate() {
-                if c == chosen || have.is_none() || *have == Some(crc) {
-                    continue;
-                }
-                if let Ok(f) = ext.file(pool, self.ino, c)
-                    && let Err(e) = f.write_all_at(good, b * self.bs)
-                {
-                    pool.check_member(ext.copies[c].member, &e);
-                }
-            }
-            if crc != want {
-                self.set_sums(pool, ext, b, &[crc]);
+        let bufs: Vec<Option<Vec<u8>>> = (0..ext.copies.len())
+            .map(|c| {
+                let mut buf = vec![0u8; ((b1 - b0) * self.bs) as usize];
+                self.read_copy(pool, ext, c, b0, &mut buf).ok().map(|_| buf)
+            })
+            .collect();
+        let mut now = old.clone();
+        // An error leaves what was done; the blocks' checksums follow it.
+        let _ = self.agree_blocks(pool, ext, b0, &bufs, Some(&old), &mut now);
+        for (i, (was, is)) in old.iter().zip(&now).enumerate() {
+            if was != is {
+                self.set_sums(pool, ext, b0 + i as u64, &[*is]);
             }
         }
     }
@@ -1399,7 +1375,7 @@ impl Volume {
             }
             let within = off.saturating_sub(start);
             let f = ext.file(pool, self.ino, ext.first_usable(pool))?;
-            if let Some(pos) = lseek(&f, within, libc::SEEK_DATA).map_err(FsError::Io)? {
+            if let Some(pos) = f.seek_data(within).map_err(FsError::Io)? {
                 let abs = start + pos;
                 if pos < self.esize && abs < size {
                     return Ok(Some(abs.max(off)));
@@ -1422,7 +1398,7 @@ impl Volume {
                 return Ok(Some(pos));
             };
             let f = ext.file(pool, self.ino, ext.first_usable(pool))?;
-            match lseek(&f, pos - start, libc::SEEK_HOLE).map_err(FsError::Io)? {
+            match f.seek_hole(pos - start).map_err(FsError::Io)? {
                 Some(h) if h < self.esize => return Ok(Some((start + h).min(size))),
                 // Past the member file's end (ENXIO) is a hole too.
                 None => return Ok(Some(pos)),
@@ -1786,7 +1762,6 @@ impl Volume {
         old: Option<&[u32]>,
     ) -> FsResult<(Vec<u32>, u64)> {
         const CHUNK: u64 = 1 << 20;
-        let bs = self.bs as usize;
         let mut vals = vec![self.zcrc; self.blocks_per_extent() as usize];
         let mut fixed = 0;
         for (ds, de) in self.data_ranges(pool, ext) {
@@ -1800,54 +1775,79 @@ impl Volume {
                         self.read_copy(pool, ext, c, b0, &mut buf).ok().map(|_| buf)
                     })
                     .collect();
-                // Copies on a member that missed commits (failed, and back)
-                // are stale: they may even match the old checksum, of data a
-                // flush since replaced on the others. They count only when
-                // no copy on a member in step reads.
-                let in_step: Vec<bool> = (0..bufs.len())
-                    .map(|c| bufs[c].is_some() && !pool.is_behind(ext.copies[c].member))
-                    .collect();
-                let trusted: Vec<bool> = if in_step.iter().any(|t| *t) {
-                    in_step
-                } else {
-                    bufs.iter().map(|b| b.is_some()).collect()
-                };
-                let Some(first) = trusted.iter().position(|t| *t) else {
-                    return Err(eio());
-                };
-                for i in 0..(len as usize / bs) {
-                    let b = b0 + i as u64;
-                    let blk = |c: usize| bufs[c].as_ref().map(|d| &d[i * bs..(i + 1) * bs]);
-                    let crcs: Vec<Option<u32>> =
-                        (0..bufs.len()).map(|c| blk(c).map(block_crc)).collect();
-                    let want = old.map(|o| o[b as usize]);
-                    let chosen = (0..crcs.len())
-                        .find(|c| trusted[*c] && crcs[*c].is_some() && crcs[*c] == want)
-                        .unwrap_or(first);
-                    let crc = crcs[chosen].unwrap_or(self.zcrc);
-                    vals[b as usize] = crc;
-                    for (c, have) in crcs.iter().enumerate() {
-                        if c == chosen || have.is_none() || *have == Some(crc) {
-                            continue;
-                        }
-                        let good = blk(chosen).unwrap_or(&[]);
-                        let r = ext
-                            .file(pool, self.ino, c)
-                            .and_then(|f| f.write_all_at(good, b * self.bs).map_err(map_write_err));
-                        match r {
-                            Ok(()) => {
-                                ext.written();
-                                fixed += 1;
-                            }
-                            Err(FsError::Io(e)) if pool.check_member(ext.copies[c].member, &e) => {}
-                            Err(e) => return Err(e),
-                        }
-                    }
-                }
+                let n = len / self.bs;
+                let want = old.map(|o| &o[b0 as usize..(b0 + n) as usize]);
+                let out = &mut vals[b0 as usize..(b0 + n) as usize];
+                fixed += self
+                    .agree_blocks(pool, ext, b0, &bufs, want, out)?
+                    .ok_or_else(eio)?;
                 pos += len;
             }
         }
         Ok((vals, fixed))
+    }
+
+    /// Makes the copies of blocks `[b0, b0 + out.len())` of `ext` agree, given
+    /// what each copy holds there (`bufs`, `None`: unreadable): per block, a
+    /// trusted copy matching `old` (the table's checksums), else the first
+    /// trusted copy, is written to the copies that differ, and its checksum
+    /// goes to `out`. Returns the copies rewritten, or `None` when no copy
+    /// reads. The caller holds the blocks' stripes.
+    fn agree_blocks(
+        &self,
+        pool: &Pool,
+        ext: &Extent,
+        b0: u64,
+        bufs: &[Option<Vec<u8>>],
+        old: Option<&[u32]>,
+        out: &mut [u32],
+    ) -> FsResult<Option<u64>> {
+        let bs = self.bs as usize;
+        // Copies on a member that missed commits (failed, and back) are
+        // stale: they may even match the old checksum, of data a flush since
+        // replaced on the others. They count only when no copy on a member
+        // in step reads.
+        let in_step: Vec<bool> = (0..bufs.len())
+            .map(|c| bufs[c].is_some() && !pool.is_behind(ext.copies[c].member))
+            .collect();
+        let trusted: Vec<bool> = if in_step.iter().any(|t| *t) {
+            in_step
+        } else {
+            bufs.iter().map(|b| b.is_some()).collect()
+        };
+        let Some(first) = trusted.iter().position(|t| *t) else {
+            return Ok(None);
+        };
+        let mut fixed = 0;
+        for (i, slot) in out.iter_mut().enumerate() {
+            let b = b0 + i as u64;
+            let blk = |c: usize| bufs[c].as_ref().map(|d| &d[i * bs..(i + 1) * bs]);
+            let crcs: Vec<Option<u32>> = (0..bufs.len()).map(|c| blk(c).map(block_crc)).collect();
+            let want = old.map(|o| o[i]);
+            let chosen = (0..crcs.len())
+                .find(|c| trusted[*c] && crcs[*c].is_some() && crcs[*c] == want)
+                .unwrap_or(first);
+            let crc = crcs[chosen].unwrap_or(self.zcrc);
+            *slot = crc;
+            for (c, have) in crcs.iter().enumerate() {
+                if c == chosen || have.is_none() || *have == Some(crc) {
+                    continue;
+                }
+                let good = blk(chosen).unwrap_or(&[]);
+                let r = ext
+                    .file(pool, self.ino, c)
+                    .and_then(|f| f.write_all_at(good, b * self.bs).map_err(map_write_err));
+                match r {
+                    Ok(()) => {
+                        ext.written();
+                        fixed += 1;
+                    }
+                    Err(FsError::Io(e)) if pool.check_member(ext.copies[c].member, &e) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(Some(fixed))
     }
 
     /// Verifies every copy of every block of extent `index` against its
