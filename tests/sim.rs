@@ -1119,6 +1119,17 @@ fn open_replace_with_a_failing_member_leaves_the_old_member_listed() {
     run_seed_gen(15910, 2);
 }
 
+/// Open: found after intent prelogging went on to the other members when
+/// one fails (as the daemon's parallel prelog always did; the simulator's
+/// in-order prelog used to stop at the first error). ENOSPC on one member's
+/// intent sync during a rebalance, then a cut: a block of a file reads EIO
+/// after recovery (its copy and its checksum disagree). Not diagnosed yet.
+#[test]
+#[ignore = "open finding: torn block after an intent prelog failure (see its comment)"]
+fn open_block_unreadable_after_an_intent_prelog_failure() {
+    run_seed_gen(4375, 2);
+}
+
 /// `VPOOL_SIM_SEED=<seed>`: one seed, as a failure prints it.
 #[test]
 fn one_seed() {
