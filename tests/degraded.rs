@@ -11,16 +11,7 @@ use std::time::Duration;
 use common::*;
 
 fn member_health(st: &serde_json::Value, path: &Path) -> String {
-    let p = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    st["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| {
-            Path::new(m["path"].as_str().unwrap()) == p
-                || Path::new(m["path"].as_str().unwrap()) == path
-        })
-        .unwrap_or_else(|| panic!("member {path:?} not in status: {st}"))["health"]
+    member_status(st, path)["health"]
         .as_str()
         .unwrap()
         .to_string()

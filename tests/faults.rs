@@ -393,12 +393,7 @@ fn io_error_in_a_running_daemon_fails_the_member_not_the_pool() {
     drop(f);
     let st = m.status();
     assert_eq!(st["state"], "DEGRADED", "{st}");
-    let bad = st["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| Path::new(x["path"].as_str().unwrap()) == d2)
-        .unwrap_or_else(|| panic!("d2 not in status: {st}"));
+    let bad = member_status(&st, &d2);
     assert_eq!(bad["health"], "FAULTED", "{st}");
     assert!(
         bad["reason"].as_str().unwrap_or("").contains("I/O error"),
@@ -443,13 +438,7 @@ fn a_member_directory_swapped_while_mounted_fails_that_member() {
         m.status()
     );
     let st = m.status();
-    let member = st["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| Path::new(x["path"].as_str().unwrap()) == d2.canonicalize().unwrap())
-        .unwrap_or_else(|| panic!("d2 not in status: {st}"))
-        .clone();
+    let member = member_status(&st, &d2);
     assert_eq!(member["health"], "FAULTED", "{st}");
     assert_same(&read_all(&m.join("a")), &a, "a with d2 swapped");
     assert_same(&read_all(&m.join("b")), &b, "b with d2 swapped");

@@ -416,6 +416,21 @@ fn find_daemon_pid(mnt: &Path) -> Option<i32> {
 }
 
 /// Parse `vpool status --json TARGET`.
+/// The entry of member `path` in a status JSON (by its path as given or
+/// canonical).
+pub fn member_status<'a>(st: &'a serde_json::Value, path: &Path) -> &'a serde_json::Value {
+    let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| {
+            let p = Path::new(m["path"].as_str().unwrap());
+            p == canon || p == path
+        })
+        .unwrap_or_else(|| panic!("member {path:?} not in status: {st}"))
+}
+
 pub fn status_json(target: &Path) -> serde_json::Value {
     let o = run_t(60, VPOOL, &args!["status", "--json", target]);
     assert!(
