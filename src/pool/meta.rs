@@ -12,6 +12,9 @@
 //!   (defined and decoded by the snapshot module)
 //! - `cbt`: `(u64 ino, u64 extent index)` -> [`encode_blob`] of the changed-block
 //!   bitmap of that extent since the last snapshot
+//! - `info`: `&str` key -> [`encode_blob`] of a JSON document: the pool's
+//!   operational record (integrity counters, the last scrub, snapshot holds,
+//!   the event history; see `pool/info.rs`)
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +37,7 @@ const DIRENTS: TableDefinition<(u64, &[u8]), u64> = TableDefinition::new("dirent
 const SUPER: TableDefinition<&str, u64> = TableDefinition::new("super");
 const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
 const CBT: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("cbt");
+const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
 /// Key prefix in `super` of a member that fell behind: `behind:<member uuid>`
 /// -> the first commit generation it missed (see `Pool::commit`).
 const BEHIND_PREFIX: &str = "behind:";
@@ -164,6 +168,8 @@ pub struct MetaImage {
     pub corrupt: Vec<(u64, String)>,
     /// Members that missed commits of this copy's history, and since when.
     pub behind: Behind,
+    /// The operational record, enveloped ([`encode_blob`]), by key.
+    pub info: BTreeMap<String, Vec<u8>>,
 }
 
 /// Key of a directory entry: parent inode and name.
@@ -187,6 +193,8 @@ pub struct Batch {
     pub snapshots: Vec<BlobChange<u64>>,
     /// `None` deletes the bitmap.
     pub cbt: Vec<BlobChange<(u64, u64)>>,
+    /// `None` deletes the key.
+    pub info: Vec<BlobChange<String>>,
 }
 
 pub struct MemberStore {
@@ -293,6 +301,14 @@ impl MemberStore {
                 }
                 .map_err(|e| Error::store(p, e))?;
             }
+            let mut info = wt.open_table(INFO).map_err(|e| Error::store(p, e))?;
+            for (key, blob) in &batch.info {
+                match blob {
+                    Some(b) => info.insert(key.as_str(), b.as_slice()),
+                    None => info.remove(key.as_str()),
+                }
+                .map_err(|e| Error::store(p, e))?;
+            }
             let mut sup = wt.open_table(SUPER).map_err(|e| Error::store(p, e))?;
             write_behind(&mut sup, behind, p)?;
             sup.insert("next_snap_id", batch.next_snap_id)
@@ -322,6 +338,12 @@ impl MemberStore {
             let _ = wt.delete_table(DIRENTS).map_err(|e| Error::store(p, e))?;
             let _ = wt.delete_table(SNAPSHOTS).map_err(|e| Error::store(p, e))?;
             let _ = wt.delete_table(CBT).map_err(|e| Error::store(p, e))?;
+            let _ = wt.delete_table(INFO).map_err(|e| Error::store(p, e))?;
+            let mut info = wt.open_table(INFO).map_err(|e| Error::store(p, e))?;
+            for (key, blob) in &image.info {
+                info.insert(key.as_str(), blob.as_slice())
+                    .map_err(|e| Error::store(p, e))?;
+            }
             let mut snaps = wt.open_table(SNAPSHOTS).map_err(|e| Error::store(p, e))?;
             for (id, rec) in &image.snapshots {
                 snaps
@@ -450,6 +472,16 @@ fn load_from(db: &impl ReadableDatabase, p: &Path) -> Result<MetaImage> {
             for row in t.iter().map_err(|e| Error::store(p, e))? {
                 let (k, v) = row.map_err(|e| Error::store(p, e))?;
                 img.cbt.insert(k.value(), v.value().to_vec());
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(Error::store(p, e)),
+    }
+    match rt.open_table(INFO) {
+        Ok(t) => {
+            for row in t.iter().map_err(|e| Error::store(p, e))? {
+                let (k, v) = row.map_err(|e| Error::store(p, e))?;
+                img.info.insert(k.value().to_string(), v.value().to_vec());
             }
         }
         Err(redb::TableError::TableDoesNotExist(_)) => {}

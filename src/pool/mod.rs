@@ -14,6 +14,7 @@
 //! ```
 
 pub mod fds;
+pub mod info;
 pub mod inspect;
 pub mod intent;
 pub mod label;
@@ -225,7 +226,8 @@ pub fn is_device_error(e: &io::Error) -> bool {
     )
 }
 
-/// Integrity events since the daemon started (shown by `vpool status`).
+/// Integrity events over the pool's life (shown by `vpool status`; loaded
+/// from and saved to the pool's operational record, see info.rs).
 #[derive(Default)]
 pub struct Integrity {
     /// Blocks (or sum files) found not matching their checksum.
@@ -260,6 +262,8 @@ impl Integrity {
 
 pub struct Pool {
     pub integrity: Integrity,
+    /// The operational record: counters, last scrub, holds, events.
+    pub info: info::PoolInfo,
     /// The newest label (members, config); rewritten by member changes and
     /// `set copies`.
     label: RwLock<Label>,
@@ -349,6 +353,81 @@ pub struct PoolStatus {
     pub degraded_bytes: u64,
     #[serde(default)]
     pub unavailable_bytes: u64,
+    /// The last scrub, as recorded in the pool.
+    #[serde(default)]
+    pub last_scrub: Option<info::ScrubRecord>,
+    /// The newest complete snapshot.
+    #[serde(default)]
+    pub newest_snapshot: Option<NewestSnapshot>,
+    #[serde(default)]
+    pub snapshots: u64,
+    /// The last snapshot capture's speed.
+    #[serde(default)]
+    pub last_capture: Option<info::CaptureRecord>,
+    /// Where the daemon logs (a file, or `journal`).
+    #[serde(default)]
+    pub log: Option<String>,
+    /// [`PoolStatus::problems`] as of this status (filled by
+    /// [`PoolStatus::finish`]).
+    #[serde(default)]
+    pub healthy: bool,
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct NewestSnapshot {
+    pub name: String,
+    /// Seconds since the epoch.
+    pub created: i64,
+}
+
+impl PoolStatus {
+    /// What makes the pool unhealthy (empty: healthy): members not ONLINE,
+    /// data with fewer copies than asked, a last scrub that left problems.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for m in self.members.iter().filter(|m| m.health != "ONLINE") {
+            out.push(format!(
+                "member {} is {}: {}",
+                m.path.display(),
+                m.health,
+                m.reason.as_deref().unwrap_or("unknown reason")
+            ));
+        }
+        if self.degraded_bytes > 0 {
+            out.push(format!(
+                "{} of data with fewer copies than asked",
+                crate::util::human(self.degraded_bytes)
+            ));
+        }
+        if self.unavailable_bytes > 0 {
+            out.push(format!(
+                "{} of data with no copy left (reads there fail)",
+                crate::util::human(self.unavailable_bytes)
+            ));
+        }
+        if let Some(s) = &self.last_scrub
+            && s.result == "problems"
+        {
+            out.push(format!(
+                "the last scrub left problems ({} unrecoverable block(s), {} read error(s)); see `vpool scrub`",
+                s.unrecoverable, s.io_errors
+            ));
+        }
+        out
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.problems().is_empty()
+    }
+
+    /// Fills `healthy` and `problems` from the rest.
+    pub fn finish(mut self) -> Self {
+        self.problems = self.problems();
+        self.healthy = self.problems.is_empty();
+        self
+    }
 }
 
 pub(crate) fn canonical_dir(s: &dyn Storage, dir: &Path) -> Result<PathBuf> {
@@ -749,6 +828,7 @@ impl Pool {
             next_file_id: AtomicU64::new(1),
             intent_tag: AtomicU64::new(1),
             integrity: Integrity::default(),
+            info: info::PoolInfo::default(),
             fds: fds::FdCache::for_limit(fds::raise_fd_limit()),
             behind: Mutex::new(meta::Behind::new()),
             force: std::sync::atomic::AtomicBool::new(false),
@@ -763,6 +843,44 @@ impl Pool {
     /// The storage every member file goes through.
     pub fn storage(&self) -> &dyn Storage {
         &*self.storage
+    }
+
+    /// Records an event in the pool's history (and tells its listeners).
+    pub fn emit(
+        &self,
+        kind: &str,
+        severity: info::Severity,
+        member: Option<&Path>,
+        message: impl Into<String>,
+    ) {
+        let time = self.storage.now().0;
+        let member = member.map(|m| m.display().to_string());
+        self.info.emit(time, kind, severity, member, message.into());
+    }
+
+    /// Whether the operational record has changes the next commit must
+    /// write (counters moved, or values set).
+    pub fn info_pending(&self) -> bool {
+        let now = self.integrity.counts();
+        let was = self.info.integrity();
+        self.info.has_changes()
+            || (
+                now.checksum_errors,
+                now.repaired,
+                now.unrecoverable,
+                now.io_errors,
+            ) != (
+                was.checksum_errors,
+                was.repaired,
+                was.unrecoverable,
+                was.io_errors,
+            )
+    }
+
+    /// The operational record's changes for the next commit.
+    pub fn take_info_changes(&self) -> Vec<meta::BlobChange<String>> {
+        self.info.note_integrity(self.integrity.counts());
+        self.info.take_changes()
     }
 
     /// A shared reference to [`Pool::storage`].
@@ -914,6 +1032,20 @@ impl Pool {
 
     fn after_load(&self, img: &MetaImage) {
         *self.behind.lock() = img.behind.clone();
+        self.info.load(&img.info);
+        let base = self.info.integrity();
+        self.integrity
+            .checksum_errors
+            .store(base.checksum_errors, Ordering::Relaxed);
+        self.integrity
+            .repaired
+            .store(base.repaired, Ordering::Relaxed);
+        self.integrity
+            .unrecoverable
+            .store(base.unrecoverable, Ordering::Relaxed);
+        self.integrity
+            .io_errors
+            .store(base.io_errors, Ordering::Relaxed);
         let mut max_fid = img.next_file_id;
         for rec in img.inodes.values() {
             for e in &rec.extents {
@@ -1134,6 +1266,12 @@ impl Pool {
             self.failures.fetch_add(1, Ordering::AcqRel);
             *m.fail_reason.lock() = Some(why.to_string());
             tracing::error!(member = %m.dir.display(), reason = why, "member FAILED: the pool is DEGRADED; I/O goes to the other copies");
+            self.emit(
+                "member_failed",
+                info::Severity::Error,
+                Some(&m.dir),
+                format!("member failed ({why}): the pool is DEGRADED; replace it with `vpool device replace`"),
+            );
         }
     }
 
@@ -1793,6 +1931,14 @@ impl Pool {
             integrity: self.integrity.counts(),
             degraded_bytes: 0,
             unavailable_bytes: 0,
+            last_scrub: self.info.get(info::KEY_SCRUB),
+            newest_snapshot: None,
+            snapshots: 0,
+            last_capture: self.info.get(info::KEY_CAPTURE),
+            log: None,
+            healthy: false,
+            problems: Vec::new(),
         }
+        .finish()
     }
 }

@@ -675,6 +675,15 @@ impl Volume {
                     block = b,
                     "no copy of the block matches its checksum: the read fails with EIO"
                 );
+                pool.emit(
+                    "unrecoverable",
+                    crate::pool::info::Severity::Error,
+                    None,
+                    format!(
+                        "inode {} block {b}: no copy matches its checksum; reads there fail with EIO",
+                        self.ino
+                    ),
+                );
                 return Err(eio());
             }
             repair.push(b);
@@ -719,6 +728,16 @@ impl Volume {
                         fixed += 1;
                         pool.integrity.repaired.fetch_add(1, Ordering::Relaxed);
                         ext.written();
+                        let dir = pool.member(ext.copies[c].member).map(|m| m.dir.clone());
+                        pool.emit(
+                            "checksum_repaired",
+                            crate::pool::info::Severity::Warning,
+                            dir.as_deref(),
+                            format!(
+                                "inode {} block {b}: a bad copy was rewritten from a good one",
+                                self.ino
+                            ),
+                        );
                         tracing::warn!(
                             ino = self.ino,
                             extent = ext.index,
@@ -1945,6 +1964,15 @@ impl Volume {
                     pool.integrity
                         .unrecoverable
                         .fetch_add(lost, Ordering::Relaxed);
+                    pool.emit(
+                        "unrecoverable",
+                        crate::pool::info::Severity::Error,
+                        None,
+                        format!(
+                            "inode {} extent {index}: {lost} block(s) with no good copy; reads there fail with EIO",
+                            self.ino
+                        ),
+                    );
                 }
             }
             b0 = b1;
