@@ -118,6 +118,9 @@ pub enum FsError {
     Corrupt(String),
     #[error("busy")]
     Busy,
+    /// A long operation stopped on request (`vpool jobs cancel`).
+    #[error("cancelled")]
+    Cancelled,
     /// A refusal explained in words (EINVAL to the kernel; the message to the CLI).
     #[error("{0}")]
     Message(String),
@@ -148,6 +151,7 @@ impl FsError {
             FsError::BadHandle => libc::EBADF,
             FsError::Corrupt(_) => libc::EIO,
             FsError::Busy => libc::EBUSY,
+            FsError::Cancelled => libc::ECANCELED,
             FsError::Message(_) => libc::EINVAL,
             FsError::Io(e) => match e.raw_os_error() {
                 Some(code) => code,

@@ -534,12 +534,12 @@ impl Sim {
                 let n = 1 + self.rng.below(2) as u32;
                 self.trace.push(format!("set copies {n}"));
                 if n as usize <= self.members.len() {
-                    let _ = self.vfs().set_copies(n, &mut |_, _| {});
+                    let _ = self.vfs().set_copies(n, &mut |_, _| true);
                 }
             }
             88..=89 => {
                 self.trace.push("scrub".into());
-                let r = self.vfs().scrub(&mut |_, _| {});
+                let r = self.vfs().scrub(&mut |_, _| true);
                 if !self.faulted && !self.disk.is_dead() && r.data.unrecoverable > 0 {
                     self.fail(format!("scrub found unrecoverable blocks: {r:?}"));
                 }
@@ -696,7 +696,7 @@ impl Sim {
                         .push(format!("device replace {} by the spare", old.display()));
                     if self
                         .vfs()
-                        .device_replace(&old, &new, &mut |_, _| {})
+                        .device_replace(&old, &new, &mut |_, _| true)
                         .is_ok()
                     {
                         self.members[i] = new;
@@ -706,7 +706,7 @@ impl Sim {
                 }
                 1 => {
                     self.trace.push("rebalance".into());
-                    let _ = self.vfs().rebalance(&mut |_, _| {});
+                    let _ = self.vfs().rebalance(&mut |_, _| true);
                     return;
                 }
                 _ => {}
@@ -715,14 +715,14 @@ impl Sim {
         if !in_pool {
             self.trace.push("device add spare".into());
             let spare = self.spare.clone();
-            if self.vfs().device_add(&spare, &mut |_, _| {}).is_ok() {
+            if self.vfs().device_add(&spare, &mut |_, _| true).is_ok() {
                 self.members.push(spare);
             }
         } else {
             let i = self.rng.below(self.members.len() as u64) as usize;
             let m = self.members[i].clone();
             self.trace.push(format!("device remove {}", m.display()));
-            if self.vfs().device_remove(&m, &mut |_, _| {}).is_ok() {
+            if self.vfs().device_remove(&m, &mut |_, _| true).is_ok() {
                 self.members.retain(|x| *x != m);
                 // The removed directory becomes the spare.
                 self.spare = m;
@@ -750,7 +750,7 @@ impl Sim {
         if faulted {
             // A member may have failed before the cut and returned now with
             // stale copies: as the design says, scrub after a member returns.
-            let r = self.vfs().scrub(&mut |_, _| {});
+            let r = self.vfs().scrub(&mut |_, _| true);
             self.trace.push(format!("scrub after return: {:?}", r.data));
             if r.data.unrecoverable > 0 {
                 self.fail(format!("scrub after the return: {r:?}"));

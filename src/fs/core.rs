@@ -294,6 +294,8 @@ pub struct Vfs {
     /// Commits that removed extent files (space freed): a writer that met
     /// ENOSPC retries once another writer's commit freed space meanwhile.
     freed: AtomicU64,
+    /// Long jobs running (see jobs.rs).
+    pub jobs: super::jobs::Jobs,
 }
 
 /// A changed-block bitmap as the metadata store keeps it.
@@ -446,6 +448,7 @@ impl Vfs {
             commit_lock: Mutex::new(()),
             generation: AtomicU64::new(img.generation),
             freed: AtomicU64::new(0),
+            jobs: Default::default(),
         };
         if !opts.read_only {
             vfs.recover(&suspects)?;
@@ -570,7 +573,7 @@ impl Vfs {
         // After the orphans are gone: a rebuilt copy takes the name of its
         // extent on its new member, which an orphan there may have had.
         if !refill.is_empty() {
-            match self.fill_copies_of(refill, &mut |_, _| {}) {
+            match self.fill_copies_of(refill, &mut |_, _| true) {
                 Ok((n, bytes)) => {
                     tracing::warn!(
                         copies = n,
@@ -1746,7 +1749,7 @@ impl Vfs {
     }
 
     pub fn has_pending(&self) -> bool {
-        if self.snaps.has_changes() {
+        if self.snaps.has_changes() || self.pool.info_pending() {
             return true;
         }
         let ns = self.ns.read();
@@ -1884,6 +1887,7 @@ impl Vfs {
             let (snaps, next_snap) = self.snaps.take_changes();
             batch.snapshots = snaps;
             batch.next_snap_id = next_snap;
+            batch.info = self.pool.take_info_changes();
             self.pool
                 .intent_tag
                 .store(batch.generation + 1, Ordering::SeqCst);
@@ -1969,6 +1973,7 @@ impl Vfs {
                 }
                 self.snaps
                     .restore_changes(batch.snapshots.iter().map(|(id, _)| *id));
+                self.pool.info.restore_changes(batch.info.clone());
                 Err(e)
             }
         }
@@ -2043,7 +2048,17 @@ impl Vfs {
             st.degraded_bytes += d;
             st.unavailable_bytes += l;
         }
-        st
+        let infos = self.snaps.infos();
+        st.snapshots = infos.len() as u64;
+        st.newest_snapshot = infos
+            .iter()
+            .filter(|i| i.state == "complete")
+            .max_by_key(|i| (i.created, i.id))
+            .map(|i| crate::pool::NewestSnapshot {
+                name: i.name.clone(),
+                created: i.created,
+            });
+        st.finish()
     }
 }
 

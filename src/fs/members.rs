@@ -37,7 +37,7 @@ fn refuse(msg: impl Into<String>) -> FsError {
     FsError::Message(msg.into())
 }
 
-type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+use super::Progress;
 
 /// One extent of one file.
 pub(crate) struct Item {
@@ -137,7 +137,10 @@ impl Vfs {
             if i % 32 == 31 {
                 self.commit()?;
             }
-            progress(i as u64 + 1, total);
+            if !progress(i as u64 + 1, total) {
+                self.commit()?;
+                return Err(FsError::Cancelled);
+            }
         }
         self.commit()?;
         Ok((moved, bytes))
@@ -418,7 +421,7 @@ impl Vfs {
                 )));
             }
         }
-        let mut report = self.device_add(new, &mut |_, _| {})?;
+        let mut report = self.device_add(new, &mut |_, _| true)?;
         let _a = self.snaps.admin.lock();
         let new_id = self
             .pool
@@ -521,7 +524,10 @@ impl Vfs {
             if step % 32 == 31 {
                 self.commit()?;
             }
-            progress(step as u64 + 1, total);
+            if !progress(step as u64 + 1, total) {
+                self.commit()?;
+                return Err(FsError::Cancelled);
+            }
         }
         self.commit()?;
         progress(total, total);

@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::Progress;
 use super::core::Vfs;
+use crate::pool::info::{KEY_SCRUB, ScrubRecord, Severity};
 use crate::volume::ScrubCounts;
 
 /// What `vpool scrub` found and fixed.
@@ -28,6 +30,9 @@ pub struct ScrubReport {
     /// Files whose extents could not be scrubbed (e.g. a copy that cannot be opened).
     pub errors: Vec<String>,
     pub seconds: f64,
+    /// Stopped before the end (`vpool scrub --stop`, `vpool jobs cancel`).
+    #[serde(default)]
+    pub cancelled: bool,
 }
 
 impl ScrubReport {
@@ -39,11 +44,73 @@ impl ScrubReport {
             && self.delta_problems.is_empty()
             && self.metadata_problems.len() as u64 <= self.metadata_rewritten
     }
+
+    /// One word for the outcome: `clean`, `repaired` (everything found was
+    /// repaired), `problems` (some remain) or `cancelled`.
+    pub fn result(&self) -> &'static str {
+        let found = self.data.checksum_errors
+            + self.data.tables_rebuilt
+            + self.metadata_problems.len() as u64
+            + self.deltas_bad;
+        if !self.clean() {
+            "problems"
+        } else if self.cancelled {
+            "cancelled"
+        } else if found > 0 {
+            "repaired"
+        } else {
+            "clean"
+        }
+    }
 }
 
 impl Vfs {
-    /// Scrubs the pool; `progress(done, total)` counts extents.
-    pub fn scrub(&self, progress: &mut dyn FnMut(u64, u64)) -> ScrubReport {
+    /// Scrubs the pool; `progress(done, total)` counts extents (returning
+    /// `false` stops the data pass; what was checked is reported). The
+    /// outcome is recorded in the pool (`vpool status` shows it) and as a
+    /// `scrub_finished` event.
+    pub fn scrub(&self, progress: Progress) -> ScrubReport {
+        let started = self.pool.storage().now().0;
+        let r = self.scrub_inner(progress);
+        let rec = ScrubRecord {
+            started,
+            seconds: r.seconds,
+            result: r.result().into(),
+            checksum_errors: r.data.checksum_errors,
+            repaired: r.data.repaired,
+            unrecoverable: r.data.unrecoverable,
+            io_errors: r.data.io_errors,
+        };
+        self.pool.info.put(KEY_SCRUB, &rec);
+        let severity = match rec.result.as_str() {
+            "problems" => Severity::Error,
+            "repaired" | "cancelled" => Severity::Warning,
+            _ => Severity::Info,
+        };
+        self.pool.emit(
+            "scrub_finished",
+            severity,
+            None,
+            format!(
+                "scrub {}: {} extent(s) in {:.1}s, {} checksum error(s), {} repaired, {} unrecoverable, {} read error(s)",
+                rec.result,
+                r.data.extents,
+                r.seconds,
+                rec.checksum_errors,
+                rec.repaired,
+                rec.unrecoverable,
+                rec.io_errors
+            ),
+        );
+        if !self.opts.read_only
+            && let Err(e) = self.commit()
+        {
+            tracing::warn!(error = %e, "cannot record the scrub's outcome");
+        }
+        r
+    }
+
+    fn scrub_inner(&self, progress: Progress) -> ScrubReport {
         let t0 = Instant::now();
         let mut r = ScrubReport::default();
         // Every extent of every file as of now; files removed meanwhile are skipped.
@@ -57,11 +124,18 @@ impl Vfs {
             if let Err(e) = it.vol.scrub_extent(&self.pool, index, &mut r.data) {
                 r.errors.push(format!("inode {ino} extent {index}: {e}"));
             }
-            progress(done as u64 + 1, total);
+            if !progress(done as u64 + 1, total) {
+                r.cancelled = true;
+                break;
+            }
         }
         // Rebuilt tables and repairs reach the disk now.
         if let Err(e) = self.commit() {
             r.errors.push(format!("commit after scrub failed: {e}"));
+        }
+        if r.cancelled {
+            r.seconds = t0.elapsed().as_secs_f64();
+            return r;
         }
         {
             let _c = self.commit_guard();

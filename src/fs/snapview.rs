@@ -14,9 +14,11 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+use super::Progress;
 use super::core::{Attr, Caller, DirEntry, Handle, NewNode, Vfs};
 use crate::error::{FsError, FsResult};
 use crate::pool::meta::{InodeRecord, NodeKind, ROOT_INO};
+use crate::snapshot::prune::Decision;
 use crate::snapshot::ranges::RangeSet;
 use crate::snapshot::{Freeze, Kind, PrunePolicy, SnapshotInfo, SnapshotRecord, State, check_name};
 
@@ -317,7 +319,12 @@ impl Vfs {
     // ----- commands -----
 
     pub fn snapshot_list(&self) -> Vec<SnapshotInfo> {
-        self.snaps.infos()
+        let held = self.pool.info.holds();
+        let mut list = self.snaps.infos();
+        for i in &mut list {
+            i.held = held.contains(&i.id);
+        }
+        list
     }
 
     /// Creates snapshot `name`: freezes writers for as long as it takes to copy
@@ -427,21 +434,69 @@ impl Vfs {
 
     /// Waits for a running capture to end, then commits its record.
     pub fn snapshot_wait(&self) -> FsResult<()> {
+        self.snapshot_wait_with(&mut |_, _| true)
+    }
+
+    /// [`Vfs::snapshot_wait`] with progress: `progress` counts blocks saved; when it returns `false` the wait
+    /// ends (the capture goes on: [`Vfs::job_cancel`] stops it).
+    pub fn snapshot_wait_with(&self, progress: Progress) -> FsResult<()> {
+        while let Some(job) = self.snaps.active_job() {
+            let (done, total) = job.progress();
+            if !progress(done, total) {
+                return Err(FsError::Cancelled);
+            }
+            if !self.pool.storage().concurrent() {
+                break;
+            }
+            self.snaps
+                .wait_idle_for(std::time::Duration::from_millis(200));
+        }
         self.snaps.wait_idle();
         self.commit()
     }
 
-    /// Deletes a snapshot (see [`crate::snapshot::SnapshotStore::delete`]).
+    /// Deletes a snapshot (see [`crate::snapshot::SnapshotStore::delete`]);
+    /// a held one is refused. `progress` counts the files merged.
     pub fn snapshot_delete(&self, name: &str) -> FsResult<()> {
+        self.snapshot_delete_with(name, &mut |_, _| true)
+    }
+
+    /// [`Vfs::snapshot_delete`] with progress.
+    pub fn snapshot_delete_with(&self, name: &str, progress: Progress) -> FsResult<()> {
         self.writable()?;
         let _admin = self.snaps.admin.lock();
         self.snaps.wait_idle();
-        self.delete_locked(name)
+        self.delete_locked(name, progress)
     }
 
-    fn delete_locked(&self, name: &str) -> FsResult<()> {
+    /// Holds a snapshot (prune and delete leave it) or releases it.
+    pub fn snapshot_hold(&self, name: &str, held: bool) -> FsResult<()> {
+        self.writable()?;
+        let _admin = self.snaps.admin.lock();
         let rec = self.snaps.by_name(name).ok_or(FsError::NotFound)?;
-        let (old, to_live) = self.snaps.delete(rec.id)?;
+        self.pool.info.set_hold(rec.id, held);
+        self.commit()
+    }
+
+    /// Names of the held snapshots.
+    pub fn snapshot_holds(&self) -> BTreeSet<String> {
+        let held = self.pool.info.holds();
+        self.snaps
+            .records()
+            .iter()
+            .filter(|r| held.contains(&r.id))
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    fn delete_locked(&self, name: &str, progress: Progress) -> FsResult<()> {
+        let rec = self.snaps.by_name(name).ok_or(FsError::NotFound)?;
+        if self.pool.info.holds().contains(&rec.id) {
+            return Err(FsError::Message(format!(
+                "snapshot {name} is held: `vpool snapshot release` it first"
+            )));
+        }
+        let (old, to_live) = self.snaps.delete(rec.id, progress)?;
         {
             let ns = self.ns.read();
             for (ino, set) in to_live {
@@ -453,6 +508,12 @@ impl Vfs {
             }
         }
         self.commit()?;
+        self.pool.emit(
+            "snapshot_deleted",
+            crate::pool::info::Severity::Info,
+            None,
+            format!("snapshot {name} deleted"),
+        );
         for p in old {
             let st = self.pool.storage();
             let r = if st.is_dir(&p) {
@@ -469,28 +530,40 @@ impl Vfs {
         Ok(())
     }
 
-    /// Deletes what `policy` does not keep; returns the names (only listed with
-    /// `dry_run`).
-    pub fn snapshot_prune(&self, policy: &PrunePolicy, dry_run: bool) -> FsResult<Vec<String>> {
-        if *policy == PrunePolicy::default() {
+    /// Deletes what `policy` does not keep (of the snapshots with its
+    /// prefix; held ones stay). Returns the plan, every considered
+    /// snapshot with its verdict; with `dry_run` nothing is deleted.
+    /// `progress` counts the snapshots deleted.
+    pub fn snapshot_prune(
+        &self,
+        policy: &PrunePolicy,
+        dry_run: bool,
+        progress: Progress,
+    ) -> FsResult<Vec<Decision>> {
+        if !policy.has_rule() {
             return Err(FsError::Message(
                 "no keep rule given: refusing to delete every snapshot".into(),
             ));
         }
         let _admin = self.snaps.admin.lock();
         self.snaps.wait_idle();
-        let ids = self.snaps.prune_plan(policy);
-        let names: Vec<String> = ids
-            .iter()
-            .filter_map(|id| self.snaps.get(*id).map(|r| r.name.clone()))
-            .collect();
+        let plan = crate::snapshot::prune::plan(
+            &self.snaps.prune_candidates(&self.pool.info.holds()),
+            policy,
+        );
         if !dry_run {
             self.writable()?;
-            for n in &names {
-                self.delete_locked(n)?;
+            let gone: Vec<&Decision> = plan.iter().filter(|d| !d.keep).collect();
+            let total = gone.len() as u64;
+            for (i, d) in gone.iter().enumerate() {
+                if !progress(i as u64, total) {
+                    return Err(FsError::Cancelled);
+                }
+                self.delete_locked(&d.name, &mut |_, _| true)?;
             }
+            progress(total, total);
         }
-        Ok(names)
+        Ok(plan)
     }
 
     /// Every file of a snapshot with its pool-relative path.
@@ -603,7 +676,20 @@ impl Vfs {
     /// Rolls files back to their content in snapshot `name` (every file of the
     /// snapshot when `paths` is empty), writing only blocks that differ. Paths
     /// are pool-relative. A file deleted since is re-created.
+    /// `progress` counts blocks of the files examined; when it returns
+    /// `false` the restore stops after the file it is in (files are
+    /// restored whole or not touched).
     pub fn snapshot_restore(&self, name: &str, paths: &[Vec<u8>]) -> FsResult<RestoreReport> {
+        self.snapshot_restore_with(name, paths, &mut |_, _| true)
+    }
+
+    /// [`Vfs::snapshot_restore`] with progress.
+    pub fn snapshot_restore_with(
+        &self,
+        name: &str,
+        paths: &[Vec<u8>],
+        progress: Progress,
+    ) -> FsResult<RestoreReport> {
         self.writable()?;
         let _admin = self.snaps.admin.lock();
         self.snaps.wait_idle();
@@ -637,7 +723,17 @@ impl Vfs {
             v
         };
         let mut report = RestoreReport::default();
+        let bs = self.pool.config().block_size as u64;
+        let blocks = |ino: &u64| rec.inodes.get(ino).map_or(0, |r| r.size.div_ceil(bs));
+        let total: u64 = targets.iter().map(|(_, i)| blocks(i)).sum();
+        let mut done = 0;
+        progress(0, total);
         for (path, sino) in targets {
+            if !progress(done, total) {
+                self.commit()?;
+                return Err(FsError::Cancelled);
+            }
+            done += blocks(&sino);
             let live = self.live_resolve(&path, Some((&rec, true)))?;
             self.restore_file(&rec, sino, live, &mut report)?;
             report.files += 1;
@@ -650,6 +746,7 @@ impl Vfs {
                 });
             }
         }
+        progress(total, total);
         self.commit()?;
         Ok(report)
     }

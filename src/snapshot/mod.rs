@@ -6,10 +6,13 @@
 //! - [`ranges`]: sets of block ranges (pending blocks, changed intervals).
 //! - [`store`]: snapshot records, creation with copy-before-write, the
 //!   background capture, reading through a cached chain index, deletion with
-//!   merge or fold, prune rules.
+//!   merge or fold.
+//! - [`prune`]: which snapshots the keep rules delete.
 pub mod delta;
 pub mod flatten;
+pub mod prune;
 pub mod ranges;
 pub mod store;
 
+pub use prune::PrunePolicy;
 pub use store::*;

@@ -209,16 +209,9 @@ pub struct SnapshotInfo {
     pub stored_bytes: u64,
     pub changed_blocks: u64,
     pub state: String,
-}
-
-/// restic's `forget` rules.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PrunePolicy {
-    pub keep_last: u32,
-    pub keep_hourly: u32,
-    pub keep_daily: u32,
-    pub keep_weekly: u32,
-    pub keep_monthly: u32,
+    /// Held against prune and delete (`vpool snapshot hold`).
+    #[serde(default)]
+    pub held: bool,
 }
 
 /// What a snapshot name may be: a plain, visible directory name.
@@ -322,6 +315,25 @@ pub struct Job {
     /// Extent files dropped while the job needs their data; removed at its end.
     deferred: Mutex<Vec<DeadExtent>>,
     error: Mutex<Option<String>>,
+    /// Blocks to save when the job started (its progress is measured
+    /// against this).
+    total_blocks: u64,
+    started: std::time::Instant,
+}
+
+impl Job {
+    /// (blocks saved or being saved, blocks to save in all).
+    pub fn progress(&self) -> (u64, u64) {
+        let left: u64 = self
+            .files
+            .values()
+            .map(|f| {
+                let g = f.state.lock();
+                g.pending.len() + g.reading.len()
+            })
+            .sum();
+        (self.total_blocks.saturating_sub(left), self.total_blocks)
+    }
 }
 
 /// What the caller captured while writers were frozen.
@@ -386,8 +398,6 @@ pub struct SnapshotStore {
 
 /// Decompressed frames by (view epoch, snapshot, inode, frame offset).
 type FrameCache = LruCache<(u64, u64, u64, u64), Arc<Vec<u8>>>;
-/// A calendar bucket of a timestamp (prune rules).
-type BucketKey = fn(i64) -> i64;
 
 fn lru<K: std::hash::Hash + Eq, V>(n: usize) -> Mutex<LruCache<K, V>> {
     Mutex::new(LruCache::new(
@@ -476,6 +486,7 @@ impl SnapshotStore {
                     State::Complete => "complete".into(),
                     State::Failed(why) => format!("failed: {why}"),
                 },
+                held: false,
             })
             .collect()
     }
@@ -519,6 +530,14 @@ impl SnapshotStore {
 
     /// Waits until no snapshot is being captured and the capture thread has
     /// ended (released the store and the pool).
+    /// Waits up to `t` for the running capture (if any) to end.
+    pub fn wait_idle_for(&self, t: std::time::Duration) {
+        let mut g = self.job.lock();
+        if g.is_some() {
+            self.job_cv.wait_for(&mut g, t);
+        }
+    }
+
     pub fn wait_idle(&self) {
         let mut g = self.job.lock();
         while g.is_some() {
@@ -706,6 +725,8 @@ impl SnapshotStore {
             changed_vols,
             deferred: Mutex::new(Vec::new()),
             error: Mutex::new(None),
+            total_blocks: files.values().map(|f| f.state.lock().pending.len()).sum(),
+            started: std::time::Instant::now(),
             files,
         });
         self.publish(rec);
@@ -778,6 +799,12 @@ impl SnapshotStore {
     /// Like [`SnapshotStore::preserve`] for a whole file from `off` on (truncate).
     pub fn preserve_from(&self, ino: u64, off: u64) {
         self.preserve(ino, off, (1u64 << 62) - off.min(1 << 61));
+    }
+
+    /// Stops a running capture: it fails (its changes go back to the live
+    /// bitmaps, as for any failed capture).
+    pub fn cancel_capture(&self, job: &Job) {
+        self.fail_job(job, "cancelled".into());
     }
 
     fn fail_job(&self, job: &Job, why: String) {
@@ -1031,6 +1058,28 @@ impl SnapshotStore {
                     }
                     rec.state = State::Complete;
                     tracing::info!(snapshot = %rec.name, stored = rec.stored_bytes, "snapshot complete");
+                    let seconds = job.started.elapsed().as_secs_f64();
+                    let bytes = job.total_blocks * job.bs;
+                    self.pool.info.put(
+                        crate::pool::info::KEY_CAPTURE,
+                        &crate::pool::info::CaptureRecord {
+                            snapshot: rec.name.clone(),
+                            seconds,
+                            bytes,
+                            bytes_per_second: bytes as f64 / seconds.max(1e-3),
+                        },
+                    );
+                    self.pool.emit(
+                        "snapshot_created",
+                        crate::pool::info::Severity::Info,
+                        None,
+                        format!(
+                            "snapshot {} complete: {} block(s) changed, {} stored",
+                            rec.name,
+                            rec.changed_blocks,
+                            crate::util::human(rec.stored_bytes)
+                        ),
+                    );
                 }
                 Some(why) => {
                     // The interval goes back to the live bitmap: the next snapshot
@@ -1051,6 +1100,12 @@ impl SnapshotStore {
                     }
                     self.remove_snapshot_dirs(job.id);
                     rec.deltas.clear();
+                    self.pool.emit(
+                        "snapshot_failed",
+                        crate::pool::info::Severity::Error,
+                        None,
+                        format!("snapshot {} failed: {why}", rec.name),
+                    );
                     rec.state = State::Failed(why);
                 }
             }
@@ -1472,8 +1527,16 @@ impl SnapshotStore {
     /// folded into it, making it a full). Returns the paths to remove once the
     /// commit dropping the old record is durable, and the interval of changes
     /// to give back to the live bitmaps when it was the newest.
+    ///
+    /// `progress` counts the files merged; when it returns `false` the
+    /// merge stops, its new files are removed and nothing changes
+    /// ([`FsError::Cancelled`]).
     #[allow(clippy::type_complexity)]
-    pub fn delete(&self, id: u64) -> FsResult<(Vec<PathBuf>, BTreeMap<u64, RangeSet>)> {
+    pub fn delete(
+        &self,
+        id: u64,
+        progress: crate::fs::Progress,
+    ) -> FsResult<(Vec<PathBuf>, BTreeMap<u64, RangeSet>)> {
         let x = self.get(id).ok_or(FsError::NotFound)?;
         if x.state == State::Pending {
             return Err(FsError::Busy);
@@ -1486,14 +1549,47 @@ impl SnapshotStore {
             .cloned()
             .collect();
         let mut old_paths = Vec::new();
-        let mut updated = Vec::new();
+        let mut updated: Vec<SnapshotRecord> = Vec::new();
+        let total: u64 = children
+            .iter()
+            .filter(|c| c.state == State::Complete)
+            .map(|c| {
+                c.inodes
+                    .values()
+                    .filter(|i| i.kind == NodeKind::File)
+                    .count() as u64
+            })
+            .sum();
+        let mut done = 0u64;
+        progress(0, total);
+        let mut step = || {
+            done += 1;
+            progress(done, total)
+        };
         for c in &children {
             if c.state != State::Complete {
                 continue;
             }
-            let (rec, old) = self.merge_into(&x, c)?;
-            updated.push(rec);
-            old_paths.extend(old);
+            match self.merge_into(&x, c, &mut step) {
+                Ok((rec, old)) => {
+                    updated.push(rec);
+                    old_paths.extend(old);
+                }
+                Err(e) => {
+                    // The merges done so far wrote new delta files no record
+                    // names yet.
+                    for r in &updated {
+                        for (ino, l) in &r.deltas {
+                            for m in &l.members {
+                                if let Some(p) = delta_path(&self.pool, *m, r.id, *ino, l.seq) {
+                                    let _ = self.pool.storage().remove_file(&p);
+                                }
+                            }
+                        }
+                    }
+                    return Err(e);
+                }
+            }
         }
         // The interval moves to the next snapshot in time, or to the live bitmaps.
         let next = self
@@ -1552,6 +1648,7 @@ impl SnapshotStore {
         &self,
         x: &SnapshotRecord,
         c: &SnapshotRecord,
+        step: &mut dyn FnMut() -> bool,
     ) -> FsResult<(SnapshotRecord, Vec<PathBuf>)> {
         let full = x.parent.is_none();
         let mut rec = c.clone();
@@ -1567,6 +1664,9 @@ impl SnapshotStore {
             for (ino, inode) in &c.inodes {
                 if inode.kind != NodeKind::File {
                     continue;
+                }
+                if !step() {
+                    return Err(FsError::Cancelled);
                 }
                 let cd = self.open_delta(c, *ino)?;
                 let xd = if x.size_blocks(*ino).is_some() {
@@ -1689,43 +1789,19 @@ impl SnapshotStore {
         Ok((rec, old))
     }
 
-    /// Snapshots `policy` does not keep (oldest first). Only complete
-    /// snapshots count; pending ones are kept, failed ones are removed.
-    pub fn prune_plan(&self, policy: &PrunePolicy) -> Vec<u64> {
-        let recs = self.records.read();
-        let mut complete: Vec<&Arc<SnapshotRecord>> = recs
+    /// Every snapshot as the prune planner sees it (`held`: ids held).
+    pub fn prune_candidates(&self, held: &BTreeSet<u64>) -> Vec<crate::snapshot::prune::Candidate> {
+        self.records
+            .read()
             .values()
-            .filter(|r| r.state == State::Complete)
-            .collect();
-        complete.sort_by_key(|r| std::cmp::Reverse((r.created.secs, r.id)));
-        let mut keep = BTreeSet::new();
-        for r in complete.iter().take(policy.keep_last as usize) {
-            keep.insert(r.id);
-        }
-        let buckets: [(u32, BucketKey); 4] = [
-            (policy.keep_hourly, |t| t.div_euclid(3600)),
-            (policy.keep_daily, |t| t.div_euclid(86400)),
-            (policy.keep_weekly, iso_week_key),
-            (policy.keep_monthly, month_key),
-        ];
-        for (n, key) in buckets {
-            let mut last = None;
-            let mut kept = 0;
-            for r in &complete {
-                if kept >= n {
-                    break;
-                }
-                let k = key(r.created.secs);
-                if last != Some(k) {
-                    keep.insert(r.id);
-                    kept += 1;
-                    last = Some(k);
-                }
-            }
-        }
-        recs.values()
-            .filter(|r| r.state != State::Pending && !keep.contains(&r.id))
-            .map(|r| r.id)
+            .map(|r| crate::snapshot::prune::Candidate {
+                id: r.id,
+                name: r.name.clone(),
+                created: r.created.secs,
+                complete: r.state == State::Complete,
+                pending: r.state == State::Pending,
+                held: held.contains(&r.id),
+            })
             .collect()
     }
 
@@ -2098,21 +2174,6 @@ fn parse_delta_name(name: &str) -> Option<(u64, u32)> {
     Some((ino.parse().ok()?, seq.parse().ok()?))
 }
 
-fn month_key(t: i64) -> i64 {
-    let (y, m, _) = crate::util::civil_from_days(t.div_euclid(86400));
-    y * 12 + m as i64
-}
-
-/// ISO 8601 week (UTC), as a number that differs between weeks.
-fn iso_week_key(t: i64) -> i64 {
-    let days = t.div_euclid(86400);
-    // 1970-01-01 was a Thursday; Monday = 0.
-    let dow = (days + 3).rem_euclid(7);
-    // The week's Thursday decides its ISO year; weeks are counted from it.
-    let thursday = days - dow + 3;
-    thursday.div_euclid(7)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2234,20 +2295,6 @@ mod tests {
         v.extend((2..20_000).map(|i| rec(i, Some(i - 1), State::Complete)));
         let (good, bad) = check_records(set(v), 4096);
         assert_eq!((good.len(), bad.len()), (19_999, 0));
-    }
-
-    #[test]
-    fn calendar_keys() {
-        // 2024-02-29 12:00 UTC
-        let t = 1_709_208_000;
-        assert_eq!(crate::util::civil_from_days(t / 86400), (2024, 2, 29));
-        assert_eq!(crate::util::utc_string(t), "2024-02-29 12:00:00");
-        assert_eq!(month_key(t), 2024 * 12 + 2);
-        // Monday 2024-03-04 and Sunday 2024-03-10 share a week; Monday 03-11 does not.
-        let mon = 1_709_510_400;
-        assert_eq!(iso_week_key(mon), iso_week_key(mon + 6 * 86400 + 3600));
-        assert_ne!(iso_week_key(mon), iso_week_key(mon + 7 * 86400));
-        assert_ne!(iso_week_key(mon), iso_week_key(mon - 1));
     }
 
     #[test]

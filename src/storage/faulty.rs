@@ -4,7 +4,10 @@
 //! (the test suite's build, never a release one) and started with
 //! `VPOOL_FAULT_PATH` (a substring of member paths) and `VPOOL_FAULT_TRIGGER`
 //! (a file): while the trigger file exists, every operation on a matching
-//! path fails with EIO, as a dying disk's would.
+//! path fails with EIO, as a dying disk's would. With `VPOOL_FAULT_SLOW_MS`
+//! set, matching operations are slowed by that many milliseconds instead of
+//! failing (a disk that is merely slow: long jobs last long enough to be
+//! watched and cancelled).
 
 use std::ffi::OsString;
 use std::io;
@@ -24,11 +27,17 @@ pub struct FaultyStorage {
 struct Rule {
     path: String,
     trigger: PathBuf,
+    /// Slow down instead of failing.
+    slow: Option<std::time::Duration>,
 }
 
 impl Rule {
     fn check(&self, p: &Path) -> io::Result<()> {
         if p.to_string_lossy().contains(&self.path) && self.trigger.exists() {
+            if let Some(d) = self.slow {
+                std::thread::sleep(d);
+                return Ok(());
+            }
             return Err(errno(libc::EIO));
         }
         Ok(())
@@ -46,7 +55,11 @@ impl FaultyStorage {
     pub fn new(path: String, trigger: PathBuf) -> FaultyStorage {
         FaultyStorage {
             inner: RealStorage,
-            rule: Arc::new(Rule { path, trigger }),
+            rule: Arc::new(Rule {
+                path,
+                trigger,
+                slow: None,
+            }),
         }
     }
 
@@ -54,7 +67,18 @@ impl FaultyStorage {
     pub fn from_env() -> Option<FaultyStorage> {
         let path = std::env::var("VPOOL_FAULT_PATH").ok()?;
         let trigger = std::env::var_os("VPOOL_FAULT_TRIGGER")?;
-        Some(FaultyStorage::new(path, PathBuf::from(trigger)))
+        let mut f = FaultyStorage::new(path, PathBuf::from(trigger));
+        if let Some(ms) = std::env::var("VPOOL_FAULT_SLOW_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            f.rule = Arc::new(Rule {
+                path: f.rule.path.clone(),
+                trigger: f.rule.trigger.clone(),
+                slow: Some(std::time::Duration::from_millis(ms)),
+            });
+        }
+        Some(f)
     }
 }
 
