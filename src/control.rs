@@ -8,15 +8,19 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, FsError, FsResult, Result};
 use crate::fs::Vfs;
+use crate::fs::jobs::JobInfo;
 use crate::fs::snapview::RestoreReport;
 use crate::pool::PoolStatus;
+use crate::pool::info::Event;
+use crate::snapshot::prune::Decision;
 use crate::snapshot::{Kind, PrunePolicy, SnapshotInfo};
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -52,8 +56,27 @@ pub enum Request {
         policy: PrunePolicy,
         dry_run: bool,
     },
+    /// Hold (`held`) or release a snapshot.
+    SnapshotHold {
+        name: String,
+        held: bool,
+    },
     /// Verify and repair every copy of everything (answers with progress lines).
     Scrub,
+    /// Stop the running scrub.
+    ScrubStop,
+    /// The running long jobs.
+    Jobs,
+    JobCancel {
+        id: String,
+    },
+    /// The event history from `since` on; with `follow`, then every new
+    /// event as it comes (one `event` answer per line) until the client
+    /// goes away or the pool is unmounted.
+    Events {
+        since: u64,
+        follow: bool,
+    },
     /// Member changes (paths absolute; answer with progress lines).
     DeviceAdd {
         dir: PathBuf,
@@ -81,8 +104,24 @@ pub enum Response {
         list: Vec<SnapshotInfo>,
     },
     Restored(RestoreReport),
+    /// Every snapshot the prune considered, with its verdict.
     Pruned {
-        names: Vec<String>,
+        plan: Vec<Decision>,
+    },
+    Jobs {
+        list: Vec<JobInfo>,
+    },
+    /// The jobs a cancel stopped.
+    Cancelled {
+        jobs: Vec<JobInfo>,
+    },
+    Event(Event),
+    Events {
+        list: Vec<Event>,
+    },
+    /// First line of the answer to a long request: the job it runs as.
+    Job {
+        id: String,
     },
     Scrubbed(Box<crate::fs::scrub::ScrubReport>),
     Member(crate::fs::members::MemberReport),
@@ -111,15 +150,13 @@ pub fn snapshot_error(name: &str, e: &FsError) -> String {
 
 /// Runs one request against a filesystem (a daemon's, or one the CLI opened).
 pub fn execute(vfs: &Vfs, req: &Request) -> Response {
-    execute_with_progress(vfs, req, &mut |_, _| {})
+    execute_with_progress(vfs, req, &mut |_, _| true)
 }
 
-/// [`execute`], reporting the progress of long requests (scrub).
-pub fn execute_with_progress(
-    vfs: &Vfs,
-    req: &Request,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Response {
+/// [`execute`], reporting the progress of long requests (scrub, member
+/// changes, restore, delete, prune, waiting for a capture); the sink's
+/// `false` stops them.
+pub fn execute_with_progress(vfs: &Vfs, req: &Request, progress: crate::fs::Progress) -> Response {
     let err = |name: &str, e: FsError| Response::Error {
         message: snapshot_error(name, &e),
     };
@@ -138,7 +175,7 @@ pub fn execute_with_progress(
             level,
         } => match vfs.snapshot_create_with(name, *kind, *level) {
             Ok(info) => {
-                if *wait && let Err(e) = vfs.snapshot_wait() {
+                if *wait && let Err(e) = vfs.snapshot_wait_with(progress) {
                     return err(name, e);
                 }
                 match vfs.snapshot_list().into_iter().find(|i| i.id == info.id) {
@@ -153,7 +190,7 @@ pub fn execute_with_progress(
         },
         Request::SnapshotDelete { name } => {
             let before = snapshot_names(vfs);
-            let r = vfs.snapshot_delete(name);
+            let r = vfs.snapshot_delete_with(name, progress);
             forget_deleted(vfs, before);
             match r {
                 Ok(()) => Response::Done,
@@ -162,7 +199,7 @@ pub fn execute_with_progress(
         }
         Request::SnapshotRestore { name, paths } => {
             let paths: Vec<Vec<u8>> = paths.iter().map(|p| p.as_bytes().to_vec()).collect();
-            match vfs.snapshot_restore(name, &paths) {
+            match vfs.snapshot_restore_with(name, &paths, progress) {
                 Ok(r) => Response::Restored(r),
                 Err(e) => err(name, e),
             }
@@ -180,21 +217,76 @@ pub fn execute_with_progress(
         },
         Request::SnapshotPrune { policy, dry_run } => {
             let before = snapshot_names(vfs);
-            let r = vfs.snapshot_prune(policy, *dry_run);
+            let r = vfs.snapshot_prune(policy, *dry_run, progress);
             // Also after a failure: the snapshots deleted before it are gone.
             forget_deleted(vfs, before);
             match r {
-                Ok(names) => Response::Pruned { names },
+                Ok(plan) => Response::Pruned { plan },
                 Err(e) => err("prune", e),
             }
         }
+        Request::SnapshotHold { name, held } => match vfs.snapshot_hold(name, *held) {
+            Ok(()) => Response::Done,
+            Err(e) => err(name, e),
+        },
         Request::Scrub => Response::Scrubbed(Box::new(vfs.scrub(progress))),
-        Request::DeviceAdd { dir } => member(vfs.device_add(dir, progress)),
-        Request::DeviceRemove { dir } => member(vfs.device_remove(dir, progress)),
-        Request::DeviceReplace { old, new } => member(vfs.device_replace(old, new, progress)),
+        Request::ScrubStop => {
+            let n = vfs.jobs_cancel_kind("scrub");
+            if n == 0 {
+                return Response::Error {
+                    message: "no scrub is running".into(),
+                };
+            }
+            Response::Cancelled { jobs: Vec::new() }
+        }
+        Request::Jobs => Response::Jobs {
+            list: vfs.jobs_list(),
+        },
+        Request::JobCancel { id } => match vfs.job_cancel(id) {
+            Ok(j) => Response::Cancelled { jobs: vec![j] },
+            Err(FsError::NotFound) => Response::Error {
+                message: format!("no running job {id} (see `vpool jobs`)"),
+            },
+            Err(e) => Response::Error {
+                message: format!("job {id}: {e}"),
+            },
+        },
+        Request::Events { since, .. } => Response::Events {
+            list: vfs.pool.info.events_since(*since),
+        },
+        Request::DeviceAdd { dir } => {
+            member_event(vfs, "device_added", dir, vfs.device_add(dir, progress))
+        }
+        Request::DeviceRemove { dir } => {
+            member_event(vfs, "device_removed", dir, vfs.device_remove(dir, progress))
+        }
+        Request::DeviceReplace { old, new } => member_event(
+            vfs,
+            "device_replaced",
+            new,
+            vfs.device_replace(old, new, progress),
+        ),
         Request::Rebalance => member(vfs.rebalance(progress)),
         Request::SetCopies { copies } => member(vfs.set_copies(*copies, progress)),
     }
+}
+
+/// [`member`], recording a member change that was done as an event.
+fn member_event(
+    vfs: &Vfs,
+    kind: &str,
+    dir: &Path,
+    r: FsResult<crate::fs::members::MemberReport>,
+) -> Response {
+    if let Ok(rep) = &r {
+        vfs.pool.emit(
+            kind,
+            crate::pool::info::Severity::Info,
+            Some(dir),
+            rep.message.clone(),
+        );
+    }
+    member(r)
 }
 
 fn member(r: FsResult<crate::fs::members::MemberReport>) -> Response {
@@ -253,11 +345,6 @@ pub fn socket_path(mountpoint: &Path) -> PathBuf {
         "{:016x}.sock",
         fnv1a(mountpoint.as_os_str().as_bytes())
     ))
-}
-
-/// Log file of the detached daemon serving `mountpoint`.
-pub fn log_path(mountpoint: &Path) -> PathBuf {
-    socket_path(mountpoint).with_extension("log")
 }
 
 pub fn ensure_runtime_dir() -> Result<PathBuf> {
@@ -325,19 +412,35 @@ fn peer_uid(s: &UnixStream) -> Option<u32> {
 /// The daemon's side: serves requests until the process exits.
 pub struct Server {
     path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    mountpoint: PathBuf,
+    /// Where the daemon logs, for `status`.
+    log: Option<String>,
+    /// Set at unmount: event followers end.
+    stopping: AtomicBool,
+    followers: AtomicUsize,
 }
 
 impl Server {
     /// Holds the filesystem weakly: the daemon drops its last strong reference at
     /// exit, which closes the metadata stores cleanly.
-    pub fn start(mountpoint: &Path, vfs: Weak<Vfs>) -> Result<Server> {
+    pub fn start(mountpoint: &Path, vfs: Weak<Vfs>, log: Option<String>) -> Result<Server> {
         ensure_runtime_dir()?;
         let path = socket_path(mountpoint);
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(|e| Error::io(&path, e))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io(&path, e))?;
-        let mp = mountpoint.to_path_buf();
+        let shared = Arc::new(Shared {
+            mountpoint: mountpoint.to_path_buf(),
+            log,
+            stopping: AtomicBool::new(false),
+            followers: AtomicUsize::new(0),
+        });
+        let sh = shared.clone();
         std::thread::Builder::new()
             .name("vpool-control".into())
             .spawn(move || {
@@ -349,16 +452,30 @@ impl Server {
                         Some(uid) if uid == me || uid == 0 => {}
                         _ => continue,
                     }
-                    let Some(vfs) = vfs.upgrade() else { break };
-                    let mp = mp.clone();
+                    if vfs.strong_count() == 0 {
+                        break;
+                    }
+                    let (vfs, sh) = (vfs.clone(), sh.clone());
                     // One thread per connection: a long restore must not hold up status.
                     let _ = std::thread::Builder::new()
                         .name("vpool-control-req".into())
-                        .spawn(move || serve_one(conn, &vfs, &mp));
+                        .spawn(move || serve_one(conn, &vfs, &sh));
                 }
             })
             .map_err(|e| Error::Other(format!("cannot start control thread: {e}")))?;
-        Ok(Server { path })
+        Ok(Server { path, shared })
+    }
+
+    /// Ends the event followers (they hold the filesystem while they wait)
+    /// before the daemon lets the filesystem go.
+    pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        let t0 = std::time::Instant::now();
+        while self.shared.followers.load(Ordering::Acquire) > 0
+            && t0.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -368,54 +485,162 @@ impl Drop for Server {
     }
 }
 
-fn serve_one(conn: UnixStream, vfs: &Vfs, mp: &Path) -> std::io::Result<()> {
+/// One answer line to the client.
+fn send_line(conn: &UnixStream, resp: &Response) -> std::io::Result<()> {
+    let mut b = serde_json::to_vec(resp).map_err(std::io::Error::other)?;
+    b.push(b'\n');
+    let mut w = conn;
+    w.write_all(&b)
+}
+
+/// The job a long request runs as: (kind, what it works on, unit).
+fn job_of(req: &Request) -> Option<(&'static str, String, &'static str)> {
+    Some(match req {
+        Request::Scrub => ("scrub", "pool".into(), "extents"),
+        Request::DeviceAdd { dir } => ("device-add", dir.display().to_string(), "extents"),
+        Request::DeviceRemove { dir } => ("device-remove", dir.display().to_string(), "extents"),
+        Request::DeviceReplace { old, new } => (
+            "device-replace",
+            format!("{} -> {}", old.display(), new.display()),
+            "extents",
+        ),
+        Request::Rebalance => ("rebalance", "pool".into(), "extents"),
+        Request::SetCopies { copies } => ("set-copies", format!("copies={copies}"), "extents"),
+        Request::SnapshotRestore { name, .. } => ("restore", name.clone(), "blocks"),
+        Request::SnapshotDelete { name } => ("delete", name.clone(), "files"),
+        Request::SnapshotPrune { dry_run: false, .. } => ("prune", "snapshots".into(), "snapshots"),
+        _ => return None,
+    })
+}
+
+fn serve_one(conn: UnixStream, vfs: &Weak<Vfs>, sh: &Shared) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = String::new();
     BufReader::new(&conn).read_line(&mut line)?;
     conn.set_read_timeout(None)?;
+    let req = match serde_json::from_str::<Request>(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            return send_line(
+                &conn,
+                &Response::Error {
+                    message: format!("bad request: {e}"),
+                },
+            );
+        }
+    };
+    if let Request::Events {
+        since,
+        follow: true,
+    } = req
+    {
+        sh.followers.fetch_add(1, Ordering::AcqRel);
+        let r = follow_events(&conn, vfs, sh, since);
+        sh.followers.fetch_sub(1, Ordering::AcqRel);
+        return r;
+    }
+    let Some(vfs) = vfs.upgrade() else {
+        return Ok(());
+    };
+    if matches!(req, Request::Scrub) {
+        background_priority();
+    }
+    let guard = job_of(&req).map(|(kind, what, unit)| {
+        vfs.jobs
+            .start(kind, &what, unit, vfs.pool.storage().now().0)
+    });
+    if let Some(g) = &guard {
+        let _ = send_line(
+            &conn,
+            &Response::Job {
+                id: g.job.id().to_string(),
+            },
+        );
+    }
     let mut last = std::time::Instant::now();
     let mut progress = |done: u64, total: u64| {
         // A few lines a second; a client gone away does not stop the work.
         if done == 0 || done == total || last.elapsed() >= Duration::from_millis(200) {
             last = std::time::Instant::now();
-            let mut w = &conn;
-            if let Ok(mut b) = serde_json::to_vec(&Response::Progress { done, total }) {
-                b.push(b'\n');
-                let _ = w.write_all(&b);
-            }
+            let _ = send_line(&conn, &Response::Progress { done, total });
         }
+        guard.as_ref().is_none_or(|g| g.job.update(done, total))
     };
-    let resp = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => match execute_with_progress(vfs, &req, &mut progress) {
-            Response::Status(mut st) => {
-                st.mounted = true;
-                st.mountpoint = Some(mp.to_path_buf());
-                st.pid = Some(std::process::id());
-                Response::Status(st)
+    let resp = match execute_with_progress(&vfs, &req, &mut progress) {
+        Response::Status(mut st) => {
+            st.mounted = true;
+            st.mountpoint = Some(sh.mountpoint.clone());
+            st.pid = Some(std::process::id());
+            st.log = sh.log.clone();
+            Response::Status(st)
+        }
+        // Through the mount, so before answering: the CLI's next look
+        // at the files must find them right.
+        Response::Restored(r) => {
+            for p in crate::fs::kernel_refresh::refresh_restored(&sh.mountpoint, &r.restored) {
+                tracing::warn!("{p}");
             }
-            // Through the mount, so before answering: the CLI's next look
-            // at the files must find them right.
-            Response::Restored(r) => {
-                for p in crate::fs::kernel_refresh::refresh_restored(mp, &r.restored) {
-                    tracing::warn!("{p}");
-                }
-                Response::Restored(r)
-            }
-            other => other,
-        },
-        Err(e) => Response::Error {
-            message: format!("bad request: {e}"),
-        },
+            Response::Restored(r)
+        }
+        other => other,
     };
-    let mut w = &conn;
-    serde_json::to_writer(&mut w, &resp)?;
-    w.write_all(b"\n")?;
+    drop(guard);
+    send_line(&conn, &resp)
+}
+
+/// Lowers this thread (a scrub's: it reads everything and is never urgent)
+/// to idle CPU and I/O priority, so that VMs' I/O goes first. Best effort.
+fn background_priority() {
+    // SAFETY: gettid has no preconditions; setpriority and ioprio_set on
+    // our own thread id change only this thread's scheduling.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        // IOPRIO_WHO_PROCESS = 1; class IDLE (3) in the top bits.
+        libc::syscall(libc::SYS_ioprio_set, 1, tid, 3 << 13);
+    }
+}
+
+/// Sends the history from `since`, then each new event, until the client
+/// goes or the daemon stops. Holds the filesystem only while looking.
+fn follow_events(
+    conn: &UnixStream,
+    vfs: &Weak<Vfs>,
+    sh: &Shared,
+    mut since: u64,
+) -> std::io::Result<()> {
+    while !sh.stopping.load(Ordering::Acquire) {
+        let events = match vfs.upgrade() {
+            Some(v) => v.pool.info.wait_events(since, Duration::from_millis(250)),
+            None => break,
+        };
+        for e in events {
+            since = e.seq + 1;
+            send_line(conn, &Response::Event(e))?;
+        }
+        // A client that went away shows only at a write: probe now and then.
+        if peer_gone(conn) {
+            break;
+        }
+    }
     Ok(())
+}
+
+/// Whether the client closed its end (a read would return end of file).
+fn peer_gone(conn: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: conn.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLIN) != 0
 }
 
 /// The CLI's side: sends one request to the daemon serving `mountpoint`.
 pub fn request(mountpoint: &Path, req: &Request) -> Result<Response> {
-    request_with_progress(mountpoint, req, &mut |_, _| {})
+    request_stream(mountpoint, req, &mut |_| true)
 }
 
 /// [`request`], passing progress answers to `progress`.
@@ -423,6 +648,22 @@ pub fn request_with_progress(
     mountpoint: &Path,
     req: &Request,
     progress: &mut dyn FnMut(u64, u64),
+) -> Result<Response> {
+    request_stream(mountpoint, req, &mut |r| {
+        if let Response::Progress { done, total } = r {
+            progress(*done, *total);
+        }
+        true
+    })
+}
+
+/// [`request`], passing every intermediate answer (progress, the job id,
+/// followed events) to `each`; `each` returning `false` ends the request
+/// (the answer is then [`Response::Done`]).
+pub fn request_stream(
+    mountpoint: &Path,
+    req: &Request,
+    each: &mut dyn FnMut(&Response) -> bool,
 ) -> Result<Response> {
     let path = socket_path(mountpoint);
     let mut s = UnixStream::connect(&path).map_err(|e| Error::io(&path, e))?;
@@ -443,12 +684,19 @@ pub fn request_with_progress(
             .read_line(&mut line)
             .map_err(|e| Error::io(&path, e))?;
         if n == 0 {
+            if matches!(req, Request::Events { follow: true, .. }) {
+                return Ok(Response::Done);
+            }
             return Err(Error::Other(
                 "the daemon closed the connection without an answer".into(),
             ));
         }
         match serde_json::from_str(&line) {
-            Ok(Response::Progress { done, total }) => progress(done, total),
+            Ok(r @ (Response::Progress { .. } | Response::Job { .. } | Response::Event(_))) => {
+                if !each(&r) {
+                    return Ok(Response::Done);
+                }
+            }
             Ok(r) => return Ok(r),
             Err(e) => return Err(Error::Other(format!("bad answer from daemon: {e}"))),
         }

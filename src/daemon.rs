@@ -3,7 +3,6 @@
 //! flusher (a durable commit every few seconds while anything is pending) and a
 //! signal thread that turns SIGTERM/SIGINT/SIGHUP into a clean unmount.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::fs::fuse::FuseFs;
 use crate::fs::{Vfs, VfsOptions};
 use crate::pool::Pool;
+use crate::pool::info::Severity;
 
 /// How often pending changes are committed without an fsync asking for it.
 pub const COMMIT_INTERVAL: Duration = Duration::from_secs(5);
@@ -36,6 +36,33 @@ pub struct MountOptions {
     /// newest metadata copy wins and the other side's extent files are
     /// quarantined.
     pub force: bool,
+    /// `event_hooks=DIR`: where the event hooks are (default
+    /// [`crate::hooks::DEFAULT_DIR`]).
+    pub event_hooks: Option<PathBuf>,
+}
+
+/// Options that are mount(8)'s or systemd's, not the filesystem's: fstab
+/// lines carry them and mount helpers drop them.
+pub fn is_helper_option(item: &str) -> bool {
+    let key = item.split_once('=').map_or(item, |(k, _)| k);
+    matches!(
+        key,
+        "defaults"
+            | "auto"
+            | "noauto"
+            | "nofail"
+            | "_netdev"
+            | "user"
+            | "users"
+            | "nouser"
+            | "owner"
+            | "group"
+            | "comment"
+            | "loud"
+            | "silent"
+            | "context"
+            | "helper"
+    ) || key.starts_with("x-")
 }
 
 impl MountOptions {
@@ -87,6 +114,8 @@ impl MountOptions {
                         .filter(|n| (1..=64).contains(n))
                         .ok_or_else(|| Error::Invalid(format!("threads={n}: expected 1 to 64")))?
                 }
+                ("event_hooks", Some(d)) if !d.is_empty() => o.event_hooks = Some(PathBuf::from(d)),
+                _ if is_helper_option(item) => {}
                 ("snapdir", Some("visible")) => o.snapdir_visible = true,
                 ("snapdir", Some("hidden")) => o.snapdir_visible = false,
                 ("snapdir", Some(v)) => {
@@ -102,6 +131,28 @@ impl MountOptions {
         }
         Ok(o)
     }
+}
+
+/// The mount points of every mount of type `fstype` in `info` (the text of
+/// a `/proc/<pid>/mountinfo`).
+pub fn mounts_of_type(info: &str, fstype: &str) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = Vec::new();
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 6 {
+            continue;
+        }
+        let Some(sep) = fields[6..].iter().position(|f| *f == "-").map(|i| i + 6) else {
+            continue;
+        };
+        if fields.get(sep + 1) == Some(&fstype) {
+            out.push(PathBuf::from(std::ffi::OsString::from_vec(
+                unescape_mountinfo(fields[4]),
+            )));
+        }
+    }
+    out
 }
 
 /// Whether `path` (canonical) is a mountpoint, and of which filesystem type.
@@ -215,28 +266,44 @@ pub fn check_mountpoint(mp: &Path, allow_nonempty: bool) -> Result<PathBuf> {
     Ok(canon)
 }
 
-/// Mounts and serves in this process until unmounted. `ready` is called once the
-/// mount is visible (the detaching parent waits for that).
-pub fn run(
-    member: &Path,
-    mountpoint: &Path,
-    opts: &MountOptions,
-    ready: impl FnOnce(&str),
-) -> Result<()> {
+/// What the caller of [`run`] hears from the daemon.
+pub struct Reporter {
+    /// Where the daemon logs (`status` shows it).
+    pub log: Option<String>,
+    /// A step of the way to the mount (opening, recovering).
+    pub step: Box<dyn Fn(&str)>,
+    /// Called once the mount is visible, with a line saying so.
+    pub ready: Box<dyn FnOnce(&str)>,
+}
+
+/// Mounts and serves in this process until unmounted.
+pub fn run(member: &Path, mountpoint: &Path, opts: &MountOptions, rep: Reporter) -> Result<()> {
     let mp = check_mountpoint(mountpoint, opts.allow_nonempty)?;
+    let member = std::fs::canonicalize(member).map_err(|e| Error::io(member, e))?;
+    // Before any thread starts (they inherit the mask): only the signal
+    // thread may take SIGTERM, or its default action would kill the daemon
+    // without an unmount. One that comes while the pool opens waits for it.
+    block_signals();
+    // A daemon keeps no directory busy: `/` is its working directory
+    // (paths are absolute from here on).
+    if let Err(e) = std::env::set_current_dir("/") {
+        tracing::warn!(error = %e, "cannot change to /");
+    }
     // Whatever vpool creates in a member is its own (modes are also given
     // explicitly; this covers files made by libraries, such as redb's).
     // SAFETY: umask only changes this process's file creation mask.
     unsafe {
         libc::umask(0o077);
     }
-    let pool = Pool::open_in(member_storage(), member)?;
+    (rep.step)("opening the pool: reading labels and metadata, replaying the intent log");
+    let pool = Pool::open_in(member_storage(), &member)?;
     pool.force
         .store(opts.force, std::sync::atomic::Ordering::Release);
     for (dir, mode) in pool.open_members() {
         tracing::warn!(member = %dir.display(), mode = format!("{mode:o}"), "member directory is open to other users; chmod go-rwx it");
     }
     let pool_id = pool.pool_id().to_string();
+    (rep.step)("recovering: checking extents and snapshots, resynchronising copies");
     let vfs = Arc::new(Vfs::mount(
         pool,
         VfsOptions {
@@ -245,11 +312,29 @@ pub fn run(
         },
     )?);
     vfs.pool.write_lock_info(&mp)?;
+    // Events: logged with their fields, and passed to the hooks.
+    let hooks = crate::hooks::Hooks::start(
+        opts.event_hooks
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::hooks::DEFAULT_DIR)),
+        crate::hooks::Context {
+            pool: pool_id.clone(),
+            mountpoint: mp.clone(),
+        },
+    )
+    .map_err(|e| Error::Other(format!("cannot start the event hook thread: {e}")))?;
+    {
+        let pool_id = pool_id.clone();
+        vfs.pool.info.subscribe(Arc::new(move |ev| {
+            log_event(&pool_id, ev);
+            hooks.notify(ev);
+        }));
+    }
 
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("vpool:{pool_id}")),
-        MountOption::Subtype("vpool".into()),
+        subtype(),
         MountOption::DefaultPermissions,
     ];
     config.mount_options.extend(opts.fuse.iter().cloned());
@@ -257,13 +342,13 @@ pub fn run(
     config.n_threads = Some(opts.threads);
     config.clone_fd = true;
 
-    block_signals();
+    (rep.step)("mounting");
     let mut session =
         fuser::Session::new(FuseFs::new(vfs.clone(), opts.writeback_cache), &mp, &config)
             .map_err(|e| Error::Other(format!("cannot mount on {}: {e}", mp.display())))?;
     raise_readahead(&mp);
     vfs.set_kernel_cache(Box::new(crate::fs::fuse::Invalidator(session.notifier())));
-    let _server = control::Server::start(&mp, Arc::downgrade(&vfs))?;
+    let server = control::Server::start(&mp, Arc::downgrade(&vfs), rep.log.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
     let flusher = {
         let vfs = vfs.clone();
@@ -279,6 +364,7 @@ pub fn run(
         .spawn(move || {
             if let Some(sig) = wait_signal() {
                 tracing::info!(signal = sig, "signal received; unmounting");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
                 if let Err(e) = unmounter.unmount() {
                     tracing::error!(error = %e, "unmount on signal failed");
                 }
@@ -292,32 +378,88 @@ pub fn run(
         .iter()
         .map(|e| e.path.display().to_string())
         .collect();
-    if missing.is_empty() {
-        ready(&format!("pool {pool_id} mounted at {}", mp.display()));
+    let msg = if missing.is_empty() {
+        format!("pool {pool_id} mounted at {}", mp.display())
     } else {
-        ready(&format!(
+        format!(
             "pool {pool_id} mounted at {} DEGRADED: member(s) missing: {} (see `vpool status`)",
             mp.display(),
             missing.join(", ")
-        ));
-    }
+        )
+    };
+    vfs.pool.emit(
+        "mounted",
+        if missing.is_empty() {
+            Severity::Info
+        } else {
+            Severity::Warning
+        },
+        None,
+        msg.clone(),
+    );
+    (rep.ready)(&msg);
+    // systemd (Type=notify): the mount is up. Without NOTIFY_SOCKET this
+    // does nothing.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&msg),
+    ]);
     tracing::info!(pool = %pool_id, mountpoint = %mp.display(), "serving");
     let res = session.run();
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     stop.store(true, Ordering::Release);
     flusher.thread().unpark();
     let _ = flusher.join();
     // A snapshot still being captured finishes first (it holds the pool).
     vfs.snaps.wait_idle();
+    server.shutdown();
+    vfs.pool.emit(
+        "unmounted",
+        Severity::Info,
+        None,
+        format!("pool {pool_id} unmounted from {}", mp.display()),
+    );
     let final_commit = vfs.commit_final();
     vfs.pool.clear_lock_info();
     // The last strong reference: dropping it closes the metadata stores.
     drop(vfs);
+    drop(server);
     if let Err(e) = res {
         tracing::warn!(error = %e, "session ended with an error");
     }
     final_commit.map_err(|e| Error::Other(format!("final commit failed: {e}")))?;
     tracing::info!("unmounted cleanly");
     Ok(())
+}
+
+/// Every event also goes to the log, with its fields (journald keeps them
+/// as fields: `journalctl VPOOL_EVENT=member_failed`... see README).
+fn log_event(pool: &str, ev: &crate::pool::info::Event) {
+    let member = ev.member.as_deref().unwrap_or("");
+    match ev.severity {
+        Severity::Error => {
+            tracing::error!(pool, event = %ev.kind, member, seq = ev.seq, "{}", ev.message)
+        }
+        Severity::Warning => {
+            tracing::warn!(pool, event = %ev.kind, member, seq = ev.seq, "{}", ev.message)
+        }
+        Severity::Info => {
+            tracing::info!(pool, event = %ev.kind, member, seq = ev.seq, "{}", ev.message)
+        }
+    }
+}
+
+/// The subtype that makes the mount `fuse.vpool` (`findmnt -t fuse.vpool`,
+/// fstab's type): fusermount3 takes `Subtype` for unprivileged mounts, but
+/// fuser's own mount(2) as root leaves it out of the kernel's options, so
+/// root passes it to the kernel directly.
+fn subtype() -> MountOption {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } == 0 {
+        MountOption::CUSTOM("subtype=vpool".into())
+    } else {
+        MountOption::Subtype("vpool".into())
+    }
 }
 
 /// The kernel reads ahead 128 KiB on a FUSE mount by default; volume images are
@@ -330,7 +472,37 @@ fn raise_readahead(mp: &Path) {
     }
 }
 
+/// Space warnings: below [`SPACE_LOW`] of the pool free, once, until it
+/// is back above [`SPACE_OK`].
+pub const SPACE_LOW: f64 = 0.10;
+pub const SPACE_OK: f64 = 0.15;
+
+fn space_watch(vfs: &Vfs, low: &mut bool) {
+    let sp = vfs.pool.space();
+    if sp.size == 0 {
+        return;
+    }
+    let frac = sp.avail as f64 / sp.size as f64;
+    if !*low && frac < SPACE_LOW {
+        *low = true;
+        vfs.pool.emit(
+            "space_low",
+            Severity::Warning,
+            None,
+            format!(
+                "pool space low: {} free of {} ({:.0} %)",
+                crate::util::human(sp.avail),
+                crate::util::human(sp.size),
+                frac * 100.0
+            ),
+        );
+    } else if *low && frac > SPACE_OK {
+        *low = false;
+    }
+}
+
 fn flusher_loop(vfs: &Vfs, stop: &AtomicBool) {
+    let mut space_low = false;
     while !stop.load(Ordering::Acquire) {
         std::thread::park_timeout(COMMIT_INTERVAL);
         if stop.load(Ordering::Acquire) {
@@ -339,6 +511,7 @@ fn flusher_loop(vfs: &Vfs, stop: &AtomicBool) {
         // A member whose directory was deleted or unmounted fails now rather
         // than at its next I/O error.
         vfs.pool.probe_members();
+        space_watch(vfs, &mut space_low);
         if vfs.has_pending()
             && let Err(e) = vfs.commit()
         {
@@ -375,13 +548,6 @@ fn wait_signal() -> Option<i32> {
     // SAFETY: valid sigset and out-pointer.
     let rc = unsafe { libc::sigwait(&set, &mut sig) };
     (rc == 0).then_some(sig)
-}
-
-/// Writes a line to stdout and flushes it (the detaching parent reads it).
-pub fn say_ready(msg: &str) {
-    let mut out = std::io::stdout();
-    let _ = writeln!(out, "READY {msg}");
-    let _ = out.flush();
 }
 
 /// The storage of the daemon's members: the host filesystem, or (test

@@ -19,6 +19,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod fs;
+pub mod hooks;
 pub mod pool;
 pub mod snapshot;
 pub mod storage;

@@ -1,147 +1,136 @@
-//! `vpool scrub`, `vpool device ...`, `vpool rebalance`, `vpool set`: sent to
-//! the daemon serving the pool, or run here on an unmounted pool.
+//! `vpool create`, `vpool scrub`, `vpool device ...`, `vpool rebalance`,
+//! `vpool set`: sent to the daemon serving the pool, or run here on an
+//! unmounted pool.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::{Result, anyhow, bail};
 
 use super::DeviceCmd;
-use super::snapshot::{Target, resolve};
+use super::output::{EXIT_PROBLEMS, json, say};
+use super::target::{Target, resolve, send};
 use crate::control::{self, Request, Response};
 use crate::fs::scrub::ScrubReport;
-use crate::fs::{Vfs, VfsOptions};
-use crate::pool::Pool;
+use crate::pool::{CreateOptions, Pool};
 use crate::util::human;
 
-/// A progress bar on stderr when it is a terminal (hidden otherwise).
-fn bar(json: bool) -> ProgressBar {
-    let pb = if json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    pb.set_style(
-        ProgressStyle::with_template("scrub [{bar:40}] {pos}/{len} extents  {elapsed} (eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb
+pub fn create(dirs: &[PathBuf], copies: u32, extent_size: u64, block_size: u64) -> Result<i32> {
+    let block_size =
+        u32::try_from(block_size).map_err(|_| anyhow!("block size {block_size} is too large"))?;
+    let label = Pool::create(
+        dirs,
+        CreateOptions {
+            copies,
+            extent_size,
+            block_size,
+        },
+    )?;
+    say(format!(
+        "created pool {} over {} member(s), copies={}, extent size {}, block size {}",
+        label.pool,
+        label.members.len(),
+        copies,
+        human(extent_size),
+        human(block_size as u64)
+    ));
+    for m in &label.members {
+        say(format!("  {}", m.path.display()));
+    }
+    json(&serde_json::json!({
+        "pool": label.pool,
+        "members": label.members.iter().map(|m| &m.path).collect::<Vec<_>>(),
+        "copies": copies,
+        "extent_size": extent_size,
+        "block_size": block_size,
+    }));
+    Ok(0)
 }
 
-pub fn scrub(target: &Path, json: bool) -> Result<i32> {
+pub fn scrub(target: &Path, stop: bool) -> Result<i32> {
     let target = resolve(target)?;
-    let pb = bar(json);
-    let mut progress = |done: u64, total: u64| {
-        pb.set_length(total);
-        pb.set_position(done);
-    };
-    let resp = match &target {
-        Target::Mounted(mp) => {
-            control::request_with_progress(mp, &Request::Scrub, &mut progress)
-                .with_context(|| format!("no vpool daemon answers for {}", mp.display()))?
+    if stop {
+        let Target::Mounted(mp) = &target else {
+            bail!("the pool is not mounted: no scrub is running");
+        };
+        match control::request(mp, &Request::ScrubStop)? {
+            Response::Error { message } => bail!("{message}"),
+            _ => {
+                say("scrub stopping (what it checked and repaired stays done)");
+                json(&serde_json::json!({ "stopped": "scrub" }));
+                return Ok(0);
+            }
         }
-        Target::Offline(dir) => {
-            let pool = Pool::open(dir)?;
-            let vfs = Vfs::mount(pool, VfsOptions::default())?;
-            let r = control::execute_with_progress(&vfs, &Request::Scrub, &mut progress);
-            vfs.commit().context("final commit")?;
-            r
-        }
-    };
-    pb.finish_and_clear();
-    let report = match resp {
+    }
+    let report = match send(&target, &Request::Scrub, "scrub", "extents")? {
         Response::Scrubbed(r) => *r,
         Response::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer: {other:?}"),
     };
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_report(&report);
-    }
-    Ok(if report.clean() { 0 } else { 1 })
+    json(&report);
+    print_report(&report);
+    Ok(if report.clean() { 0 } else { EXIT_PROBLEMS })
 }
 
 fn print_report(r: &ScrubReport) {
     let d = &r.data;
-    println!(
+    say(format!(
         "scrubbed {} extent(s), {} of block copies read in {:.1}s",
         d.extents,
         human(d.bytes),
         r.seconds
-    );
-    println!(
+    ));
+    say(format!(
         "data: {} checksum error(s), {} copy(ies) repaired, {} unrecoverable block(s), {} read error(s), {} table(s) rebuilt",
         d.checksum_errors, d.repaired, d.unrecoverable, d.io_errors, d.tables_rebuilt
-    );
-    println!(
-        "metadata: {} problem(s), {} copy(ies) rewritten",
-        r.metadata_problems.len(),
-        r.metadata_rewritten
-    );
-    for p in &r.metadata_problems {
-        println!("  {p}");
-    }
-    println!(
-        "snapshot deltas: {} copy(ies) verified, {} bad, {} rewritten, {} problem(s) left",
-        r.deltas_checked,
-        r.deltas_bad,
-        r.deltas_repaired,
-        r.delta_problems.len()
-    );
-    for p in &r.delta_problems {
-        println!("  {p}");
+    ));
+    if r.cancelled {
+        say("stopped before the end: metadata and snapshot deltas were not checked");
+    } else {
+        say(format!(
+            "metadata: {} problem(s), {} copy(ies) rewritten",
+            r.metadata_problems.len(),
+            r.metadata_rewritten
+        ));
+        for p in &r.metadata_problems {
+            say(format!("  {p}"));
+        }
+        say(format!(
+            "snapshot deltas: {} copy(ies) verified, {} bad, {} rewritten, {} problem(s) left",
+            r.deltas_checked,
+            r.deltas_bad,
+            r.deltas_repaired,
+            r.delta_problems.len()
+        ));
+        for p in &r.delta_problems {
+            say(format!("  {p}"));
+        }
     }
     for e in &r.errors {
-        println!("error: {e}");
+        say(format!("error: {e}"));
     }
-    if r.clean() {
-        println!("result: clean (everything found was repaired)");
-    } else {
-        println!("result: PROBLEMS REMAIN (files with unrecoverable blocks return EIO there)");
-    }
-}
-
-/// Sends `req` with a progress bar labelled `what`; returns the answer.
-fn send_with_bar(target: &Path, req: &Request, what: &str) -> Result<Response> {
-    let target = resolve(target)?;
-    let pb = ProgressBar::new(0);
-    pb.set_style(
-        ProgressStyle::with_template(&format!(
-            "{what} [{{bar:40}}] {{pos}}/{{len}} extents  {{elapsed}} (eta {{eta}})"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    let mut progress = |done: u64, total: u64| {
-        pb.set_length(total);
-        pb.set_position(done);
-    };
-    let resp = match &target {
-        Target::Mounted(mp) => control::request_with_progress(mp, req, &mut progress)
-            .with_context(|| format!("no vpool daemon answers for {}", mp.display()))?,
-        Target::Offline(dir) => {
-            let pool = Pool::open(dir)?;
-            let vfs = Vfs::mount(pool, VfsOptions::default())?;
-            let r = control::execute_with_progress(&vfs, req, &mut progress);
-            vfs.commit().context("final commit")?;
-            r
-        }
-    };
-    pb.finish_and_clear();
-    Ok(resp)
+    say(match r.result() {
+        "problems" => "result: PROBLEMS REMAIN (files with unrecoverable blocks return EIO there)",
+        "cancelled" => "result: cancelled",
+        "repaired" => "result: clean (everything found was repaired)",
+        _ => "result: clean",
+    });
 }
 
 fn member_answer(resp: Response) -> Result<i32> {
     match resp {
         Response::Member(r) => {
-            println!("{}", r.message);
+            say(&r.message);
+            json(&r);
             Ok(0)
         }
         Response::Error { message } => bail!("{message}"),
         other => bail!("unexpected answer: {other:?}"),
     }
+}
+
+/// Sends a member request to TARGET with a progress bar.
+fn member_request(target: &Path, req: &Request, what: &str) -> Result<i32> {
+    member_answer(send(&resolve(target)?, req, what, "extents")?)
 }
 
 /// An absolute form of a path given on the command line (canonical when it
@@ -163,32 +152,24 @@ pub fn device(cmd: DeviceCmd) -> Result<i32> {
             if !dir.is_dir() {
                 bail!("{} is not a directory", dir.display());
             }
-            member_answer(send_with_bar(&target, &Request::DeviceAdd { dir }, "add")?)
+            member_request(&target, &Request::DeviceAdd { dir }, "add")
         }
         DeviceCmd::Remove { target, dir } => {
             let dir = abs(&dir)?;
-            member_answer(send_with_bar(
-                &target,
-                &Request::DeviceRemove { dir },
-                "remove",
-            )?)
+            member_request(&target, &Request::DeviceRemove { dir }, "remove")
         }
         DeviceCmd::Replace { target, old, new } => {
             let (old, new) = (abs(&old)?, abs(&new)?);
             if !new.is_dir() {
                 bail!("{} is not a directory", new.display());
             }
-            member_answer(send_with_bar(
-                &target,
-                &Request::DeviceReplace { old, new },
-                "replace",
-            )?)
+            member_request(&target, &Request::DeviceReplace { old, new }, "replace")
         }
     }
 }
 
 pub fn rebalance(target: &Path) -> Result<i32> {
-    member_answer(send_with_bar(target, &Request::Rebalance, "rebalance")?)
+    member_request(target, &Request::Rebalance, "rebalance")
 }
 
 pub fn set(target: &Path, setting: &str) -> Result<i32> {
@@ -199,12 +180,8 @@ pub fn set(target: &Path, setting: &str) -> Result<i32> {
         "copies" => {
             let copies: u32 = value
                 .parse()
-                .map_err(|_| anyhow::anyhow!("copies={value}: not a number"))?;
-            member_answer(send_with_bar(
-                target,
-                &Request::SetCopies { copies },
-                "copies",
-            )?)
+                .map_err(|_| anyhow!("copies={value}: not a number"))?;
+            member_request(target, &Request::SetCopies { copies }, "copies")
         }
         other => bail!("{other}: unknown setting (known: copies)"),
     }

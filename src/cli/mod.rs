@@ -1,28 +1,62 @@
 //! The command line. Each command parses its arguments, calls the library or the
 //! running daemon, and prints for humans or as JSON. Nothing here reads on-disk
 //! formats.
+//!
+//! - [`output`]: human lines, JSON, progress bars, exit codes, logging;
+//! - [`target`]: where a command goes (a daemon, or the pool opened here);
+//! - [`mount`]: mount, unmount, the `mount.fuse.vpool` helper;
+//! - [`status`]: status, health, metrics, check, events, jobs;
+//! - [`admin`]: scrub, member changes, rebalance, settings;
+//! - [`snapshot`]: the snapshot commands;
+//! - [`docs`]: shell completions and man pages.
 
 mod admin;
-mod commands;
+mod docs;
+mod mount;
+pub mod output;
 mod snapshot;
+mod status;
+mod target;
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use output::{EXIT_ERROR, EXIT_USAGE};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "vpool",
     version,
-    about = "Pool directories or disks into one FUSE filesystem of volume images"
+    about = "Pool directories or disks into one FUSE filesystem of volume images",
+    after_help = "Exit codes: 0 done (pool healthy), 1 error, 2 bad usage, \
+                  3 done but the pool is degraded or problems were found."
 )]
 pub struct Cli {
+    /// Say more (repeat for debug logs).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Say only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Answer with one JSON document on stdout (errors too:
+    /// {"error":{"code":N,"message":...}}).
+    #[arg(long, global = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
     crate::util::parse_size(s)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StatusFormat {
+    Text,
+    Json,
+    /// Prometheus text format (node_exporter's textfile collector).
+    Prometheus,
 }
 
 #[derive(Subcommand, Debug)]
@@ -42,18 +76,23 @@ pub enum Command {
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
     },
-    /// Mount the pool that member DIR belongs to.
+    /// Mount the pool that member DIR belongs to (silent on success; -v talks).
     Mount {
-        /// Stay in the foreground (logs to stderr) instead of detaching.
+        /// Stay in the foreground (logs to stderr, or to the journal under
+        /// systemd, which hears READY=1 once mounted) instead of detaching.
         #[arg(long)]
         foreground: bool,
         /// Mount options: allow_other, allow_root, ro, noatime, ..., nonempty, threads=N,
-        /// nowritebackcache.
+        /// nowritebackcache, snapdir=visible, event_hooks=DIR. fstab's
+        /// defaults, nofail, noauto, _netdev and x-* are accepted and ignored.
         #[arg(short = 'o', value_name = "OPTION,...")]
         options: Vec<String>,
         /// Internal: this process is the detached daemon started by `vpool mount`.
         #[arg(long, hide = true)]
         daemon_child: bool,
+        /// Internal: the detached daemon's log file.
+        #[arg(long, hide = true)]
+        log_file: Option<PathBuf>,
         /// Mount even when members diverged (each took writes while the other
         /// was missing): the newest metadata copy wins, and extent files only
         /// the other side references are moved to DIR/quarantine/.
@@ -64,23 +103,23 @@ pub enum Command {
     },
     /// Flush everything to the members and unmount.
     Unmount { mountpoint: PathBuf },
-    /// Show members, space and files of a pool (mountpoint or member directory).
+    /// Show a pool (mountpoint or member directory), or every mounted pool.
     Status {
-        #[arg(long)]
-        json: bool,
-        target: PathBuf,
+        /// Only unhealthy pools ("all pools are healthy" otherwise).
+        #[arg(short = 'x')]
+        unhealthy: bool,
+        #[arg(long, value_enum)]
+        format: Option<StatusFormat>,
+        target: Option<PathBuf>,
     },
-    /// Check an unmounted pool for consistency; exits 0 only when it is consistent.
-    Check {
-        #[arg(long)]
-        json: bool,
-        dir: PathBuf,
-    },
+    /// Check an unmounted pool for consistency (exit 3 when problems are found).
+    Check { dir: PathBuf },
     /// Verify every copy of every block, metadata record and snapshot delta,
-    /// repairing from good copies (online; exits 1 when problems remain).
+    /// repairing from good copies (online; exit 3 when problems remain).
     Scrub {
+        /// Stop the scrub running on the pool.
         #[arg(long)]
-        json: bool,
+        stop: bool,
         target: PathBuf,
     },
     /// Add, remove or replace a member while the pool stays in use.
@@ -92,16 +131,49 @@ pub enum Command {
     Rebalance { target: PathBuf },
     /// Change a pool setting: `copies=N` (re-replicates or trims online).
     Set { target: PathBuf, setting: String },
-    /// Create, list, delete, restore, clone and prune snapshots.
+    /// Create, list, delete, restore, clone, hold and prune snapshots.
     Snapshot {
         #[command(subcommand)]
         cmd: SnapshotCmd,
+    },
+    /// The pool's event history: member failures, repairs, scrubs,
+    /// snapshots, space warnings (all mounted pools without TARGET).
+    Events {
+        /// Keep printing new events as they come.
+        #[arg(short, long)]
+        follow: bool,
+        target: Option<PathBuf>,
+    },
+    /// Long jobs running in mounted pools, with progress; `cancel ID` stops one.
+    Jobs {
+        #[command(subcommand)]
+        cmd: Option<JobsCmd>,
+        /// A pool (all mounted pools without it).
+        target: Option<PathBuf>,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (vpool.1, vpool-mount.1, ...) into DIR.
+    Man { dir: PathBuf },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCmd {
+    /// Stop job ID (`vpool jobs` lists them); work done so far stays.
+    Cancel {
+        id: String,
+        /// The pool (needed only when several pools run a job with that id).
+        target: Option<PathBuf>,
     },
 }
 
 fn kind_arg(s: &str) -> Result<crate::snapshot::Kind, String> {
     crate::snapshot::Kind::parse(s)
         .ok_or_else(|| format!("{s}: expected full, incremental or differential"))
+}
+
+fn within_arg(s: &str) -> Result<u64, String> {
+    crate::snapshot::prune::parse_within(s)
 }
 
 /// TARGET is a mountpoint or a member directory (of a mounted pool or not).
@@ -134,15 +206,18 @@ pub enum SnapshotCmd {
         /// zstd compression level of the deltas, 1 (fastest, default) to 19.
         #[arg(long)]
         level: Option<i32>,
+        /// Name it PREFIX + the local time (YYYY-MM-DD_HHMMSS) instead of NAME.
+        #[arg(long)]
+        auto: bool,
+        /// The prefix of --auto names.
+        #[arg(long, default_value = "auto-", requires = "auto")]
+        prefix: String,
         target: PathBuf,
-        name: String,
+        #[arg(required_unless_present = "auto", conflicts_with = "auto")]
+        name: Option<String>,
     },
     /// List snapshots: kind, base, creation time, sizes, changed blocks, state.
-    List {
-        #[arg(long)]
-        json: bool,
-        target: PathBuf,
-    },
+    List { target: PathBuf },
     /// Delete a snapshot; every other one stays readable and unchanged.
     Delete { target: PathBuf, name: String },
     /// Roll files (all of them when no PATH is given) back to their content in
@@ -160,9 +235,17 @@ pub enum SnapshotCmd {
         path: PathBuf,
         newpath: PathBuf,
     },
-    /// Delete the snapshots the keep rules do not keep (restic's rules).
+    /// Keep a snapshot: prune passes over it and delete refuses it.
+    Hold { target: PathBuf, name: String },
+    /// Undo `hold`.
+    Release { target: PathBuf, name: String },
+    /// Delete the snapshots the keep rules do not keep (restic's rules, in
+    /// local time), of those named with --prefix; held ones always stay.
     Prune {
         target: PathBuf,
+        /// Only snapshots whose name starts with this (e.g. auto-).
+        #[arg(long)]
+        prefix: Option<String>,
         #[arg(long, default_value_t = 0)]
         keep_last: u32,
         #[arg(long, default_value_t = 0)]
@@ -173,6 +256,11 @@ pub enum SnapshotCmd {
         keep_weekly: u32,
         #[arg(long, default_value_t = 0)]
         keep_monthly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_yearly: u32,
+        /// Keep all snapshots made within this long of the newest (36h, 7d, 2w, 6m, 1y).
+        #[arg(long, value_parser = within_arg)]
+        keep_within: Option<u64>,
         /// Only print what would be deleted.
         #[arg(long)]
         dry_run: bool,
@@ -181,7 +269,42 @@ pub enum SnapshotCmd {
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let args: Vec<String> = std::env::args().collect();
+    // mount(8) runs `mount.fuse.vpool` (a link to this binary) for fstab
+    // lines of type fuse.vpool.
+    let argv0 = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if argv0.starts_with("mount.") {
+        return mount::helper(&args);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return 0;
+            }
+            if args.iter().any(|a| a == "--json") {
+                output::set(output::Ui {
+                    json: true,
+                    ..Default::default()
+                });
+                output::error(EXIT_USAGE, e.to_string().trim());
+                return EXIT_USAGE;
+            }
+            let _ = e.print();
+            return EXIT_USAGE;
+        }
+    };
+    output::set(output::Ui {
+        json: cli.json,
+        quiet: cli.quiet,
+        verbose: cli.verbose,
+    });
     if !matches!(cli.command, Command::Mount { .. }) {
         // Like other Unix tools, die quietly when the reader of our output goes
         // away (`vpool status | head`). The daemon keeps SIGPIPE ignored.
@@ -189,12 +312,66 @@ pub fn main() -> i32 {
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
+        output::init_cli_logging();
     }
-    match commands::run(cli.command) {
+    match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vpool: error: {e:#}");
-            1
+            output::error(EXIT_ERROR, &format!("{e:#}"));
+            EXIT_ERROR
         }
+    }
+}
+
+fn run(cmd: Command) -> anyhow::Result<i32> {
+    match cmd {
+        Command::Create {
+            copies,
+            extent_size,
+            block_size,
+            dirs,
+        } => admin::create(&dirs, copies, extent_size, block_size),
+        Command::Mount {
+            foreground,
+            mut options,
+            daemon_child,
+            log_file,
+            force,
+            dir,
+            mountpoint,
+        } => {
+            if force {
+                options.push("force".into());
+            }
+            mount::mount(mount::MountArgs {
+                dir: &dir,
+                mountpoint: &mountpoint,
+                options: &options,
+                foreground,
+                daemon_child,
+                log_file: log_file.as_deref(),
+            })
+        }
+        Command::Unmount { mountpoint } => mount::unmount(&mountpoint),
+        Command::Status {
+            unhealthy,
+            format,
+            target,
+        } => status::status(target.as_deref(), unhealthy, format),
+        Command::Check { dir } => status::check(&dir),
+        Command::Scrub { stop, target } => admin::scrub(&target, stop),
+        Command::Device { cmd } => admin::device(cmd),
+        Command::Rebalance { target } => admin::rebalance(&target),
+        Command::Set { target, setting } => admin::set(&target, &setting),
+        Command::Snapshot { cmd } => snapshot::run(cmd),
+        Command::Events { follow, target } => status::events(target.as_deref(), follow),
+        Command::Jobs { cmd, target } => match cmd {
+            None => status::jobs(target.as_deref()),
+            Some(JobsCmd::Cancel { id, target: t }) => {
+                status::job_cancel(&id, t.as_deref().or(target.as_deref()))
+            }
+        },
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Man { dir } => docs::man(&dir),
     }
 }

@@ -1,59 +1,16 @@
 //! `vpool snapshot ...`: sends the request to the daemon serving the pool, or,
 //! when the pool is not mounted, opens it here and runs the same request.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use super::SnapshotCmd;
-use super::commands::pid_alive;
-use crate::control::{self, Request, Response};
-use crate::daemon;
-use crate::fs::{Vfs, VfsOptions};
-use crate::pool::{Pool, read_lock_info};
+use super::output::{json, say, ui};
+use super::target::{Target, expect_done, resolve, send};
+use crate::control::{Request, Response};
 use crate::snapshot::PrunePolicy;
-use crate::util::{human, utc_string};
-
-/// Where requests for `target` go.
-pub(super) enum Target {
-    Mounted(PathBuf),
-    Offline(PathBuf),
-}
-
-pub(super) fn resolve(target: &Path) -> Result<Target> {
-    let canon = std::fs::canonicalize(target)
-        .with_context(|| format!("{} does not exist", target.display()))?;
-    if crate::pool::label::has_label(&crate::storage::real::RealStorage, &canon) {
-        if let Some((pid, mp)) = read_lock_info(&crate::storage::real::RealStorage, &canon)
-            && pid_alive(pid)
-        {
-            return Ok(Target::Mounted(mp));
-        }
-        return Ok(Target::Offline(canon));
-    }
-    if daemon::mount_type(&canon).is_some() {
-        return Ok(Target::Mounted(canon));
-    }
-    bail!(
-        "{} is neither a vpool mountpoint nor a member directory",
-        canon.display()
-    )
-}
-
-fn send(target: &Target, req: &Request) -> Result<Response> {
-    match target {
-        Target::Mounted(mp) => control::request(mp, req)
-            .with_context(|| format!("no vpool daemon answers for {}", mp.display())),
-        Target::Offline(dir) => {
-            let pool = Pool::open(dir)?;
-            let vfs = Vfs::mount(pool, VfsOptions::default())?;
-            let resp = control::execute(&vfs, req);
-            vfs.snaps.wait_idle();
-            vfs.commit().context("final commit")?;
-            Ok(resp)
-        }
-    }
-}
+use crate::util::human;
 
 /// A path as the pool sees it: relative paths are taken as inside the pool;
 /// absolute ones must lie under the mountpoint.
@@ -101,11 +58,21 @@ fn flush_kernel(target: &Target) {
     }
 }
 
-fn expect_done(resp: Response) -> Result<Response> {
-    match resp {
-        Response::Error { message } => bail!("{message}"),
-        other => Ok(other),
-    }
+/// A time for humans: local, to the second.
+fn local_time(secs: i64) -> String {
+    jiff::Timestamp::from_second(secs)
+        .map(|t| {
+            t.to_zoned_datetime(jiff::tz::TimeZone::system())
+                .strftime("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|_| secs.to_string())
+}
+
+/// The IANA name of this machine's time zone, for prune's calendar buckets
+/// in the daemon.
+fn local_zone() -> Option<String> {
+    jiff::tz::TimeZone::system().iana_name().map(str::to_string)
 }
 
 pub fn run(cmd: SnapshotCmd) -> Result<i32> {
@@ -114,74 +81,116 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32> {
             kind,
             wait,
             level,
+            auto,
+            prefix,
             target,
             name,
         } => {
             let t = resolve(&target)?;
             flush_kernel(&t);
-            let resp = expect_done(send(
-                &t,
-                &Request::SnapshotCreate {
-                    name,
+            let base = match (auto, name) {
+                (_, Some(n)) => n,
+                (true, None) => crate::snapshot::prune::auto_name(
+                    &prefix,
+                    jiff::Timestamp::now().as_second(),
+                    &jiff::tz::TimeZone::system(),
+                ),
+                (false, None) => bail!("give a NAME, or --auto"),
+            };
+            // Two automatic snapshots in one second get -2, -3, ...
+            let mut attempt = 1;
+            let resp = loop {
+                let name = if attempt == 1 {
+                    base.clone()
+                } else {
+                    format!("{base}-{attempt}")
+                };
+                let req = Request::SnapshotCreate {
+                    name: name.clone(),
                     kind,
                     wait,
                     level,
-                },
-            )?)?;
+                };
+                let r = send(&t, &req, "capture", "blocks")?;
+                match r {
+                    Response::Error { message }
+                        if auto && message.contains("already exists") && attempt < 10 =>
+                    {
+                        tracing::debug!("{message}; trying the next name");
+                        attempt += 1;
+                    }
+                    other => break expect_done(other)?,
+                }
+            };
             if let Response::Snapshot(i) = resp {
-                let base = i.base.map(|b| format!(", base {b}")).unwrap_or_default();
+                json(&i);
+                let base = i
+                    .base
+                    .as_ref()
+                    .map(|b| format!(", base {b}"))
+                    .unwrap_or_default();
                 if i.state == "complete" {
-                    println!(
+                    say(format!(
                         "snapshot {} created ({}{base}): {} changed block(s), {} stored",
                         i.name,
                         i.kind,
                         i.changed_blocks,
                         human(i.stored_bytes)
-                    );
+                    ));
                 } else {
-                    println!(
+                    say(format!(
                         "snapshot {} created ({}{base}), {}; {} block(s) to capture",
                         i.name, i.kind, i.state, i.changed_blocks
-                    );
+                    ));
                 }
             }
             Ok(0)
         }
-        SnapshotCmd::List { json, target } => {
+        SnapshotCmd::List { target } => {
             let t = resolve(&target)?;
-            let Response::Snapshots { list } = expect_done(send(&t, &Request::SnapshotList)?)?
+            let Response::Snapshots { list } =
+                expect_done(send(&t, &Request::SnapshotList, "list", "")?)?
             else {
                 bail!("unexpected answer");
             };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+            json(&list);
+            if ui().json {
                 return Ok(0);
             }
-            println!(
-                "{:<20} {:<12} {:<20} {:<19} {:>10} {:>10} {:>10}  STATE",
-                "NAME", "KIND", "BASE", "CREATED (UTC)", "LOGICAL", "STORED", "CHANGED"
-            );
+            say(format!(
+                "{:<24} {:<12} {:<20} {:<19} {:>10} {:>10} {:>10}  STATE",
+                "NAME", "KIND", "BASE", "CREATED (LOCAL)", "LOGICAL", "STORED", "CHANGED"
+            ));
             for i in list {
-                println!(
-                    "{:<20} {:<12} {:<20} {:<19} {:>10} {:>10} {:>10}  {}",
+                say(format!(
+                    "{:<24} {:<12} {:<20} {:<19} {:>10} {:>10} {:>10}  {}{}",
                     i.name,
                     i.kind,
-                    i.base.unwrap_or_else(|| "-".into()),
-                    utc_string(i.created),
+                    i.base.clone().unwrap_or_else(|| "-".into()),
+                    local_time(i.created),
                     human(i.logical_bytes),
                     human(i.stored_bytes),
                     i.changed_blocks,
-                    i.state
-                );
+                    i.state,
+                    if i.held { " (held)" } else { "" }
+                ));
             }
             Ok(0)
         }
         SnapshotCmd::Delete { target, name } => {
             let t = resolve(&target)?;
-            expect_done(send(&t, &Request::SnapshotDelete { name: name.clone() })?)?;
-            println!("snapshot {name} deleted");
+            expect_done(send(
+                &t,
+                &Request::SnapshotDelete { name: name.clone() },
+                "delete",
+                "files",
+            )?)?;
+            say(format!("snapshot {name} deleted"));
+            json(&serde_json::json!({ "deleted": name }));
             Ok(0)
         }
+        SnapshotCmd::Hold { target, name } => hold(&target, name, true),
+        SnapshotCmd::Release { target, name } => hold(&target, name, false),
         SnapshotCmd::Restore {
             target,
             name,
@@ -199,12 +208,15 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32> {
                     name: name.clone(),
                     paths: paths.clone(),
                 },
+                "restore",
+                "blocks",
             )?)?;
             if let Response::Restored(r) = resp {
-                println!(
+                json(&r);
+                say(format!(
                     "restored {} file(s) from {name}: {} block(s) written, {} punched, {} compared",
                     r.files, r.blocks_written, r.blocks_punched, r.blocks_compared
-                );
+                ));
             }
             Ok(0)
         }
@@ -224,17 +236,23 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32> {
                     path: path.clone(),
                     newpath: newpath.clone(),
                 },
+                "clone",
+                "",
             )?)?;
-            println!("cloned {path} of snapshot {name} to {newpath}");
+            say(format!("cloned {path} of snapshot {name} to {newpath}"));
+            json(&serde_json::json!({ "snapshot": name, "path": path, "clone": newpath }));
             Ok(0)
         }
         SnapshotCmd::Prune {
             target,
+            prefix,
             keep_last,
             keep_hourly,
             keep_daily,
             keep_weekly,
             keep_monthly,
+            keep_yearly,
+            keep_within,
             dry_run,
         } => {
             let t = resolve(&target)?;
@@ -244,18 +262,52 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32> {
                 keep_daily,
                 keep_weekly,
                 keep_monthly,
+                keep_yearly,
+                keep_within_secs: keep_within.unwrap_or(0),
+                prefix,
+                time_zone: local_zone(),
             };
-            let resp = expect_done(send(&t, &Request::SnapshotPrune { policy, dry_run })?)?;
-            if let Response::Pruned { names } = resp {
+            let resp = expect_done(send(
+                &t,
+                &Request::SnapshotPrune { policy, dry_run },
+                "prune",
+                "snapshots",
+            )?)?;
+            if let Response::Pruned { plan } = resp {
+                json(&serde_json::json!({ "dry_run": dry_run, "snapshots": plan }));
                 let verb = if dry_run { "would delete" } else { "deleted" };
-                if names.is_empty() {
-                    println!("nothing to delete: every snapshot is kept");
+                let gone: Vec<_> = plan.iter().filter(|d| !d.keep).collect();
+                if gone.is_empty() {
+                    say("nothing to delete: every snapshot is kept");
                 }
-                for n in names {
-                    println!("{verb} {n}");
+                for d in &plan {
+                    if d.keep {
+                        if ui().verbose > 0 {
+                            say(format!("keep {} ({})", d.name, d.reasons.join(", ")));
+                        }
+                    } else {
+                        say(format!("{verb} {} ({})", d.name, d.reasons.join(", ")));
+                    }
                 }
             }
             Ok(0)
         }
     }
+}
+
+fn hold(target: &Path, name: String, held: bool) -> Result<i32> {
+    let t = resolve(target)?;
+    expect_done(send(
+        &t,
+        &Request::SnapshotHold {
+            name: name.clone(),
+            held,
+        },
+        "hold",
+        "",
+    )?)?;
+    let verb = if held { "held" } else { "released" };
+    say(format!("snapshot {name} {verb}"));
+    json(&serde_json::json!({ "snapshot": name, "held": held }));
+    Ok(0)
 }

@@ -1,0 +1,111 @@
+//! Where a command goes: the daemon serving a mounted pool, or the pool
+//! opened here when it is not mounted ("open, run, commit"), with progress
+//! bars and the job id of long requests.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use super::output::{bar, ui};
+use crate::control::{self, Request, Response};
+use crate::daemon;
+use crate::fs::{Vfs, VfsOptions};
+use crate::pool::{Pool, read_lock_info};
+
+/// Where requests for a target go.
+pub enum Target {
+    Mounted(PathBuf),
+    Offline(PathBuf),
+}
+
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// TARGET is a mountpoint or a member directory (of a mounted pool or not).
+pub fn resolve(target: &Path) -> Result<Target> {
+    let canon = std::fs::canonicalize(target)
+        .with_context(|| format!("{} does not exist", target.display()))?;
+    if crate::pool::label::has_label(&crate::storage::real::RealStorage, &canon) {
+        if let Some((pid, mp)) = read_lock_info(&crate::storage::real::RealStorage, &canon)
+            && pid_alive(pid)
+        {
+            return Ok(Target::Mounted(mp));
+        }
+        return Ok(Target::Offline(canon));
+    }
+    if daemon::mount_type(&canon).is_some() {
+        return Ok(Target::Mounted(canon));
+    }
+    bail!(
+        "{} is neither a vpool mountpoint nor a member directory",
+        canon.display()
+    )
+}
+
+/// The mountpoints of every vpool mount this process can see.
+pub fn mounted_pools() -> Vec<PathBuf> {
+    std::fs::read("/proc/self/mountinfo")
+        .map(|b| daemon::mounts_of_type(&String::from_utf8_lossy(&b), "fuse.vpool"))
+        .unwrap_or_default()
+}
+
+/// Opens an unmounted pool here, runs `f` on it and commits.
+pub fn offline<T>(dir: &Path, f: impl FnOnce(&Vfs) -> T) -> Result<T> {
+    let pool = Pool::open(dir)?;
+    let vfs = Vfs::mount(pool, VfsOptions::default())?;
+    let r = f(&vfs);
+    vfs.snaps.wait_idle();
+    vfs.commit().context("final commit")?;
+    Ok(r)
+}
+
+/// Sends `req`, drawing a progress bar labelled `what` in `unit`s; a long
+/// request run by a daemon tells its job id (on a terminal: how to see or
+/// stop it after Ctrl-C).
+pub fn send(target: &Target, req: &Request, what: &str, unit: &str) -> Result<Response> {
+    let pb = bar(what, unit);
+    let resp = match target {
+        Target::Mounted(mp) => {
+            let mut each = |r: &Response| {
+                match r {
+                    Response::Progress { done, total } => {
+                        pb.set_length(*total);
+                        pb.set_position(*done);
+                    }
+                    Response::Job { id } => {
+                        let u = ui();
+                        if !u.json && !u.quiet && std::io::stderr().is_terminal() {
+                            pb.println(format!(
+                                "job {id}: Ctrl-C leaves it running (`vpool jobs` shows it, `vpool jobs cancel {id}` stops it)"
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+                true
+            };
+            control::request_stream(mp, req, &mut each)
+                .with_context(|| format!("no vpool daemon answers for {}", mp.display()))?
+        }
+        Target::Offline(dir) => offline(dir, |vfs| {
+            control::execute_with_progress(vfs, req, &mut |done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+                true
+            })
+        })?,
+    };
+    pb.finish_and_clear();
+    Ok(resp)
+}
+
+/// The answer, or its error as an error.
+pub fn expect_done(resp: Response) -> Result<Response> {
+    match resp {
+        Response::Error { message } => bail!("{message}"),
+        other => Ok(other),
+    }
+}
