@@ -2,16 +2,25 @@
 //! regular files are block-mapped volume images striped in extents across the
 //! members.
 //!
-//! Layers, each only looking down:
+//! Layers, top to bottom; each looks only down:
 //! - [`cli`]: the command line; talks to the library or to a running daemon.
-//! - [`control`]: the admin socket between the CLI and a mounted daemon.
-//! - [`fs`]: the POSIX view (namespace, handles) and the thin `fuser` adapter.
+//! - [`daemon`], [`control`], [`hooks`]: the mounted daemon, its admin
+//!   socket and its event hooks.
+//! - [`fs`]: the POSIX view (namespace, handles, `.snapshots`, long jobs) and
+//!   the thin `fuser` adapter (`fs::fuse`, the only user of `fuser` with
+//!   `daemon`).
+//! - [`snapshot`]: snapshot records, delta files, capture, chain reads,
+//!   merge, prune rules.
 //! - [`volume`]: a file's extent map and its read/write/punch/seek path.
-//! - [`pool`]: members, their labels, the metadata store, placement, space.
-//! - [`snapshot`]: snapshot records, delta files, capture, chain reads, merge.
+//! - [`pool`]: members, their labels, the metadata store, placement, space,
+//!   the operational record.
+//! - [`storage`]: the seam every member file goes through (the host
+//!   filesystem, or the simulated disk in tests).
+//! - [`error`], [`bytes`], [`util`]: errors and their errno table, bounded
+//!   decoding, small helpers; used by all.
 //!
-//! The storage core ([`pool`], [`volume`], [`fs::core`]) never imports `fuser`
-//! or `clap`.
+//! The storage core ([`pool`], [`volume`], [`snapshot`], [`fs::core`]) never
+//! imports `fuser` or `clap`.
 
 pub mod bytes;
 pub mod cli;
