@@ -58,6 +58,9 @@ install_deps() {
     local pkgs=()
     command -v fusermount3 >/dev/null 2>&1 || pkgs+=(fuse3)
     command -v fio >/dev/null 2>&1 || pkgs+=(fio)
+    # tests/units.rs verifies the unit files; tests/ops.rs mounts from an fstab.
+    command -v systemd-analyze >/dev/null 2>&1 || pkgs+=(systemd)
+    command -v findmnt >/dev/null 2>&1 || pkgs+=(util-linux)
     if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
         pkgs+=(qemu-utils)
     fi
