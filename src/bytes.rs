@@ -1,6 +1,7 @@
-//! Bounded parsing of on-disk data: whole files read under a size cap, a
-//! bounds-checked little-endian cursor, and bincode decoding limited to the
-//! input (see `docs/design.md`, "Parser validation and fuzzing").
+//! Bounded parsing of on-disk data: whole files read under a size cap, the
+//! two little-endian readers every parser uses ([`Fields`] for records of
+//! fixed size, [`LeReader`] for a cursor over variable ones), and bincode
+//! decoding limited to the input (see `docs/design.md`, "Parser validation and fuzzing").
 
 use std::io;
 use std::path::Path;
@@ -33,6 +34,70 @@ pub fn read_capped(s: &dyn Storage, path: &Path, cap: u64) -> io::Result<Vec<u8>
         return Err(too_big(len + 1));
     }
     Ok(buf)
+}
+
+/// A record of fixed size whose fields sit at the offsets of its byte map
+/// (headers, footers, index entries, sum and intent records). The length is
+/// checked once, when it is made; a field read then cannot run past it (an
+/// offset beyond the record is a bug in the caller's byte map: it reads as
+/// zeros and fails a debug assertion, never a panic in release).
+#[derive(Clone, Copy, Debug)]
+pub struct Fields<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Fields<'a> {
+    /// `b` must be exactly `len` bytes: `what` names the record in the error.
+    pub fn exact(b: &'a [u8], len: usize, what: &str) -> Result<Self, String> {
+        if b.len() != len {
+            return Err(format!("{what} of {} bytes, not {len}", b.len()));
+        }
+        Ok(Fields { b })
+    }
+
+    /// `b` must hold at least `len` bytes (a header followed by more).
+    pub fn at_least(b: &'a [u8], len: usize, what: &str) -> Result<Self, String> {
+        if b.len() < len {
+            return Err(format!("{what} of {} bytes, shorter than {len}", b.len()));
+        }
+        Ok(Fields { b })
+    }
+
+    pub fn bytes(&self, off: usize, n: usize) -> &'a [u8] {
+        let r = off.checked_add(n).and_then(|end| self.b.get(off..end));
+        debug_assert!(
+            r.is_some(),
+            "field {off}+{n} beyond a {}-byte record",
+            self.b.len()
+        );
+        r.unwrap_or(&[])
+    }
+
+    fn array<const N: usize>(&self, off: usize) -> [u8; N] {
+        self.bytes(off, N).try_into().unwrap_or([0; N])
+    }
+
+    pub fn u8(&self, off: usize) -> u8 {
+        self.array::<1>(off)[0]
+    }
+
+    pub fn u16(&self, off: usize) -> u16 {
+        u16::from_le_bytes(self.array(off))
+    }
+
+    pub fn u32(&self, off: usize) -> u32 {
+        u32::from_le_bytes(self.array(off))
+    }
+
+    pub fn u64(&self, off: usize) -> u64 {
+        u64::from_le_bytes(self.array(off))
+    }
+
+    /// CRC-32C of the bytes before `off` equals the u32 at `off` (the usual
+    /// last field of a header).
+    pub fn crc_ok(&self, off: usize) -> bool {
+        crc32c::crc32c(self.bytes(0, off)) == self.u32(off)
+    }
 }
 
 /// A cursor over little-endian fields; every read is bounds-checked and fails

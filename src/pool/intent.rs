@@ -63,15 +63,11 @@ pub fn encode(tag: u64, ino: u64, index: u64) -> [u8; RECORD_LEN] {
 
 /// `(tag, ino, index)` of a valid record.
 pub fn decode(r: &[u8]) -> Option<(u64, u64, u64)> {
-    if r.len() != RECORD_LEN || &r[0..4] != INTENT_MAGIC {
+    let f = crate::bytes::Fields::exact(r, RECORD_LEN, "intent record").ok()?;
+    if f.bytes(0, 4) != INTENT_MAGIC || !f.crc_ok(28) {
         return None;
     }
-    let crc = u32::from_le_bytes(r[28..32].try_into().ok()?);
-    if crc32c::crc32c(&r[0..28]) != crc {
-        return None;
-    }
-    let u = |a: usize| u64::from_le_bytes(r[a..a + 8].try_into().unwrap_or_default());
-    Some((u(4), u(12), u(20)))
+    Some((f.u64(4), f.u64(12), f.u64(20)))
 }
 
 /// Calls `each(slot, record)` for every valid record of intent file `f`

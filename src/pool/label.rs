@@ -137,7 +137,7 @@ impl Label {
             return Err("bad magic".into());
         }
         let (body, crc) = b.split_at(b.len() - 4);
-        let want = u32::from_le_bytes(crc.try_into().map_err(|_| "crc")?);
+        let want = crate::bytes::Fields::exact(crc, 4, "label checksum")?.u32(0);
         if crc32c::crc32c(body) != want {
             return Err("checksum mismatch".into());
         }

@@ -140,11 +140,12 @@ pub fn check_blob(b: &[u8]) -> std::result::Result<&[u8], String> {
     if b.len() < 8 {
         return Err("record too short".into());
     }
-    let version = u16::from_le_bytes([b[0], b[1]]);
+    let f = crate::bytes::Fields::at_least(b, 8, "record")?;
+    let version = f.u16(0);
     if version != RECORD_VERSION {
         return Err(format!("unsupported record version {version}"));
     }
-    let crc = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let crc = f.u32(4);
     if crc32c::crc32c(&b[8..]) != crc {
         return Err("record checksum mismatch".into());
     }

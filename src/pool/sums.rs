@@ -32,6 +32,7 @@
 //! data, and that extent then has an intent record, so recovery after a crash
 //! recomputes its table from the data (see `Volume::resync`).
 
+use crate::bytes::Fields;
 use std::io;
 use std::path::Path;
 
@@ -96,40 +97,29 @@ fn pages(entries: u32) -> u64 {
     u64::from(entries).div_ceil(SUM_PAGE_ENTRIES as u64)
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut w = [0u8; 4];
-    w.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(w)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(w)
-}
-
 /// Decodes a sum file into its generation and entries; the error says what is
 /// wrong with it.
 pub fn decode(bytes: &[u8], id: SumId) -> Result<(u64, Vec<u32>), String> {
     if bytes.len() < SUM_HEADER {
         return Err(format!("{} bytes, shorter than the header", bytes.len()));
     }
-    if bytes[..8] != SUM_MAGIC {
+    let h = Fields::at_least(bytes, SUM_HEADER, "sum file")?;
+    if h.bytes(0, 8) != SUM_MAGIC {
         return Err("bad magic".into());
     }
-    if crc32c::crc32c(&bytes[..56]) != le32(bytes, 56) {
+    if !h.crc_ok(56) {
         return Err("header checksum mismatch".into());
     }
-    let version = le32(bytes, 8);
+    let version = h.u32(8);
     if version != SUM_VERSION && version != 1 {
         return Err(format!("unsupported version {version}"));
     }
     let got = SumId {
-        block_size: le32(bytes, 12),
-        ino: le64(bytes, 16),
-        index: le64(bytes, 24),
-        file_id: le64(bytes, 32),
-        entries: le32(bytes, 40),
+        block_size: h.u32(12),
+        ino: h.u64(16),
+        index: h.u64(24),
+        file_id: h.u64(32),
+        entries: h.u32(40),
     };
     if got != id {
         return Err(format!("belongs to {got:?}, not {id:?}"));
@@ -148,9 +138,9 @@ pub fn decode(bytes: &[u8], id: SumId) -> Result<(u64, Vec<u32>), String> {
     }
     let table = &bytes[SUM_HEADER..SUM_HEADER + 4 * n];
     if version != 1 {
-        let sums = &bytes[SUM_HEADER + 4 * n..];
+        let sums = Fields::at_least(&bytes[SUM_HEADER + 4 * n..], 0, "page checksums")?;
         for (k, page) in table.chunks(SUM_PAGE_ENTRIES * 4).enumerate() {
-            if crc32c::crc32c(page) != le32(sums, 4 * k) {
+            if crc32c::crc32c(page) != sums.u32(4 * k) {
                 return Err(format!(
                     "entries {}..{} damaged (page checksum mismatch)",
                     k * SUM_PAGE_ENTRIES,
@@ -159,8 +149,9 @@ pub fn decode(bytes: &[u8], id: SumId) -> Result<(u64, Vec<u32>), String> {
             }
         }
     }
-    let entries = (0..n).map(|i| le32(table, 4 * i)).collect();
-    Ok((le64(bytes, 48), entries))
+    let t = Fields::exact(table, 4 * n, "sum table")?;
+    let entries = (0..n).map(|i| t.u32(4 * i)).collect();
+    Ok((h.u64(48), entries))
 }
 
 /// Length of the sum file of `id`: the header, 4 bytes an entry and 4 bytes
@@ -231,6 +222,9 @@ mod tests {
         // page checksum for up to 1024 entries.
         assert_eq!(b.len(), SUM_HEADER + 16 + 4);
         assert_eq!(&b[0..8], b"VPOOLSUM");
+        let f = Fields::at_least(&b, b.len(), "sum file").unwrap();
+        let le32 = |_: &[u8], o: usize| f.u32(o);
+        let le64 = |_: &[u8], o: usize| f.u64(o);
         assert_eq!(le32(&b, 8), 2);
         assert_eq!(le32(&b, 40), 4);
         assert_eq!(le64(&b, 48), 42);

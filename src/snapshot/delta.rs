@@ -61,6 +61,7 @@
 //! before [`DeltaWriter::finish`] returned, and is responsible for fsyncing the
 //! directory holding it.
 
+use crate::bytes::Fields;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -130,18 +131,6 @@ fn check_block_size(block_size: u32) -> Result<(), String> {
     Ok(())
 }
 
-fn u32_at(b: &[u8], off: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[off..off + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryKind {
     /// Blocks stored in a frame.
@@ -207,21 +196,19 @@ impl Entry {
     /// Decodes and checks one entry on its own (not its place in the file):
     /// `b` is [`ENTRY_LEN`] bytes.
     pub fn decode(b: &[u8]) -> Result<Entry, String> {
-        if b.len() != ENTRY_LEN as usize {
-            return Err(format!("index entry of {} bytes", b.len()));
-        }
-        let kind =
-            EntryKind::from_u8(b[12]).ok_or_else(|| format!("unknown entry kind {}", b[12]))?;
-        if b[13..16] != [0, 0, 0] {
+        let f = Fields::exact(b, ENTRY_LEN as usize, "index entry")?;
+        let kind = EntryKind::from_u8(f.u8(12))
+            .ok_or_else(|| format!("unknown entry kind {}", f.u8(12)))?;
+        if f.bytes(13, 3) != [0, 0, 0] {
             return Err("nonzero entry padding".into());
         }
         let e = Entry {
-            start: u64_at(b, 0),
-            count: u32_at(b, 8),
+            start: f.u64(0),
+            count: f.u32(8),
             kind,
-            offset: u64_at(b, 16),
-            clen: u32_at(b, 24),
-            crc: u32_at(b, 28),
+            offset: f.u64(16),
+            clen: f.u32(24),
+            crc: f.u32(28),
         };
         if e.count == 0 {
             return Err(format!("entry at block {} has no blocks", e.start));
@@ -288,33 +275,31 @@ impl DeltaHeader {
 
     /// Decodes and checks a header: `b` is [`HEADER_LEN`] bytes.
     pub fn decode(b: &[u8]) -> Result<DeltaHeader, String> {
-        if b.len() != HEADER_LEN as usize {
-            return Err(format!("header of {} bytes", b.len()));
-        }
-        if b[0..8] != MAGIC {
+        let f = Fields::exact(b, HEADER_LEN as usize, "header")?;
+        if f.bytes(0, 8) != MAGIC {
             return Err("bad header magic".into());
         }
-        if crc32c::crc32c(&b[0..60]) != u32_at(b, 60) {
+        if !f.crc_ok(60) {
             return Err("header checksum mismatch".into());
         }
-        let version = u32_at(b, 8);
+        let version = f.u32(8);
         if version != VERSION {
             return Err(format!("unsupported version {version}"));
         }
-        let header_len = u32_at(b, 12);
+        let header_len = f.u32(12);
         if u64::from(header_len) != HEADER_LEN {
             return Err(format!("unsupported header length {header_len}"));
         }
-        let flags = u32_at(b, 52);
+        let flags = f.u32(52);
         if flags != 0 {
             return Err(format!("unsupported flags {flags:#x}"));
         }
         let h = DeltaHeader {
-            snap_id: u64_at(b, 16),
-            base_id: u64_at(b, 24),
-            ino: u64_at(b, 32),
-            file_size: u64_at(b, 40),
-            block_size: u32_at(b, 48),
+            snap_id: f.u64(16),
+            base_id: f.u64(24),
+            ino: f.u64(32),
+            file_size: f.u64(40),
+            block_size: f.u32(48),
         };
         check_block_size(h.block_size)?;
         Ok(h)
@@ -374,25 +359,23 @@ impl Footer {
     /// its last [`FOOTER_LEN`] bytes; the index must lie between the header
     /// and the footer and end exactly where the footer starts.
     pub fn decode(b: &[u8], file_len: u64) -> Result<Footer, String> {
-        if b.len() != FOOTER_LEN as usize {
-            return Err(format!("footer of {} bytes", b.len()));
-        }
+        let r = Fields::exact(b, FOOTER_LEN as usize, "footer")?;
         if file_len < HEADER_LEN + FOOTER_LEN {
             return Err(format!("{file_len} bytes, shorter than header and footer"));
         }
-        if b[0..8] != FOOTER_MAGIC {
+        if r.bytes(0, 8) != FOOTER_MAGIC {
             return Err("bad footer magic (incomplete or truncated file)".into());
         }
-        if crc32c::crc32c(&b[0..32]) != u32_at(b, 32) {
+        if !r.crc_ok(32) {
             return Err("footer checksum mismatch".into());
         }
-        if u32_at(b, 36) != 0 {
+        if r.u32(36) != 0 {
             return Err("nonzero reserved footer bytes 36..40".into());
         }
         let f = Footer {
-            index_offset: u64_at(b, 8),
-            entry_count: u64_at(b, 16),
-            index_crc: u32_at(b, 24),
+            index_offset: r.u64(8),
+            entry_count: r.u64(16),
+            index_crc: r.u32(24),
         };
         let index_end = file_len - FOOTER_LEN;
         let index_len = f.entry_count.checked_mul(ENTRY_LEN);
@@ -1473,6 +1456,11 @@ mod tests {
         let (entries, _) = small_delta(&p);
         let b = std::fs::read(&p).unwrap();
         assert_eq!(&b[0..8], b"VPOOLDLT");
+        fn fields(s: &[u8]) -> Fields<'_> {
+            Fields::at_least(s, 0, "").unwrap()
+        }
+        let u32_at = |s: &[u8], o: usize| fields(s).u32(o);
+        let u64_at = |s: &[u8], o: usize| fields(s).u64(o);
         assert_eq!(u32_at(&b, 8), 1);
         assert_eq!(u32_at(&b, 12), 64);
         assert_eq!(u64_at(&b, 16), 7);
