@@ -15,9 +15,10 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::label::{self, MemberEntry, has_label, read_label, write_label};
-use super::meta::{self, MemberStore, MetaImage};
-use super::{DATA_DIR, LOCK_FILE, Member, Pool, admit_member_dir, canonical_dir, try_lock};
+use super::label::{MemberEntry, has_label, read_label, write_label};
+use super::layout::{self, DATA_DIR, LOCK_FILE, META_FILE};
+use super::meta::{MemberStore, MetaImage};
+use super::{Member, Pool, admit_member_dir, canonical_dir, try_lock};
 use crate::error::{Error, Result};
 
 /// What `add_member` found.
@@ -87,7 +88,7 @@ impl Pool {
         s.make_private(&dir).map_err(|e| Error::io(&dir, e))?;
         let data = dir.join(DATA_DIR);
         crate::storage::create_dir_all(s, &data).map_err(|e| Error::io(&data, e))?;
-        let _ = s.remove_file(&dir.join(meta::META_FILE));
+        let _ = s.remove_file(&dir.join(META_FILE));
         let store = MemberStore::create(s, &dir, image)?;
         s.sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         l.members.push(entry.clone());
@@ -145,16 +146,17 @@ impl Pool {
             && m.probe().is_ok()
         {
             let s = self.storage();
-            for f in label::LABEL_FILES {
+            for f in layout::LABEL_FILES {
                 let _ = s.remove_file(&m.dir.join(f));
             }
             let _ = s.sync_dir(&m.dir);
             *m.store.lock() = None;
-            for f in [meta::META_FILE, "intent.0", "intent.1", LOCK_FILE] {
+            let [intent0, intent1] = layout::INTENT_FILES;
+            for f in [META_FILE, intent0, intent1, LOCK_FILE] {
                 let _ = s.remove_file(&m.dir.join(f));
             }
             let _ = crate::storage::remove_dir_all(s, &m.data_dir);
-            let _ = crate::storage::remove_dir_all(s, &m.dir.join("snap"));
+            let _ = crate::storage::remove_dir_all(s, &m.dir.join(layout::SNAP_DIR));
         }
         tracing::info!(member = %entry.path.display(), id, "member retired");
         Ok(())

@@ -2,22 +2,14 @@
 //! `data/` directory of extent files), placement of new extents, space accounting,
 //! and the locks that keep two daemons off one pool.
 //!
-//! Member directory layout:
-//! ```text
-//! DIR/vpool-label.0, DIR/vpool-label.1   two copies of the label (label.rs)
-//! DIR/meta.redb                          this member's copy of the metadata (meta.rs)
-//! DIR/data/<ino>.<index>.<file_id>       one sparse file per extent copy
-//! DIR/data/<ino>.<index>.<file_id>.sum   its block checksums (pool/sums.rs)
-//! DIR/vpool.lock                         flock held by the daemon; holds pid and mountpoint
-//! DIR/intent.0, DIR/intent.1             write-intent log (intent.rs)
-//! DIR/snap/<id>/<ino>.<seq>.vd           snapshot delta files (snapshot module)
-//! ```
+//! What a member directory holds, and every name in it, is in layout.rs.
 
 pub mod fds;
 pub mod info;
 pub mod inspect;
 pub mod intent;
 pub mod label;
+pub mod layout;
 pub mod members;
 pub mod meta;
 pub mod sums;
@@ -37,10 +29,9 @@ use crate::storage::{Handle, LockGuard, OpenMode, Stat, Storage};
 use label::{Label, MemberEntry, PoolConfig, has_label, read_label, write_label};
 use meta::{Batch, InodeRecord, MemberStore, MetaImage, NodeKind, ROOT_INO, Timestamp};
 
-pub const DATA_DIR: &str = "data";
-pub const LOCK_FILE: &str = "vpool.lock";
-/// Extent files of a diverged member that the winning copy does not reference.
-pub const QUARANTINE_DIR: &str = "quarantine";
+pub use layout::{
+    DATA_DIR, LOCK_FILE, QUARANTINE_DIR, extent_file_name, parse_extent_file_name, sum_file_name,
+};
 pub const DEFAULT_EXTENT_SIZE: u64 = 64 << 20;
 pub const DEFAULT_BLOCK_SIZE: u32 = 4096;
 /// How long a member's free-space reading is trusted on the write path.
@@ -164,7 +155,7 @@ impl Member {
             .storage
             .open(&p, OpenMode::EMPTY)
             .map_err(|e| Error::io(&p, e))?;
-        let info = format!("{}\n{}\n", std::process::id(), mountpoint.display());
+        let info = layout::lock_info(std::process::id(), mountpoint);
         f.write_all_at(info.as_bytes(), 0)
             .map_err(|e| Error::io(&p, e))
     }
@@ -188,7 +179,7 @@ impl Member {
         }
         let mut io_err = None;
         let mut labelled = false;
-        for f in label::LABEL_FILES {
+        for f in layout::LABEL_FILES {
             match s.stat(&self.dir.join(f)) {
                 Ok(_) => labelled = true,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -454,7 +445,7 @@ pub(crate) fn admit_member_dir(s: &dyn Storage, dir: &Path) -> Result<()> {
             outer: owner.to_path_buf(),
         });
     }
-    if s.exists(&dir.join(meta::META_FILE)) {
+    if s.exists(&dir.join(layout::META_FILE)) {
         return Err(Error::Invalid(format!(
             "{} holds vpool metadata without a label; refusing to overwrite it",
             dir.display()
@@ -476,28 +467,6 @@ pub struct ExtentFileEntry {
     pub sum: bool,
     /// Allocated bytes.
     pub bytes: u64,
-}
-
-/// Name of the member file holding one extent copy.
-pub fn extent_file_name(ino: u64, index: u64, file_id: u64) -> String {
-    format!("{ino}.{index}.{file_id}")
-}
-
-/// Name of the sum file of one extent copy.
-pub fn sum_file_name(ino: u64, index: u64, file_id: u64) -> String {
-    format!("{}.sum", extent_file_name(ino, index, file_id))
-}
-
-/// Parses an extent file name back into `(ino, index, file_id)`.
-pub fn parse_extent_file_name(name: &str) -> Option<(u64, u64, u64)> {
-    let mut it = name.split('.');
-    let ino = it.next()?.parse().ok()?;
-    let index = it.next()?.parse().ok()?;
-    let fid = it.next()?.parse().ok()?;
-    if it.next().is_some() {
-        return None;
-    }
-    Some((ino, index, fid))
 }
 
 fn root_record(now: Timestamp) -> InodeRecord {
@@ -524,11 +493,7 @@ fn root_record(now: Timestamp) -> InodeRecord {
 /// Reads the mountpoint and pid a running daemon wrote into a member's lock file.
 pub fn read_lock_info(st: &dyn Storage, dir: &Path) -> Option<(u32, PathBuf)> {
     let b = st.read(&dir.join(LOCK_FILE)).ok()?;
-    let s = String::from_utf8_lossy(&b);
-    let mut lines = s.lines();
-    let pid = lines.next()?.trim().parse().ok()?;
-    let mp = PathBuf::from(lines.next()?.trim());
-    Some((pid, mp))
+    layout::parse_lock_info(&b)
 }
 
 pub(crate) fn try_lock(s: &dyn Storage, dir: &Path, pool: &Uuid) -> Result<Box<dyn LockGuard>> {
@@ -695,9 +660,9 @@ impl Pool {
         })();
         if let Err(e) = result {
             for p in done {
-                let _ = s.remove_file(&p.join(meta::META_FILE));
+                let _ = s.remove_file(&p.join(layout::META_FILE));
                 let _ = s.remove_dir(&p.join(DATA_DIR));
-                for f in label::LABEL_FILES {
+                for f in layout::LABEL_FILES {
                     let _ = s.remove_file(&p.join(f));
                 }
             }
@@ -984,7 +949,7 @@ impl Pool {
                 .map(|(i, w)| format!("inode {i} ({w})"))
                 .collect();
             return Err(Error::CorruptMetadata {
-                path: members[best_i].dir.join(meta::META_FILE),
+                path: members[best_i].dir.join(layout::META_FILE),
                 reason: format!(
                     "{} have no readable copy on any member; refusing to open the pool so that nothing is removed (run `vpool check`)",
                     list.join(", ")
@@ -993,8 +958,8 @@ impl Pool {
         }
         if repair {
             for (m, e) in &damaged {
-                let path = m.dir.join(meta::META_FILE);
-                let aside = m.dir.join(format!("{}.damaged", meta::META_FILE));
+                let path = m.dir.join(layout::META_FILE);
+                let aside = m.dir.join(layout::META_DAMAGED_FILE);
                 tracing::warn!(member = %m.dir.display(), error = %e, aside = %aside.display(), "rebuilding a damaged metadata copy from the newest good copy");
                 let s = self.storage();
                 s.rename(&path, &aside).or_else(|e| match e.kind() {
@@ -1826,10 +1791,7 @@ impl Pool {
                 .stat(&member.data_dir.join(&ent))
                 .map(|m| m.allocated)
                 .unwrap_or(0);
-            let (parsed, sum) = match name.strip_suffix(".sum") {
-                Some(base) => (parse_extent_file_name(base), true),
-                None => (parse_extent_file_name(&name), false),
-            };
+            let (parsed, sum) = layout::parse_data_file_name(&name);
             out.push(ExtentFileEntry {
                 parsed,
                 sum,
