@@ -10,12 +10,13 @@
 //! - remove: the caller has migrated everything off and committed; then the
 //!   others' labels stop listing it, then its label files go, then its files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::label::{MemberEntry, has_label, read_label, write_label};
+use super::admit::{Admission, refuse_nesting};
+use super::label::{MemberEntry, write_label};
 use super::layout::{self, DATA_DIR, LOCK_FILE, META_FILE};
 use super::meta::{MemberStore, MetaImage};
 use super::{Member, Pool, admit_member_dir, canonical_dir, try_lock};
@@ -39,40 +40,14 @@ impl Pool {
         if l.members.iter().any(|e| e.path == dir) && self.members().iter().any(|m| m.dir == dir) {
             return Ok(Added::Already);
         }
-        let mut resumed = None;
-        if has_label(s, &dir) {
-            match read_label(s, &dir) {
-                Ok(other) if other.pool == l.pool => {
-                    if l.members.iter().any(|e| e.uuid == other.member) {
-                        return Ok(Added::Already);
-                    }
-                    // An add interrupted before the other labels listed it.
-                    resumed = Some(other.member);
-                }
-                Ok(other) => {
-                    return Err(Error::AlreadyInPool {
-                        path: dir,
-                        pool: other.pool.to_string(),
-                    });
-                }
-                Err(_) => {
-                    return Err(Error::Invalid(format!(
-                        "{} holds a damaged vpool label; refusing to take it over",
-                        dir.display()
-                    )));
-                }
-            }
-        } else {
-            admit_member_dir(s, &dir)?;
-        }
-        for m in self.members().iter() {
-            if dir.starts_with(&m.dir) || m.dir.starts_with(&dir) {
-                return Err(Error::NestedMember {
-                    inner: dir.clone(),
-                    outer: m.dir.clone(),
-                });
-            }
-        }
+        let resumed = match admit_member_dir(s, &dir, Some(&l))? {
+            Admission::Fresh => None,
+            Admission::Listed => return Ok(Added::Already),
+            // An add interrupted before the other labels listed it.
+            Admission::Unlisted(uuid) => Some(uuid),
+        };
+        let present: Vec<PathBuf> = self.members().iter().map(|m| m.dir.clone()).collect();
+        refuse_nesting(&dir, &present)?;
         let id = l
             .members
             .iter()

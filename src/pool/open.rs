@@ -16,13 +16,11 @@ use std::sync::atomic::AtomicU64;
 use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
-use super::label::{Label, MemberEntry, PoolConfig, has_label, read_label, write_label};
+use super::admit::admit_new_pool;
+use super::label::{Label, MemberEntry, PoolConfig, read_label, write_label};
 use super::layout::{self, DATA_DIR, LOCK_FILE};
 use super::meta::{self, InodeRecord, MemberStore, MetaImage, NodeKind, ROOT_INO, Timestamp};
-use super::{
-    CreateOptions, Integrity, Member, Pool, admit_member_dir, canonical_dir, fds, info,
-    is_device_error,
-};
+use super::{CreateOptions, Integrity, Member, Pool, canonical_dir, fds, info, is_device_error};
 use crate::error::{Error, Result};
 use crate::storage::{LockGuard, OpenMode, Storage};
 
@@ -117,32 +115,7 @@ impl Pool {
         }
         .validate(dirs.len())
         .map_err(Error::Invalid)?;
-        let mut canon: Vec<PathBuf> = Vec::new();
-        for d in dirs {
-            let c = canonical_dir(s, d)?;
-            if canon.contains(&c) {
-                return Err(Error::DirectoryGivenTwice(d.clone()));
-            }
-            if has_label(s, &c) {
-                let pool = match read_label(s, &c) {
-                    Ok(l) => l.pool.to_string(),
-                    Err(_) => "(unreadable label)".to_string(),
-                };
-                return Err(Error::AlreadyInPool { path: c, pool });
-            }
-            admit_member_dir(s, &c)?;
-            canon.push(c);
-        }
-        for a in &canon {
-            for b in &canon {
-                if a != b && a.starts_with(b) {
-                    return Err(Error::NestedMember {
-                        inner: a.clone(),
-                        outer: b.clone(),
-                    });
-                }
-            }
-        }
+        let canon = admit_new_pool(s, dirs)?;
         let pool = Uuid::new_v4();
         let members: Vec<MemberEntry> = canon
             .iter()
