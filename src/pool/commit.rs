@@ -1,13 +1,13 @@
 //! Metadata commits and the write-intent log, across the members.
 //!
 //! A commit applies one batch to every usable member, one transaction each,
-//! side by side, and records with it which members of the label it did not
+//! side by side when the storage allows it, and records with it which members of the label it did not
 //! reach (they are *behind* from that generation on, docs/design.md section
 //! 17.4). Intent records name the extents about to change before they do
 //! (section 16.2) and are dropped once the commit covering them is durable.
 //!
 //! Invariant: a member failure counts as recorded only once a durable commit
-//! that knew of it succeeded ([`Pool::failure_unrecorded`]).
+//! that began after it succeeded ([`Pool::failure_unrecorded`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io;

@@ -6,8 +6,8 @@
 //!
 //! Invariants: the open fails, changing nothing, when a record has no good
 //! copy anywhere (recovery would otherwise take an unreadable inode's files
-//! for orphans) and when members diverged (unless forced); without `repair`
-//! nothing is rewritten.
+//! for orphans) and when members diverged (unless forced); `load_metadata`
+//! without `repair` (`-o ro`, offline `status`) rewrites nothing.
 
 use std::collections::BTreeMap;
 use std::io;

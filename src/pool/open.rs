@@ -5,8 +5,9 @@
 //!
 //! Invariants: `create` writes every member's metadata and data directory
 //! before any label, so a directory with a label is a complete member; on a
-//! failure it removes what it wrote. `open` changes nothing on disk: loading
-//! and repairing the metadata is load.rs's job.
+//! failure it removes what it wrote. `open` writes nothing but the lock
+//! files it takes (created when missing): loading and repairing the
+//! metadata is load.rs's job.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -3,10 +3,12 @@
 //! copies rewritten from it (docs/design.md section 17.1); reads for a
 //! snapshot capture; SEEK_DATA and SEEK_HOLE.
 //!
-//! Invariants: a read never returns bytes that fail their checksum (with no
-//! matching copy it fails with EIO); it holds the blocks' stripes shared,
-//! and a repair re-verifies under the exclusive stripes, since a write may
-//! have come in between.
+//! Invariants: a read of an extent with a checksum table never returns
+//! bytes that fail their checksum (with no matching copy it fails with
+//! EIO); it holds the blocks' stripes shared (a snapshot capture holds none:
+//! writers of the blocks it reads wait in copy-before-write), and a repair
+//! re-verifies under the exclusive stripes, since a write may have come in
+//! between.
 
 use std::sync::atomic::Ordering;
 

@@ -5,9 +5,9 @@
 //!
 //! Invariants: a move swaps a new extent into the map only if the old one is
 //! still there; the new layout is fresh and its table dirty, so the next
-//! commit fsyncs its directory entries and writes its sum files, and the old
-//! copy's file is removed only after a durable commit records the new
-//! layout. Where copies differ, a copy on a member that missed commits
+//! commit fsyncs its directory entries and writes its sum files; the old
+//! copy's file goes back to the caller, to be removed only after a durable
+//! commit records the new layout. Where copies differ, a copy on a member that missed commits
 //! counts only when no copy on a member in step reads.
 
 use std::collections::BTreeSet;
