@@ -235,7 +235,7 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
                     .push(format!("inode {ino} extent {} has no copy", e.index));
             }
             for m in &e.members {
-                let name = super::extent_file_name(*ino, e.index, e.file_id);
+                let name = super::layout::extent_file_name(*ino, e.index, e.file_id);
                 referenced.insert((*m, name.clone()));
                 let Some(path) = pool.extent_path(*m, *ino, e.index, e.file_id) else {
                     r.problems.push(format!(
@@ -276,7 +276,7 @@ fn check_extents(pool: &Pool, img: &MetaImage, r: &mut CheckReport) {
                 } in list
                 {
                     if let (true, Some((ino, index, file_id))) = (sum, parsed) {
-                        let base = super::extent_file_name(ino, index, file_id);
+                        let base = super::layout::extent_file_name(ino, index, file_id);
                         if !referenced.contains(&(m.entry.id, base)) {
                             r.notes.push(format!(
                                 "{}: sum file {name} belongs to no referenced extent; it is removed at the next mount",

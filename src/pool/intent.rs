@@ -47,7 +47,7 @@ pub const MAX_INTENT_BYTES: u64 = 256 * PREALLOC_BYTES;
 const SCAN_CHUNK: usize = 64 << 10;
 
 fn path(dir: &Path, parity: u64) -> PathBuf {
-    dir.join(format!("intent.{}", parity % 2))
+    dir.join(super::layout::intent_file_name(parity))
 }
 
 pub fn encode(tag: u64, ino: u64, index: u64) -> [u8; RECORD_LEN] {

@@ -17,7 +17,7 @@ use crate::storage::{Storage, write_file_atomic};
 
 pub const LABEL_MAGIC: &[u8; 8] = b"VPOOLLBL";
 pub const LABEL_VERSION: u32 = 1;
-pub const LABEL_FILES: [&str; 2] = ["vpool-label.0", "vpool-label.1"];
+pub use super::layout::LABEL_FILES;
 /// Size of the fixed part before the member entries.
 const FIXED_LEN: usize = 88;
 /// Bounds of the settings a label may hold (see [`PoolConfig::validate`]).

@@ -10,14 +10,16 @@
 //! - remove: the caller has migrated everything off and committed; then the
 //!   others' labels stop listing it, then its label files go, then its files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::label::{self, MemberEntry, has_label, read_label, write_label};
-use super::meta::{self, MemberStore, MetaImage};
-use super::{DATA_DIR, LOCK_FILE, Member, Pool, admit_member_dir, canonical_dir, try_lock};
+use super::admit::{Admission, refuse_nesting};
+use super::label::{MemberEntry, write_label};
+use super::layout::{self, DATA_DIR, LOCK_FILE, META_FILE};
+use super::meta::{MemberStore, MetaImage};
+use super::{Member, Pool, admit_member_dir, canonical_dir, try_lock};
 use crate::error::{Error, Result};
 
 /// What `add_member` found.
@@ -38,40 +40,14 @@ impl Pool {
         if l.members.iter().any(|e| e.path == dir) && self.members().iter().any(|m| m.dir == dir) {
             return Ok(Added::Already);
         }
-        let mut resumed = None;
-        if has_label(s, &dir) {
-            match read_label(s, &dir) {
-                Ok(other) if other.pool == l.pool => {
-                    if l.members.iter().any(|e| e.uuid == other.member) {
-                        return Ok(Added::Already);
-                    }
-                    // An add interrupted before the other labels listed it.
-                    resumed = Some(other.member);
-                }
-                Ok(other) => {
-                    return Err(Error::AlreadyInPool {
-                        path: dir,
-                        pool: other.pool.to_string(),
-                    });
-                }
-                Err(_) => {
-                    return Err(Error::Invalid(format!(
-                        "{} holds a damaged vpool label; refusing to take it over",
-                        dir.display()
-                    )));
-                }
-            }
-        } else {
-            admit_member_dir(s, &dir)?;
-        }
-        for m in self.members().iter() {
-            if dir.starts_with(&m.dir) || m.dir.starts_with(&dir) {
-                return Err(Error::NestedMember {
-                    inner: dir.clone(),
-                    outer: m.dir.clone(),
-                });
-            }
-        }
+        let resumed = match admit_member_dir(s, &dir, Some(&l))? {
+            Admission::Fresh => None,
+            Admission::Listed => return Ok(Added::Already),
+            // An add interrupted before the other labels listed it.
+            Admission::Unlisted(uuid) => Some(uuid),
+        };
+        let present: Vec<PathBuf> = self.members().iter().map(|m| m.dir.clone()).collect();
+        refuse_nesting(&dir, &present)?;
         let id = l
             .members
             .iter()
@@ -87,7 +63,7 @@ impl Pool {
         s.make_private(&dir).map_err(|e| Error::io(&dir, e))?;
         let data = dir.join(DATA_DIR);
         crate::storage::create_dir_all(s, &data).map_err(|e| Error::io(&data, e))?;
-        let _ = s.remove_file(&dir.join(meta::META_FILE));
+        let _ = s.remove_file(&dir.join(META_FILE));
         let store = MemberStore::create(s, &dir, image)?;
         s.sync_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         l.members.push(entry.clone());
@@ -145,16 +121,17 @@ impl Pool {
             && m.probe().is_ok()
         {
             let s = self.storage();
-            for f in label::LABEL_FILES {
+            for f in layout::LABEL_FILES {
                 let _ = s.remove_file(&m.dir.join(f));
             }
             let _ = s.sync_dir(&m.dir);
             *m.store.lock() = None;
-            for f in [meta::META_FILE, "intent.0", "intent.1", LOCK_FILE] {
+            let [intent0, intent1] = layout::INTENT_FILES;
+            for f in [META_FILE, intent0, intent1, LOCK_FILE] {
                 let _ = s.remove_file(&m.dir.join(f));
             }
             let _ = crate::storage::remove_dir_all(s, &m.data_dir);
-            let _ = crate::storage::remove_dir_all(s, &m.dir.join("snap"));
+            let _ = crate::storage::remove_dir_all(s, &m.dir.join(layout::SNAP_DIR));
         }
         tracing::info!(member = %entry.path.display(), id, "member retired");
         Ok(())

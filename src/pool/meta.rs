@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::storage::redb_backend::SeamBackend;
 use crate::storage::{OpenMode, Storage};
 
-pub const META_FILE: &str = "meta.redb";
+pub use super::layout::META_FILE;
 pub const META_FORMAT: u64 = 1;
 /// Version of the [`InodeRecord`] envelope.
 pub const RECORD_VERSION: u16 = 1;

@@ -1,0 +1,334 @@
+//! Creating a pool over fresh directories, and opening the pool a member
+//! belongs to: finding its members from the newest label, locking each one
+//! (one daemon, `check` or offline `status` at a time) and recording who
+//! holds the lock.
+//!
+//! Invariants: `create` writes every member's metadata and data directory
+//! before any label, so a directory with a label is a complete member; on a
+//! failure it removes what it wrote. `open` writes nothing but the lock
+//! files it takes (created when missing): loading and repairing the
+//! metadata is load.rs's job.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use parking_lot::{Mutex, RwLock};
+use uuid::Uuid;
+
+use super::admit::admit_new_pool;
+use super::label::{Label, MemberEntry, PoolConfig, read_label, write_label};
+use super::layout::{self, DATA_DIR, LOCK_FILE};
+use super::meta::{self, InodeRecord, MemberStore, MetaImage, NodeKind, ROOT_INO, Timestamp};
+use super::{CreateOptions, Integrity, Member, Pool, canonical_dir, fds, info, is_device_error};
+use crate::error::{Error, Result};
+use crate::storage::{LockGuard, OpenMode, Storage};
+
+fn root_record(now: Timestamp) -> InodeRecord {
+    // SAFETY: geteuid/getegid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    InodeRecord {
+        kind: NodeKind::Dir,
+        mode: 0o755,
+        uid,
+        gid,
+        nlink: 2,
+        size: 0,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        rdev: 0,
+        parent: ROOT_INO,
+        target: Vec::new(),
+        xattrs: BTreeMap::new(),
+        extents: Vec::new(),
+    }
+}
+
+/// Reads the mountpoint and pid a running daemon wrote into a member's lock file.
+pub fn read_lock_info(st: &dyn Storage, dir: &Path) -> Option<(u32, PathBuf)> {
+    let b = st.read(&dir.join(LOCK_FILE)).ok()?;
+    layout::parse_lock_info(&b)
+}
+
+pub(crate) fn try_lock(s: &dyn Storage, dir: &Path, pool: &Uuid) -> Result<Box<dyn LockGuard>> {
+    let p = dir.join(LOCK_FILE);
+    match s.try_lock(&p).map_err(|e| Error::io(&p, e))? {
+        Some(g) => Ok(g),
+        None => {
+            let at = match read_lock_info(s, dir) {
+                Some((pid, mp)) => format!(" at {} by pid {pid}", mp.display()),
+                None => String::new(),
+            };
+            Err(Error::AlreadyMounted {
+                pool: pool.to_string(),
+                path: dir.to_path_buf(),
+                at,
+            })
+        }
+    }
+}
+
+impl Member {
+    /// Records in the member's lock file who holds it (pid, mountpoint).
+    pub(super) fn write_lock_info(&self, mountpoint: &Path) -> Result<()> {
+        let p = self.dir.join(LOCK_FILE);
+        let f = self
+            .storage
+            .open(&p, OpenMode::EMPTY)
+            .map_err(|e| Error::io(&p, e))?;
+        let info = layout::lock_info(std::process::id(), mountpoint);
+        f.write_all_at(info.as_bytes(), 0)
+            .map_err(|e| Error::io(&p, e))
+    }
+}
+
+impl Pool {
+    /// Creates a pool over `dirs`. Validates everything before writing anything;
+    /// writes each member's metadata before its label, so a directory with a label
+    /// is always a complete member.
+    pub fn create(dirs: &[PathBuf], opts: CreateOptions) -> Result<Label> {
+        Self::create_in(&crate::storage::real::RealStorage, dirs, opts)
+    }
+
+    /// [`Pool::create`] on the given storage.
+    pub fn create_in(s: &dyn Storage, dirs: &[PathBuf], opts: CreateOptions) -> Result<Label> {
+        if dirs.is_empty() {
+            return Err(Error::Invalid(
+                "at least one member directory is needed".into(),
+            ));
+        }
+        if opts.copies == 0 {
+            return Err(Error::Invalid("copies must be at least 1".into()));
+        }
+        if opts.copies as usize > dirs.len() {
+            return Err(Error::TooManyCopies {
+                copies: opts.copies,
+                members: dirs.len(),
+            });
+        }
+        // Block and extent size: the bounds every reader of the label checks.
+        PoolConfig {
+            copies: opts.copies,
+            block_size: opts.block_size,
+            extent_size: opts.extent_size,
+        }
+        .validate(dirs.len())
+        .map_err(Error::Invalid)?;
+        let canon = admit_new_pool(s, dirs)?;
+        let pool = Uuid::new_v4();
+        let members: Vec<MemberEntry> = canon
+            .iter()
+            .enumerate()
+            .map(|(i, p)| MemberEntry {
+                uuid: Uuid::new_v4(),
+                id: i as u32,
+                path: p.clone(),
+            })
+            .collect();
+        let mut image = MetaImage {
+            generation: 1,
+            next_ino: ROOT_INO + 1,
+            next_file_id: 1,
+            ..Default::default()
+        };
+        image
+            .inodes
+            .insert(ROOT_INO, root_record(Timestamp::at(s.now())));
+        let config = PoolConfig {
+            copies: opts.copies,
+            block_size: opts.block_size,
+            extent_size: opts.extent_size,
+        };
+        let mut label = Label {
+            pool,
+            member: members[0].uuid,
+            generation: 1,
+            created: s.now().0,
+            config,
+            members: members.clone(),
+        };
+        let mut done: Vec<&PathBuf> = Vec::new();
+        let result = (|| -> Result<()> {
+            for m in &members {
+                s.make_private(&m.path).map_err(|e| Error::io(&m.path, e))?;
+                let data = m.path.join(DATA_DIR);
+                crate::storage::create_dir_all(s, &data).map_err(|e| Error::io(&data, e))?;
+                done.push(&m.path);
+                MemberStore::create(s, &m.path, &image)?;
+                s.sync_dir(&m.path).map_err(|e| Error::io(&m.path, e))?;
+            }
+            for m in &members {
+                label.member = m.uuid;
+                write_label(s, &m.path, &label)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for p in done {
+                let _ = s.remove_file(&p.join(layout::META_FILE));
+                let _ = s.remove_dir(&p.join(DATA_DIR));
+                for f in layout::LABEL_FILES {
+                    let _ = s.remove_file(&p.join(f));
+                }
+            }
+            return Err(e);
+        }
+        label.member = members[0].uuid;
+        Ok(label)
+    }
+
+    /// Opens the pool that `dir` belongs to and locks every member (one daemon,
+    /// `check` or offline `status` at a time). A member the label lists that is
+    /// missing leaves the pool DEGRADED (listed in `missing`); one that carries
+    /// another pool's label refuses the open.
+    pub fn open(dir: &Path) -> Result<Pool> {
+        Self::open_in(crate::storage::real(), dir)
+    }
+
+    /// [`Pool::open`] on the given storage.
+    pub fn open_in(storage: Arc<dyn Storage>, dir: &Path) -> Result<Pool> {
+        let s = &*storage;
+        let dir = canonical_dir(s, dir)?;
+        let first = read_label(s, &dir)?;
+        let mut label = first.clone();
+        let mut found: Vec<(MemberEntry, PathBuf, Label)> = Vec::new();
+        let mut missing: Vec<MemberEntry> = Vec::new();
+        // Members are taken from the newest label found so far: a label that
+        // is older than another member's (its directory was missing while a
+        // member was added) does not hide the members added since.
+        let mut seen: HashSet<Uuid> = HashSet::new();
+        let mut mismatched: Vec<(MemberEntry, PathBuf, Label)> = Vec::new();
+        loop {
+            let todo: Vec<MemberEntry> = label
+                .members
+                .iter()
+                .filter(|e| !seen.contains(&e.uuid))
+                .cloned()
+                .collect();
+            if todo.is_empty() {
+                break;
+            }
+            for entry in todo {
+                seen.insert(entry.uuid);
+                let path = if entry.uuid == first.member {
+                    dir.clone()
+                } else {
+                    entry.path.clone()
+                };
+                let l = match read_label(s, &path) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let why = match &e {
+                            Error::NotAMember(_) | Error::DirectoryMissing(_) => e.to_string(),
+                            Error::Io { source, .. } if is_device_error(source) => e.to_string(),
+                            _ => return Err(e),
+                        };
+                        tracing::error!(
+                            member = %path.display(),
+                            id = %entry.uuid,
+                            reason = %why,
+                            "member missing: the pool is DEGRADED"
+                        );
+                        missing.push(entry.clone());
+                        continue;
+                    }
+                };
+                if l.pool != first.pool {
+                    return Err(Error::ForeignMember {
+                        path,
+                        found: format!("pool {} member {}", l.pool, l.member),
+                        expected: format!("pool {} member {}", first.pool, entry.uuid),
+                    });
+                }
+                if l.generation > label.generation {
+                    label = l.clone();
+                }
+                if l.member != entry.uuid {
+                    // Another member of this pool lives there now (removed, then
+                    // added again): a conflict only if the newest label still
+                    // lists the one expected (checked below); its own label
+                    // joined the candidates for the newest above.
+                    mismatched.push((entry.clone(), path, l));
+                    continue;
+                }
+                found.push((entry.clone(), path, l));
+            }
+        }
+        // Members the newest label no longer lists (removed while another
+        // member's label lagged) are not opened.
+        found.retain(|(e, _, _)| label.members.iter().any(|m| m.uuid == e.uuid));
+        if let Some((entry, path, l)) = mismatched
+            .into_iter()
+            .find(|(e, _, _)| label.members.iter().any(|m| m.uuid == e.uuid))
+        {
+            return Err(Error::ForeignMember {
+                path,
+                found: format!("pool {} member {}", l.pool, l.member),
+                expected: format!("pool {} member {}", first.pool, entry.uuid),
+            });
+        }
+        missing.retain(|e| label.members.iter().any(|m| m.uuid == e.uuid));
+        if !found.iter().any(|(e, _, _)| e.uuid == first.member) {
+            return Err(Error::Invalid(format!(
+                "{} was removed from pool {}; mount it through one of its members",
+                dir.display(),
+                first.pool
+            )));
+        }
+        let mut members = Vec::new();
+        for (entry, path, _) in found {
+            let lock = try_lock(s, &path, &label.pool)?;
+            let md = s.stat(&path).map_err(|e| Error::io(&path, e))?;
+            members.push(Arc::new(Member::new(
+                storage.clone(),
+                MemberEntry {
+                    path: path.clone(),
+                    ..entry
+                },
+                lock,
+                &md,
+                None,
+            )));
+        }
+        Ok(Pool {
+            label: RwLock::new(label),
+            members: RwLock::new(members),
+            missing: RwLock::new(missing),
+            mountpoint: Mutex::new(None),
+            next_file_id: AtomicU64::new(1),
+            intent_tag: AtomicU64::new(1),
+            integrity: Integrity::default(),
+            info: info::PoolInfo::default(),
+            fds: fds::FdCache::for_limit(fds::raise_fd_limit()),
+            behind: Mutex::new(meta::Behind::new()),
+            force: std::sync::atomic::AtomicBool::new(false),
+            diverged: Mutex::new(Vec::new()),
+            damaged_meta: Mutex::new(Vec::new()),
+            storage,
+            failures: AtomicU64::new(0),
+            failures_recorded: AtomicU64::new(0),
+        })
+    }
+
+    /// Records in every member's lock file who holds the pool (pid, mountpoint).
+    pub fn write_lock_info(&self, mountpoint: &Path) -> Result<()> {
+        *self.mountpoint.lock() = Some(mountpoint.to_path_buf());
+        for m in self.members().iter() {
+            m.write_lock_info(mountpoint)?;
+        }
+        Ok(())
+    }
+
+    pub fn clear_lock_info(&self) {
+        for m in self.members().iter() {
+            // Never created here: a failed member's directory may be a
+            // stranger now (a disk swapped in its place).
+            if m.is_failed() {
+                continue;
+            }
+            let _ = self.storage.open(&m.dir.join(LOCK_FILE), OpenMode::EMPTY);
+        }
+    }
+}
