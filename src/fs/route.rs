@@ -345,3 +345,129 @@ impl Vfs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::ino::SNAP_FH;
+    use crate::error::FsError;
+    use crate::fs::testing::{ME, open, open_with, setup};
+    use crate::fs::{SetAttr, VfsOptions};
+    use crate::pool::meta::{NodeKind, ROOT_INO};
+
+    fn names(v: &crate::fs::Vfs, ino: u64) -> Vec<Vec<u8>> {
+        let fh = v.opendir(ino).unwrap();
+        let out = v
+            .readdir(fh, ino, 0)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.name)
+            .collect();
+        v.releasedir(fh).unwrap();
+        out
+    }
+
+    /// The boundary between the views, as the route keeps it.
+    #[test]
+    fn the_boundary_between_live_tree_and_snapshots() {
+        let (_d, dirs) = setup(1, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (f, fh) = v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
+        v.write(fh, 0, &[7u8; 100_000]).unwrap();
+        // `.snapshots` is found in the root, hidden from its listing, and
+        // cannot be made there; its `..` is the root.
+        let sd = v.lookup(ROOT_INO, b".snapshots").unwrap();
+        assert_eq!(sd.ino, super::SNAPDIR_INO);
+        assert_eq!(sd.kind, NodeKind::Dir);
+        assert!(!names(&v, ROOT_INO).contains(&b".snapshots".to_vec()));
+        assert_eq!(v.lookup(sd.ino, b"..").unwrap().ino, ROOT_INO);
+        assert!(matches!(
+            v.mkdir(ROOT_INO, b".snapshots", 0o755, 0, ME),
+            Err(FsError::Exists)
+        ));
+        assert!(matches!(
+            v.rename(ROOT_INO, b"f", ROOT_INO, b".snapshots", 0),
+            Err(FsError::Exists)
+        ));
+        // mkdir in `.snapshots` takes a snapshot, readable through the view.
+        let s1 = v.mkdir(sd.ino, b"s1", 0o755, 0, ME).unwrap();
+        v.snapshot_wait().unwrap();
+        assert_eq!(names(&v, sd.ino), [&b"."[..], b"..", b"s1"]);
+        assert_eq!(v.lookup(s1.ino, b"..").unwrap().ino, sd.ino);
+        let sf = v.lookup(s1.ino, b"f").unwrap();
+        assert_ne!(sf.ino, f.ino);
+        assert_eq!(sf.size, 100_000);
+        let sfh = v.open(sf.ino, false).unwrap();
+        assert_ne!(
+            sfh & SNAP_FH,
+            0,
+            "a snapshot handle is in the snapshot range"
+        );
+        assert_eq!(v.read(sfh, 0, 10).unwrap(), vec![7u8; 10]);
+        // Everything but reading is refused in the view, across it too.
+        assert!(matches!(v.open(sf.ino, true), Err(FsError::ReadOnly)));
+        assert!(matches!(v.write(sfh, 0, b"x"), Err(FsError::BadHandle)));
+        assert!(matches!(
+            v.setattr(sf.ino, SetAttr::default()),
+            Err(FsError::ReadOnly)
+        ));
+        assert!(matches!(
+            v.create(s1.ino, b"new", 0o644, 0, ME),
+            Err(FsError::ReadOnly)
+        ));
+        assert!(matches!(
+            v.mkdir(s1.ino, b"d", 0o755, 0, ME),
+            Err(FsError::ReadOnly)
+        ));
+        assert!(matches!(
+            v.rename(s1.ino, b"f", ROOT_INO, b"g", 0),
+            Err(FsError::ReadOnly)
+        ));
+        assert!(matches!(
+            v.rename(ROOT_INO, b"f", s1.ino, b"g", 0),
+            Err(FsError::ReadOnly)
+        ));
+        assert!(matches!(
+            v.link(sf.ino, ROOT_INO, b"g"),
+            Err(FsError::ReadOnly)
+        ));
+        assert!(matches!(
+            v.link(f.ino, s1.ino, b"g"),
+            Err(FsError::ReadOnly)
+        ));
+        assert!(matches!(v.unlink(s1.ino, b"f"), Err(FsError::ReadOnly)));
+        assert!(matches!(
+            v.setxattr(sf.ino, b"user.a", b"1", 0),
+            Err(FsError::ReadOnly)
+        ));
+        // A snapshot file copies into a live one, and the live file's
+        // change does not reach the snapshot.
+        v.write(fh, 0, &[9u8; 10]).unwrap();
+        let (_, gh) = v.create(ROOT_INO, b"g", 0o644, 0, ME).unwrap();
+        assert_eq!(v.copy_file_range(sfh, 0, gh, 0, 200_000).unwrap(), 100_000);
+        assert_eq!(v.read(gh, 0, 10).unwrap(), vec![7u8; 10]);
+        assert_eq!(v.read(sfh, 0, 10).unwrap(), vec![7u8; 10]);
+        assert!(v.fsync(sfh, false).is_ok());
+        v.release(sfh).unwrap();
+        assert!(matches!(v.release(sfh), Err(FsError::BadHandle)));
+        v.release(gh).unwrap();
+        v.release(fh).unwrap();
+        // rmdir in `.snapshots` deletes the snapshot.
+        v.rmdir(sd.ino, b"s1").unwrap();
+        assert!(matches!(v.lookup(sd.ino, b"s1"), Err(FsError::NotFound)));
+        drop(v);
+        // snapdir=visible lists it last in the root; a read-only mount
+        // browses but makes no snapshot.
+        let v = open_with(
+            &dirs[0],
+            VfsOptions {
+                read_only: true,
+                snapdir_visible: true,
+            },
+        );
+        assert_eq!(names(&v, ROOT_INO).last().unwrap(), b".snapshots");
+        assert!(matches!(
+            v.mkdir(super::SNAPDIR_INO, b"s2", 0o755, 0, ME),
+            Err(FsError::ReadOnly)
+        ));
+    }
+}
