@@ -3,7 +3,7 @@
 //! [`DirEntry`], ...). It knows nothing of FUSE: the adapter calls the
 //! operations (`route.rs`) and maps [`crate::error::FsError`] to errnos.
 //!
-//! The live tree is served by [`Live`], a view of the `Vfs` whose methods
+//! The live tree is served by `Live`, a view of the `Vfs` whose methods
 //! (`namespace.rs`, `handles.rs`, `data.rs`) see live inodes and handles only:
 //! the route sends everything else to the snapshot view (`snapview.rs`).
 //! Every field below is taken in the lock order of `fs/mod.rs`.
@@ -100,6 +100,7 @@ pub trait KernelCache: Send + Sync {
     fn inval_entry(&self, parent: u64, name: &[u8]);
 }
 
+/// A mounted pool's filesystem: both views, the commit and the commands.
 pub struct Vfs {
     pub pool: Arc<Pool>,
     pub(crate) kernel: std::sync::OnceLock<Box<dyn KernelCache>>,

@@ -1,19 +1,21 @@
 //! The data path of the live tree: read, write, truncate, fallocate, seek
 //! and copy_file_range on open files.
 //!
-//! No namespace lock is taken here (a handle holds its `Arc<Node>`): I/O to
-//! different files, and to different extents of one file, runs in parallel
-//! in the node's `Volume`. Invariants:
+//! A read or write takes no namespace lock (a handle holds its `Arc<Node>`):
+//! I/O to different files, and to different extents of one file, runs in
+//! parallel in the node's `Volume`. Only a truncate takes `ns`, briefly, to
+//! queue the extent files it cut. Invariants:
 //! - every change to file data or size holds `Vfs::gate` for reading (a
 //!   commit or a snapshot's freeze takes it for writing: no change is in
 //!   flight at that instant), and first lets a running snapshot capture save
 //!   the blocks it is about to change (`SnapshotStore::preserve`);
 //! - a change that fails part-way keeps what was done (the node is marked
 //!   dirty: the next commit records the extent map as it is) but leaves
-//!   nothing past the end of the file ([`Live::clear_past_end`]);
-//! - the size only grows by a write or allocation that succeeded;
+//!   nothing past the end of the file ([`Live::clear_past_end`]), and does
+//!   not change the size;
 //! - ENOSPC runs a commit when removed files still hold space, then retries
-//!   once ([`Live::reclaim_space`]): the one place the data path commits.
+//!   once ([`Live::reclaim_space`]): the one place the data path commits,
+//!   after it has dropped the gate.
 
 use std::sync::atomic::Ordering;
 

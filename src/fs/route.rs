@@ -9,9 +9,10 @@
 //!   `snapdir=visible`; its `..` is the live root;
 //! - `mkdir`/`rmdir` directly in `.snapshots` create and delete snapshots
 //!   (`snapcmd.rs`);
-//! - any other change in the snapshot view is refused with EROFS, a rename
-//!   or link across the boundary too (EROFS, not EXDEV: one side is
-//!   read-only, and `mv`/`cp` then report that rather than try a copy);
+//! - any other change in the snapshot view is refused with EROFS, and so
+//!   is a rename or link across the boundary (tests/snapshots.rs pins
+//!   EROFS; with EXDEV `mv` would copy out of a snapshot and then fail to
+//!   remove the source);
 //! - a handle of the snapshot view can be read, sought and copied from
 //!   (`copy_file_range` into a live file), never written (EBADF);
 //! - argument errors come before EROFS, as they do in the live tree.
