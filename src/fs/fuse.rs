@@ -1,12 +1,22 @@
-//! The `fuser` adapter: each callback converts arguments, calls the core
-//! ([`Vfs`]) and replies. No filesystem logic lives here.
+//! The `fuser` adapter: each callback opens a span, converts arguments,
+//! calls the core ([`Vfs`]) and replies. No filesystem logic lives here.
+//!
+//! Observability: every request runs in a DEBUG span `fuse` with fields
+//! `op`, the `ino`, `fh` and `size` it names (size: bytes asked, given or
+//! set), then the `errno` it answers (0: success) and its duration `us`.
+//! Logs written while a request is served carry these fields; a TRACE event
+//! `served` closes each request (`VPOOL_LOG=vpool::fs::fuse=trace` shows one
+//! line per request). With DEBUG off the span is disabled: no clock is read
+//! and no field recorded.
 
 use std::ffi::OsStr;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tracing::field::Empty;
 
 use fuser::{
     AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType,
@@ -72,6 +82,56 @@ impl crate::fs::core::KernelCache for Invalidator {
 
 fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
+}
+
+/// The span of one request (see the module doc).
+struct Traced {
+    span: tracing::Span,
+    /// When it began; `None` when the span is disabled.
+    t0: Option<Instant>,
+}
+
+impl Traced {
+    fn new(op: &'static str) -> Traced {
+        let span = tracing::debug_span!(
+            "fuse",
+            op,
+            ino = Empty,
+            fh = Empty,
+            size = Empty,
+            errno = Empty,
+            us = Empty
+        );
+        let t0 = (!span.is_disabled()).then(Instant::now);
+        Traced { span, t0 }
+    }
+
+    fn ino(self, ino: u64) -> Traced {
+        self.span.record("ino", ino);
+        self
+    }
+
+    fn fh(self, fh: u64) -> Traced {
+        self.span.record("fh", fh);
+        self
+    }
+
+    fn size(self, size: u64) -> Traced {
+        self.span.record("size", size);
+        self
+    }
+
+    /// Calls the core inside the span, then records the outcome.
+    fn run<T>(self, call: impl FnOnce() -> FsResult<T>) -> FsResult<T> {
+        let r = self.span.in_scope(call);
+        if let Some(t0) = self.t0 {
+            let errno = r.as_ref().map_or_else(|e| e.errno(), |_| 0);
+            self.span.record("errno", errno);
+            self.span.record("us", t0.elapsed().as_micros() as u64);
+            tracing::trace!(parent: &self.span, "served");
+        }
+        r
+    }
 }
 
 fn to_system_time(t: Timestamp) -> SystemTime {
@@ -172,11 +232,54 @@ fn time_set(t: TimeOrNow) -> TimeSet {
     }
 }
 
+/// An xattr value or name list for a caller's buffer of `size` bytes (0:
+/// the caller asks for the length only).
+fn fit_xattr(v: Vec<u8>, size: u32) -> FsResult<Vec<u8>> {
+    if size != 0 && v.len() > size as usize {
+        return Err(FsError::Range);
+    }
+    Ok(v)
+}
+
 fn xattr(reply: ReplyXattr, size: u32, r: FsResult<Vec<u8>>) {
     match r {
         Ok(v) if size == 0 => reply.size(v.len() as u32),
-        Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
         Ok(v) => reply.data(&v),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn attr(reply: ReplyAttr, r: FsResult<Attr>) {
+    match r {
+        Ok(a) => reply.attr(&attr_ttl(&a), &file_attr(&a)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn opened(reply: ReplyOpen, r: FsResult<u64>, flags: FopenFlags) {
+    match r {
+        Ok(fh) => reply.opened(FileHandle(fh), flags),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn data(reply: ReplyData, r: FsResult<Vec<u8>>) {
+    match r {
+        Ok(d) => reply.data(&d),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn written(reply: ReplyWrite, r: FsResult<u32>) {
+    match r {
+        Ok(n) => reply.written(n),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn sought(reply: ReplyLseek, r: FsResult<u64>) {
+    match r {
+        Ok(o) => reply.offset(o as i64),
         Err(e) => reply.error(errno(&e)),
     }
 }
@@ -195,20 +298,25 @@ impl Filesystem for FuseFs {
     }
 
     fn destroy(&mut self) {
-        if let Err(e) = self.vfs.commit_final() {
+        if let Err(e) = Traced::new("destroy").run(|| self.vfs.commit_final()) {
             tracing::error!(error = %e, "final commit at unmount failed");
         }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        entry(reply, self.vfs.lookup(parent.0, name.as_bytes()));
+        let r = Traced::new("lookup")
+            .ino(parent.0)
+            .run(|| self.vfs.lookup(parent.0, name.as_bytes()));
+        entry(reply, r);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.vfs.getattr(ino.0) {
-            Ok(a) => reply.attr(&attr_ttl(&a), &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        attr(
+            reply,
+            Traced::new("getattr")
+                .ino(ino.0)
+                .run(|| self.vfs.getattr(ino.0)),
+        );
     }
 
     fn setattr(
@@ -238,17 +346,20 @@ impl Filesystem for FuseFs {
             mtime: mtime.map(time_set),
             ctime: ctime.map(from_system_time),
         };
-        match self.vfs.setattr(ino.0, s) {
-            Ok(a) => reply.attr(&attr_ttl(&a), &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
+        let mut t = Traced::new("setattr").ino(ino.0);
+        if let Some(n) = size {
+            t = t.size(n);
         }
+        attr(reply, t.run(|| self.vfs.setattr(ino.0, s)));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.vfs.readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(&e)),
-        }
+        data(
+            reply,
+            Traced::new("readlink")
+                .ino(ino.0)
+                .run(|| self.vfs.readlink(ino.0)),
+        );
     }
 
     fn mknod(
@@ -261,11 +372,11 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
+        let r = Traced::new("mknod").ino(parent.0).run(|| {
             self.vfs
-                .mknod(parent.0, name.as_bytes(), mode, umask, rdev, caller(req)),
-        );
+                .mknod(parent.0, name.as_bytes(), mode, umask, rdev, caller(req))
+        });
+        entry(reply, r);
     }
 
     fn mkdir(
@@ -277,19 +388,25 @@ impl Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
+        let r = Traced::new("mkdir").ino(parent.0).run(|| {
             self.vfs
-                .mkdir(parent.0, name.as_bytes(), mode, umask, caller(req)),
-        );
+                .mkdir(parent.0, name.as_bytes(), mode, umask, caller(req))
+        });
+        entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.vfs.unlink(parent.0, name.as_bytes()));
+        let r = Traced::new("unlink")
+            .ino(parent.0)
+            .run(|| self.vfs.unlink(parent.0, name.as_bytes()));
+        empty(reply, r);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.vfs.rmdir(parent.0, name.as_bytes()));
+        let r = Traced::new("rmdir")
+            .ino(parent.0)
+            .run(|| self.vfs.rmdir(parent.0, name.as_bytes()));
+        empty(reply, r);
     }
 
     fn symlink(
@@ -300,15 +417,15 @@ impl Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        entry(
-            reply,
+        let r = Traced::new("symlink").ino(parent.0).run(|| {
             self.vfs.symlink(
                 parent.0,
                 link_name.as_bytes(),
                 target.as_os_str().as_bytes(),
                 caller(req),
-            ),
-        );
+            )
+        });
+        entry(reply, r);
     }
 
     fn rename(
@@ -321,16 +438,16 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        empty(
-            reply,
+        let r = Traced::new("rename").ino(parent.0).run(|| {
             self.vfs.rename(
                 parent.0,
                 name.as_bytes(),
                 newparent.0,
                 newname.as_bytes(),
                 flags.bits(),
-            ),
-        );
+            )
+        });
+        empty(reply, r);
     }
 
     fn link(
@@ -341,22 +458,25 @@ impl Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        entry(reply, self.vfs.link(ino.0, newparent.0, newname.as_bytes()));
+        let r = Traced::new("link")
+            .ino(ino.0)
+            .run(|| self.vfs.link(ino.0, newparent.0, newname.as_bytes()));
+        entry(reply, r);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        match self.vfs.open(ino.0, write) {
-            // KEEP_CACHE: all writes pass through this mount, so cached pages stay valid.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let r = Traced::new("open")
+            .ino(ino.0)
+            .run(|| self.vfs.open(ino.0, write));
+        // KEEP_CACHE: all writes pass through this mount, so cached pages stay valid.
+        opened(reply, r, FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -364,16 +484,18 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.vfs.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let r = Traced::new("read")
+            .ino(ino.0)
+            .fh(fh.0)
+            .size(size as u64)
+            .run(|| self.vfs.read(fh.0, offset, size));
+        data(reply, r);
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -382,52 +504,67 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.vfs.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let r = Traced::new("write")
+            .ino(ino.0)
+            .fh(fh.0)
+            .size(data.len() as u64)
+            .run(|| self.vfs.write(fh.0, offset, data));
+        written(reply, r);
     }
 
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do: writes reach the core as they come, and fsync
+        // makes them durable.
+        empty(
+            reply,
+            Traced::new("flush").ino(ino.0).fh(fh.0).run(|| Ok(())),
+        );
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.vfs.release(fh.0));
+        let r = Traced::new("release")
+            .ino(ino.0)
+            .fh(fh.0)
+            .run(|| self.vfs.release(fh.0));
+        empty(reply, r);
     }
 
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.vfs.fsync(fh.0, datasync));
+        let r = Traced::new(if datasync { "fdatasync" } else { "fsync" })
+            .ino(ino.0)
+            .fh(fh.0)
+            .run(|| self.vfs.fsync(fh.0, datasync));
+        empty(reply, r);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.vfs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(&e)),
-        }
+        let r = Traced::new("opendir")
+            .ino(ino.0)
+            .run(|| self.vfs.opendir(ino.0));
+        opened(reply, r, FopenFlags::empty());
     }
 
     fn readdir(
@@ -438,7 +575,11 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.vfs.readdir(fh.0, ino.0, offset) {
+        let r = Traced::new("readdir")
+            .ino(ino.0)
+            .fh(fh.0)
+            .run(|| self.vfs.readdir(fh.0, ino.0, offset));
+        match r {
             Ok(entries) => {
                 for (next, e) in entries {
                     if reply.add(
@@ -459,27 +600,41 @@ impl Filesystem for FuseFs {
     fn releasedir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.vfs.releasedir(fh.0));
+        let r = Traced::new("releasedir")
+            .ino(ino.0)
+            .fh(fh.0)
+            .run(|| self.vfs.releasedir(fh.0));
+        empty(reply, r);
     }
 
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.vfs.commit());
+        let r = Traced::new("fsyncdir")
+            .ino(ino.0)
+            .fh(fh.0)
+            .run(|| self.vfs.commit());
+        empty(reply, r);
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let (space, inodes) = self.vfs.statfs();
+    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        let r = Traced::new("statfs")
+            .ino(ino.0)
+            .run(|| Ok(self.vfs.statfs()));
+        let (space, inodes) = match r {
+            Ok(s) => s,
+            Err(e) => return reply.error(errno(&e)),
+        };
         let bs = 4096u64;
         let free_inodes = 1u64 << 32;
         reply.statfs(
@@ -504,27 +659,42 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(
-            reply,
-            self.vfs.setxattr(ino.0, name.as_bytes(), value, flags),
-        );
+        let r = Traced::new("setxattr")
+            .ino(ino.0)
+            .size(value.len() as u64)
+            .run(|| self.vfs.setxattr(ino.0, name.as_bytes(), value, flags));
+        empty(reply, r);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        xattr(reply, size, self.vfs.getxattr(ino.0, name.as_bytes()));
+        let r = Traced::new("getxattr")
+            .ino(ino.0)
+            .size(size as u64)
+            .run(|| fit_xattr(self.vfs.getxattr(ino.0, name.as_bytes())?, size));
+        xattr(reply, size, r);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        xattr(reply, size, self.vfs.listxattr(ino.0));
+        let r = Traced::new("listxattr")
+            .ino(ino.0)
+            .size(size as u64)
+            .run(|| fit_xattr(self.vfs.listxattr(ino.0)?, size));
+        xattr(reply, size, r);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.vfs.removexattr(ino.0, name.as_bytes()));
+        let r = Traced::new("removexattr")
+            .ino(ino.0)
+            .run(|| self.vfs.removexattr(ino.0, name.as_bytes()));
+        empty(reply, r);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // default_permissions makes the kernel check modes; only existence is ours.
-        empty(reply, self.vfs.getattr(ino.0).map(|_| ()));
+        let r = Traced::new("access")
+            .ino(ino.0)
+            .run(|| self.vfs.getattr(ino.0).map(|_| ()));
+        empty(reply, r);
     }
 
     fn create(
@@ -537,10 +707,11 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .vfs
-            .create(parent.0, name.as_bytes(), mode, umask, caller(req))
-        {
+        let r = Traced::new("create").ino(parent.0).run(|| {
+            self.vfs
+                .create(parent.0, name.as_bytes(), mode, umask, caller(req))
+        });
+        match r {
             Ok((a, fh)) => reply.created(
                 &Duration::ZERO,
                 &file_attr(&a),
@@ -555,14 +726,19 @@ impl Filesystem for FuseFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.vfs.fallocate(fh.0, offset, length, mode));
+        let r = Traced::new("fallocate")
+            .ino(ino.0)
+            .fh(fh.0)
+            .size(length)
+            .run(|| self.vfs.fallocate(fh.0, offset, length, mode));
+        empty(reply, r);
     }
 
     fn lseek(
@@ -574,16 +750,11 @@ impl Filesystem for FuseFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let t = Traced::new("lseek").ino(ino.0).fh(fh.0);
         if offset < 0 {
-            reply.error(Errno::from_i32(libc::EINVAL));
-            return;
+            return sought(reply, t.run(|| Err(FsError::Invalid)));
         }
         let fh = fh.0;
-        let answer = move |vfs: &Vfs, reply: ReplyLseek| match vfs.lseek(fh, offset as u64, whence)
-        {
-            Ok(o) => reply.offset(o as i64),
-            Err(e) => reply.error(errno(&e)),
-        };
         if self.writeback_cache && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE) {
             // The kernel asks without writing back what its writeback cache
             // holds, so the daemon could call written data a hole. It is made
@@ -594,21 +765,25 @@ impl Filesystem for FuseFs {
             let spawned = std::thread::Builder::new()
                 .name("vpool-seek".into())
                 .spawn(move || {
-                    vfs.write_back_kernel(ino.0, offset as u64);
-                    answer(&vfs, reply);
+                    let r = t.run(|| {
+                        vfs.write_back_kernel(ino.0, offset as u64);
+                        vfs.lseek(fh, offset as u64, whence)
+                    });
+                    sought(reply, r);
                 });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a thread for SEEK_DATA/SEEK_HOLE");
             }
             return;
         }
-        answer(&self.vfs, reply);
+        let r = t.run(|| self.vfs.lseek(fh, offset as u64, whence));
+        sought(reply, r);
     }
 
     fn copy_file_range(
         &self,
         _req: &Request,
-        _ino_in: INodeNo,
+        ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
         _ino_out: INodeNo,
@@ -619,12 +794,142 @@ impl Filesystem for FuseFs {
         reply: ReplyWrite,
     ) {
         let len = len.min(u32::MAX as u64 & !0xfff);
-        match self
-            .vfs
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
-        {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(errno(&e)),
+        let r = Traced::new("copy_file_range")
+            .ino(ino_in.0)
+            .fh(fh_in.0)
+            .size(len)
+            .run(|| {
+                self.vfs
+                    .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
+            });
+        written(reply, r.map(|n| n as u32));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
+    use tracing::field::{Field, Visit};
+    use tracing::span;
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+    use tracing_subscriber::registry::LookupSpan;
+    use tracing_subscriber::{Layer, filter::LevelFilter};
+
+    use super::Traced;
+    use crate::error::FsError;
+    use crate::fs::testing::{ME, open, setup};
+    use crate::pool::meta::ROOT_INO;
+
+    /// A span's fields as text.
+    #[derive(Default)]
+    struct Fields(BTreeMap<String, String>);
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
+            self.0.insert(f.name().into(), format!("{v:?}"));
         }
+        fn record_str(&mut self, f: &Field, v: &str) {
+            self.0.insert(f.name().into(), v.into());
+        }
+        fn record_u64(&mut self, f: &Field, v: u64) {
+            self.0.insert(f.name().into(), v.to_string());
+        }
+        fn record_i64(&mut self, f: &Field, v: i64) {
+            self.0.insert(f.name().into(), v.to_string());
+        }
+    }
+
+    /// Collects the fields of every span as it closes, and the events.
+    #[derive(Clone, Default)]
+    struct Capture {
+        spans: Arc<Mutex<Vec<BTreeMap<String, String>>>>,
+        events: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
+        fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+            let mut f = Fields::default();
+            attrs.record(&mut f);
+            ctx.span(id).unwrap().extensions_mut().insert(f);
+        }
+
+        fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+            let span = ctx.span(id).unwrap();
+            let mut ext = span.extensions_mut();
+            values.record(ext.get_mut::<Fields>().unwrap());
+        }
+
+        fn on_event(&self, e: &tracing::Event<'_>, ctx: Context<'_, S>) {
+            let mut f = Fields::default();
+            e.record(&mut f);
+            let parent = ctx.event_span(e).map(|s| s.name()).unwrap_or("");
+            self.events
+                .lock()
+                .push(format!("{parent}: {}", f.0["message"]));
+        }
+
+        fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+            let span = ctx.span(&id).unwrap();
+            let f = span.extensions_mut().remove::<Fields>().unwrap();
+            self.spans.lock().push(f.0);
+        }
+    }
+
+    /// One request through the core, as a callback serves it: its span
+    /// carries the operation, what it names, its errno and its duration.
+    #[test]
+    fn a_request_span_records_what_it_names_and_how_it_ended() {
+        let (_d, dirs) = setup(1, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
+        v.write(fh, 0, b"hello").unwrap();
+        let cap = Capture::default();
+        let sub = tracing_subscriber::registry().with(cap.clone());
+        tracing::subscriber::with_default(sub, || {
+            let r = Traced::new("read")
+                .ino(a.ino)
+                .fh(fh)
+                .size(5)
+                .run(|| v.read(fh, 0, 5));
+            assert_eq!(r.unwrap(), b"hello");
+            let r = Traced::new("lookup")
+                .ino(ROOT_INO)
+                .run(|| v.lookup(ROOT_INO, b"nope"));
+            assert!(matches!(r, Err(FsError::NotFound)));
+        });
+        let spans = cap.spans.lock();
+        assert_eq!(spans.len(), 2, "{spans:?}");
+        let read = &spans[0];
+        assert_eq!(read["op"], "read");
+        assert_eq!(read["ino"], a.ino.to_string());
+        assert_eq!(read["fh"], fh.to_string());
+        assert_eq!(read["size"], "5");
+        assert_eq!(read["errno"], "0");
+        assert!(read["us"].parse::<u64>().is_ok(), "{read:?}");
+        let lookup = &spans[1];
+        assert_eq!(lookup["op"], "lookup");
+        assert_eq!(lookup["ino"], ROOT_INO.to_string());
+        assert_eq!(lookup["errno"], libc::ENOENT.to_string());
+        assert!(!lookup.contains_key("fh"), "{lookup:?}");
+        assert_eq!(*cap.events.lock(), ["fuse: served", "fuse: served"]);
+        v.release(fh).unwrap();
+    }
+
+    /// Below DEBUG the span is disabled: no clock read, nothing recorded.
+    #[test]
+    fn a_request_span_costs_nothing_below_debug() {
+        let cap = Capture::default();
+        let sub = tracing_subscriber::registry().with(cap.clone().with_filter(LevelFilter::INFO));
+        tracing::subscriber::with_default(sub, || {
+            let t = Traced::new("getattr").ino(1);
+            assert!(t.span.is_disabled());
+            assert!(t.t0.is_none());
+            assert_eq!(t.run(|| Ok(7)).unwrap(), 7);
+        });
+        assert!(cap.spans.lock().is_empty());
+        assert!(cap.events.lock().is_empty());
     }
 }

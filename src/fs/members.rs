@@ -15,7 +15,8 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use super::core::{Node, Vfs};
+use super::core::Vfs;
+use super::node::Node;
 use crate::error::{FsError, FsResult};
 use crate::pool::members::Added;
 use crate::util::human;

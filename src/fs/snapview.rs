@@ -1,57 +1,98 @@
-//! The `.snapshots` control directory and the snapshot commands of the core.
+//! The snapshot view: `.snapshots` and the trees of the snapshots below it,
+//! read-only, served from the snapshot records and deltas (`SnapshotStore`).
 //!
-//! Inode numbers: live inodes stay below 2^40. `.snapshots` itself is
-//! [`SNAPDIR_INO`] (bit 63 alone); inode `i` of snapshot `s` is
-//! `2^63 | s << 40 | i` (`1 <= s < 2^23`). Snapshot ids are never reused, so the
-//! kernel never sees one number name two things. `.snapshots` is found by
-//! lookup in the root and listed only with `snapdir=visible`; everything in it
-//! is read-only (EROFS), except `mkdir` (create a snapshot) and `rmdir`
-//! (delete one) directly in it.
+//! The route (`route.rs`) sends here every operation on an inode or a handle
+//! of the snapshot range (`ino.rs`); this view answers only what reads:
+//! attributes, lookup, readlink, xattrs, open/read/seek of files, directory
+//! listings. Changes are refused by the route (EROFS), except `mkdir` and
+//! `rmdir` directly in `.snapshots`, which are snapshot commands
+//! (`snapcmd.rs`). The boundary with the live tree belongs to the route too:
+//! `.snapshots` in the root, and its `..`.
+//!
+//! Invariants: only complete snapshots (and ones being captured, readable at
+//! once) show; a snapshot's inode `i` is `ino::snap_ino(s, i)` and its root
+//! is `i = ROOT_INO`, whose `..` is `.snapshots`; handles of this view are
+//! numbered from `ino::SNAP_FH` and live in their own table, held only to
+//! insert, find or remove one.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::{Deserialize, Serialize};
+use parking_lot::{Mutex, RwLock};
 
-use super::Progress;
-use super::core::{Attr, Caller, DirEntry, Handle, NewNode, Vfs};
+use super::core::{Attr, DirEntry, Vfs};
+use super::handles::entries_from;
+use super::ino::{SNAP_FH, SnapIno, decode, snap_ino};
+use super::namespace::xattr_names;
 use crate::error::{FsError, FsResult};
 use crate::pool::meta::{InodeRecord, NodeKind, ROOT_INO};
-use crate::snapshot::prune::Decision;
-use crate::snapshot::ranges::RangeSet;
-use crate::snapshot::{Freeze, Kind, PrunePolicy, SnapshotInfo, SnapshotRecord, State, check_name};
+use crate::snapshot::SnapshotRecord;
 
-pub const SNAP_BIT: u64 = 1 << 63;
-pub const SNAPDIR_INO: u64 = SNAP_BIT;
-pub const SNAPDIR_NAME: &[u8] = b".snapshots";
-const INO_BITS: u32 = 40;
-const MAX_SNAP_ID: u64 = (1 << 23) - 1;
+// The admin socket names these here.
+pub use super::ino::{SNAPDIR_INO, SNAPDIR_NAME};
+pub use super::snapcmd::RestoreReport;
 
-pub fn is_snap(ino: u64) -> bool {
-    ino & SNAP_BIT != 0
+/// The snapshot view of a [`Vfs`]. It dereferences to the `Vfs`.
+#[derive(Clone, Copy)]
+pub(crate) struct SnapView<'a>(&'a Vfs);
+
+impl std::ops::Deref for SnapView<'_> {
+    type Target = Vfs;
+
+    fn deref(&self) -> &Vfs {
+        self.0
+    }
 }
 
-fn snap_ino(snap: u64, ino: u64) -> u64 {
-    SNAP_BIT | (snap << INO_BITS) | ino
+impl Vfs {
+    /// The snapshot view (only the route and the commands need to name it).
+    pub(crate) fn snapview(&self) -> SnapView<'_> {
+        SnapView(self)
+    }
 }
 
-/// `(snapshot id, inode)`; id 0 is `.snapshots` itself.
-fn split(ino: u64) -> (u64, u64) {
-    ((ino & !SNAP_BIT) >> INO_BITS, ino & ((1 << INO_BITS) - 1))
+/// An open file or directory of the view.
+enum SnapHandle {
+    File {
+        snap: u64,
+        ino: u64,
+    },
+    Dir {
+        /// The listing served, taken at opendir and again at offset 0.
+        entries: Mutex<Vec<DirEntry>>,
+    },
 }
 
-/// What `snapshot restore` did.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct RestoreReport {
-    pub files: u64,
-    pub blocks_written: u64,
-    pub blocks_punched: u64,
-    pub blocks_compared: u64,
-    /// The files rewritten, for the daemon to refresh the kernel's view
-    /// (fs/kernel_refresh.rs); not sent to the CLI.
-    #[serde(skip)]
-    pub restored: Vec<super::kernel_refresh::Restored>,
+/// The view's handle table.
+#[derive(Default)]
+pub(crate) struct SnapHandles {
+    next: AtomicU64,
+    open: RwLock<HashMap<u64, Arc<SnapHandle>>>,
+}
+
+impl SnapHandles {
+    fn insert(&self, h: SnapHandle) -> u64 {
+        let fh = SNAP_FH | (self.next.fetch_add(1, Ordering::Relaxed) + 1);
+        self.open.write().insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn get(&self, fh: u64) -> Option<Arc<SnapHandle>> {
+        self.open.read().get(&fh).cloned()
+    }
+
+    fn remove(&self, fh: u64) -> Option<Arc<SnapHandle>> {
+        self.open.write().remove(&fh)
+    }
+
+    /// `(snapshot, inode)` of a file handle.
+    fn file(&self, fh: u64) -> FsResult<(u64, u64)> {
+        match self.open.read().get(&fh).map(|h| h.as_ref()) {
+            Some(SnapHandle::File { snap, ino }) => Ok((*snap, *ino)),
+            _ => Err(FsError::BadHandle),
+        }
+    }
 }
 
 fn attr_of_record(ino: u64, r: &InodeRecord, blocks: u64, blksize: u32) -> Attr {
@@ -78,14 +119,7 @@ fn attr_of_record(ino: u64, r: &InodeRecord, blocks: u64, blksize: u32) -> Attr 
     }
 }
 
-/// Splits a pool-relative path into its names ("a/b/c", leading '/' allowed).
-fn components(path: &[u8]) -> Vec<&[u8]> {
-    path.split(|b| *b == b'/')
-        .filter(|c| !c.is_empty() && *c != b".")
-        .collect()
-}
-
-impl Vfs {
+impl SnapView<'_> {
     fn readable_snap(&self, id: u64) -> FsResult<Arc<SnapshotRecord>> {
         self.snaps
             .get(id)
@@ -117,15 +151,14 @@ impl Vfs {
         }
     }
 
-    pub(crate) fn snap_getattr(&self, ino: u64) -> FsResult<Attr> {
-        let (id, inner) = split(ino);
-        if id == 0 {
+    pub(crate) fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let SnapIno::Node { snap, ino: inner } = decode(ino) else {
             return Ok(self.snapdir_attr());
-        }
-        let rec = self.readable_snap(id)?;
+        };
+        let rec = self.readable_snap(snap)?;
         let r = rec.inodes.get(&inner).ok_or(FsError::NotFound)?;
         let blocks = if r.kind == NodeKind::File {
-            self.snaps.allocated(id, inner)
+            self.snaps.allocated(snap, inner)
         } else {
             0
         };
@@ -137,13 +170,12 @@ impl Vfs {
         ))
     }
 
-    pub(crate) fn snap_lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
-        let (id, inner) = split(parent);
-        if id == 0 {
-            match name {
-                b"." => return Ok(self.snapdir_attr()),
-                b".." => return self.getattr(ROOT_INO),
-                _ => {}
+    /// `name` in directory `parent` of the view (`..` of `.snapshots`, the
+    /// live root, is the route's).
+    pub(crate) fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let SnapIno::Node { snap, ino: inner } = decode(parent) else {
+            if name == b"." {
+                return Ok(self.snapdir_attr());
             }
             let name = std::str::from_utf8(name).map_err(|_| FsError::NotFound)?;
             let rec = self
@@ -151,9 +183,9 @@ impl Vfs {
                 .by_name(name)
                 .filter(|r| r.is_readable())
                 .ok_or(FsError::NotFound)?;
-            return self.snap_getattr(snap_ino(rec.id, ROOT_INO));
-        }
-        let rec = self.readable_snap(id)?;
+            return self.getattr(snap_ino(rec.id, ROOT_INO));
+        };
+        let rec = self.readable_snap(snap)?;
         let child = match name {
             b"." => inner,
             b".." if inner == ROOT_INO => return Ok(self.snapdir_attr()),
@@ -163,77 +195,72 @@ impl Vfs {
                 .get(&(inner, name.to_vec()))
                 .ok_or(FsError::NotFound)?,
         };
-        self.snap_getattr(snap_ino(id, child))
+        self.getattr(snap_ino(snap, child))
     }
 
-    pub(crate) fn snap_readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let (id, inner) = split(ino);
-        let rec = self.readable_snap(id)?;
-        let r = rec.inodes.get(&inner).ok_or(FsError::NotFound)?;
+    pub(crate) fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let SnapIno::Node { snap, ino } = decode(ino) else {
+            return Err(FsError::NotFound);
+        };
+        let rec = self.readable_snap(snap)?;
+        let r = rec.inodes.get(&ino).ok_or(FsError::NotFound)?;
         if r.kind != NodeKind::Symlink {
             return Err(FsError::Invalid);
         }
         Ok(r.target.clone())
     }
 
-    pub(crate) fn snap_xattrs(&self, ino: u64) -> FsResult<BTreeMap<Vec<u8>, Vec<u8>>> {
-        let (id, inner) = split(ino);
-        if id == 0 {
-            return Ok(BTreeMap::new());
-        }
-        let rec = self.readable_snap(id)?;
-        Ok(rec
-            .inodes
-            .get(&inner)
-            .ok_or(FsError::NotFound)?
-            .xattrs
-            .clone())
+    pub(crate) fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let SnapIno::Node { snap, ino } = decode(ino) else {
+            return Err(FsError::NoAttribute);
+        };
+        let rec = self.readable_snap(snap)?;
+        let r = rec.inodes.get(&ino).ok_or(FsError::NotFound)?;
+        r.xattrs.get(name).cloned().ok_or(FsError::NoAttribute)
     }
 
-    pub(crate) fn snap_open(&self, ino: u64, write: bool) -> FsResult<u64> {
+    pub(crate) fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let SnapIno::Node { snap, ino } = decode(ino) else {
+            return Ok(Vec::new());
+        };
+        let rec = self.readable_snap(snap)?;
+        let r = rec.inodes.get(&ino).ok_or(FsError::NotFound)?;
+        Ok(xattr_names(&r.xattrs))
+    }
+
+    pub(crate) fn open(&self, ino: u64, write: bool) -> FsResult<u64> {
         if write {
             return Err(FsError::ReadOnly);
         }
-        let (id, inner) = split(ino);
-        if id == 0 {
+        let SnapIno::Node { snap, ino: inner } = decode(ino) else {
             return Err(FsError::IsDir);
-        }
-        let rec = self.readable_snap(id)?;
+        };
+        let rec = self.readable_snap(snap)?;
         match rec.inodes.get(&inner).map(|r| r.kind) {
             Some(NodeKind::File) => {}
             Some(NodeKind::Dir) => return Err(FsError::IsDir),
             Some(_) => return Err(FsError::Invalid),
             None => return Err(FsError::NotFound),
         }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.write().insert(
-            fh,
-            Arc::new(Handle::SnapFile {
-                snap: id,
-                ino: inner,
-            }),
-        );
-        Ok(fh)
+        Ok(self
+            .snap_handles
+            .insert(SnapHandle::File { snap, ino: inner }))
     }
 
-    /// `(snapshot, inode)` of a snapshot file handle.
-    pub(crate) fn snap_handle(&self, fh: u64) -> Option<(u64, u64)> {
-        match self.handles.read().get(&fh).map(|h| h.as_ref()) {
-            Some(Handle::SnapFile { snap, ino }) => Some((*snap, *ino)),
-            _ => None,
-        }
-    }
-
-    /// Size of the file behind a handle (live or snapshot).
+    /// Size of the file behind a handle of the view.
     pub(crate) fn handle_size(&self, fh: u64) -> FsResult<u64> {
-        if let Some((snap, ino)) = self.snap_handle(fh) {
-            let rec = self.readable_snap(snap)?;
-            return Ok(rec.inodes.get(&ino).map(|r| r.size).unwrap_or(0));
-        }
-        Ok(self.getattr(self.file_node(fh)?.ino)?.size)
+        let (snap, ino) = self.snap_handles.file(fh)?;
+        let rec = self.readable_snap(snap)?;
+        Ok(rec.inodes.get(&ino).map(|r| r.size).unwrap_or(0))
     }
 
-    pub(crate) fn snap_lseek(&self, snap: u64, ino: u64, off: u64, whence: i32) -> FsResult<u64> {
+    pub(crate) fn read(&self, fh: u64, off: u64, len: u32) -> FsResult<Vec<u8>> {
+        let (snap, ino) = self.snap_handles.file(fh)?;
+        self.snaps.read(snap, ino, off, len as u64)
+    }
+
+    pub(crate) fn lseek(&self, fh: u64, off: u64, whence: i32) -> FsResult<u64> {
+        let (snap, ino) = self.snap_handles.file(fh)?;
         let rec = self.readable_snap(snap)?;
         let size = rec.inodes.get(&ino).map(|r| r.size).unwrap_or(0);
         let r = match whence {
@@ -246,27 +273,60 @@ impl Vfs {
         r.ok_or(FsError::NoData)
     }
 
-    pub(crate) fn snap_list_dir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
-        let (id, inner) = split(ino);
-        let mut out = vec![
-            DirEntry {
-                ino,
-                kind: NodeKind::Dir,
-                name: b".".to_vec(),
-            },
-            DirEntry {
-                ino: if id == 0 {
-                    ROOT_INO
-                } else if inner == ROOT_INO {
-                    SNAPDIR_INO
-                } else {
-                    snap_ino(id, 0)
+    /// Nothing to make durable: a file of the view never changes.
+    pub(crate) fn fsync(&self, fh: u64) -> FsResult<()> {
+        if self.opts.read_only {
+            return Ok(());
+        }
+        self.snap_handles.file(fh).map(|_| ())
+    }
+
+    pub(crate) fn release(&self, fh: u64) -> FsResult<()> {
+        self.snap_handles
+            .remove(fh)
+            .map(|_| ())
+            .ok_or(FsError::BadHandle)
+    }
+
+    pub(crate) fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let entries = self.list_dir(ino)?;
+        Ok(self.snap_handles.insert(SnapHandle::Dir {
+            entries: Mutex::new(entries),
+        }))
+    }
+
+    /// As [`super::core::Vfs::readdir`]: the listing taken at opendir, taken
+    /// again at offset 0.
+    pub(crate) fn readdir(&self, fh: u64, ino: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
+        let h = self.snap_handles.get(fh).ok_or(FsError::BadHandle)?;
+        let SnapHandle::Dir { entries } = h.as_ref() else {
+            return Err(FsError::BadHandle);
+        };
+        entries_from(entries, offset, || self.list_dir(ino))
+    }
+
+    pub(crate) fn releasedir(&self, fh: u64) -> FsResult<()> {
+        self.snap_handles.remove(fh);
+        Ok(())
+    }
+
+    fn list_dir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        let dots = |parent: u64| {
+            vec![
+                DirEntry {
+                    ino,
+                    kind: NodeKind::Dir,
+                    name: b".".to_vec(),
                 },
-                kind: NodeKind::Dir,
-                name: b"..".to_vec(),
-            },
-        ];
-        if id == 0 {
+                DirEntry {
+                    ino: parent,
+                    kind: NodeKind::Dir,
+                    name: b"..".to_vec(),
+                },
+            ]
+        };
+        let SnapIno::Node { snap, ino: inner } = decode(ino) else {
+            let mut out = dots(ROOT_INO);
             for r in self.snaps.records() {
                 if r.is_readable() {
                     out.push(DirEntry {
@@ -277,15 +337,17 @@ impl Vfs {
                 }
             }
             return Ok(out);
-        }
-        let rec = self.readable_snap(id)?;
+        };
+        let rec = self.readable_snap(snap)?;
         let me = rec.inodes.get(&inner).ok_or(FsError::NotFound)?;
         if me.kind != NodeKind::Dir {
             return Err(FsError::NotDir);
         }
-        if inner != ROOT_INO {
-            out[1].ino = snap_ino(id, me.parent);
-        }
+        let mut out = dots(if inner == ROOT_INO {
+            SNAPDIR_INO
+        } else {
+            snap_ino(snap, me.parent)
+        });
         for ((_, name), child) in rec
             .dirents
             .range((inner, Vec::new())..)
@@ -297,657 +359,11 @@ impl Vfs {
                 .map(|r| r.kind)
                 .unwrap_or(NodeKind::File);
             out.push(DirEntry {
-                ino: snap_ino(id, *child),
+                ino: snap_ino(snap, *child),
                 kind,
                 name: name.clone(),
             });
         }
         Ok(out)
-    }
-
-    pub(crate) fn snap_mkdir(&self, name: &[u8]) -> FsResult<Attr> {
-        let name = std::str::from_utf8(name).map_err(|_| FsError::Invalid)?;
-        let info = self.snapshot_create(name, None)?;
-        self.snap_getattr(snap_ino(info.id, ROOT_INO))
-    }
-
-    pub(crate) fn snap_rmdir(&self, name: &[u8]) -> FsResult<()> {
-        let name = std::str::from_utf8(name).map_err(|_| FsError::NotFound)?;
-        self.snapshot_delete(name)
-    }
-
-    // ----- commands -----
-
-    pub fn snapshot_list(&self) -> Vec<SnapshotInfo> {
-        let held = self.pool.info.holds();
-        let mut list = self.snaps.infos();
-        for i in &mut list {
-            i.held = held.contains(&i.id);
-        }
-        list
-    }
-
-    /// Creates snapshot `name`: freezes writers for as long as it takes to copy
-    /// the namespace and take the changed-block bitmaps, then captures the data
-    /// in the background (see snapshot/store.rs). The snapshot is readable at
-    /// once.
-    pub fn snapshot_create(&self, name: &str, kind: Option<Kind>) -> FsResult<SnapshotInfo> {
-        self.snapshot_create_with(name, kind, None)
-    }
-
-    /// [`Vfs::snapshot_create`] with a zstd level for its deltas (1..=19;
-    /// `None`: the default, the fastest).
-    pub fn snapshot_create_with(
-        &self,
-        name: &str,
-        kind: Option<Kind>,
-        level: Option<i32>,
-    ) -> FsResult<SnapshotInfo> {
-        self.writable()?;
-        if let Some(l) = level
-            && !(1..=19).contains(&l)
-        {
-            return Err(FsError::Message(format!(
-                "compression level {l}: expected 1 to 19"
-            )));
-        }
-        check_name(name)?;
-        let _admin = self.snaps.admin.lock();
-        self.snaps.wait_idle();
-        if self.snaps.by_name(name).is_some() {
-            return Err(FsError::Exists);
-        }
-        let (kind, parent) = self.snaps.plan(kind)?;
-        // Most of what is pending becomes durable outside the freeze.
-        self.commit()?;
-        let job = {
-            let _gate = self.gate.write();
-            let ns = self.ns.read();
-            let mut inodes = BTreeMap::new();
-            let mut files = Vec::new();
-            let mut interval = BTreeMap::new();
-            for (ino, n) in &ns.nodes {
-                let mut rec = n.record();
-                if rec.nlink == 0 && *ino != ROOT_INO {
-                    continue;
-                }
-                if *ino >= 1 << INO_BITS {
-                    return Err(FsError::Message(format!(
-                        "inode {ino} is beyond what .snapshots can number"
-                    )));
-                }
-                rec.extents.clear();
-                if let Some(v) = &n.volume {
-                    let changed = v.changed_ranges();
-                    v.clear_changed();
-                    if !changed.is_empty() {
-                        interval.insert(*ino, RangeSet::from_ranges(&changed));
-                    }
-                    files.push((*ino, v.clone(), rec.size));
-                }
-                inodes.insert(*ino, rec);
-            }
-            let mut dirents = BTreeMap::new();
-            for (parent, children) in &ns.children {
-                for (name, child) in children {
-                    dirents.insert((*parent, name.clone()), *child);
-                }
-            }
-            let freeze = Freeze {
-                name: name.to_string(),
-                kind,
-                inodes,
-                dirents,
-                files,
-                interval,
-                level,
-            };
-            self.snaps.begin(freeze, parent)?
-        };
-        if job.id > MAX_SNAP_ID {
-            tracing::warn!(id = job.id, "snapshot id beyond the .snapshots numbering");
-        }
-        // The thread is waited for by `wait_idle` (it holds the pool). On
-        // storage that wants one order of operations (the simulator) the
-        // capture runs here, before anything else touches the pool.
-        if !self.pool.storage().concurrent() {
-            self.snaps.run_job(job.clone());
-        } else if let Err(e) = self.snaps.spawn_job(job.clone()) {
-            // Without a worker the capture runs here.
-            tracing::warn!(error = %e, "cannot start the snapshot thread; capturing inline");
-            self.snaps.run_job(job.clone());
-        }
-        // The record is durable only once this commit is: until then a crash
-        // loses the snapshot, so its creation is not reported done before.
-        if let Err(e) = self.commit() {
-            tracing::warn!(error = %e, "commit after snapshot creation failed; it will be retried");
-            return Err(FsError::Message(format!(
-                "snapshot {name} is being captured, but its record could not be made durable ({e:?}); it may not survive a crash"
-            )));
-        }
-        self.snaps
-            .infos()
-            .into_iter()
-            .find(|i| i.id == job.id)
-            .ok_or(FsError::NotFound)
-    }
-
-    /// Waits for a running capture to end, then commits its record.
-    pub fn snapshot_wait(&self) -> FsResult<()> {
-        self.snapshot_wait_with(&mut |_, _| true)
-    }
-
-    /// [`Vfs::snapshot_wait`] with progress: `progress` counts blocks saved; when it returns `false` the wait
-    /// ends (the capture goes on: [`Vfs::job_cancel`] stops it).
-    pub fn snapshot_wait_with(&self, progress: Progress) -> FsResult<()> {
-        while let Some(job) = self.snaps.active_job() {
-            let (done, total) = job.progress();
-            if !progress(done, total) {
-                return Err(FsError::Cancelled);
-            }
-            if !self.pool.storage().concurrent() {
-                break;
-            }
-            self.snaps
-                .wait_idle_for(std::time::Duration::from_millis(200));
-        }
-        self.snaps.wait_idle();
-        self.commit()
-    }
-
-    /// Deletes a snapshot (see [`crate::snapshot::SnapshotStore::delete`]);
-    /// a held one is refused. `progress` counts the files merged.
-    pub fn snapshot_delete(&self, name: &str) -> FsResult<()> {
-        self.snapshot_delete_with(name, &mut |_, _| true)
-    }
-
-    /// [`Vfs::snapshot_delete`] with progress.
-    pub fn snapshot_delete_with(&self, name: &str, progress: Progress) -> FsResult<()> {
-        self.writable()?;
-        let _admin = self.snaps.admin.lock();
-        self.snaps.wait_idle();
-        self.delete_locked(name, progress)
-    }
-
-    /// Holds a snapshot (prune and delete leave it) or releases it.
-    pub fn snapshot_hold(&self, name: &str, held: bool) -> FsResult<()> {
-        self.writable()?;
-        let _admin = self.snaps.admin.lock();
-        let rec = self.snaps.by_name(name).ok_or(FsError::NotFound)?;
-        self.pool.info.set_hold(rec.id, held);
-        self.commit()
-    }
-
-    /// Names of the held snapshots.
-    pub fn snapshot_holds(&self) -> BTreeSet<String> {
-        let held = self.pool.info.holds();
-        self.snaps
-            .records()
-            .iter()
-            .filter(|r| held.contains(&r.id))
-            .map(|r| r.name.clone())
-            .collect()
-    }
-
-    fn delete_locked(&self, name: &str, progress: Progress) -> FsResult<()> {
-        let rec = self.snaps.by_name(name).ok_or(FsError::NotFound)?;
-        if self.pool.info.holds().contains(&rec.id) {
-            return Err(FsError::Message(format!(
-                "snapshot {name} is held: `vpool snapshot release` it first"
-            )));
-        }
-        let (old, to_live) = self.snaps.delete(rec.id, progress)?;
-        {
-            let ns = self.ns.read();
-            for (ino, set) in to_live {
-                if let Some(v) = ns.nodes.get(&ino).and_then(|n| n.volume.as_ref()) {
-                    for (s, e) in set.iter() {
-                        v.mark_blocks(s, e);
-                    }
-                }
-            }
-        }
-        self.commit()?;
-        self.pool.emit(
-            "snapshot_deleted",
-            crate::pool::info::Severity::Info,
-            None,
-            format!("snapshot {name} deleted"),
-        );
-        for p in old {
-            let st = self.pool.storage();
-            let r = if st.is_dir(&p) {
-                crate::storage::remove_dir_all(st, &p)
-            } else {
-                st.remove_file(&p)
-            };
-            if let Err(e) = r
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(path = %p.display(), error = %e, "cannot remove old snapshot file");
-            }
-        }
-        Ok(())
-    }
-
-    /// Deletes what `policy` does not keep (of the snapshots with its
-    /// prefix; held ones stay). Returns the plan, every considered
-    /// snapshot with its verdict; with `dry_run` nothing is deleted.
-    /// `progress` counts the snapshots deleted.
-    pub fn snapshot_prune(
-        &self,
-        policy: &PrunePolicy,
-        dry_run: bool,
-        progress: Progress,
-    ) -> FsResult<Vec<Decision>> {
-        if !policy.has_rule() {
-            return Err(FsError::Message(
-                "no keep rule given: refusing to delete every snapshot".into(),
-            ));
-        }
-        let _admin = self.snaps.admin.lock();
-        self.snaps.wait_idle();
-        let plan = crate::snapshot::prune::plan(
-            &self.snaps.prune_candidates(&self.pool.info.holds()),
-            policy,
-        );
-        if !dry_run {
-            self.writable()?;
-            let gone: Vec<&Decision> = plan.iter().filter(|d| !d.keep).collect();
-            let total = gone.len() as u64;
-            for (i, d) in gone.iter().enumerate() {
-                if !progress(i as u64, total) {
-                    return Err(FsError::Cancelled);
-                }
-                self.delete_locked(&d.name, &mut |_, _| true)?;
-            }
-            progress(total, total);
-        }
-        Ok(plan)
-    }
-
-    /// Every file of a snapshot with its pool-relative path.
-    fn snap_files(rec: &SnapshotRecord) -> Vec<(Vec<u8>, u64)> {
-        let mut out = Vec::new();
-        let mut stack = vec![(Vec::new(), ROOT_INO)];
-        let mut seen = BTreeSet::new();
-        while let Some((path, dir)) = stack.pop() {
-            if !seen.insert(dir) {
-                continue;
-            }
-            for ((_, name), child) in rec
-                .dirents
-                .range((dir, Vec::new())..)
-                .take_while(|((p, _), _)| *p == dir)
-            {
-                let mut p = path.clone();
-                if !p.is_empty() {
-                    p.push(b'/');
-                }
-                p.extend_from_slice(name);
-                match rec.inodes.get(child).map(|r| r.kind) {
-                    Some(NodeKind::Dir) => stack.push((p, *child)),
-                    Some(NodeKind::File) => out.push((p, *child)),
-                    _ => {}
-                }
-            }
-        }
-        out.sort();
-        out
-    }
-
-    fn snap_resolve(rec: &SnapshotRecord, path: &[u8]) -> FsResult<u64> {
-        let mut cur = ROOT_INO;
-        for c in components(path) {
-            cur = *rec
-                .dirents
-                .get(&(cur, c.to_vec()))
-                .ok_or(FsError::NotFound)?;
-        }
-        Ok(cur)
-    }
-
-    /// The live inode at `path`, creating missing directories (with the
-    /// snapshot's attributes) and the file itself when `create` is given.
-    fn live_resolve(&self, path: &[u8], create: Option<(&SnapshotRecord, bool)>) -> FsResult<u64> {
-        let comps = components(path);
-        let mut cur = ROOT_INO;
-        let mut snap_cur = ROOT_INO;
-        for (i, c) in comps.iter().enumerate() {
-            let last = i + 1 == comps.len();
-            let found = {
-                let ns = self.ns.read();
-                ns.dir(cur)?.get(*c).copied()
-            };
-            if let Some((rec, _)) = create {
-                snap_cur = rec
-                    .dirents
-                    .get(&(snap_cur, c.to_vec()))
-                    .copied()
-                    .unwrap_or(0);
-            }
-            cur = match (found, create) {
-                (Some(ino), _) => ino,
-                (None, Some((rec, make_parents))) if !last && make_parents => {
-                    let r = rec.inodes.get(&snap_cur);
-                    let node = self.make_node(
-                        cur,
-                        c,
-                        NewNode {
-                            kind: NodeKind::Dir,
-                            mode: r.map(|r| r.mode).unwrap_or(0o755),
-                            rdev: 0,
-                            target: Vec::new(),
-                        },
-                        Caller {
-                            uid: r.map(|r| r.uid).unwrap_or(0),
-                            gid: r.map(|r| r.gid).unwrap_or(0),
-                        },
-                    )?;
-                    node.ino
-                }
-                (None, Some((rec, _))) if last => {
-                    if let Some(k) = self.kernel.get() {
-                        k.inval_entry(cur, c);
-                    }
-                    let r = rec.inodes.get(&snap_cur);
-                    let node = self.make_node(
-                        cur,
-                        c,
-                        NewNode {
-                            kind: NodeKind::File,
-                            mode: r.map(|r| r.mode).unwrap_or(0o644),
-                            rdev: 0,
-                            target: Vec::new(),
-                        },
-                        Caller {
-                            uid: r.map(|r| r.uid).unwrap_or(0),
-                            gid: r.map(|r| r.gid).unwrap_or(0),
-                        },
-                    )?;
-                    node.ino
-                }
-                _ => return Err(FsError::NotFound),
-            };
-        }
-        Ok(cur)
-    }
-
-    /// Rolls files back to their content in snapshot `name` (every file of the
-    /// snapshot when `paths` is empty), writing only blocks that differ. Paths
-    /// are pool-relative. A file deleted since is re-created.
-    /// `progress` counts blocks of the files examined; when it returns
-    /// `false` the restore stops after the file it is in (files are
-    /// restored whole or not touched).
-    pub fn snapshot_restore(&self, name: &str, paths: &[Vec<u8>]) -> FsResult<RestoreReport> {
-        self.snapshot_restore_with(name, paths, &mut |_, _| true)
-    }
-
-    /// [`Vfs::snapshot_restore`] with progress.
-    pub fn snapshot_restore_with(
-        &self,
-        name: &str,
-        paths: &[Vec<u8>],
-        progress: Progress,
-    ) -> FsResult<RestoreReport> {
-        self.writable()?;
-        let _admin = self.snaps.admin.lock();
-        self.snaps.wait_idle();
-        let rec = self
-            .snaps
-            .by_name(name)
-            .filter(|r| r.state == State::Complete)
-            .ok_or(FsError::NotFound)?;
-        let targets: Vec<(Vec<u8>, u64)> = if paths.is_empty() {
-            Self::snap_files(&rec)
-        } else {
-            let mut v = Vec::new();
-            for p in paths {
-                let ino = Self::snap_resolve(&rec, p)?;
-                match rec.inodes.get(&ino).map(|r| r.kind) {
-                    Some(NodeKind::File) => v.push((p.clone(), ino)),
-                    Some(NodeKind::Dir) => {
-                        // A directory restores every file below it.
-                        let prefix = components(p).join(&b'/');
-                        for (fp, fi) in Self::snap_files(&rec) {
-                            if prefix.is_empty()
-                                || (fp.starts_with(&prefix) && fp.get(prefix.len()) == Some(&b'/'))
-                            {
-                                v.push((fp, fi));
-                            }
-                        }
-                    }
-                    _ => return Err(FsError::Invalid),
-                }
-            }
-            v
-        };
-        let mut report = RestoreReport::default();
-        let bs = self.pool.config().block_size as u64;
-        let blocks = |ino: &u64| rec.inodes.get(ino).map_or(0, |r| r.size.div_ceil(bs));
-        let total: u64 = targets.iter().map(|(_, i)| blocks(i)).sum();
-        let mut done = 0;
-        progress(0, total);
-        for (path, sino) in targets {
-            if !progress(done, total) {
-                self.commit()?;
-                return Err(FsError::Cancelled);
-            }
-            done += blocks(&sino);
-            let live = self.live_resolve(&path, Some((&rec, true)))?;
-            self.restore_file(&rec, sino, live, &mut report)?;
-            report.files += 1;
-            if let Some(s) = rec.inodes.get(&sino) {
-                report.restored.push(super::kernel_refresh::Restored {
-                    path,
-                    ino: live,
-                    size: s.size,
-                    mtime: s.mtime,
-                });
-            }
-        }
-        progress(total, total);
-        self.commit()?;
-        Ok(report)
-    }
-
-    /// Blocks of live file `live` that may differ from `sino` in `rec`.
-    fn restore_candidates(
-        &self,
-        rec: &SnapshotRecord,
-        sino: u64,
-        live: u64,
-        nblocks: u64,
-    ) -> RangeSet {
-        let mut set = RangeSet::new();
-        if sino != live {
-            if nblocks > 0 {
-                set.insert(0, nblocks);
-            }
-            return set;
-        }
-        // Same file: only blocks changed since the snapshot can differ.
-        for r in self.snaps.records() {
-            if r.id > rec.id
-                && let Some(i) = r.interval.get(&sino)
-            {
-                set.union_with(i);
-            }
-        }
-        if let Ok(n) = self.ns.read().node(live)
-            && let Some(v) = &n.volume
-        {
-            for (s, e) in v.changed_ranges() {
-                set.insert(s, e);
-            }
-        }
-        set.clip(nblocks);
-        set
-    }
-
-    fn restore_file(
-        &self,
-        rec: &SnapshotRecord,
-        sino: u64,
-        live: u64,
-        report: &mut RestoreReport,
-    ) -> FsResult<()> {
-        let srec = rec.inodes.get(&sino).ok_or(FsError::NotFound)?.clone();
-        let node = self.ns.read().node(live)?;
-        if node.kind() != NodeKind::File {
-            return Err(FsError::IsDir);
-        }
-        let bs = self.pool.config().block_size as u64;
-        let live_size = self.getattr(live)?.size;
-        let nblocks = srec.size.div_ceil(bs).max(live_size.div_ceil(bs));
-        let candidates = self.restore_candidates(rec, sino, live, nblocks);
-        let fh = self.new_file_handle(node.clone());
-        let result = (|| -> FsResult<()> {
-            if live_size > srec.size {
-                self.setattr(
-                    live,
-                    super::core::SetAttr {
-                        size: Some(srec.size),
-                        ..Default::default()
-                    },
-                )?;
-            }
-            let snap_blocks = srec.size.div_ceil(bs);
-            for (s, e) in candidates.iter() {
-                let e = e.min(snap_blocks);
-                let mut b = s;
-                while b < e {
-                    let n = (e - b).min(256);
-                    let off = b * bs;
-                    let len = n * bs;
-                    let want = self.snaps.read(rec.id, sino, off, len)?;
-                    let _gate = self.gate.read();
-                    let have = self.read(fh, off, len as u32)?;
-                    for k in 0..n as usize {
-                        let lo = k * bs as usize;
-                        if lo >= want.len() {
-                            break;
-                        }
-                        let hi = (lo + bs as usize).min(want.len());
-                        let w = &want[lo..hi];
-                        let h = have.get(lo..hi.min(have.len())).unwrap_or(&[]);
-                        report.blocks_compared += 1;
-                        let same = h.len() == w.len() && h == w
-                            || (w.iter().all(|x| *x == 0) && h.iter().all(|x| *x == 0));
-                        if same {
-                            continue;
-                        }
-                        let at = off + lo as u64;
-                        if w.iter().all(|x| *x == 0) {
-                            self.punch_within_size(fh, at, w.len() as u64)?;
-                            report.blocks_punched += 1;
-                        } else {
-                            self.write_locked(fh, at, w)?;
-                            report.blocks_written += 1;
-                        }
-                    }
-                    b += n;
-                }
-            }
-            self.setattr(
-                live,
-                super::core::SetAttr {
-                    size: Some(srec.size),
-                    mode: Some(srec.mode),
-                    uid: Some(srec.uid),
-                    gid: Some(srec.gid),
-                    atime: Some(super::core::TimeSet::At(srec.atime)),
-                    mtime: Some(super::core::TimeSet::At(srec.mtime)),
-                    ctime: None,
-                },
-            )?;
-            Ok(())
-        })();
-        self.release(fh)?;
-        // The kernel may hold the old content in its page cache.
-        if let Some(k) = self.kernel.get() {
-            k.inval_inode(live);
-        }
-        result
-    }
-
-    /// Creates `newpath` (pool-relative; its directory must exist) as a new
-    /// writable file with the content of `path` in snapshot `name`.
-    pub fn snapshot_clone(&self, name: &str, path: &[u8], newpath: &[u8]) -> FsResult<Attr> {
-        self.writable()?;
-        let _admin = self.snaps.admin.lock();
-        self.snaps.wait_idle();
-        let rec = self
-            .snaps
-            .by_name(name)
-            .filter(|r| r.state == State::Complete)
-            .ok_or(FsError::NotFound)?;
-        let sino = Self::snap_resolve(&rec, path)?;
-        let srec = rec.inodes.get(&sino).ok_or(FsError::NotFound)?.clone();
-        if srec.kind != NodeKind::File {
-            return Err(FsError::IsDir);
-        }
-        let comps = components(newpath);
-        let (last, dirs) = comps.split_last().ok_or(FsError::Invalid)?;
-        let mut parent = ROOT_INO;
-        for c in dirs {
-            parent = *self
-                .ns
-                .read()
-                .dir(parent)?
-                .get(*c)
-                .ok_or(FsError::NotFound)?;
-        }
-        let node = self.make_node(
-            parent,
-            last,
-            NewNode {
-                kind: NodeKind::File,
-                mode: srec.mode,
-                rdev: 0,
-                target: Vec::new(),
-            },
-            Caller {
-                uid: srec.uid,
-                gid: srec.gid,
-            },
-        )?;
-        if let Some(k) = self.kernel.get() {
-            k.inval_entry(parent, last);
-        }
-        let fh = self.new_file_handle(node.clone());
-        let result = (|| -> FsResult<()> {
-            let mut pos = 0u64;
-            while pos < srec.size {
-                let Some(d) = self.snaps.seek(rec.id, sino, pos, true)? else {
-                    break;
-                };
-                let h = self
-                    .snaps
-                    .seek(rec.id, sino, d, false)?
-                    .unwrap_or(srec.size);
-                let mut p = d;
-                while p < h {
-                    let n = (h - p).min(1 << 20);
-                    let buf = self.snaps.read(rec.id, sino, p, n)?;
-                    let _gate = self.gate.read();
-                    self.write_locked(fh, p, &buf)?;
-                    p += n;
-                }
-                pos = h;
-            }
-            self.setattr(
-                node.ino,
-                super::core::SetAttr {
-                    size: Some(srec.size),
-                    ..Default::default()
-                },
-            )?;
-            Ok(())
-        })();
-        self.release(fh)?;
-        result?;
-        self.commit()?;
-        self.getattr(node.ino)
     }
 }

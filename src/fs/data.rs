@@ -1,0 +1,458 @@
+//! The data path of the live tree: read, write, truncate, fallocate, seek
+//! and copy_file_range on open files.
+//!
+//! A read or write takes no namespace lock (a handle holds its `Arc<Node>`):
+//! I/O to different files, and to different extents of one file, runs in
+//! parallel in the node's `Volume`. Only a truncate takes `ns`, briefly, to
+//! queue the extent files it cut. Invariants:
+//! - every change to file data or size holds `Vfs::gate` for reading (a
+//!   commit or a snapshot's freeze takes it for writing: no change is in
+//!   flight at that instant), and first lets a running snapshot capture save
+//!   the blocks it is about to change (`SnapshotStore::preserve`);
+//! - a change that fails part-way keeps what was done (the node is marked
+//!   dirty: the next commit records the extent map as it is) but leaves
+//!   nothing past the end of the file ([`Live::clear_past_end`]), and does
+//!   not change the size;
+//! - ENOSPC runs a commit when removed files still hold space, then retries
+//!   once ([`Live::reclaim_space`]): the one place the data path commits,
+//!   after it has dropped the gate.
+
+use std::sync::atomic::Ordering;
+
+use super::core::{Live, MAX_FILE_SIZE};
+use super::node::Node;
+use crate::error::{FsError, FsResult};
+use crate::pool::meta::{NodeKind, Timestamp};
+use crate::volume::Volume;
+
+/// What `copy_file_range` reads from: an open file of either view (the
+/// route resolves the source handle; the destination is always live).
+pub(crate) trait CopySource {
+    /// The file's size.
+    fn size(&self) -> FsResult<u64>;
+    /// Where data begins at or after `off` (`None`: only a hole is left).
+    fn seek_data(&self, off: u64) -> FsResult<Option<u64>>;
+    fn read(&self, off: u64, len: u32) -> FsResult<Vec<u8>>;
+}
+
+impl Live<'_> {
+    /// Size of the file behind a live handle.
+    pub(crate) fn handle_size(&self, fh: u64) -> FsResult<u64> {
+        Ok(self.getattr(self.file_node(fh)?.ino)?.size)
+    }
+
+    pub(crate) fn read(&self, fh: u64, off: u64, len: u32) -> FsResult<Vec<u8>> {
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let size = node.meta.lock().size;
+        vol.read(&self.pool, off, len as usize, size)
+    }
+
+    pub(crate) fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
+        self.writable()?;
+        let freed = self.freed.load(Ordering::Acquire);
+        let r = {
+            let _g = self.gate.read();
+            self.write_locked(fh, off, data)
+        };
+        match r {
+            // The commit that frees space takes the gate itself: retry without it held.
+            Err(FsError::NoSpace) if self.reclaim_space(freed) => {
+                let _g = self.gate.read();
+                self.write_locked(fh, off, data)
+            }
+            r => r,
+        }
+    }
+
+    /// `write` with the gate held by the caller.
+    pub(crate) fn write_locked(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let end = off
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::FileTooLarge)?;
+        if end > MAX_FILE_SIZE {
+            return Err(FsError::FileTooLarge);
+        }
+        self.snaps.preserve(node.ino, off, data.len() as u64);
+        if let Err(e) = vol.write(&self.pool, off, data) {
+            // Pieces before the failure are written, maybe into new extents:
+            // the next commit must record the map as it is now (the data
+            // shows, and a commit that says it is durable must make it so).
+            // What landed past the end of the file is taken back: a later
+            // extension must read zeros there.
+            self.clear_past_end(&node, vol, off, end);
+            node.touch();
+            return Err(e);
+        }
+        let now = self.now();
+        {
+            let mut m = node.meta.lock();
+            if end > m.size {
+                m.size = end;
+            }
+            m.mtime = now;
+            m.ctime = now;
+        }
+        node.touch();
+        Ok(data.len() as u32)
+    }
+
+    /// After a failed write or allocation of `[off, end)`: punches the part
+    /// past the file's size (best effort: what stays there is also cut at
+    /// the next mount).
+    pub(crate) fn clear_past_end(&self, node: &Node, vol: &Volume, off: u64, end: u64) {
+        let size = node.meta.lock().size;
+        let from = off.max(size);
+        if end <= from {
+            return;
+        }
+        // Whole blocks first: they need no read (a block the failed write
+        // tore does not verify), and all of them lie past the end.
+        let bs = vol.block_size();
+        let (ws, we) = (from.next_multiple_of(bs), end.next_multiple_of(bs));
+        let mut r = Ok(());
+        if we > ws {
+            r = vol.punch(&self.pool, ws, we - ws);
+        }
+        if r.is_ok() && ws > from {
+            // The block holding `from`: a punch when it verifies (the piece
+            // there was written whole), else what a torn write left past the
+            // end is zeroed on the copies whose bytes before still verify.
+            r = vol
+                .punch(&self.pool, from, ws.min(end) - from)
+                .or_else(|_| vol.zero_block_tail(&self.pool, from).map(|_| ()));
+        }
+        if let Err(e) = r {
+            tracing::warn!(ino = node.ino, error = %e, "cannot punch what a failed write left past the end of the file");
+        }
+    }
+
+    /// fallocate: plain allocation (extends the size unless KEEP_SIZE), PUNCH_HOLE
+    /// (with KEEP_SIZE) and ZERO_RANGE.
+    pub(crate) fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> FsResult<()> {
+        self.writable()?;
+        let _g = self.gate.read();
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let end = off.checked_add(len).ok_or(FsError::FileTooLarge)?;
+        if len == 0 {
+            return Err(FsError::Invalid);
+        }
+        if end > MAX_FILE_SIZE {
+            return Err(FsError::FileTooLarge);
+        }
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let size = node.meta.lock().size;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 {
+            return Err(FsError::NotSupported);
+        }
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0
+            && (!keep || mode & libc::FALLOC_FL_ZERO_RANGE != 0)
+        {
+            return Err(FsError::NotSupported);
+        }
+        self.snaps.preserve(node.ino, off, len);
+        let r = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            if off < size {
+                vol.punch(&self.pool, off, end.min(size) - off)
+            } else {
+                Ok(())
+            }
+        } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+            let zend = if keep { end.min(size) } else { end };
+            if zend > off {
+                vol.zero_range(&self.pool, off, zend - off)
+            } else {
+                Ok(())
+            }
+        } else {
+            vol.allocate(&self.pool, off, len)
+        };
+        if let Err(e) = r {
+            // As in `write_locked`: what was done before the failure is
+            // recorded by the next commit, and nothing stays past the end.
+            self.clear_past_end(&node, vol, off, end);
+            node.touch();
+            return Err(e);
+        }
+        let now = self.now();
+        {
+            let mut m = node.meta.lock();
+            if !keep && end > m.size {
+                m.size = end;
+            }
+            if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+                m.mtime = now;
+            }
+            m.ctime = now;
+        }
+        node.touch();
+        Ok(())
+    }
+
+    pub(crate) fn lseek(&self, fh: u64, off: u64, whence: i32) -> FsResult<u64> {
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let size = node.meta.lock().size;
+        let r = match whence {
+            libc::SEEK_DATA => vol.seek_data(&self.pool, off, size)?,
+            libc::SEEK_HOLE => vol.seek_hole(&self.pool, off, size)?,
+            libc::SEEK_SET => Some(off),
+            libc::SEEK_END => Some(size.saturating_add(off)),
+            _ => return Err(FsError::Invalid),
+        };
+        r.ok_or(FsError::NoData)
+    }
+
+    /// Copies from `src` (a file of either view) to live handle `fh_out` in
+    /// 1 MiB pieces; holes in the source stay holes (skipped in one step
+    /// each, whatever their length). The gate is taken per piece: a commit
+    /// waits for one piece, not for a copy of gigabytes.
+    pub(crate) fn copy_file_range(
+        &self,
+        src: &dyn CopySource,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> FsResult<u64> {
+        self.writable()?;
+        let size = src.size()?;
+        if off_in >= size {
+            return Ok(0);
+        }
+        let len = len.min(size - off_in);
+        let mut done = 0u64;
+        const CHUNK: u64 = 1 << 20;
+        while done < len {
+            let _g = self.gate.read();
+            let pos = off_in + done;
+            let hole = match src.seek_data(pos)? {
+                Some(d) if d > pos => (d - pos).min(len - done),
+                None => len - done,
+                _ => 0,
+            };
+            if hole > 0 {
+                // The destination must read zeros there too, so deallocate what
+                // it holds (past its end it reads zeros).
+                self.punch_within_size(fh_out, off_out + done, hole)?;
+                done += hole;
+                continue;
+            }
+            let n = (len - done).min(CHUNK);
+            let buf = src.read(pos, n as u32)?;
+            if buf.is_empty() {
+                break;
+            }
+            self.write_locked(fh_out, off_out + done, &buf)?;
+            done += buf.len() as u64;
+        }
+        let _g = self.gate.read();
+        let dst = self.file_node(fh_out)?;
+        {
+            let mut m = dst.meta.lock();
+            if off_out + done > m.size {
+                m.size = off_out + done;
+            }
+        }
+        dst.touch();
+        Ok(done)
+    }
+
+    /// Deallocates `[off, off+len)` of an open file, clipped to its size.
+    pub(crate) fn punch_within_size(&self, fh: u64, off: u64, len: u64) -> FsResult<()> {
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let size = node.meta.lock().size;
+        if off < size {
+            self.snaps.preserve(node.ino, off, len.min(size - off));
+            vol.punch(&self.pool, off, len.min(size - off))?;
+        }
+        Ok(())
+    }
+
+    /// Sets the size of `node` (truncate or extend), with the gate held by
+    /// the caller. Blocks cut off are saved for a running capture first and
+    /// marked changed; extent files dropped wait for the next commit.
+    pub(crate) fn set_size(&self, node: &Node, size: u64, now: Timestamp) -> FsResult<()> {
+        let vol = match &node.volume {
+            Some(v) => v,
+            None if node.kind() == NodeKind::Dir => return Err(FsError::IsDir),
+            None => return Err(FsError::Invalid),
+        };
+        if size > MAX_FILE_SIZE {
+            return Err(FsError::FileTooLarge);
+        }
+        let dead = {
+            let mut m = node.meta.lock();
+            let dead = if size < m.size {
+                self.snaps.preserve_from(node.ino, size);
+                let bs = vol.block_size();
+                vol.mark_mapped_blocks(size / bs, m.size.div_ceil(bs));
+                vol.truncate(&self.pool, size)?
+            } else {
+                Vec::new()
+            };
+            m.size = size;
+            m.mtime = now;
+            m.ctime = now;
+            dead
+        };
+        if !dead.is_empty() {
+            self.ns.write().dead_extents.extend(dead);
+        }
+        Ok(())
+    }
+
+    /// After ENOSPC: whether a retry may now find room. Files of deleted data
+    /// are removed by a commit, so one is run when any are pending; when none
+    /// are, another writer's commit may be removing them right now (it took
+    /// them), so wait for any running commit and retry if one freed space
+    /// since the write began (`freed` then). Concurrent writers of a flush
+    /// otherwise failed while the first one's commit was freeing the space.
+    pub(crate) fn reclaim_space(&self, freed: u64) -> bool {
+        if !self.ns.read().dead_extents.is_empty() {
+            return self.commit().is_ok();
+        }
+        drop(self.commit_lock.lock());
+        self.freed.load(Ordering::Acquire) != freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::error::FsError;
+    use crate::fs::SetAttr;
+    use crate::fs::testing::{ME, open, setup, setup_with};
+    use crate::pool::CreateOptions;
+    use crate::pool::meta::ROOT_INO;
+
+    #[test]
+    fn write_read_across_extents_and_members() {
+        let (_d, dirs) = setup(2, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"img", 0o644, 0, ME).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        v.write(fh, 1000, &data).unwrap();
+        assert_eq!(v.read(fh, 1000, data.len() as u32).unwrap(), data);
+        assert_eq!(v.read(fh, 0, 1000).unwrap(), vec![0u8; 1000]);
+        assert_eq!(v.getattr(a.ino).unwrap().size, 301_000);
+        // Extents are spread over both members.
+        let per: Vec<usize> = dirs
+            .iter()
+            .map(|d| std::fs::read_dir(d.join("data")).unwrap().count())
+            .collect();
+        assert!(per.iter().all(|c| *c > 0), "{per:?}");
+        v.release(fh).unwrap();
+        v.commit().unwrap();
+        drop(v);
+        let v = open(&dirs[1]);
+        let fh = v.open(a.ino, false).unwrap();
+        assert_eq!(v.read(fh, 1000, data.len() as u32).unwrap(), data);
+    }
+
+    #[test]
+    fn truncate_punch_and_seek() {
+        let (_d, dirs) = setup(1, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
+        v.write(fh, 0, &[1u8; 200_000]).unwrap();
+        v.fallocate(
+            fh,
+            65536,
+            65536,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        )
+        .unwrap();
+        assert_eq!(v.read(fh, 65536, 10).unwrap(), vec![0u8; 10]);
+        assert_eq!(v.lseek(fh, 0, libc::SEEK_HOLE).unwrap(), 65536);
+        assert_eq!(v.lseek(fh, 65536, libc::SEEK_DATA).unwrap(), 131072);
+        v.setattr(
+            a.ino,
+            SetAttr {
+                size: Some(70_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        v.setattr(
+            a.ino,
+            SetAttr {
+                size: Some(300_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(v.read(fh, 0, 4).unwrap(), vec![1u8; 4]);
+        assert_eq!(v.read(fh, 69_990, 20).unwrap(), vec![0u8; 20]);
+        assert!(matches!(
+            v.lseek(fh, 70_000, libc::SEEK_DATA),
+            Err(FsError::NoData)
+        ));
+    }
+
+    #[test]
+    fn copies_land_on_distinct_members_and_cover_a_lost_copy() {
+        let (_d, dirs) = setup_with(
+            3,
+            CreateOptions {
+                copies: 2,
+                extent_size: 64 * 1024,
+                ..Default::default()
+            },
+        );
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"f", 0o644, 0, ME).unwrap();
+        let data: Vec<u8> = (0..500_000u32).map(|i| (i % 253) as u8).collect();
+        v.write(fh, 0, &data).unwrap();
+        v.release(fh).unwrap();
+        v.commit().unwrap();
+        drop(v);
+        // Every extent has two files with the same name on two members.
+        let mut names: std::collections::HashMap<String, usize> = Default::default();
+        for dir in &dirs {
+            for e in std::fs::read_dir(dir.join("data")).unwrap() {
+                *names
+                    .entry(e.unwrap().file_name().to_string_lossy().into_owned())
+                    .or_default() += 1;
+            }
+        }
+        // (Each extent file has its sum file beside it.)
+        assert_eq!(names.len(), 16);
+        assert!(names.values().all(|c| *c == 2), "{names:?}");
+        // Remove every extent file of member 0: the other copies serve all reads.
+        for e in std::fs::read_dir(dirs[0].join("data")).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        let v = open(&dirs[1]);
+        let fh = v.open(a.ino, false).unwrap();
+        assert_eq!(v.read(fh, 0, data.len() as u32).unwrap(), data);
+    }
+
+    #[test]
+    fn copy_file_range_of_a_hole_zeroes_the_destination() {
+        let (_d, dirs) = setup(1, 64 * 1024);
+        let v = open(&dirs[0]);
+        let (_, src) = v.create(ROOT_INO, b"src", 0o644, 0, ME).unwrap();
+        v.setattr(
+            v.lookup(ROOT_INO, b"src").unwrap().ino,
+            SetAttr {
+                size: Some(300_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        v.write(src, 200_000, b"tail").unwrap();
+        let (_, dst) = v.create(ROOT_INO, b"dst", 0o644, 0, ME).unwrap();
+        v.write(dst, 0, &[9u8; 250_000]).unwrap();
+        assert_eq!(v.copy_file_range(src, 0, dst, 0, 300_000).unwrap(), 300_000);
+        let got = v.read(dst, 0, 300_000).unwrap();
+        let mut want = vec![0u8; 300_000];
+        want[200_000..200_004].copy_from_slice(b"tail");
+        assert!(got == want);
+    }
+}
