@@ -12,7 +12,9 @@ pub mod delta;
 pub mod flatten;
 pub mod prune;
 pub mod ranges;
+pub mod record;
 pub mod store;
 
 pub use prune::PrunePolicy;
+pub use record::*;
 pub use store::*;

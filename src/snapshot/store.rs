@@ -33,216 +33,46 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex, RwLock};
-use serde::{Deserialize, Serialize};
 
 use super::delta::{
     DeltaError, DeltaFile, DeltaHeader, DeltaId, DeltaWriter, Entry, MAX_FRAME_BLOCKS,
 };
 use super::flatten::{self, Level, Run, Source};
 use super::ranges::RangeSet;
+use super::record::{
+    DeltaLoc, Kind, SNAP_DIR, SnapshotInfo, SnapshotRecord, State, check_records, delta_dir,
+    delta_path, parse_delta_name,
+};
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
-use crate::pool::label::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
-use crate::pool::meta::{BlobChange, InodeRecord, NodeKind, Timestamp, check_blob, encode_blob};
+use crate::pool::meta::{BlobChange, InodeRecord, NodeKind, Timestamp};
 use crate::volume::{DeadExtent, Segment, Volume};
 
-/// Directory of delta files in each member: `snap/<id>/<ino>.<seq>.vd`.
-pub const SNAP_DIR: &str = "snap";
 /// Blocks saved together by copy-before-write (one frame).
 pub const FRAME_BLOCKS: u64 = 16;
+
 /// Blocks the background capture reads per step (the longest a writer of the
 /// same file waits for it is one such read).
 const BATCH_BLOCKS: u64 = 128;
+
 /// zstd level of new deltas unless the command names one: the fastest level,
 /// so that capture keeps pace with the disks (level 3 compresses ~5 % better
 /// at half the speed on the reference machine).
 pub const DEFAULT_LEVEL: i32 = 1;
+
 /// Blocks the capture asks the kernel to read ahead of it.
 const PREFETCH_BLOCKS: u64 = 1024;
+
 /// At most this many threads compress one capture.
 const MAX_CAPTURE_THREADS: usize = 4;
+
 /// Cached chain indexes (one per snapshot and file), at most. Each holds the
 /// delta files of its chain open, so fewer are kept when descriptors are
 /// scarce: one view per 64 descriptors of the extent-file cache's budget.
 const VIEW_CACHE: usize = 256;
+
 /// Cached decompressed frames (each up to 1 MiB, usually 64 KiB).
 const FRAME_CACHE: usize = 512;
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Full,
-    Incremental,
-    Differential,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Full => "full",
-            Kind::Incremental => "incremental",
-            Kind::Differential => "differential",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "full" => Some(Kind::Full),
-            "incremental" | "incr" => Some(Kind::Incremental),
-            "differential" | "diff" => Some(Kind::Differential),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub enum State {
-    Pending,
-    Complete,
-    Failed(String),
-}
-
-/// Where the delta of one file lives: the same bytes on every listed member.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct DeltaLoc {
-    pub members: Vec<u32>,
-    /// Bumped when a merge rewrites the delta (the old file goes after the commit).
-    pub seq: u32,
-    /// Bytes of one copy of the delta file.
-    pub stored: u64,
-    /// Blocks the delta records (data, zero and hole entries).
-    pub blocks: u64,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct SnapshotRecord {
-    pub id: u64,
-    pub name: String,
-    pub kind: Kind,
-    /// The snapshot this one's deltas are relative to (`None`: a full).
-    pub parent: Option<u64>,
-    pub created: Timestamp,
-    pub state: State,
-    pub block_size: u32,
-    /// Every reachable inode as it was (extent lists left empty).
-    pub inodes: BTreeMap<u64, InodeRecord>,
-    pub dirents: BTreeMap<(u64, Vec<u8>), u64>,
-    pub deltas: BTreeMap<u64, DeltaLoc>,
-    /// Blocks changed between the previous snapshot and this one, per inode.
-    pub interval: BTreeMap<u64, RangeSet>,
-    pub logical_bytes: u64,
-    pub stored_bytes: u64,
-    pub changed_blocks: u64,
-}
-
-impl SnapshotRecord {
-    pub fn encode(&self) -> Vec<u8> {
-        encode_blob(&bincode::serialize(self).unwrap_or_default())
-    }
-
-    /// Checks the envelope, decodes (bincode reading no further than the
-    /// payload) and validates the record on its own ([`Self::validate`]).
-    pub fn decode(b: &[u8]) -> Result<SnapshotRecord, String> {
-        let r: SnapshotRecord = crate::bytes::bincode_decode(check_blob(b)?)
-            .map_err(|e| format!("snapshot record undecodable: {e}"))?;
-        r.validate()?;
-        Ok(r)
-    }
-
-    /// What a record must hold on its own: an id of at least 1, a block size
-    /// a pool can have, and a base older than itself (so that no chain of
-    /// bases can loop).
-    pub fn validate(&self) -> Result<(), String> {
-        if self.id == 0 {
-            return Err("snapshot id 0".into());
-        }
-        let bs = self.block_size;
-        if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
-            return Err(format!(
-                "snapshot {}: block size {bs} is not a power of two in {MIN_BLOCK_SIZE}..={MAX_BLOCK_SIZE}",
-                self.id
-            ));
-        }
-        if let Some(p) = self.parent
-            && (p == 0 || p >= self.id)
-        {
-            return Err(format!(
-                "snapshot {}: base snapshot {p} is not an older snapshot",
-                self.id
-            ));
-        }
-        Ok(())
-    }
-
-    /// What the header of this snapshot's delta of `ino` must say.
-    pub fn delta_id(&self, ino: u64) -> DeltaId {
-        DeltaId {
-            snap_id: self.id,
-            base_id: self.parent.unwrap_or(0),
-            ino,
-            block_size: self.block_size,
-        }
-    }
-
-    /// Size in blocks of `ino` here, `None` when it was not a file of this snapshot.
-    fn size_blocks(&self, ino: u64) -> Option<u64> {
-        self.inodes
-            .get(&ino)
-            .filter(|r| r.kind == NodeKind::File)
-            .map(|r| r.size.div_ceil(self.block_size as u64))
-    }
-
-    pub fn is_readable(&self) -> bool {
-        matches!(self.state, State::Pending | State::Complete)
-    }
-}
-
-/// One line of `vpool snapshot list`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
-pub struct SnapshotInfo {
-    pub id: u64,
-    pub name: String,
-    pub kind: String,
-    pub base: Option<String>,
-    /// Unix seconds.
-    pub created: i64,
-    pub logical_bytes: u64,
-    pub stored_bytes: u64,
-    pub changed_blocks: u64,
-    pub state: String,
-    /// Held against prune and delete (`vpool snapshot hold`).
-    #[serde(default)]
-    pub held: bool,
-}
-
-/// What a snapshot name may be: a plain, visible directory name.
-pub fn check_name(name: &str) -> FsResult<()> {
-    let why = if name.is_empty() {
-        "is empty"
-    } else if name.len() > 255 {
-        "is longer than 255 bytes"
-    } else if name.contains('/') {
-        "contains '/'"
-    } else if name.starts_with('.') {
-        "starts with '.'"
-    } else if name.bytes().any(crate::util::is_control) {
-        "contains a control character (newline, tab, escape, NUL, ...)"
-    } else {
-        return Ok(());
-    };
-    Err(FsError::Message(format!(
-        "snapshot name \"{}\" {why}",
-        name.escape_debug()
-    )))
-}
-
-fn delta_dir(pool: &Pool, member: u32, id: u64) -> Option<PathBuf> {
-    pool.member(member)
-        .map(|m| m.dir.join(SNAP_DIR).join(id.to_string()))
-}
-
-fn delta_path(pool: &Pool, member: u32, id: u64, ino: u64, seq: u32) -> Option<PathBuf> {
-    delta_dir(pool, member, id).map(|d| d.join(format!("{ino}.{seq}.vd")))
-}
 
 fn delta_err(e: DeltaError) -> FsError {
     match e {
@@ -1206,8 +1036,6 @@ impl SnapshotStore {
         }
     }
 
-    // ----- reading -----
-
     /// Opens the copies of the delta of `ino` in snapshot `rec`.
     fn open_delta(&self, rec: &SnapshotRecord, ino: u64) -> FsResult<Vec<Arc<DeltaFile>>> {
         let Some(loc) = rec.deltas.get(&ino) else {
@@ -1519,8 +1347,6 @@ impl SnapshotStore {
             };
         }
     }
-
-    // ----- deletion -----
 
     /// Deletes snapshot `id`, keeping every other one byte-identical: each
     /// snapshot based on it gets its blocks merged in (a full it was based on is
@@ -2027,55 +1853,6 @@ pub fn check_pool_in(
     Ok(report)
 }
 
-/// Checks the loaded records together, in id order: each is stored under
-/// its own id, has the pool's block size `bs`, and, when readable (pending or
-/// complete), has its base among the good records and complete (a failed
-/// record's base may be gone: deleting a snapshot leaves its failed children
-/// as they are). Bases are older than their snapshot ([`SnapshotRecord::validate`]),
-/// so no chain loops. Returns the good records and, for every other one, why.
-#[allow(clippy::type_complexity)]
-pub fn check_records(
-    recs: BTreeMap<u64, SnapshotRecord>,
-    bs: u32,
-) -> (BTreeMap<u64, Arc<SnapshotRecord>>, Vec<(u64, String)>) {
-    let mut good: BTreeMap<u64, Arc<SnapshotRecord>> = BTreeMap::new();
-    let mut bad = Vec::new();
-    for (key, r) in recs {
-        let why = if r.id != key {
-            Some(format!("record {key} holds snapshot {}", r.id))
-        } else if let Err(e) = r.validate() {
-            Some(e)
-        } else if r.block_size != bs {
-            Some(format!(
-                "snapshot {}: block size {} differs from the pool's {bs}",
-                r.id, r.block_size
-            ))
-        } else {
-            match r.parent {
-                Some(p) if r.is_readable() => match good.get(&p) {
-                    None => Some(format!(
-                        "snapshot {}: its base snapshot {p} is missing or unreadable",
-                        r.id
-                    )),
-                    Some(b) if b.state != State::Complete => Some(format!(
-                        "snapshot {}: its base snapshot {p} is not complete",
-                        r.id
-                    )),
-                    Some(_) => None,
-                },
-                _ => None,
-            }
-        };
-        match why {
-            Some(why) => bad.push((key, why)),
-            None => {
-                good.insert(key, Arc::new(r));
-            }
-        }
-    }
-    (good, bad)
-}
-
 fn first_ok<T>(
     copies: &[Arc<DeltaFile>],
     f: impl Fn(&DeltaFile) -> Result<T, DeltaError>,
@@ -2166,148 +1943,4 @@ fn append_prepared(w: &mut DeltaWriter, p: &[Prepared]) -> Result<Vec<Entry>, De
         }
     }
     Ok(w.entries()[before..].to_vec())
-}
-
-fn parse_delta_name(name: &str) -> Option<(u64, u32)> {
-    let stem = name.strip_suffix(".vd")?;
-    let (ino, seq) = stem.split_once('.')?;
-    Some((ino.parse().ok()?, seq.parse().ok()?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rec(id: u64, parent: Option<u64>, state: State) -> SnapshotRecord {
-        SnapshotRecord {
-            id,
-            name: format!("s{id}"),
-            kind: if parent.is_some() {
-                Kind::Incremental
-            } else {
-                Kind::Full
-            },
-            parent,
-            created: Timestamp::default(),
-            state,
-            block_size: 4096,
-            inodes: BTreeMap::new(),
-            dirents: BTreeMap::new(),
-            deltas: BTreeMap::new(),
-            interval: BTreeMap::new(),
-            logical_bytes: 0,
-            stored_bytes: 0,
-            changed_blocks: 0,
-        }
-    }
-
-    /// Issue 10: a record with block size 0 (its reads divided by it) or a
-    /// base that is not older (a cycle of bases hung every read) decoded.
-    #[test]
-    fn decode_refuses_bad_sizes_and_bases() {
-        let ok = rec(5, Some(3), State::Complete);
-        let r = SnapshotRecord::decode(&ok.encode()).unwrap();
-        assert_eq!((r.id, r.parent, r.block_size), (5, Some(3), 4096));
-        let bad = |r: SnapshotRecord, want: &str| {
-            let e = SnapshotRecord::decode(&r.encode()).unwrap_err();
-            assert!(e.contains(want), "{e} (want {want:?})");
-        };
-        for bs in [0, 1, 511, 4095, 2 << 20, u32::MAX] {
-            bad(
-                SnapshotRecord {
-                    block_size: bs,
-                    ..ok.clone()
-                },
-                &format!("block size {bs} is not"),
-            );
-        }
-        bad(
-            rec(5, Some(5), State::Complete),
-            "base snapshot 5 is not an older",
-        );
-        bad(
-            rec(5, Some(9), State::Failed("x".into())),
-            "base snapshot 9",
-        );
-        bad(rec(5, Some(0), State::Complete), "base snapshot 0");
-        bad(rec(0, None, State::Complete), "snapshot id 0");
-        // A length field beyond the payload (checksum valid).
-        let payload = bincode::serialize(&ok).unwrap();
-        let mut p = payload.clone();
-        p[8..16].copy_from_slice(&u64::MAX.to_le_bytes()); // the name's length
-        let e = SnapshotRecord::decode(&encode_blob(&p)).unwrap_err();
-        assert!(e.contains("undecodable"), "{e}");
-    }
-
-    /// Records are checked together: stored under their own id, the pool's
-    /// block size, readable ones on a complete base that is there. A cycle of
-    /// bases (which hung `chain`) is refused, and a long chain is fine.
-    #[test]
-    fn check_records_finds_bad_sets() {
-        let ids = |v: &[(u64, String)]| v.iter().map(|(id, _)| *id).collect::<Vec<_>>();
-        let set = |v: Vec<SnapshotRecord>| -> BTreeMap<u64, SnapshotRecord> {
-            v.into_iter().map(|r| (r.id, r)).collect()
-        };
-        // A cycle 2 -> 3 -> 2 (and 4 on it): all out, none loops.
-        let mut recs = set(vec![
-            rec(1, None, State::Complete),
-            rec(2, Some(3), State::Complete),
-            rec(3, Some(2), State::Complete),
-            rec(4, Some(3), State::Complete),
-        ]);
-        let (good, bad) = check_records(recs.clone(), 4096);
-        assert_eq!(good.keys().copied().collect::<Vec<_>>(), vec![1]);
-        assert_eq!(ids(&bad), vec![2, 3, 4]);
-        assert!(
-            bad[0].1.contains("base snapshot 3 is not an older"),
-            "{bad:?}"
-        );
-        assert!(bad[1].1.contains("missing or unreadable"), "{bad:?}");
-        // Missing base: a complete record is out, a failed one stays.
-        recs = set(vec![
-            rec(2, Some(1), State::Complete),
-            rec(3, Some(1), State::Failed("x".into())),
-            rec(4, Some(3), State::Pending),
-            rec(5, None, State::Complete),
-        ]);
-        let mut wrong_key = rec(6, None, State::Complete);
-        wrong_key.id = 7;
-        recs.insert(6, wrong_key);
-        let mut other_bs = rec(8, None, State::Complete);
-        other_bs.block_size = 512;
-        recs.insert(8, other_bs);
-        let (good, bad) = check_records(recs, 4096);
-        assert_eq!(good.keys().copied().collect::<Vec<_>>(), vec![3, 5]);
-        assert_eq!(ids(&bad), vec![2, 4, 6, 8]);
-        assert!(
-            bad[1].1.contains("base snapshot 3 is not complete"),
-            "{bad:?}"
-        );
-        assert!(bad[2].1.contains("record 6 holds snapshot 7"), "{bad:?}");
-        assert!(
-            bad[3]
-                .1
-                .contains("block size 512 differs from the pool's 4096"),
-            "{bad:?}"
-        );
-        // A long chain.
-        let mut v = vec![rec(1, None, State::Complete)];
-        v.extend((2..20_000).map(|i| rec(i, Some(i - 1), State::Complete)));
-        let (good, bad) = check_records(set(v), 4096);
-        assert_eq!((good.len(), bad.len()), (19_999, 0));
-    }
-
-    #[test]
-    fn names() {
-        assert!(check_name("daily-1").is_ok());
-        for bad in ["a\nb", "a\0b", "\x1b[31mred", "tab\there", "del\x7f"] {
-            let e = check_name(bad).unwrap_err().to_string();
-            assert!(e.contains("control character"), "{bad:?}: {e}");
-        }
-        for bad in ["", ".hidden", "..", "a/b", "."] {
-            assert!(check_name(bad).is_err(), "{bad}");
-        }
-        assert_eq!(parse_delta_name("12.3.vd"), Some((12, 3)));
-        assert_eq!(parse_delta_name("x.vd"), None);
-    }
 }
