@@ -8,6 +8,7 @@
 //!   background capture, reading through a cached chain index, deletion with
 //!   merge or fold.
 //! - [`prune`]: which snapshots the keep rules delete.
+pub mod capture;
 pub mod delta;
 pub mod flatten;
 pub mod prune;
@@ -15,6 +16,7 @@ pub mod ranges;
 pub mod record;
 pub mod store;
 
+pub use capture::*;
 pub use prune::PrunePolicy;
 pub use record::*;
 pub use store::*;

@@ -34,9 +34,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use super::delta::{
-    DeltaError, DeltaFile, DeltaHeader, DeltaId, DeltaWriter, Entry, MAX_FRAME_BLOCKS,
-};
+use super::capture::{DEFAULT_LEVEL, Job};
+use super::delta::{DeltaError, DeltaFile, DeltaHeader, DeltaWriter, Entry, MAX_FRAME_BLOCKS};
 use super::flatten::{self, Level, Run, Source};
 use super::ranges::RangeSet;
 use super::record::{
@@ -45,26 +44,8 @@ use super::record::{
 };
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
-use crate::pool::meta::{BlobChange, InodeRecord, NodeKind, Timestamp};
-use crate::volume::{DeadExtent, Segment, Volume};
-
-/// Blocks saved together by copy-before-write (one frame).
-pub const FRAME_BLOCKS: u64 = 16;
-
-/// Blocks the background capture reads per step (the longest a writer of the
-/// same file waits for it is one such read).
-const BATCH_BLOCKS: u64 = 128;
-
-/// zstd level of new deltas unless the command names one: the fastest level,
-/// so that capture keeps pace with the disks (level 3 compresses ~5 % better
-/// at half the speed on the reference machine).
-pub const DEFAULT_LEVEL: i32 = 1;
-
-/// Blocks the capture asks the kernel to read ahead of it.
-const PREFETCH_BLOCKS: u64 = 1024;
-
-/// At most this many threads compress one capture.
-const MAX_CAPTURE_THREADS: usize = 4;
+use crate::pool::meta::{BlobChange, NodeKind};
+use crate::volume::DeadExtent;
 
 /// Cached chain indexes (one per snapshot and file), at most. Each holds the
 /// delta files of its chain open, so fewer are kept when descriptors are
@@ -74,7 +55,7 @@ const VIEW_CACHE: usize = 256;
 /// Cached decompressed frames (each up to 1 MiB, usually 64 KiB).
 const FRAME_CACHE: usize = 512;
 
-fn delta_err(e: DeltaError) -> FsError {
+pub(super) fn delta_err(e: DeltaError) -> FsError {
     match e {
         DeltaError::Io { source, .. } => {
             if source.raw_os_error() == Some(libc::ENOSPC) {
@@ -87,101 +68,8 @@ fn delta_err(e: DeltaError) -> FsError {
     }
 }
 
-/// One file being captured by the running snapshot.
-struct JobFile {
-    vol: Arc<Volume>,
-    size: u64,
-    /// Which blocks are saved, being saved or still to save. Never held
-    /// across I/O but the reads of a pending snapshot from the live file:
-    /// every writer of the file takes it while the capture runs.
-    state: Mutex<BlockState>,
-    /// Signalled when a range leaves `reading` or `inflight`, and when the
-    /// job fails.
-    changed: Condvar,
-    /// The delta being written; held across delta I/O (appends, finishing),
-    /// never while waiting for `state`.
-    out: Mutex<DeltaOut>,
-}
-
-/// Lock order: `JobFile::out` may be taken while `JobFile::state` is held
-/// (reads of a pending snapshot), never the other way round.
-struct BlockState {
-    pending: RangeSet,
-    /// Entries saved so far, by first block.
-    index: BTreeMap<u64, Entry>,
-    /// Blocks read but not yet appended (being compressed): first block ->
-    /// (end, segments), so reads of the pending snapshot find them.
-    inflight: BTreeMap<u64, (u64, Arc<Vec<Segment>>)>,
-    /// Blocks the capture or a writer's copy-before-write is reading from the
-    /// live file without holding the lock: a writer about to change one waits
-    /// for the read (`JobFile::changed`); until then the live file still
-    /// holds the snapshot's content.
-    reading: RangeSet,
-}
-
-struct DeltaOut {
-    writer: Option<DeltaWriter>,
-    /// The finished delta (after the writer is done), for reads until the
-    /// record turns complete.
-    finished: Option<Arc<DeltaFile>>,
-    loc: Option<DeltaLoc>,
-    /// Members holding the delta's copies.
-    members: Vec<u32>,
-}
-
-/// The snapshot being captured.
-pub struct Job {
-    pub id: u64,
-    parent: Option<u64>,
-    full: bool,
-    level: i32,
-    bs: u64,
-    esize: u64,
-    files: BTreeMap<u64, JobFile>,
-    /// The volume of every file the interval of changes names (a superset of
-    /// `files`' when a file changed but has nothing to save, e.g. truncated
-    /// to 0): a failed job gives each its changes back.
-    changed_vols: BTreeMap<u64, Arc<Volume>>,
-    /// Extent files dropped while the job needs their data; removed at its end.
-    deferred: Mutex<Vec<DeadExtent>>,
-    error: Mutex<Option<String>>,
-    /// Blocks to save when the job started (its progress is measured
-    /// against this).
-    total_blocks: u64,
-    started: std::time::Instant,
-}
-
-impl Job {
-    /// (blocks saved or being saved, blocks to save in all).
-    pub fn progress(&self) -> (u64, u64) {
-        let left: u64 = self
-            .files
-            .values()
-            .map(|f| {
-                let g = f.state.lock();
-                g.pending.len() + g.reading.len()
-            })
-            .sum();
-        (self.total_blocks.saturating_sub(left), self.total_blocks)
-    }
-}
-
-/// What the caller captured while writers were frozen.
-pub struct Freeze {
-    pub name: String,
-    pub kind: Kind,
-    pub inodes: BTreeMap<u64, InodeRecord>,
-    pub dirents: BTreeMap<(u64, Vec<u8>), u64>,
-    /// Live files: inode, volume, size.
-    pub files: Vec<(u64, Arc<Volume>, u64)>,
-    /// The live changed-block bitmaps, taken over (now empty in the volumes).
-    pub interval: BTreeMap<u64, RangeSet>,
-    /// zstd level of the deltas (`None`: [`DEFAULT_LEVEL`]).
-    pub level: Option<i32>,
-}
-
 /// The resolved chain of one file in one complete snapshot.
-struct FileView {
+pub(super) struct FileView {
     /// `SnapshotStore::cache_epoch` when the records it was built from were read.
     epoch: u64,
     size: u64,
@@ -191,36 +79,36 @@ struct FileView {
 }
 
 pub struct SnapshotStore {
-    pool: Arc<Pool>,
-    bs: u64,
-    records: RwLock<BTreeMap<u64, Arc<SnapshotRecord>>>,
-    next_id: AtomicU64,
+    pub(super) pool: Arc<Pool>,
+    pub(super) bs: u64,
+    pub(super) records: RwLock<BTreeMap<u64, Arc<SnapshotRecord>>>,
+    pub(super) next_id: AtomicU64,
     /// Records to write (present) or delete (absent) at the next commit.
-    changes: Mutex<BTreeSet<u64>>,
-    active: AtomicBool,
-    job: Mutex<Option<Arc<Job>>>,
-    job_cv: Condvar,
+    pub(super) changes: Mutex<BTreeSet<u64>>,
+    pub(super) active: AtomicBool,
+    pub(super) job: Mutex<Option<Arc<Job>>>,
+    pub(super) job_cv: Condvar,
     /// Capture threads started by [`SnapshotStore::spawn_job`] and not yet
     /// ended. Each holds the store, hence the pool (its member locks and
     /// metadata stores), until it returns, a little after its job is over;
     /// [`SnapshotStore::wait_idle`] waits for them too, so that dropping the
     /// last `Vfs` after it really closes the pool (a reopen in the same
     /// process found it still locked).
-    workers: Arc<(Mutex<usize>, Condvar)>,
-    views: Mutex<LruCache<(u64, u64), Arc<FileView>>>,
-    frames: Mutex<FrameCache>,
+    pub(super) workers: Arc<(Mutex<usize>, Condvar)>,
+    pub(super) views: Mutex<LruCache<(u64, u64), Arc<FileView>>>,
+    pub(super) frames: Mutex<FrameCache>,
     /// Deferred dead extent files of a finished capture, for the next commit.
-    released: Mutex<Vec<DeadExtent>>,
+    pub(super) released: Mutex<Vec<DeadExtent>>,
     /// Snapshots whose record is in the metadata but did not load (damaged or
     /// invalid): their delta files are kept, never taken for leftovers.
-    unreadable: BTreeSet<u64>,
+    pub(super) unreadable: BTreeSet<u64>,
     /// Bumped by every deletion (which rewrites deltas, so that the same frame
     /// offset names other blocks), under the `records` write lock. A view is
     /// labelled with the value its records were read at, is cached only if
     /// it is still current, and keys its frames with it: a reader still
     /// holding a view from before a deletion can no longer put its frames
     /// where the new view finds them (reads returned other blocks' data).
-    cache_epoch: AtomicU64,
+    pub(super) cache_epoch: AtomicU64,
     /// Serializes create, delete, restore, clone and prune.
     pub admin: Mutex<()>,
     pub level: AtomicI32,
@@ -341,21 +229,10 @@ impl SnapshotStore {
         !self.changes.lock().is_empty()
     }
 
-    fn publish(&self, rec: SnapshotRecord) {
+    pub(super) fn publish(&self, rec: SnapshotRecord) {
         let id = rec.id;
         self.records.write().insert(id, Arc::new(rec));
         self.changes.lock().insert(id);
-    }
-
-    pub fn is_active(&self) -> bool {
-        self.active.load(Ordering::Acquire)
-    }
-
-    pub fn active_job(&self) -> Option<Arc<Job>> {
-        if !self.is_active() {
-            return None;
-        }
-        self.job.lock().clone()
     }
 
     /// Waits until no snapshot is being captured and the capture thread has
@@ -381,32 +258,6 @@ impl SnapshotStore {
         }
     }
 
-    /// Runs [`SnapshotStore::run_job`] on a new thread, counted in `workers`
-    /// until it has dropped its reference to the store.
-    pub fn spawn_job(self: &Arc<Self>, job: Arc<Job>) -> io::Result<()> {
-        let workers = self.workers.clone();
-        *workers.0.lock() += 1;
-        let store = self.clone();
-        let done = workers.clone();
-        let spawned = std::thread::Builder::new()
-            .name("vpool-snapshot".into())
-            .spawn(move || {
-                // Capture and compression yield the CPU to the FUSE threads.
-                crate::util::background_thread();
-                store.run_job(job);
-                // Release the store (and the pool) before telling the waiters.
-                drop(store);
-                let (n, cv) = &*done;
-                *n.lock() -= 1;
-                cv.notify_all();
-            });
-        if let Err(e) = spawned {
-            *workers.0.lock() -= 1;
-            return Err(e);
-        }
-        Ok(())
-    }
-
     /// Extent files dropped by a commit: kept while a capture may still read
     /// them (returned empty), else returned for removal now.
     /// Dead extent files a running capture may still read are kept until it
@@ -425,541 +276,12 @@ impl SnapshotStore {
         }
     }
 
-    /// Chooses the base of a new snapshot of `kind` (`None`: the default kind).
-    pub fn plan(&self, kind: Option<Kind>) -> FsResult<(Kind, Option<u64>)> {
-        let recs = self.records.read();
-        let newest = recs
-            .values()
-            .rev()
-            .find(|r| r.state == State::Complete)
-            .map(|r| r.id);
-        let newest_full = recs
-            .values()
-            .rev()
-            .find(|r| r.state == State::Complete && r.parent.is_none())
-            .map(|r| r.id);
-        let kind = kind.unwrap_or(if newest_full.is_some() {
-            Kind::Incremental
-        } else {
-            Kind::Full
-        });
-        match kind {
-            Kind::Full => Ok((kind, None)),
-            Kind::Incremental => match newest {
-                Some(p) => Ok((kind, Some(p))),
-                None => Err(FsError::Message(
-                    "no complete snapshot to base an incremental on; create a full one first"
-                        .into(),
-                )),
-            },
-            Kind::Differential => match newest_full {
-                Some(p) => Ok((kind, Some(p))),
-                None => Err(FsError::Message(
-                    "no complete full snapshot to base a differential on; create a full one first"
-                        .into(),
-                )),
-            },
-        }
-    }
-
-    /// Publishes a `Pending` snapshot from what the caller froze and installs its
-    /// capture job. Called with writers frozen; does no I/O.
-    pub fn begin(&self, f: Freeze, parent: Option<u64>) -> FsResult<Arc<Job>> {
-        if self.by_name(&f.name).is_some() {
-            return Err(FsError::Exists);
-        }
-        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
-        let full = f.kind == Kind::Full;
-        // Blocks changed since the base: the intervals of the snapshots taken
-        // after it (every one complete: a pending one is waited for, a failed
-        // one gave its interval back to the live bitmap) and the live one.
-        let mut since_base: BTreeMap<u64, RangeSet> = f.interval.clone();
-        if let Some(p) = parent {
-            for r in self.records.read().range(p + 1..).map(|(_, r)| r) {
-                if r.state == State::Complete {
-                    for (ino, set) in &r.interval {
-                        since_base.entry(*ino).or_default().union_with(set);
-                    }
-                }
-            }
-        }
-        let mut files = BTreeMap::new();
-        let mut changed_vols = BTreeMap::new();
-        let mut changed = 0;
-        let mut logical = 0;
-        for (ino, vol, size) in f.files {
-            if f.interval.contains_key(&ino) {
-                changed_vols.insert(ino, vol.clone());
-            }
-            logical += size;
-            let nblocks = size.div_ceil(self.bs);
-            let pending = if full {
-                let mut s = RangeSet::new();
-                if nblocks > 0 {
-                    s.insert(0, nblocks);
-                }
-                s
-            } else {
-                let mut s = since_base.remove(&ino).unwrap_or_default();
-                s.clip(nblocks);
-                s
-            };
-            if pending.is_empty() {
-                continue;
-            }
-            changed += pending.len();
-            files.insert(
-                ino,
-                JobFile {
-                    vol,
-                    size,
-                    state: Mutex::new(BlockState {
-                        pending,
-                        index: BTreeMap::new(),
-                        inflight: BTreeMap::new(),
-                        reading: RangeSet::new(),
-                    }),
-                    changed: Condvar::new(),
-                    out: Mutex::new(DeltaOut {
-                        writer: None,
-                        finished: None,
-                        loc: None,
-                        members: Vec::new(),
-                    }),
-                },
-            );
-        }
-        let rec = SnapshotRecord {
-            id,
-            name: f.name,
-            kind: f.kind,
-            parent,
-            created: Timestamp::at(self.pool.storage().now()),
-            state: State::Pending,
-            block_size: self.bs as u32,
-            inodes: f.inodes,
-            dirents: f.dirents,
-            deltas: BTreeMap::new(),
-            interval: f.interval,
-            logical_bytes: logical,
-            stored_bytes: 0,
-            changed_blocks: changed,
-        };
-        let job = Arc::new(Job {
-            id,
-            parent,
-            full,
-            level: f.level.unwrap_or(DEFAULT_LEVEL),
-            bs: self.bs,
-            esize: self.pool.config().extent_size,
-            changed_vols,
-            deferred: Mutex::new(Vec::new()),
-            error: Mutex::new(None),
-            total_blocks: files.values().map(|f| f.state.lock().pending.len()).sum(),
-            started: std::time::Instant::now(),
-            files,
-        });
-        self.publish(rec);
-        *self.job.lock() = Some(job.clone());
-        self.active.store(true, Ordering::Release);
-        Ok(job)
-    }
-
-    /// Copy-before-write: saves the pending frames overlapping bytes
-    /// `[off, off+len)` of `ino` before the caller changes them. The caller
-    /// waits for the read of the old blocks and their append to the delta,
-    /// never for the capture's own I/O. A failure fails the snapshot, never
-    /// the caller's write.
-    pub fn preserve(&self, ino: u64, off: u64, len: u64) {
-        if !self.is_active() || len == 0 {
-            return;
-        }
-        let Some(job) = self.job.lock().clone() else {
-            return;
-        };
-        let Some(jf) = job.files.get(&ino) else {
-            return;
-        };
-        let first = (off / self.bs) / FRAME_BLOCKS * FRAME_BLOCKS;
-        let last = (off + len).div_ceil(self.bs).div_ceil(FRAME_BLOCKS) * FRAME_BLOCKS;
-        let per_extent = (job.esize / job.bs).max(1);
-        let mut todo = Vec::new();
-        {
-            let mut g = jf.state.lock();
-            // Blocks being read (by the capture or another writer) must not
-            // change before the read ends; once read they wait in `inflight`.
-            while !g.reading.intersect(first, last).is_empty() {
-                if job.error.lock().is_some() {
-                    return;
-                }
-                jf.changed.wait(&mut g);
-            }
-            for (s, e) in g.pending.intersect(first, last) {
-                g.pending.remove(s, e);
-                g.reading.insert(s, e);
-                let mut b = s;
-                while b < e {
-                    let stop = e.min((b / per_extent + 1) * per_extent);
-                    todo.push((b, stop));
-                    b = stop;
-                }
-            }
-        }
-        let mut failed = None;
-        for (s, stop) in todo {
-            if failed.is_some() {
-                // Not read: out of `reading`, so that no one waits for it.
-                let mut g = jf.state.lock();
-                g.reading.remove(s, stop);
-                jf.changed.notify_all();
-                continue;
-            }
-            let res = self
-                .read_range(jf, s, stop)
-                .and_then(|segs| self.append_range(&job, ino, jf, s, &segs));
-            if let Err(e) = res {
-                failed = Some(e);
-            }
-        }
-        if let Some(e) = failed {
-            self.fail_job(&job, format!("saving blocks before a write failed: {e}"));
-        }
-    }
-
-    /// Like [`SnapshotStore::preserve`] for a whole file from `off` on (truncate).
-    pub fn preserve_from(&self, ino: u64, off: u64) {
-        self.preserve(ino, off, (1u64 << 62) - off.min(1 << 61));
-    }
-
-    /// Stops a running capture: it fails (its changes go back to the live
-    /// bitmaps, as for any failed capture).
-    pub fn cancel_capture(&self, job: &Job) {
-        self.fail_job(job, "cancelled".into());
-    }
-
-    fn fail_job(&self, job: &Job, why: String) {
-        tracing::error!(snapshot = job.id, reason = %why, "snapshot failed");
-        let mut e = job.error.lock();
-        if e.is_none() {
-            *e = Some(why);
-        }
-        drop(e);
-        for jf in job.files.values() {
-            // Under the file's lock, so no waiter misses it between its check and its wait.
-            let _g = jf.state.lock();
-            jf.changed.notify_all();
-        }
-        // No more copy-before-write: writers go on unhindered.
-        self.active.store(false, Ordering::Release);
-    }
-
-    /// Reads blocks `[s, stop)`, which the caller moved to `reading`, from
-    /// the live file without holding the file's lock, then moves them to
-    /// `inflight` and wakes the writers waiting for them.
-    fn read_range(&self, jf: &JobFile, s: u64, stop: u64) -> FsResult<Arc<Vec<Segment>>> {
-        let read = jf.vol.capture(&self.pool, s, stop - s).map(Arc::new);
-        let mut g = jf.state.lock();
-        g.reading.remove(s, stop);
-        if let Ok(segs) = &read {
-            g.inflight.insert(s, (stop, segs.clone()));
-        }
-        jf.changed.notify_all();
-        read
-    }
-
-    /// Compresses blocks read by [`SnapshotStore::read_range`] (first block
-    /// `s`) without any lock, appends them under the delta's lock and indexes
-    /// them.
-    fn append_range(
-        &self,
-        job: &Job,
-        ino: u64,
-        jf: &JobFile,
-        s: u64,
-        segs: &[Segment],
-    ) -> FsResult<()> {
-        let prepared = prepare_segments(segs, job.full, job.bs, job.level)?;
-        let entries = {
-            let mut o = jf.out.lock();
-            if o.writer.is_none() {
-                let (w, members) = self.open_writer(job, ino, jf.size)?;
-                o.writer = Some(w);
-                o.members = members;
-            }
-            let w = o
-                .writer
-                .as_mut()
-                .ok_or_else(|| FsError::Corrupt("delta writer missing".into()))?;
-            append_prepared(w, &prepared).map_err(delta_err)?
-        };
-        let mut g = jf.state.lock();
-        for en in entries {
-            g.index.insert(en.start, en);
-        }
-        g.inflight.remove(&s);
-        jf.changed.notify_all();
-        Ok(())
-    }
-
-    /// One capture thread: takes the next pending range of some file, reads
-    /// it, compresses it and appends it; other threads do other ranges
-    /// meanwhile. No lock is held across the read, and writers wait only for
-    /// the read of the blocks they change (see `preserve`).
-    fn capture_worker(&self, job: &Job) {
-        let per_extent = (job.esize / job.bs).max(1);
-        for (ino, jf) in &job.files {
-            loop {
-                if job.error.lock().is_some() {
-                    return;
-                }
-                let (s, stop, next) = {
-                    let mut g = jf.state.lock();
-                    let Some((s, e)) = g.pending.first() else {
-                        break;
-                    };
-                    let stop = e
-                        .min(s + BATCH_BLOCKS)
-                        .min((s / per_extent + 1) * per_extent);
-                    g.pending.remove(s, stop);
-                    g.reading.insert(s, stop);
-                    (s, stop, g.pending.first())
-                };
-                // The next ranges are read soon, by this thread or another.
-                // (Not under the file's lock: readahead may block on a busy
-                // disk, and writers of the file take that lock.)
-                if let Some((ns, ne)) = next {
-                    jf.vol
-                        .prefetch(&self.pool, ns, (ne - ns).min(PREFETCH_BLOCKS));
-                }
-                let res = self
-                    .read_range(jf, s, stop)
-                    .and_then(|segs| self.append_range(job, *ino, jf, s, &segs));
-                if let Err(err) = res {
-                    self.fail_job(
-                        job,
-                        format!("capture of inode {ino} blocks {s}..{stop} failed: {err}"),
-                    );
-                    return;
-                }
-            }
-        }
-    }
-
-    fn open_writer(&self, job: &Job, ino: u64, size: u64) -> FsResult<(DeltaWriter, Vec<u32>)> {
-        let copies = self.pool.config().copies.max(1) as usize;
-        let mut members = Vec::new();
-        while members.len() < copies {
-            match self.pool.place(&members, 0) {
-                Ok(m) => members.push(m),
-                // Degraded (fewer usable members than copies): as many as there are.
-                Err(_) if !members.is_empty() && self.pool.degraded() => break,
-                Err(e) => return Err(e),
-            }
-        }
-        let mut paths = Vec::new();
-        for m in &members {
-            let dir = delta_dir(&self.pool, *m, job.id)
-                .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
-            crate::storage::create_dir_all(self.pool.storage(), &dir).map_err(FsError::Io)?;
-            paths.push(dir.join(format!("{ino}.0.vd")));
-        }
-        let header = DeltaHeader {
-            snap_id: job.id,
-            base_id: job.parent.unwrap_or(0),
-            ino,
-            file_size: size,
-            block_size: job.bs as u32,
-        };
-        let w = DeltaWriter::create(self.pool.storage_arc(), &paths, &header, job.level)
-            .map_err(delta_err)?;
-        tracing::debug!(snapshot = job.id, ino, ?members, "delta started");
-        Ok((w, members))
-    }
-
-    /// The background capture of `job`: saves every pending block, finishes the
-    /// delta files and publishes the record as complete (or failed).
-    pub fn run_job(&self, job: Arc<Job>) {
-        let threads = if self.pool.storage().concurrent() {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .clamp(1, MAX_CAPTURE_THREADS)
-        } else {
-            1
-        };
-        std::thread::scope(|sc| {
-            for _ in 0..threads {
-                sc.spawn(|| self.capture_worker(&job));
-            }
-        });
-        // No block is pending any more; writers' copy-before-write still
-        // reading or appending ends before the deltas are finished.
-        for jf in job.files.values() {
-            let mut g = jf.state.lock();
-            while (!g.reading.is_empty() || !g.inflight.is_empty()) && job.error.lock().is_none() {
-                jf.changed.wait(&mut g);
-            }
-        }
-        // Copy-before-write is over. Writers never take the delta locks held
-        // below while the deltas are finished (index, footer, fdatasync of
-        // everything captured: long).
-        if job.error.lock().is_none() {
-            self.active.store(false, Ordering::Release);
-        }
-        let mut dirs = BTreeSet::new();
-        if job.error.lock().is_none() {
-            for (ino, jf) in &job.files {
-                let mut g = jf.out.lock();
-                let Some(w) = g.writer.take() else {
-                    continue;
-                };
-                let members = g.members.clone();
-                match w.finish() {
-                    Ok((entries, len)) => {
-                        let blocks = entries.iter().map(|e| e.count as u64).sum();
-                        let opened = members
-                            .first()
-                            .and_then(|m| delta_path(&self.pool, *m, job.id, *ino, 0))
-                            .map(|p| {
-                                let want = DeltaId {
-                                    snap_id: job.id,
-                                    base_id: job.parent.unwrap_or(0),
-                                    ino: *ino,
-                                    block_size: job.bs as u32,
-                                };
-                                DeltaFile::open_checked(self.pool.storage(), &p, &want)
-                            });
-                        match opened {
-                            Some(Ok(d)) => g.finished = Some(Arc::new(d)),
-                            Some(Err(e)) => {
-                                drop(g);
-                                self.fail_job(&job, format!("finished delta unreadable: {e}"));
-                                break;
-                            }
-                            None => {}
-                        }
-                        for m in &members {
-                            dirs.insert(*m);
-                        }
-                        g.loc = Some(DeltaLoc {
-                            members,
-                            seq: 0,
-                            stored: len,
-                            blocks,
-                        });
-                    }
-                    Err(e) => {
-                        drop(g);
-                        self.fail_job(&job, format!("finishing the delta of inode {ino}: {e}"));
-                        break;
-                    }
-                }
-            }
-        }
-        if job.error.lock().is_none() {
-            for m in &dirs {
-                if let Some(d) = delta_dir(&self.pool, *m, job.id) {
-                    // The delta directory, `snap/` and the member directory:
-                    // `snap/` may have been created by an earlier capture
-                    // whose sync failed, and its entry is durable only now.
-                    let s = self.pool.storage();
-                    let r = d.ancestors().take(3).try_for_each(|dir| s.sync_dir(dir));
-                    if let Err(e) = r {
-                        self.fail_job(&job, format!("syncing {}: {e}", d.display()));
-                        break;
-                    }
-                }
-            }
-        }
-        self.finish_job(&job);
-    }
-
-    fn finish_job(&self, job: &Arc<Job>) {
-        let error = job.error.lock().clone();
-        if let Some(rec) = self.get(job.id) {
-            let mut rec = (*rec).clone();
-            match error {
-                None => {
-                    for (ino, jf) in &job.files {
-                        if let Some(loc) = jf.out.lock().loc.clone() {
-                            rec.stored_bytes += loc.stored;
-                            rec.deltas.insert(*ino, loc);
-                        }
-                    }
-                    rec.state = State::Complete;
-                    tracing::info!(snapshot = %rec.name, stored = rec.stored_bytes, "snapshot complete");
-                    let seconds = job.started.elapsed().as_secs_f64();
-                    let bytes = job.total_blocks * job.bs;
-                    self.pool.info.put(
-                        crate::pool::info::KEY_CAPTURE,
-                        &crate::pool::info::CaptureRecord {
-                            snapshot: rec.name.clone(),
-                            seconds,
-                            bytes,
-                            bytes_per_second: bytes as f64 / seconds.max(1e-3),
-                        },
-                    );
-                    self.pool.emit(
-                        "snapshot_created",
-                        crate::pool::info::Severity::Info,
-                        None,
-                        format!(
-                            "snapshot {} complete: {} block(s) changed, {} stored",
-                            rec.name,
-                            rec.changed_blocks,
-                            crate::util::human(rec.stored_bytes)
-                        ),
-                    );
-                }
-                Some(why) => {
-                    // The interval goes back to the live bitmap: the next snapshot
-                    // must still see those changes. Every file of it, not only
-                    // those with blocks to save (`job.files`): a file truncated
-                    // to 0 has none, and its changes were lost.
-                    for (ino, set) in std::mem::take(&mut rec.interval) {
-                        if let Some(vol) = job.changed_vols.get(&ino) {
-                            for (s, e) in set.iter() {
-                                vol.mark_blocks(s, e);
-                            }
-                        }
-                    }
-                    for jf in job.files.values() {
-                        if let Some(w) = jf.out.lock().writer.take() {
-                            w.abandon();
-                        }
-                    }
-                    self.remove_snapshot_dirs(job.id);
-                    rec.deltas.clear();
-                    self.pool.emit(
-                        "snapshot_failed",
-                        crate::pool::info::Severity::Error,
-                        None,
-                        format!("snapshot {} failed: {why}", rec.name),
-                    );
-                    rec.state = State::Failed(why);
-                }
-            }
-            self.publish(rec);
-        }
-        self.views.lock().clear();
-        let deferred = std::mem::take(&mut *job.deferred.lock());
-        {
-            let mut g = self.job.lock();
-            *g = None;
-            self.active.store(false, Ordering::Release);
-            self.job_cv.notify_all();
-        }
-        // Removed by the next commit, which first checks that no extent has
-        // taken the name again meanwhile (a copy moved back to its member).
-        self.released.lock().extend(deferred);
-    }
-
     /// Dead extent files a finished capture no longer reads (see `defer_dead`).
     pub fn take_released(&self) -> Vec<DeadExtent> {
         std::mem::take(&mut *self.released.lock())
     }
 
-    fn remove_snapshot_dirs(&self, id: u64) {
+    pub(super) fn remove_snapshot_dirs(&self, id: u64) {
         for m in self.pool.members().iter() {
             let d = m.dir.join(SNAP_DIR).join(id.to_string());
             if let Err(e) = crate::storage::remove_dir_all(self.pool.storage(), &d)
@@ -1867,80 +1189,4 @@ fn first_ok<T>(
     Err(last
         .map(delta_err)
         .unwrap_or_else(|| FsError::Corrupt("no delta copy".into())))
-}
-
-/// A captured range ready to append: compressed frames, zero runs and holes.
-enum Prepared {
-    Data {
-        start: u64,
-        count: u32,
-        frame: Vec<u8>,
-        crc: u32,
-    },
-    Zero(u64, u64),
-    Hole(u64, u64),
-}
-
-/// Compresses captured segments: holes (omitted in a full, where absence is a
-/// hole), runs of all-zero blocks, and frames of up to [`FRAME_BLOCKS`] data
-/// blocks.
-fn prepare_segments(segs: &[Segment], full: bool, bs: u64, level: i32) -> FsResult<Vec<Prepared>> {
-    let bsz = bs as usize;
-    let mut out = Vec::new();
-    for (start, count, data) in segs {
-        let (start, count) = (*start, *count);
-        let Some(buf) = data else {
-            if !full {
-                out.push(Prepared::Hole(start, count));
-            }
-            continue;
-        };
-        let zero = |k: u64| {
-            let s = k as usize * bsz;
-            buf[s..s + bsz].iter().all(|b| *b == 0)
-        };
-        let mut i = 0u64;
-        while i < count {
-            let z = zero(i);
-            let mut j = i + 1;
-            while j < count && zero(j) == z && (z || j - i < FRAME_BLOCKS) {
-                j += 1;
-            }
-            if z {
-                out.push(Prepared::Zero(start + i, j - i));
-            } else {
-                let raw = &buf[i as usize * bsz..j as usize * bsz];
-                let frame = zstd::bulk::compress(raw, level).map_err(FsError::Io)?;
-                let crc = crc32c::crc32c(&frame);
-                out.push(Prepared::Data {
-                    start: start + i,
-                    count: (j - i) as u32,
-                    frame,
-                    crc,
-                });
-            }
-            i = j;
-        }
-    }
-    Ok(out)
-}
-
-/// Appends prepared ranges to a delta; returns the entries added.
-fn append_prepared(w: &mut DeltaWriter, p: &[Prepared]) -> Result<Vec<Entry>, DeltaError> {
-    let before = w.entries().len();
-    for x in p {
-        match x {
-            Prepared::Data {
-                start,
-                count,
-                frame,
-                crc,
-            } => {
-                w.add_raw(*start, *count, frame, *crc)?;
-            }
-            Prepared::Zero(s, n) => w.add_zero(*s, *n)?,
-            Prepared::Hole(s, n) => w.add_hole(*s, *n)?,
-        }
-    }
-    Ok(w.entries()[before..].to_vec())
 }
