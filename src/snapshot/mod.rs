@@ -13,6 +13,7 @@ pub mod delta;
 pub mod flatten;
 pub mod prune;
 pub mod ranges;
+pub mod read;
 pub mod record;
 pub mod store;
 
