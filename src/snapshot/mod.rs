@@ -11,6 +11,7 @@
 pub mod capture;
 pub mod delta;
 pub mod flatten;
+pub mod maintenance;
 pub mod merge;
 pub mod prune;
 pub mod ranges;
