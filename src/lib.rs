@@ -23,6 +23,7 @@
 //! imports `fuser` or `clap`.
 
 pub mod bytes;
+pub mod check;
 pub mod cli;
 pub mod control;
 pub mod daemon;

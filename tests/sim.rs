@@ -34,11 +34,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use vpool::check::check_pool_in;
 use vpool::error::FsError;
 use vpool::fs::core::{Caller, SetAttr, Vfs, VfsOptions};
 use vpool::pool::meta::ROOT_INO;
 use vpool::pool::{CreateOptions, Pool};
-use vpool::snapshot::check_pool_in;
 use vpool::storage::Storage;
 use vpool::storage::sim::{Fault, FaultKind, OpClass, Rng, SimStorage};
 

@@ -536,7 +536,7 @@ impl Harness {
         v.snapshot_wait().unwrap();
         v.commit().unwrap();
         drop(v);
-        let report = vpool::snapshot::check_pool(&self.members[0]).unwrap();
+        let report = vpool::check::check_pool(&self.members[0]).unwrap();
         assert!(
             report.problems.is_empty(),
             "check_pool: {:?}",

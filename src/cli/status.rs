@@ -393,7 +393,7 @@ pub fn prometheus(pools: &[PoolStatus], now: i64) -> String {
 }
 
 pub fn check(dir: &Path) -> Result<i32> {
-    let r = crate::snapshot::check_pool(dir)?;
+    let r = crate::check::check_pool(dir)?;
     json(&r);
     say(format!(
         "pool {}: {} member(s), {} inode(s), {} extent(s)",

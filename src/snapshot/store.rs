@@ -334,35 +334,3 @@ impl SnapshotStore {
         }
     }
 }
-
-/// `vpool check`: the pool checks of [`crate::pool::inspect`], then every
-/// snapshot record and every delta copy.
-pub fn check_pool(dir: &std::path::Path) -> crate::Result<crate::pool::inspect::CheckReport> {
-    check_pool_in(crate::storage::real(), dir)
-}
-
-/// [`check_pool`] on the given storage.
-pub fn check_pool_in(
-    storage: Arc<dyn crate::storage::Storage>,
-    dir: &std::path::Path,
-) -> crate::Result<crate::pool::inspect::CheckReport> {
-    let pool = Arc::new(Pool::open_in(storage, dir)?);
-    let mut report = crate::pool::inspect::check_open(&pool)?;
-    let newest = pool
-        .member_images()
-        .into_iter()
-        .flatten()
-        .max_by_key(|i| i.generation);
-    if let Some(img) = newest {
-        let (store, bad) = SnapshotStore::load(pool.clone(), &img.snapshots, img.next_snap_id);
-        for (id, why) in bad {
-            report
-                .problems
-                .push(format!("snapshot record {id} is unreadable: {why}"));
-        }
-        let (problems, notes) = store.check();
-        report.problems.extend(problems);
-        report.notes.extend(notes);
-    }
-    Ok(report)
-}
