@@ -4,9 +4,12 @@
 //! - [`delta`]: the delta file of one file in one snapshot (format and I/O).
 //! - [`flatten`]: resolution of a block through a chain of deltas.
 //! - [`ranges`]: sets of block ranges (pending blocks, changed intervals).
-//! - [`store`]: snapshot records, creation with copy-before-write, the
-//!   background capture, reading through a cached chain index, deletion with
-//!   merge or fold.
+//! - [`record`]: a snapshot's record, its invariants, where its deltas live.
+//! - [`store`]: the store of every snapshot: load, recovery, commits.
+//! - [`capture`]: creation, the background capture, copy-before-write.
+//! - [`read`]: reading through a cached chain index.
+//! - [`merge`]: deletion, merging each child into its parent's parent.
+//! - [`maintenance`]: placement of delta copies, scrub, check, prune list.
 //! - [`prune`]: which snapshots the keep rules delete.
 pub mod capture;
 pub mod delta;

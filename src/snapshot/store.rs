@@ -1,28 +1,29 @@
-//! The snapshot store: records, creation, background capture with
-//! copy-before-write, reads through a cached chain index, deletion, prune.
+//! The snapshot store: the records of every snapshot, the slot of the
+//! capture running, and the life of the store (load, recovery at mount, the
+//! record changes each commit writes, waiting for the capture to end).
 //!
-//! A snapshot is a record (in the metadata store, on every member) holding the
-//! frozen namespace (every inode's attributes, every directory entry), the
-//! changed-block interval since the previous snapshot, and where the delta file
-//! of each file lives. Its data is the chain: its own deltas, then its parent's
-//! (incremental: the previous snapshot; differential: the last full), down to a
-//! full. A block of file `ino` at snapshot `S` is resolved by
-//! [`super::flatten`]: the first level holding an entry for it, a hole when a
-//! level did not have the file or the file was shorter there.
+//! A snapshot is a record ([`super::record`]) holding the frozen namespace,
+//! the changed-block interval since the previous snapshot, and where the
+//! delta file of each file lives. Its data is the chain: its own deltas, then
+//! its parent's (incremental: the previous snapshot; differential: the last
+//! full), down to a full. The store's other jobs are `impl SnapshotStore`
+//! blocks in their own files:
+//! - [`super::capture`]: creation, the background capture, copy-before-write;
+//! - [`super::read`]: reads through the chain index and its caches;
+//! - [`super::merge`]: deletion, which merges each child into its parent's
+//!   parent;
+//! - [`super::maintenance`]: placement of delta copies, scrub, check, the
+//!   prune candidates.
 //!
-//! Creation (the caller freezes writers for the duration of `begin`): the
-//! blocks to save are fixed (full: every block below the size; incremental or
-//! differential: the changed-block bitmap since the base), and the record is
-//! published as `Pending`. A background thread then reads those blocks from the
-//! live files, compresses them and appends them to the delta files. A writer
-//! about to change a block still pending first saves its 16-block frame
-//! (`preserve`, copy-before-write), so the snapshot is browsable at once: a
-//! pending block reads from the live file, a saved one from the delta. When all
-//! is saved the delta files are finished (index, footer, fdatasync) and the
-//! record turns `Complete`. A crash before that leaves a `Pending` record,
-//! which the next mount turns `Failed` (its interval of changes goes back to
-//! the live bitmap, so the next snapshot misses nothing) and whose files it
-//! removes.
+//! Invariants:
+//! - the records in memory are what the next commit writes: every change
+//!   marks its id in `changes` (`publish` does both), `take_changes` hands
+//!   them to the commit, and a commit that fails puts them back;
+//! - ids are never reused: `next_id` only grows, and starts past every id
+//!   found, loadable or not;
+//! - at mount (`recover`) a `Pending` record turns `Failed` and gives its
+//!   interval back to the live bitmaps, and every delta file that no complete
+//!   record references is removed, but those of records that did not load.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -44,19 +45,7 @@ use crate::pool::Pool;
 use crate::pool::meta::BlobChange;
 use crate::volume::DeadExtent;
 
-pub(super) fn delta_err(e: DeltaError) -> FsError {
-    match e {
-        DeltaError::Io { source, .. } => {
-            if source.raw_os_error() == Some(libc::ENOSPC) {
-                FsError::NoSpace
-            } else {
-                FsError::Io(source)
-            }
-        }
-        DeltaError::Corrupt { .. } => FsError::Corrupt(e.to_string()),
-    }
-}
-
+/// Every snapshot of a pool, and the capture running.
 pub struct SnapshotStore {
     pub(super) pool: Arc<Pool>,
     pub(super) bs: u64,
@@ -64,7 +53,10 @@ pub struct SnapshotStore {
     pub(super) next_id: AtomicU64,
     /// Records to write (present) or delete (absent) at the next commit.
     pub(super) changes: Mutex<BTreeSet<u64>>,
+    /// Copy-before-write is on: writers call `preserve` first. Cleared once
+    /// the capture needs it no more (everything saved, or the job failed).
     pub(super) active: AtomicBool,
+    /// The capture running, if any; `job_cv` is signalled when it ends.
     pub(super) job: Mutex<Option<Arc<Job>>>,
     pub(super) job_cv: Condvar,
     /// Capture threads started by [`SnapshotStore::spawn_job`] and not yet
@@ -74,6 +66,8 @@ pub struct SnapshotStore {
     /// last `Vfs` after it really closes the pool (a reopen in the same
     /// process found it still locked).
     pub(super) workers: Arc<(Mutex<usize>, Condvar)>,
+    /// Resolved chains by (snapshot, inode), and decompressed frames
+    /// ([`super::read`]).
     pub(super) views: Mutex<LruCache<(u64, u64), Arc<FileView>>>,
     pub(super) frames: Mutex<FrameCache>,
     /// Deferred dead extent files of a finished capture, for the next commit.
@@ -211,8 +205,6 @@ impl SnapshotStore {
         self.changes.lock().insert(id);
     }
 
-    /// Waits until no snapshot is being captured and the capture thread has
-    /// ended (released the store and the pool).
     /// Waits up to `t` for the running capture (if any) to end.
     pub fn wait_idle_for(&self, t: std::time::Duration) {
         let mut g = self.job.lock();
@@ -221,6 +213,8 @@ impl SnapshotStore {
         }
     }
 
+    /// Waits until no snapshot is being captured and the capture thread has
+    /// ended (released the store and the pool).
     pub fn wait_idle(&self) {
         let mut g = self.job.lock();
         while g.is_some() {
@@ -234,10 +228,9 @@ impl SnapshotStore {
         }
     }
 
-    /// Extent files dropped by a commit: kept while a capture may still read
-    /// them (returned empty), else returned for removal now.
-    /// Dead extent files a running capture may still read are kept until it
-    /// ends; the others are returned for removal now.
+    /// Extent files dropped by a commit: while a capture runs (it may still
+    /// read them) they are kept until it ends and none is returned; otherwise
+    /// all are returned for removal now.
     pub fn defer_dead(&self, dead: Vec<DeadExtent>) -> Vec<DeadExtent> {
         if dead.is_empty() {
             return dead;
@@ -332,5 +325,20 @@ impl SnapshotStore {
                 }
             }
         }
+    }
+}
+
+/// A delta error as a filesystem error: running out of space is `NoSpace`,
+/// any other I/O error keeps its cause, a damaged delta is `Corrupt`.
+pub(super) fn delta_err(e: DeltaError) -> FsError {
+    match e {
+        DeltaError::Io { source, .. } => {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                FsError::NoSpace
+            } else {
+                FsError::Io(source)
+            }
+        }
+        DeltaError::Corrupt { .. } => FsError::Corrupt(e.to_string()),
     }
 }
