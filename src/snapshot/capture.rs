@@ -35,7 +35,9 @@ use parking_lot::{Condvar, Mutex};
 
 use super::delta::{DeltaError, DeltaFile, DeltaHeader, DeltaId, DeltaWriter, Entry};
 use super::ranges::RangeSet;
-use super::record::{DeltaLoc, Kind, SnapshotRecord, State, delta_dir, delta_path};
+use super::record::{
+    DeltaLoc, Kind, SnapshotRecord, State, delta_dir, delta_path, prepare_delta_paths,
+};
 use super::store::{SnapshotStore, delta_err};
 use crate::error::{FsError, FsResult};
 use crate::pool::meta::{InodeRecord, Timestamp};
@@ -520,13 +522,7 @@ impl SnapshotStore {
                 Err(e) => return Err(e),
             }
         }
-        let mut paths = Vec::new();
-        for m in &members {
-            let dir = delta_dir(&self.pool, *m, job.id)
-                .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
-            crate::storage::create_dir_all(self.pool.storage(), &dir).map_err(FsError::Io)?;
-            paths.push(dir.join(format!("{ino}.0.vd")));
-        }
+        let paths = prepare_delta_paths(&self.pool, &members, job.id, ino, 0)?;
         let header = DeltaHeader {
             snap_id: job.id,
             base_id: job.parent.unwrap_or(0),

@@ -22,10 +22,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use super::delta::{DeltaError, DeltaFile, DeltaHeader, DeltaWriter, MAX_FRAME_BLOCKS};
+use super::delta::{DeltaError, DeltaFile, DeltaHeader, DeltaWriter, Entry, MAX_FRAME_BLOCKS};
 use super::flatten::{self, Level, Run, Source};
 use super::ranges::RangeSet;
-use super::record::{DeltaLoc, Kind, SNAP_DIR, SnapshotRecord, State, delta_dir, delta_path};
+use super::record::{
+    DeltaLoc, Kind, SNAP_DIR, SnapshotRecord, State, delta_dir, delta_path, prepare_delta_paths,
+};
 use super::store::{SnapshotStore, delta_err};
 use crate::error::{FsError, FsResult};
 use crate::pool::meta::NodeKind;
@@ -46,8 +48,8 @@ impl SnapshotStore {
         id: u64,
         progress: crate::fs::Progress,
     ) -> FsResult<(Vec<PathBuf>, BTreeMap<u64, RangeSet>)> {
-        let x = self.get(id).ok_or(FsError::NotFound)?;
-        if x.state == State::Pending {
+        let deleted = self.get(id).ok_or(FsError::NotFound)?;
+        if deleted.state == State::Pending {
             return Err(FsError::Busy);
         }
         let children: Vec<Arc<SnapshotRecord>> = self
@@ -61,9 +63,10 @@ impl SnapshotStore {
         let mut updated: Vec<SnapshotRecord> = Vec::new();
         let total: u64 = children
             .iter()
-            .filter(|c| c.state == State::Complete)
-            .map(|c| {
-                c.inodes
+            .filter(|child| child.state == State::Complete)
+            .map(|child| {
+                child
+                    .inodes
                     .values()
                     .filter(|i| i.kind == NodeKind::File)
                     .count() as u64
@@ -75,22 +78,22 @@ impl SnapshotStore {
             done += 1;
             progress(done, total)
         };
-        for c in &children {
-            if c.state != State::Complete {
+        for child in &children {
+            if child.state != State::Complete {
                 continue;
             }
-            match self.merge_into(&x, c, &mut step) {
-                Ok((rec, old)) => {
-                    updated.push(rec);
+            match self.merge_into(&deleted, child, &mut step) {
+                Ok((rebased, old)) => {
+                    updated.push(rebased);
                     old_paths.extend(old);
                 }
                 Err(e) => {
                     // The merges done so far wrote new delta files no record
                     // names yet.
-                    for r in &updated {
-                        for (ino, l) in &r.deltas {
-                            for m in &l.members {
-                                if let Some(p) = delta_path(&self.pool, *m, r.id, *ino, l.seq) {
+                    for rec in &updated {
+                        for (ino, loc) in &rec.deltas {
+                            for m in &loc.members {
+                                if let Some(p) = delta_path(&self.pool, *m, rec.id, *ino, loc.seq) {
                                     let _ = self.pool.storage().remove_file(&p);
                                 }
                             }
@@ -109,18 +112,18 @@ impl SnapshotStore {
             .find(|r| r.is_readable());
         let mut to_live = BTreeMap::new();
         match next {
-            Some(n) => {
-                let mut n = updated
+            Some(next) => {
+                let mut next = updated
                     .iter()
-                    .position(|r: &SnapshotRecord| r.id == n.id)
+                    .position(|r: &SnapshotRecord| r.id == next.id)
                     .map(|i| updated.remove(i))
-                    .unwrap_or_else(|| (*n).clone());
-                for (ino, set) in &x.interval {
-                    n.interval.entry(*ino).or_default().union_with(set);
+                    .unwrap_or_else(|| (*next).clone());
+                for (ino, set) in &deleted.interval {
+                    next.interval.entry(*ino).or_default().union_with(set);
                 }
-                updated.push(n);
+                updated.push(next);
             }
-            None if x.is_readable() => to_live = x.interval.clone(),
+            None if deleted.is_readable() => to_live = deleted.interval.clone(),
             None => {}
         }
         for m in self.pool.members().iter() {
@@ -143,7 +146,7 @@ impl SnapshotStore {
         {
             let mut ch = self.changes.lock();
             ch.insert(id);
-            ch.extend(children.iter().map(|c| c.id));
+            ch.extend(children.iter().map(|child| child.id));
             ch.extend(rewritten);
         }
         self.views.lock().clear();
@@ -151,154 +154,255 @@ impl SnapshotStore {
         Ok((old_paths, to_live))
     }
 
-    /// Rewrites the deltas of `c` (based on `x`) so that it is based on `x`'s
-    /// parent, with the same content. Returns the new record and the old files.
+    /// Rewrites the deltas of `child` (based on `deleted`) so that it is
+    /// based on `deleted`'s parent, with the same content. Returns the new
+    /// record and the child's old delta files, to remove once that record is
+    /// committed. On an error, the new files made so far are removed.
     fn merge_into(
         &self,
-        x: &SnapshotRecord,
-        c: &SnapshotRecord,
+        deleted: &SnapshotRecord,
+        child: &SnapshotRecord,
         step: &mut dyn FnMut() -> bool,
     ) -> FsResult<(SnapshotRecord, Vec<PathBuf>)> {
-        let full = x.parent.is_none();
-        let mut rec = c.clone();
-        rec.parent = x.parent;
-        if full {
-            rec.kind = Kind::Full;
-        }
-        rec.deltas.clear();
-        rec.stored_bytes = 0;
-        let mut old = Vec::new();
-        let mut made: Vec<PathBuf> = Vec::new();
-        let result = (|| -> FsResult<()> {
-            for (ino, inode) in &c.inodes {
-                if inode.kind != NodeKind::File {
-                    continue;
-                }
-                if !step() {
-                    return Err(FsError::Cancelled);
-                }
-                let cd = self.open_delta(c, *ino)?;
-                let xd = if x.size_blocks(*ino).is_some() {
-                    self.open_delta(x, *ino)?
-                } else {
-                    Vec::new()
-                };
-                let ce = cd.first().map(|d| d.entries.clone()).unwrap_or_default();
-                let xe = xd.first().map(|d| d.entries.clone()).unwrap_or_default();
-                let levels = [
-                    Level {
-                        snap_id: c.id,
-                        size_blocks: c.size_blocks(*ino),
-                        entries: &ce,
-                    },
-                    Level {
-                        snap_id: x.id,
-                        size_blocks: x.size_blocks(*ino),
-                        entries: &xe,
-                    },
-                ];
-                let runs = flatten::flatten(&levels, full);
-                let runs: Vec<Run> = runs
-                    .into_iter()
-                    .filter(|r| !(full && r.source == Source::Hole))
-                    .collect();
-                if let Some(loc) = c.deltas.get(ino) {
-                    for m in &loc.members {
-                        old.extend(delta_path(&self.pool, *m, c.id, *ino, loc.seq));
-                    }
-                }
-                if runs.is_empty() {
-                    continue;
-                }
-                let seq = c.deltas.get(ino).map(|l| l.seq + 1).unwrap_or(1);
-                let members = match c.deltas.get(ino).or(x.deltas.get(ino)) {
-                    Some(l) => l.members.clone(),
-                    None => vec![self.pool.place(&[], 0)?],
-                };
-                let mut paths = Vec::new();
-                for m in &members {
-                    let dir = delta_dir(&self.pool, *m, c.id)
-                        .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
-                    crate::storage::create_dir_all(self.pool.storage(), &dir)
-                        .map_err(FsError::Io)?;
-                    let p = dir.join(format!("{ino}.{seq}.vd"));
-                    // A leftover of an interrupted merge.
-                    let _ = self.pool.storage().remove_file(&p);
-                    paths.push(p);
-                }
-                let header = DeltaHeader {
-                    snap_id: c.id,
-                    base_id: x.parent.unwrap_or(0),
-                    ino: *ino,
-                    file_size: inode.size,
-                    block_size: self.bs as u32,
-                };
-                let mut w = DeltaWriter::create(
-                    self.pool.storage_arc(),
-                    &paths,
-                    &header,
-                    self.level.load(Ordering::Relaxed),
-                )
-                .map_err(delta_err)?;
-                made.extend(paths.iter().cloned());
-                let src = |snap: u64| if snap == c.id { &cd } else { &xd };
-                for r in &runs {
-                    match r.source {
-                        Source::Hole => w.add_hole(r.start, r.count).map_err(delta_err)?,
-                        Source::Zero => w.add_zero(r.start, r.count).map_err(delta_err)?,
-                        Source::Data { snap_id, entry } => {
-                            let copies = src(snap_id);
-                            if r.start == entry.start && r.count == entry.count as u64 {
-                                let raw = first_ok(copies, |d| d.read_raw(&entry))?;
-                                w.add_raw(entry.start, entry.count, &raw, entry.crc)
-                                    .map_err(delta_err)?;
-                            } else {
-                                let frame = first_ok(copies, |d| d.read_frame(&entry))?;
-                                let bs = self.bs as usize;
-                                let mut b = r.start;
-                                while b < r.start + r.count {
-                                    let n = (r.start + r.count - b).min(MAX_FRAME_BLOCKS as u64);
-                                    let s = (b - entry.start) as usize * bs;
-                                    w.add_data(b, &frame[s..s + n as usize * bs])
-                                        .map_err(delta_err)?;
-                                    b += n;
-                                }
-                            }
-                        }
-                    }
-                }
-                let (entries, len) = w.finish().map_err(delta_err)?;
-                rec.stored_bytes += len;
-                rec.deltas.insert(
-                    *ino,
-                    DeltaLoc {
-                        members,
-                        seq,
-                        stored: len,
-                        blocks: entries.iter().map(|e| e.count as u64).sum(),
-                    },
-                );
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            for p in made {
+        let rebase = Rebase { deleted, child };
+        let mut rebased = rebase.new_record();
+        let mut old_files = Vec::new();
+        let mut new_files = Vec::new();
+        let merged = self.merge_files(&rebase, &mut rebased, &mut old_files, &mut new_files, step);
+        if let Err(e) = merged {
+            for p in new_files {
                 let _ = self.pool.storage().remove_file(&p);
             }
             return Err(e);
         }
-        for l in rec.deltas.values() {
-            for m in &l.members {
-                if let Some(d) = delta_dir(&self.pool, *m, c.id) {
-                    self.pool.storage().sync_dir(&d).map_err(FsError::Io)?;
+        self.sync_merged_dirs(&rebased)?;
+        rebased.changed_blocks = rebased.deltas.values().map(|l| l.blocks).sum();
+        Ok((rebased, old_files))
+    }
+
+    /// Writes the merged delta of every file of the child into `rebased`, in
+    /// inode order; collects the child's current delta files (`old_files`)
+    /// and the new ones (`new_files`, for the caller to remove on an error).
+    fn merge_files(
+        &self,
+        rebase: &Rebase,
+        rebased: &mut SnapshotRecord,
+        old_files: &mut Vec<PathBuf>,
+        new_files: &mut Vec<PathBuf>,
+        step: &mut dyn FnMut() -> bool,
+    ) -> FsResult<()> {
+        for (&ino, inode) in &rebase.child.inodes {
+            if inode.kind != NodeKind::File {
+                continue;
+            }
+            if !step() {
+                return Err(FsError::Cancelled);
+            }
+            let deltas = self.open_file_deltas(rebase, ino)?;
+            let runs = rebase.merged_runs(ino, &deltas);
+            if let Some(loc) = rebase.child.deltas.get(&ino) {
+                for m in &loc.members {
+                    old_files.extend(delta_path(&self.pool, *m, rebase.child.id, ino, loc.seq));
+                }
+            }
+            if runs.is_empty() {
+                // Every block resolves through the new base (or, in a new
+                // full, is a hole): the file needs no delta.
+                continue;
+            }
+            let loc =
+                self.write_merged_delta(rebase, ino, inode.size, &runs, &deltas, new_files)?;
+            rebased.stored_bytes += loc.stored;
+            rebased.deltas.insert(ino, loc);
+        }
+        Ok(())
+    }
+
+    /// Opens the delta copies of `ino` in both snapshots of the merge.
+    fn open_file_deltas(&self, rebase: &Rebase, ino: u64) -> FsResult<FileDeltas> {
+        let child = self.open_delta(rebase.child, ino)?;
+        let deleted = if rebase.deleted.size_blocks(ino).is_some() {
+            self.open_delta(rebase.deleted, ino)?
+        } else {
+            // The deleted snapshot did not have the file.
+            Vec::new()
+        };
+        Ok(FileDeltas { child, deleted })
+    }
+
+    /// Writes `runs` (the merged chain of `ino`, `size` bytes long, whose
+    /// data lies in `deltas`) as the next version of the child's delta of
+    /// `ino`, and returns where it lies. Its files join `new_files` as soon as
+    /// they exist.
+    fn write_merged_delta(
+        &self,
+        rebase: &Rebase,
+        ino: u64,
+        size: u64,
+        runs: &[Run],
+        deltas: &FileDeltas,
+        new_files: &mut Vec<PathBuf>,
+    ) -> FsResult<DeltaLoc> {
+        let child = rebase.child;
+        let seq = child.deltas.get(&ino).map(|l| l.seq + 1).unwrap_or(1);
+        let members = match child.deltas.get(&ino).or(rebase.deleted.deltas.get(&ino)) {
+            Some(l) => l.members.clone(),
+            None => vec![self.pool.place(&[], 0)?],
+        };
+        let paths = prepare_delta_paths(&self.pool, &members, child.id, ino, seq)?;
+        for p in &paths {
+            // A leftover of an interrupted merge.
+            let _ = self.pool.storage().remove_file(p);
+        }
+        let header = DeltaHeader {
+            snap_id: child.id,
+            base_id: rebase.new_base().unwrap_or(0),
+            ino,
+            file_size: size,
+            block_size: self.bs as u32,
+        };
+        let mut writer = DeltaWriter::create(
+            self.pool.storage_arc(),
+            &paths,
+            &header,
+            self.level.load(Ordering::Relaxed),
+        )
+        .map_err(delta_err)?;
+        new_files.extend(paths.iter().cloned());
+        for run in runs {
+            self.copy_run(&mut writer, run, deltas, child.id)?;
+        }
+        let (entries, stored) = writer.finish().map_err(delta_err)?;
+        Ok(DeltaLoc {
+            members,
+            seq,
+            stored,
+            blocks: entries.iter().map(|e| e.count as u64).sum(),
+        })
+    }
+
+    /// Appends one run of the merged chain to `writer`: a hole or zero run
+    /// as an entry, a whole frame verbatim (its CRC checked), part of a frame
+    /// decompressed and compressed again. `child_id` tells which snapshot's
+    /// copies in `deltas` hold a data run.
+    fn copy_run(
+        &self,
+        writer: &mut DeltaWriter,
+        run: &Run,
+        deltas: &FileDeltas,
+        child_id: u64,
+    ) -> FsResult<()> {
+        match run.source {
+            Source::Hole => writer.add_hole(run.start, run.count).map_err(delta_err),
+            Source::Zero => writer.add_zero(run.start, run.count).map_err(delta_err),
+            Source::Data { snap_id, entry } => {
+                let copies = if snap_id == child_id {
+                    &deltas.child
+                } else {
+                    &deltas.deleted
+                };
+                if run.start == entry.start && run.count == entry.count as u64 {
+                    let raw = first_ok(copies, |d| d.read_raw(&entry))?;
+                    writer
+                        .add_raw(entry.start, entry.count, &raw, entry.crc)
+                        .map_err(delta_err)?;
+                    return Ok(());
+                }
+                let frame = first_ok(copies, |d| d.read_frame(&entry))?;
+                let bs = self.bs as usize;
+                let mut block = run.start;
+                while block < run.end() {
+                    let n = (run.end() - block).min(MAX_FRAME_BLOCKS as u64);
+                    let from = (block - entry.start) as usize * bs;
+                    writer
+                        .add_data(block, &frame[from..from + n as usize * bs])
+                        .map_err(delta_err)?;
+                    block += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes the names of the merged delta files durable before a commit
+    /// refers to them.
+    fn sync_merged_dirs(&self, rebased: &SnapshotRecord) -> FsResult<()> {
+        for loc in rebased.deltas.values() {
+            for m in &loc.members {
+                if let Some(dir) = delta_dir(&self.pool, *m, rebased.id) {
+                    self.pool.storage().sync_dir(&dir).map_err(FsError::Io)?;
                 }
             }
         }
-        rec.changed_blocks = rec.deltas.values().map(|l| l.blocks).sum();
-        Ok((rec, old))
+        Ok(())
     }
 }
 
+/// The two snapshots of one merge: `deleted` goes, and `child`, based on
+/// it, is rebased onto `deleted`'s parent.
+struct Rebase<'a> {
+    deleted: &'a SnapshotRecord,
+    child: &'a SnapshotRecord,
+}
+
+impl Rebase<'_> {
+    /// The child's new base: the deleted snapshot's (`None`: the child
+    /// becomes a full).
+    fn new_base(&self) -> Option<u64> {
+        self.deleted.parent
+    }
+
+    /// The child's record once rebased, its deltas still to be written.
+    fn new_record(&self) -> SnapshotRecord {
+        let mut rec = self.child.clone();
+        rec.parent = self.new_base();
+        if rec.parent.is_none() {
+            // A full folded into its child makes the child a full.
+            rec.kind = Kind::Full;
+        }
+        rec.deltas.clear();
+        rec.stored_bytes = 0;
+        rec
+    }
+
+    /// The chain `[child, deleted]` of `ino` resolved: what the child's new
+    /// delta must hold. Blocks neither level holds resolve through the new
+    /// base and get no run. Into a new full, unresolved blocks are holes and
+    /// holes get no entry (in a full, a block without one is a hole).
+    fn merged_runs(&self, ino: u64, deltas: &FileDeltas) -> Vec<Run> {
+        let into_full = self.new_base().is_none();
+        let levels = [
+            Level {
+                snap_id: self.child.id,
+                size_blocks: self.child.size_blocks(ino),
+                entries: index_of(&deltas.child),
+            },
+            Level {
+                snap_id: self.deleted.id,
+                size_blocks: self.deleted.size_blocks(ino),
+                entries: index_of(&deltas.deleted),
+            },
+        ];
+        flatten::flatten(&levels, into_full)
+            .into_iter()
+            .filter(|r| !(into_full && r.source == Source::Hole))
+            .collect()
+    }
+}
+
+/// The open copies of one file's delta in both snapshots of a merge (empty
+/// where the snapshot has no delta of it).
+struct FileDeltas {
+    child: Vec<Arc<DeltaFile>>,
+    deleted: Vec<Arc<DeltaFile>>,
+}
+
+/// The entries of a delta (its copies have the same), none without a copy.
+fn index_of(copies: &[Arc<DeltaFile>]) -> &[Entry] {
+    copies.first().map_or(&[], |d| d.entries.as_slice())
+}
+
+/// `f` on the first copy it succeeds on; else the last copy's error.
 fn first_ok<T>(
     copies: &[Arc<DeltaFile>],
     f: impl Fn(&DeltaFile) -> Result<T, DeltaError>,

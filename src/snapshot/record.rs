@@ -256,6 +256,25 @@ pub(super) fn delta_path(pool: &Pool, member: u32, id: u64, ino: u64, seq: u32) 
     delta_dir(pool, member, id).map(|d| d.join(format!("{ino}.{seq}.vd")))
 }
 
+/// Creates the directories of a new delta of `ino` in snapshot `id`,
+/// version `seq`, on `members`, and returns the paths of its copies.
+pub(super) fn prepare_delta_paths(
+    pool: &Pool,
+    members: &[u32],
+    id: u64,
+    ino: u64,
+    seq: u32,
+) -> FsResult<Vec<PathBuf>> {
+    let mut paths = Vec::new();
+    for m in members {
+        let dir = delta_dir(pool, *m, id)
+            .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
+        crate::storage::create_dir_all(pool.storage(), &dir).map_err(FsError::Io)?;
+        paths.push(dir.join(format!("{ino}.{seq}.vd")));
+    }
+    Ok(paths)
+}
+
 /// The inode and seq of a delta file's name (`<ino>.<seq>.vd`).
 pub(super) fn parse_delta_name(name: &str) -> Option<(u64, u32)> {
     let stem = name.strip_suffix(".vd")?;
