@@ -1150,3 +1150,56 @@ fn reads_during_deletions_of_the_chain_below() {
         h.finish();
     }
 }
+
+/// A merge wrote the new delta of a file that had a delta in neither the
+/// deleted snapshot nor its child on one new member, whatever the pool's
+/// `copies`: a pool with copies=2 lost the second copy of that delta. Such
+/// a file: created after the deleted snapshot and grown only by a truncate
+/// (which marks no block changed), so the child has no delta for it either,
+/// and the merge records its blocks as holes (the deleted snapshot lacked
+/// the file). Every delta must keep `copies` copies, placed like a capture's.
+#[test]
+fn regression_merged_delta_gets_every_copy() {
+    let mut h = Harness::new(2, 4096);
+    h.write_bytes("a", 0, &noise(70, 50_000));
+    h.snap(SnapKind::Full).unwrap();
+    h.write_bytes("a", 10_000, &noise(71, 5_000));
+    h.snap(SnapKind::Incremental).unwrap();
+    // `b` is new after s1, and only grown by a truncate.
+    h.truncate("b", 60_000);
+    let child = h.snap(SnapKind::Incremental).unwrap();
+    h.vfs().snapshot_wait().unwrap();
+    let b = h.vfs().lookup(ROOT_INO, b"b").unwrap().ino;
+    let before = h.vfs().snaps.by_name(&child).unwrap();
+    assert!(
+        !before.deltas.contains_key(&b),
+        "the child already has a delta of b: the test no longer builds its case"
+    );
+    // Delete s1 (the child's base): the child's `b` is merged into a new delta.
+    h.delete(1);
+    h.verify_all();
+    let after = h.vfs().snaps.by_name(&child).unwrap();
+    let loc = after
+        .deltas
+        .get(&b)
+        .expect("the merge wrote no delta of b: the test no longer builds its case");
+    let mut members = loc.members.clone();
+    members.sort_unstable();
+    members.dedup();
+    assert_eq!(
+        members.len(),
+        2,
+        "merged delta of b on {:?}, want 2 distinct members (copies=2)",
+        loc.members
+    );
+    for (ino, l) in &after.deltas {
+        assert_eq!(
+            l.members.len(),
+            2,
+            "delta of inode {ino} on {:?}",
+            l.members
+        );
+    }
+    h.remount(1);
+    h.finish();
+}

@@ -36,7 +36,8 @@ use parking_lot::{Condvar, Mutex};
 use super::delta::{DeltaError, DeltaFile, DeltaHeader, DeltaId, DeltaWriter, Entry};
 use super::ranges::RangeSet;
 use super::record::{
-    DeltaLoc, Kind, SnapshotRecord, State, delta_dir, delta_path, prepare_delta_paths,
+    DeltaLoc, Kind, SnapshotRecord, State, delta_dir, delta_path, place_delta, prepare_delta_paths,
+    sync_delta_dir,
 };
 use super::store::{SnapshotStore, delta_err};
 use crate::error::{FsError, FsResult};
@@ -512,16 +513,7 @@ impl SnapshotStore {
     }
 
     fn open_writer(&self, job: &Job, ino: u64, size: u64) -> FsResult<(DeltaWriter, Vec<u32>)> {
-        let copies = self.pool.config().copies.max(1) as usize;
-        let mut members = Vec::new();
-        while members.len() < copies {
-            match self.pool.place(&members, 0) {
-                Ok(m) => members.push(m),
-                // Degraded (fewer usable members than copies): as many as there are.
-                Err(_) if !members.is_empty() && self.pool.degraded() => break,
-                Err(e) => return Err(e),
-            }
-        }
+        let members = place_delta(&self.pool)?;
         let paths = prepare_delta_paths(&self.pool, &members, job.id, ino, 0)?;
         let header = DeltaHeader {
             snap_id: job.id,
@@ -619,12 +611,9 @@ impl SnapshotStore {
         if job.error.lock().is_none() {
             for m in &dirs {
                 if let Some(d) = delta_dir(&self.pool, *m, job.id) {
-                    // The delta directory, `snap/` and the member directory:
                     // `snap/` may have been created by an earlier capture
                     // whose sync failed, and its entry is durable only now.
-                    let s = self.pool.storage();
-                    let r = d.ancestors().take(3).try_for_each(|dir| s.sync_dir(dir));
-                    if let Err(e) = r {
+                    if let Err(e) = sync_delta_dir(&self.pool, &d) {
                         self.fail_job(&job, format!("syncing {}: {e}", d.display()));
                         break;
                     }

@@ -17,7 +17,7 @@
 //! was the newest), so later incrementals and differentials still see every
 //! change. A delta that does not read refuses the deletion.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,7 +26,8 @@ use super::delta::{DeltaError, DeltaFile, DeltaHeader, DeltaWriter, Entry, MAX_F
 use super::flatten::{self, Level, Run, Source};
 use super::ranges::RangeSet;
 use super::record::{
-    DeltaLoc, Kind, SNAP_DIR, SnapshotRecord, State, delta_dir, delta_path, prepare_delta_paths,
+    DeltaLoc, Kind, SNAP_DIR, SnapshotRecord, State, delta_dir, delta_path, place_delta,
+    prepare_delta_paths, sync_delta_dir,
 };
 use super::store::{SnapshotStore, delta_err};
 use crate::error::{FsError, FsResult};
@@ -245,10 +246,10 @@ impl SnapshotStore {
     ) -> FsResult<DeltaLoc> {
         let child = rebase.child;
         let seq = child.deltas.get(&ino).map(|l| l.seq + 1).unwrap_or(1);
-        let members = match child.deltas.get(&ino).or(rebase.deleted.deltas.get(&ino)) {
-            Some(l) => l.members.clone(),
-            None => vec![self.pool.place(&[], 0)?],
-        };
+        // Placed as a capture places a new delta: the pool's `copies`, on
+        // members usable now. Neither snapshot may have had a delta of the
+        // file, and the members of an older one may be fewer or failing.
+        let members = place_delta(&self.pool)?;
         let paths = prepare_delta_paths(&self.pool, &members, child.id, ino, seq)?;
         for p in &paths {
             // A leftover of an interrupted merge.
@@ -325,13 +326,17 @@ impl SnapshotStore {
     }
 
     /// Makes the names of the merged delta files durable before a commit
-    /// refers to them.
+    /// refers to them, with the directories holding them: a merged delta
+    /// may be the first file of the child on its member.
     fn sync_merged_dirs(&self, rebased: &SnapshotRecord) -> FsResult<()> {
-        for loc in rebased.deltas.values() {
-            for m in &loc.members {
-                if let Some(dir) = delta_dir(&self.pool, *m, rebased.id) {
-                    self.pool.storage().sync_dir(&dir).map_err(FsError::Io)?;
-                }
+        let members: BTreeSet<u32> = rebased
+            .deltas
+            .values()
+            .flat_map(|l| l.members.iter().copied())
+            .collect();
+        for m in members {
+            if let Some(dir) = delta_dir(&self.pool, m, rebased.id) {
+                sync_delta_dir(&self.pool, &dir).map_err(FsError::Io)?;
             }
         }
         Ok(())

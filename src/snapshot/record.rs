@@ -16,7 +16,8 @@
 //! (pending or complete), a base that is present and complete.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -256,6 +257,24 @@ pub(super) fn delta_path(pool: &Pool, member: u32, id: u64, ino: u64, seq: u32) 
     delta_dir(pool, member, id).map(|d| d.join(format!("{ino}.{seq}.vd")))
 }
 
+/// The members that get the copies of a new delta, chosen as extents' copies
+/// are: the pool's `copies` distinct members, fewer only when the pool is
+/// degraded (at least one). Every new delta is placed by this function, by a
+/// capture and by a merge alike.
+pub(super) fn place_delta(pool: &Pool) -> FsResult<Vec<u32>> {
+    let copies = pool.config().copies.max(1) as usize;
+    let mut members = Vec::new();
+    while members.len() < copies {
+        match pool.place(&members, 0) {
+            Ok(m) => members.push(m),
+            // Degraded (fewer usable members than copies): as many as there are.
+            Err(_) if !members.is_empty() && pool.degraded() => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(members)
+}
+
 /// Creates the directories of a new delta of `ino` in snapshot `id`,
 /// version `seq`, on `members`, and returns the paths of its copies.
 pub(super) fn prepare_delta_paths(
@@ -273,6 +292,16 @@ pub(super) fn prepare_delta_paths(
         paths.push(dir.join(format!("{ino}.{seq}.vd")));
     }
     Ok(paths)
+}
+
+/// Makes a delta directory durable with the names in it: the directory,
+/// `snap/` and the member directory are synced, since writing a new delta
+/// may have created the first two.
+pub(super) fn sync_delta_dir(pool: &Pool, dir: &Path) -> io::Result<()> {
+    let storage = pool.storage();
+    dir.ancestors()
+        .take(3)
+        .try_for_each(|d| storage.sync_dir(d))
 }
 
 /// The inode and seq of a delta file's name (`<ino>.<seq>.vd`).
