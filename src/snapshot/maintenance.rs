@@ -21,6 +21,7 @@ use super::prune::Candidate;
 use super::record::{SnapshotRecord, State, delta_dir, delta_path};
 use super::store::SnapshotStore;
 use crate::error::{FsError, FsResult};
+use crate::pool::layout;
 
 impl SnapshotStore {
     /// Gives every finished snapshot's deltas `want` copies on usable members,
@@ -79,7 +80,7 @@ impl SnapshotStore {
                         .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
                     crate::storage::create_dir_all(self.pool.storage(), &dir)
                         .map_err(FsError::Io)?;
-                    let dst = dir.join(format!("{ino}.{}.vd", loc.seq));
+                    let dst = dir.join(layout::delta_file_name(*ino, loc.seq));
                     crate::storage::copy_file_atomic(self.pool.storage(), src, &dst)
                         .map_err(FsError::Io)?;
                     members.push(to);

@@ -26,11 +26,12 @@ use super::delta::{DeltaError, DeltaFile, DeltaHeader, DeltaWriter, Entry, MAX_F
 use super::flatten::{self, Level, Run, Source};
 use super::ranges::RangeSet;
 use super::record::{
-    DeltaLoc, Kind, SNAP_DIR, SnapshotRecord, State, delta_dir, delta_path, place_delta,
-    prepare_delta_paths, sync_delta_dir,
+    DeltaLoc, Kind, SnapshotRecord, State, delta_dir, delta_path, place_delta, prepare_delta_paths,
+    sync_delta_dir,
 };
 use super::store::{SnapshotStore, delta_err};
 use crate::error::{FsError, FsResult};
+use crate::pool::layout;
 use crate::pool::meta::NodeKind;
 
 impl SnapshotStore {
@@ -128,7 +129,7 @@ impl SnapshotStore {
             None => {}
         }
         for m in self.pool.members().iter() {
-            old_paths.push(m.dir.join(SNAP_DIR).join(id.to_string()));
+            old_paths.push(layout::snapshot_dir(&m.dir, id));
         }
         // Every rewritten record is written at the next commit: the merged
         // children and the one that took the interval, which is the next

@@ -25,12 +25,13 @@ use serde::{Deserialize, Serialize};
 use super::delta::DeltaId;
 use super::ranges::RangeSet;
 use crate::error::{FsError, FsResult};
-use crate::pool::Pool;
 use crate::pool::label::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 use crate::pool::meta::{InodeRecord, NodeKind, Timestamp, check_blob, encode_blob};
+use crate::pool::{Pool, layout};
 
-/// Directory of delta files in each member: `snap/<id>/<ino>.<seq>.vd`.
-pub const SNAP_DIR: &str = "snap";
+/// Directory of delta files in each member: `snap/<id>/<ino>.<seq>.vd`
+/// ([`crate::pool::layout`] names every member file).
+pub use crate::pool::layout::SNAP_DIR;
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -249,12 +250,12 @@ pub fn check_records(
 /// The directory of snapshot `id`'s deltas on `member` (`None`: no such member).
 pub(super) fn delta_dir(pool: &Pool, member: u32, id: u64) -> Option<PathBuf> {
     pool.member(member)
-        .map(|m| m.dir.join(SNAP_DIR).join(id.to_string()))
+        .map(|m| layout::snapshot_dir(&m.dir, id))
 }
 
 /// The copy on `member` of the delta of `ino` in snapshot `id`, version `seq`.
 pub(super) fn delta_path(pool: &Pool, member: u32, id: u64, ino: u64, seq: u32) -> Option<PathBuf> {
-    delta_dir(pool, member, id).map(|d| d.join(format!("{ino}.{seq}.vd")))
+    delta_dir(pool, member, id).map(|d| d.join(layout::delta_file_name(ino, seq)))
 }
 
 /// The members that get the copies of a new delta, chosen as extents' copies
@@ -289,7 +290,7 @@ pub(super) fn prepare_delta_paths(
         let dir = delta_dir(pool, *m, id)
             .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
         crate::storage::create_dir_all(pool.storage(), &dir).map_err(FsError::Io)?;
-        paths.push(dir.join(format!("{ino}.{seq}.vd")));
+        paths.push(dir.join(layout::delta_file_name(ino, seq)));
     }
     Ok(paths)
 }
@@ -302,13 +303,6 @@ pub(super) fn sync_delta_dir(pool: &Pool, dir: &Path) -> io::Result<()> {
     dir.ancestors()
         .take(3)
         .try_for_each(|d| storage.sync_dir(d))
-}
-
-/// The inode and seq of a delta file's name (`<ino>.<seq>.vd`).
-pub(super) fn parse_delta_name(name: &str) -> Option<(u64, u32)> {
-    let stem = name.strip_suffix(".vd")?;
-    let (ino, seq) = stem.split_once('.')?;
-    Some((ino.parse().ok()?, seq.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -444,7 +438,8 @@ mod tests {
         for bad in ["", ".hidden", "..", "a/b", "."] {
             assert!(check_name(bad).is_err(), "{bad}");
         }
-        assert_eq!(parse_delta_name("12.3.vd"), Some((12, 3)));
-        assert_eq!(parse_delta_name("x.vd"), None);
+        let parse = crate::pool::layout::parse_delta_file_name;
+        assert_eq!(parse("12.3.vd"), Some((12, 3)));
+        assert_eq!(parse("x.vd"), None);
     }
 }

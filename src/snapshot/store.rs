@@ -37,12 +37,10 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use super::capture::{DEFAULT_LEVEL, Job};
 use super::delta::DeltaError;
 use super::read::{FRAME_CACHE, FileView, FrameCache, VIEW_CACHE};
-use super::record::{
-    SNAP_DIR, SnapshotInfo, SnapshotRecord, State, check_records, parse_delta_name,
-};
+use super::record::{SNAP_DIR, SnapshotInfo, SnapshotRecord, State, check_records};
 use crate::error::FsError;
-use crate::pool::Pool;
 use crate::pool::meta::BlobChange;
+use crate::pool::{Pool, layout};
 use crate::volume::DeadExtent;
 
 /// Every snapshot of a pool, and the capture running.
@@ -252,7 +250,7 @@ impl SnapshotStore {
 
     pub(super) fn remove_snapshot_dirs(&self, id: u64) {
         for m in self.pool.members().iter() {
-            let d = m.dir.join(SNAP_DIR).join(id.to_string());
+            let d = layout::snapshot_dir(&m.dir, id);
             if let Err(e) = crate::storage::remove_dir_all(self.pool.storage(), &d)
                 && e.kind() != io::ErrorKind::NotFound
             {
@@ -313,7 +311,7 @@ impl SnapshotStore {
                 for f in files {
                     let fname = f.to_string_lossy().into_owned();
                     let f_path = ent_path.join(&f);
-                    let keep = parse_delta_name(&fname).is_some_and(|(ino, seq)| {
+                    let keep = layout::parse_delta_file_name(&fname).is_some_and(|(ino, seq)| {
                         rec.deltas
                             .get(&ino)
                             .is_some_and(|l| l.seq == seq && l.members.contains(&m.entry.id))
