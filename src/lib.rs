@@ -4,6 +4,8 @@
 //!
 //! Layers, top to bottom; each looks only down:
 //! - [`cli`]: the command line; talks to the library or to a running daemon.
+//! - [`check`]: `vpool check`, the offline check of a whole pool (the pool's
+//!   checks, then the snapshots').
 //! - [`daemon`], [`control`], [`hooks`]: the mounted daemon, its admin
 //!   socket and its event hooks.
 //! - [`fs`]: the POSIX view (namespace, handles, `.snapshots`, long jobs) and
