@@ -139,6 +139,13 @@ pub fn utc_string(secs: i64) -> String {
     )
 }
 
+/// The progress sink of a long operation: called with (done, total) units;
+/// returning `false` asks the operation to stop (it ends with
+/// [`crate::error::FsError::Cancelled`], or a report saying so, leaving
+/// everything done so far consistent and committed). Here, below every
+/// layer that runs long work, so that none has to look up for it.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64) -> bool;
+
 #[cfg(test)]
 mod tests {
     use super::*;

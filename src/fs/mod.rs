@@ -66,8 +66,4 @@ mod testing;
 
 pub use core::{Attr, SetAttr, TimeSet, Vfs, VfsOptions};
 
-/// The progress sink of a long operation: called with (done, total) units;
-/// returning `false` asks the operation to stop (it ends with
-/// [`crate::error::FsError::Cancelled`], or a report saying so, leaving
-/// everything done so far consistent and committed).
-pub type Progress<'a> = &'a mut dyn FnMut(u64, u64) -> bool;
+pub use crate::util::Progress;

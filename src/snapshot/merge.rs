@@ -48,7 +48,7 @@ impl SnapshotStore {
     pub fn delete(
         &self,
         id: u64,
-        progress: crate::fs::Progress,
+        progress: crate::util::Progress,
     ) -> FsResult<(Vec<PathBuf>, BTreeMap<u64, RangeSet>)> {
         let deleted = self.get(id).ok_or(FsError::NotFound)?;
         if deleted.state == State::Pending {
