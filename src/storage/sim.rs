@@ -20,6 +20,10 @@
 //!
 //! Each top-level directory is its own device with its own capacity
 //! ([`SimStorage::set_capacity`]): writes past it fail with ENOSPC.
+//!
+//! Why one file of about 1,200 lines: one job, the simulated filesystem;
+//! its files, directory logs and power cut share one state under one lock,
+//! and each operation must update both the running and the durable view.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
