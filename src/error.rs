@@ -77,6 +77,27 @@ impl Error {
     }
 }
 
+/// Damage found in what vpool stored: the file it is in and the byte offset
+/// where it was found, when known, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corruption {
+    pub file: Option<PathBuf>,
+    pub offset: Option<u64>,
+    pub what: String,
+}
+
+impl std::fmt::Display for Corruption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(p) = &self.file {
+            write!(f, "{}: ", p.display())?;
+        }
+        if let Some(o) = self.offset {
+            write!(f, "at byte {o}: ")?;
+        }
+        f.write_str(&self.what)
+    }
+}
+
 /// Errors of filesystem operations: a closed set the FUSE adapter maps to errnos.
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -115,7 +136,7 @@ pub enum FsError {
     #[error("bad file handle")]
     BadHandle,
     #[error("corruption: {0}")]
-    Corrupt(String),
+    Corrupt(Corruption),
     #[error("busy")]
     Busy,
     /// A long operation stopped on request (`vpool jobs cancel`).
@@ -129,6 +150,29 @@ pub enum FsError {
 }
 
 impl FsError {
+    /// Damage that belongs to no one file (a record naming a member that
+    /// does not exist).
+    pub fn corrupt(what: impl Into<String>) -> FsError {
+        FsError::Corrupt(Corruption {
+            file: None,
+            offset: None,
+            what: what.into(),
+        })
+    }
+
+    /// Damage in `file`, at byte `offset` when known.
+    pub fn corrupt_in(
+        file: &std::path::Path,
+        offset: Option<u64>,
+        what: impl Into<String>,
+    ) -> FsError {
+        FsError::Corrupt(Corruption {
+            file: Some(file.to_path_buf()),
+            offset,
+            what: what.into(),
+        })
+    }
+
     /// The errno this error stands for. The one table from errors to errnos.
     pub fn errno(&self) -> i32 {
         match self {

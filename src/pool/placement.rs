@@ -165,13 +165,12 @@ impl Pool {
     ) -> FsResult<Handle> {
         let p = self
             .extent_path(member, ino, index, file_id)
-            .ok_or_else(|| FsError::Corrupt(format!("extent on unknown member {member}")))?;
+            .ok_or_else(|| FsError::corrupt(format!("extent on unknown member {member}")))?;
         match self.storage.open(&p, OpenMode::WRITE) {
             Ok(f) => Ok(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(FsError::Corrupt(format!(
-                "extent file {} is missing",
-                p.display()
-            ))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(FsError::corrupt_in(&p, None, "extent file is missing"))
+            }
             Err(e) => Err(FsError::Io(e)),
         }
     }

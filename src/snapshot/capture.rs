@@ -500,7 +500,7 @@ impl SnapshotStore {
             let w = o
                 .writer
                 .as_mut()
-                .ok_or_else(|| FsError::Corrupt("delta writer missing".into()))?;
+                .ok_or_else(|| FsError::corrupt("delta writer missing"))?;
             append_prepared(w, &prepared).map_err(delta_err)?
         };
         let mut g = jf.state.lock();

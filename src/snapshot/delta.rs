@@ -101,8 +101,13 @@ const _: () = assert!(INDEX_CHUNK.is_multiple_of(ENTRY_LEN as usize));
 pub enum DeltaError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path}: corrupt delta: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: corrupt delta{}: {reason}", offset.map(|o| format!(" at byte {o}")).unwrap_or_default())]
+    Corrupt {
+        path: PathBuf,
+        /// Where in the file, when known.
+        offset: Option<u64>,
+        reason: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DeltaError + '_ {
@@ -115,6 +120,15 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DeltaError + '_ {
 fn corrupt(path: &Path, reason: impl Into<String>) -> DeltaError {
     DeltaError::Corrupt {
         path: path.to_path_buf(),
+        offset: None,
+        reason: reason.into(),
+    }
+}
+
+fn corrupt_at(path: &Path, offset: u64, reason: impl Into<String>) -> DeltaError {
+    DeltaError::Corrupt {
+        path: path.to_path_buf(),
+        offset: Some(offset),
         reason: reason.into(),
     }
 }
@@ -433,8 +447,9 @@ fn read_raw_at(file: &Handle, path: &Path, e: &Entry) -> Result<Vec<u8>, DeltaEr
     })?;
     let crc = crc32c::crc32c(&buf);
     if crc != e.crc {
-        return Err(corrupt(
+        return Err(corrupt_at(
             path,
+            e.offset,
             format!(
                 "frame of block {} at offset {}: checksum {crc:#010x}, expected {:#010x}",
                 e.start, e.offset, e.crc
@@ -848,12 +863,12 @@ impl DeltaFile {
         }
         let mut hb = [0u8; HEADER_LEN as usize];
         file.read_exact_at(&mut hb, 0).map_err(io_err(path))?;
-        let header = DeltaHeader::decode(&hb).map_err(|r| corrupt(path, r))?;
+        let header = DeltaHeader::decode(&hb).map_err(|r| corrupt_at(path, 0, r))?;
 
         let mut fb = [0u8; FOOTER_LEN as usize];
         file.read_exact_at(&mut fb, len - FOOTER_LEN)
             .map_err(io_err(path))?;
-        let footer = Footer::decode(&fb, len).map_err(|r| corrupt(path, r))?;
+        let footer = Footer::decode(&fb, len).map_err(|r| corrupt_at(path, len - FOOTER_LEN, r))?;
         let index_offset = footer.index_offset;
         // The index is read a chunk at a time, every entry checked as it
         // comes: memory grows with the entries actually read, not with the
@@ -869,8 +884,9 @@ impl DeltaFile {
             let chunk = &mut buf[..n];
             file.read_exact_at(chunk, at).map_err(io_err(path))?;
             crc = crc32c::crc32c_append(crc, chunk);
-            for b in chunk.chunks_exact(ENTRY_LEN as usize) {
-                let e = Entry::decode(b).map_err(|r| corrupt(path, r))?;
+            for (k, b) in chunk.chunks_exact(ENTRY_LEN as usize).enumerate() {
+                let entry_at = at + (k as u64) * ENTRY_LEN;
+                let e = Entry::decode(b).map_err(|r| corrupt_at(path, entry_at, r))?;
                 if e.kind == EntryKind::Data
                     && (e.offset < HEADER_LEN
                         || e.offset.saturating_add(u64::from(e.clen)) > index_offset)
@@ -900,7 +916,7 @@ impl DeltaFile {
             at += n as u64;
         }
         if crc != footer.index_crc {
-            return Err(corrupt(path, "index checksum mismatch"));
+            return Err(corrupt_at(path, index_offset, "index checksum mismatch"));
         }
         Ok(DeltaFile {
             header,
@@ -1356,6 +1372,24 @@ mod tests {
         let mut past = s;
         past.offset = f.len;
         assert!(is_corrupt(&f.read_frame(&past)));
+        // A frame whose bytes no longer match its checksum names the file
+        // and the frame's offset, through to the filesystem's error.
+        let mut bad = s;
+        bad.crc ^= 1;
+        let e = f.read_frame(&bad).unwrap_err();
+        assert!(
+            matches!(&e, DeltaError::Corrupt { offset: Some(o), .. } if *o == s.offset),
+            "{e:?}"
+        );
+        match crate::snapshot::store::delta_err(e) {
+            crate::error::FsError::Corrupt(c) => {
+                assert_eq!(c.file.as_deref(), Some(p.as_path()));
+                assert_eq!(c.offset, Some(s.offset));
+                let text = c.to_string();
+                assert!(text.contains(&format!("at byte {}", s.offset)), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A footer claiming a huge index over a sparse file: `open` reads the

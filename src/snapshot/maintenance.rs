@@ -65,7 +65,7 @@ impl SnapshotStore {
                 let mut members = keep.clone();
                 while members.len() < want {
                     let Some(src) = &source else {
-                        return Err(FsError::Corrupt(format!(
+                        return Err(FsError::corrupt(format!(
                             "snapshot {}: no readable copy of the delta of inode {ino}",
                             rec.name
                         )));
@@ -77,7 +77,7 @@ impl SnapshotStore {
                         Err(e) => return Err(e),
                     };
                     let dir = delta_dir(&self.pool, to, rec.id)
-                        .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
+                        .ok_or_else(|| FsError::corrupt(format!("unknown member {to}")))?;
                     crate::storage::create_dir_all(self.pool.storage(), &dir)
                         .map_err(FsError::Io)?;
                     let dst = dir.join(layout::delta_file_name(*ino, loc.seq));

@@ -422,5 +422,5 @@ fn first_ok<T>(
     }
     Err(last
         .map(delta_err)
-        .unwrap_or_else(|| FsError::Corrupt("no delta copy".into())))
+        .unwrap_or_else(|| FsError::corrupt("no delta copy")))
 }

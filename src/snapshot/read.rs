@@ -209,7 +209,7 @@ impl SnapshotStore {
         let copies = v
             .deltas
             .get(&snap)
-            .ok_or_else(|| FsError::Corrupt(format!("snapshot {snap}: delta missing")))?;
+            .ok_or_else(|| FsError::corrupt(format!("snapshot {snap}: delta missing")))?;
         let mut last = None;
         for d in copies {
             match d.read_frame(e) {
@@ -226,7 +226,7 @@ impl SnapshotStore {
         }
         Err(last
             .map(delta_err)
-            .unwrap_or(FsError::Corrupt("no delta copy".into())))
+            .unwrap_or(FsError::corrupt("no delta copy")))
     }
 
     fn read_view(&self, v: &FileView, ino: u64, off: u64, buf: &mut [u8]) -> FsResult<()> {
@@ -316,7 +316,7 @@ impl SnapshotStore {
                         let frame = match (&o.writer, &o.finished) {
                             (Some(w), _) => w.read_frame(e).map_err(delta_err)?,
                             (None, Some(d)) => d.read_frame(e).map_err(delta_err)?,
-                            (None, None) => return Err(FsError::Corrupt("delta gone".into())),
+                            (None, None) => return Err(FsError::corrupt("delta gone")),
                         };
                         let src = ((b - e.start) * bs) as usize + within;
                         buf[dst..dst + n].copy_from_slice(&frame[src..src + n]);
@@ -361,7 +361,7 @@ impl SnapshotStore {
         if out.is_empty() {
             return Err(match last {
                 Some(e) => delta_err(e),
-                None => FsError::Corrupt(format!(
+                None => FsError::corrupt(format!(
                     "snapshot {}: no copy of the delta of inode {ino}",
                     rec.name
                 )),

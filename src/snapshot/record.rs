@@ -288,7 +288,7 @@ pub(super) fn prepare_delta_paths(
     let mut paths = Vec::new();
     for m in members {
         let dir = delta_dir(pool, *m, id)
-            .ok_or_else(|| FsError::Corrupt(format!("unknown member {m}")))?;
+            .ok_or_else(|| FsError::corrupt(format!("unknown member {m}")))?;
         crate::storage::create_dir_all(pool.storage(), &dir).map_err(FsError::Io)?;
         paths.push(dir.join(layout::delta_file_name(ino, seq)));
     }

@@ -328,7 +328,7 @@ impl SnapshotStore {
 
 /// A delta error as a filesystem error: running out of space is `NoSpace`,
 /// any other I/O error keeps its cause, a damaged delta is `Corrupt`.
-pub(super) fn delta_err(e: DeltaError) -> FsError {
+pub(crate) fn delta_err(e: DeltaError) -> FsError {
     match e {
         DeltaError::Io { source, .. } => {
             if source.raw_os_error() == Some(libc::ENOSPC) {
@@ -337,6 +337,10 @@ pub(super) fn delta_err(e: DeltaError) -> FsError {
                 FsError::Io(source)
             }
         }
-        DeltaError::Corrupt { .. } => FsError::Corrupt(e.to_string()),
+        DeltaError::Corrupt {
+            path,
+            offset,
+            reason,
+        } => FsError::corrupt_in(&path, offset, format!("corrupt delta: {reason}")),
     }
 }

@@ -65,7 +65,7 @@ impl Volume {
         }
         let path = pool
             .extent_path(to, self.ino, index, ext.file_id)
-            .ok_or_else(|| FsError::Corrupt(format!("unknown member {to}")))?;
+            .ok_or_else(|| FsError::corrupt(format!("unknown member {to}")))?;
         // A leftover of an interrupted move is overwritten.
         let out = pool
             .storage()

@@ -27,7 +27,7 @@ use crate::storage::{Alloc, Handle};
 fn check_room(pool: &Pool, member: u32, f: &Handle, within: u64, len: u64) -> FsResult<()> {
     let m = pool
         .member(member)
-        .ok_or_else(|| FsError::Corrupt(format!("unknown member {member}")))?;
+        .ok_or_else(|| FsError::corrupt(format!("unknown member {member}")))?;
     let avail = m.available().map_err(FsError::Io)?;
     if avail < len && !fully_allocated(f, within, len).map_err(FsError::Io)? {
         tracing::debug!(member = %m.dir.display(), avail, len, "member full: write refused");
