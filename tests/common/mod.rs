@@ -8,8 +8,11 @@
 //! which aborts the FUSE connection and turns any hung syscall in the test
 //! into an error (ENOTCONN) instead of a hung CI job.
 //!
-//! These tests need root (FUSE, tmpfs mounts, chown, setpriv).
+//! These tests need root (FUSE, tmpfs mounts, chown, setpriv). The
+//! reference model of the storage core, which needs neither, is in [`model`].
 #![allow(dead_code)]
+
+pub mod model;
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
