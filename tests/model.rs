@@ -19,11 +19,12 @@
 //!
 //! Each run ends with a remount, the online check and the offline check.
 //! Shrunk failures are kept below as `regression_*` tests.
-//! `PROPTEST_CASES=n` runs `n` cases instead of the default.
+//! `PROPTEST_CASES=n` runs `n` cases instead of the default,
+//! `VPOOL_MODEL_STEPS=n` sequences of up to `n` operations (default 40).
 
 mod common;
 
-use common::model::{FileOp, Harness, any_file_op, cases, noise};
+use common::model::{FileOp, Harness, any_file_op, cases, noise, steps};
 use proptest::prelude::*;
 
 fn run(copies: u32, ops: &[FileOp]) {
@@ -38,7 +39,7 @@ fn run(copies: u32, ops: &[FileOp]) {
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
     #[test]
-    fn core_matches_model(copies in 1..=2u32, ops in proptest::collection::vec(any_file_op(), 1..40)) {
+    fn core_matches_model(copies in 1..=2u32, ops in proptest::collection::vec(any_file_op(), 1..steps(40))) {
         run(copies, &ops);
     }
 }
@@ -76,7 +77,7 @@ fn unclean_stop_brings_back_the_committed_state() {
     h.setxattr("c", "user.a", b"kept", 0);
     h.commit();
     let committed = h.model.paths();
-    h.rename("a", "c/b");
+    h.rename("a", "c/b", 0);
     h.write("c/a", 0, &noise(3, 60_000));
     h.unlink("b");
     h.mkdir("d");

@@ -20,7 +20,8 @@
 //! `check_pool`.
 //!
 //! Targeted tests follow, and failures found are kept as `regression_*`
-//! tests. `PROPTEST_CASES=n` runs more cases than the default 48.
+//! tests. `PROPTEST_CASES=n` runs more cases than the default 48,
+//! `VPOOL_MODEL_STEPS=n` sequences of up to `n` operations (default 60).
 
 mod common;
 
@@ -29,7 +30,7 @@ use std::path::PathBuf;
 
 use common::model::{
     self, FileOp, ROOT_NAMES, cases, check_content, file_change, file_copy, first_diff, list_dir,
-    noise,
+    noise, steps,
 };
 use proptest::prelude::*;
 use vpool::error::FsError;
@@ -551,7 +552,7 @@ proptest! {
     fn snapshots_match_model(
         copies in 1..=2u32,
         block_size in prop_oneof![Just(512u32), Just(1024), Just(4096)],
-        ops in proptest::collection::vec(op(), 20..60),
+        ops in proptest::collection::vec(op(), 20..steps(60)),
     ) {
         run(copies, block_size, &ops);
     }

@@ -27,8 +27,10 @@
 //! durable one ([`Durable`]): the state at the last sure commit, then one per
 //! `fdatasync` since. After the stop the pool must match one of them.
 //!
-//! `PROPTEST_CASES=n` runs `n` cases instead of the default of each test;
-//! `VPOOL_MODEL_TRACE=1` prints every operation and the model after it.
+//! `PROPTEST_CASES=n` runs `n` cases instead of the default of each test,
+//! `VPOOL_MODEL_STEPS=n` makes sequences up to `n` operations long, and
+//! `VPOOL_MODEL_TRACE=1` prints every operation and the model after it. Runs
+//! are bound by the disk's fsyncs: `TMPDIR=/dev/shm` makes long ones fast.
 
 #![allow(dead_code)]
 
@@ -62,6 +64,15 @@ const DIR_MODE: u32 = 0o755;
 /// Cases of a proptest: `PROPTEST_CASES` when set, else `default`.
 pub fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The most operations in one case: `VPOOL_MODEL_STEPS` when set, else
+/// `default`.
+pub fn steps(default: usize) -> usize {
+    std::env::var("VPOOL_MODEL_STEPS")
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(default)
@@ -108,10 +119,12 @@ pub enum FileOp {
         off_out: u64,
         len: u64,
     },
-    /// rename(2) of a file or a directory, over what is there.
+    /// rename(2) of a file or a directory, over what is there; `flags`:
+    /// 0, `RENAME_NOREPLACE` or `RENAME_EXCHANGE` by `flags % 3`.
     Rename {
         from: usize,
         to: usize,
+        flags: usize,
     },
     Unlink {
         p: usize,
@@ -243,7 +256,7 @@ pub fn file_change(
             .prop_map(|(p, off, len)| FileOp::Punch { p, off, len }),
         1 => (old.clone(), 0..MAX_OFF, 1..50_000u64)
             .prop_map(|(p, off, len)| FileOp::ZeroRange { p, off, len }),
-        1 => (old.clone(), new).prop_map(|(from, to)| FileOp::Rename { from, to }),
+        1 => (old.clone(), new).prop_map(|(from, to)| FileOp::Rename { from, to, flags: 0 }),
         1 => old.prop_map(|p| FileOp::Unlink { p }),
     ]
 }
@@ -268,8 +281,8 @@ pub fn file_copy(
 pub fn any_file_op() -> impl Strategy<Value = FileOp> {
     prop_oneof![
         12 => file_change(any_file(), existing_file()),
-        2 => (existing(), prop_oneof![new_file(), new_dir(), existing()])
-            .prop_map(|(from, to)| FileOp::Rename { from, to }),
+        2 => (existing(), prop_oneof![new_file(), new_dir(), existing()], prop_oneof![2 => Just(0usize), 1 => 1..3usize])
+            .prop_map(|(from, to, flags)| FileOp::Rename { from, to, flags }),
         1 => file_copy(any_file(), existing_file()),
         2 => new_dir().prop_map(|p| FileOp::Mkdir { p }),
         1 => existing_dir().prop_map(|p| FileOp::Rmdir { p }),
@@ -955,7 +968,10 @@ impl Harness {
                 self.copy_into(fa, &content, &b, off_in, off_out, len);
                 self.vfs().release(fa).unwrap();
             }
-            FileOp::Rename { from, to } => self.rename(&self.path_of(from), &self.path_of(to)),
+            FileOp::Rename { from, to, flags } => {
+                let flags = [0, libc::RENAME_NOREPLACE, libc::RENAME_EXCHANGE][flags % 3];
+                self.rename(&self.path_of(from), &self.path_of(to), flags);
+            }
             FileOp::Unlink { p } => self.unlink(&self.path_of(p)),
             FileOp::Mkdir { p } => self.mkdir(&self.path_of(p)),
             FileOp::Rmdir { p } => self.rmdir(&self.path_of(p)),
@@ -1081,42 +1097,73 @@ impl Harness {
         self.touch(id, off_out, off_out + want as u64);
     }
 
-    pub fn rename(&mut self, from: &str, to: &str) {
+    /// rename(2) (`flags`: `RENAME_NOREPLACE`, `RENAME_EXCHANGE` or 0).
+    pub fn rename(&mut self, from: &str, to: &str, flags: u32) {
+        #[derive(Debug, PartialEq)]
+        enum Renamed {
+            /// Two names of one inode: nothing to do.
+            Nothing,
+            Moved,
+            Swapped,
+        }
         let m = &self.model;
         let want = (|| {
             let (sd, sn) = m.parent(from)?;
             let (dd, dn) = m.parent(to)?;
             let src = m.child(sd, sn).ok_or(libc::ENOENT)?;
-            let dst_dirs = m.walk_dirs(split(to).0)?;
-            if m.is_dir(src) && dd != sd && dst_dirs.contains(&src) {
+            // A directory cannot go below itself.
+            let below = |dir: Id, path: &str| -> Result<bool, i32> {
+                Ok(m.is_dir(dir) && dd != sd && m.walk_dirs(split(path).0)?.contains(&dir))
+            };
+            if below(src, to)? {
                 return Err(libc::EINVAL);
             }
-            match m.child(dd, dn) {
-                Some(dst) if dst == src => return Ok(false),
-                Some(dst) => match (m.is_dir(src), m.is_dir(dst)) {
-                    (true, false) => return Err(libc::ENOTDIR),
-                    (false, true) => return Err(libc::EISDIR),
-                    (true, true) if !m.entries(dst).is_empty() => return Err(libc::ENOTEMPTY),
-                    _ => {}
-                },
-                None => {}
+            let dst = m.child(dd, dn);
+            if flags & libc::RENAME_EXCHANGE != 0 {
+                let dst = dst.ok_or(libc::ENOENT)?;
+                if below(dst, from)? {
+                    return Err(libc::EINVAL);
+                }
+                return Ok(Renamed::Swapped);
             }
-            Ok(true)
+            match dst {
+                Some(_) if flags & libc::RENAME_NOREPLACE != 0 => Err(libc::EEXIST),
+                Some(dst) if dst == src => Ok(Renamed::Nothing),
+                Some(dst) => match (m.is_dir(src), m.is_dir(dst)) {
+                    (true, false) => Err(libc::ENOTDIR),
+                    (false, true) => Err(libc::EISDIR),
+                    (true, true) if !m.entries(dst).is_empty() => Err(libc::ENOTEMPTY),
+                    _ => Ok(Renamed::Moved),
+                },
+                None => Ok(Renamed::Moved),
+            }
         })();
         let got = (|| {
             let (sp, sn) = self.walk_parent(from)?;
             let (dp, dn) = self.walk_parent(to)?;
-            self.vfs().rename(sp, sn.as_bytes(), dp, dn.as_bytes(), 0)
+            self.vfs()
+                .rename(sp, sn.as_bytes(), dp, dn.as_bytes(), flags)
         })();
-        if agree(&format!("rename {from} -> {to}"), &got, &want) && want == Ok(true) {
-            let (sd, sn) = self.model.parent(from).unwrap();
-            let (dd, dn) = self.model.parent(to).unwrap();
-            let id = self.model.child(sd, sn).unwrap();
-            if self.model.child(dd, dn).is_some() {
-                self.model.remove_entry(dd, dn);
+        if !agree(&format!("rename {from} -> {to} ({flags})"), &got, &want) {
+            return;
+        }
+        let (sd, sn) = self.model.parent(from).unwrap();
+        let (dd, dn) = self.model.parent(to).unwrap();
+        let src = self.model.child(sd, sn).unwrap();
+        match want.unwrap() {
+            Renamed::Nothing => {}
+            Renamed::Moved => {
+                if self.model.child(dd, dn).is_some() {
+                    self.model.remove_entry(dd, dn);
+                }
+                self.model.entries_mut(sd).remove(sn);
+                self.model.entries_mut(dd).insert(dn.to_string(), src);
             }
-            self.model.entries_mut(sd).remove(sn);
-            self.model.entries_mut(dd).insert(dn.to_string(), id);
+            Renamed::Swapped => {
+                let dst = self.model.child(dd, dn).unwrap();
+                self.model.entries_mut(sd).insert(sn.to_string(), dst);
+                self.model.entries_mut(dd).insert(dn.to_string(), src);
+            }
         }
     }
 
