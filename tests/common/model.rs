@@ -376,11 +376,12 @@ fn split(path: &str) -> (Option<&str>, &str) {
 impl Model {
     pub const ROOT: Id = 0;
 
-    fn new(root_mode: u32, root_xattrs: BTreeMap<Vec<u8>, Vec<u8>>) -> Model {
+    /// An empty root directory of mode `root_mode`.
+    fn new(root_mode: u32) -> Model {
         let root = MNode {
             body: Body::Dir(BTreeMap::new()),
             mode: root_mode,
-            xattrs: root_xattrs,
+            xattrs: BTreeMap::new(),
         };
         Model {
             nodes: [(Self::ROOT, root)].into(),
@@ -731,7 +732,7 @@ impl Harness {
         .unwrap();
         let vfs = open_vfs(&members[0]);
         let root = vfs.getattr(ROOT_INO).unwrap();
-        let model = Model::new(root.mode & 0o7777, BTreeMap::new());
+        let model = Model::new(root.mode & 0o7777);
         let mut h = Harness {
             dir,
             members,
