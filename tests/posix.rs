@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt, symlink};
@@ -21,35 +20,6 @@ fn pool() -> Pool {
     Pool::new(2, &["--extent-size", "1M"])
 }
 
-fn open_rw_new(p: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(p)
-        .unwrap_or_else(|e| panic!("create {p:?}: {e}"))
-}
-
-fn open_rw(p: &Path) -> File {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(p)
-        .unwrap_or_else(|e| panic!("open rw {p:?}: {e}"))
-}
-
-fn read_at(f: &File, off: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, off)
-        .unwrap_or_else(|e| panic!("read_exact_at({off}, {len}): {e}"));
-    buf
-}
-
-fn write_at(f: &File, off: u64, data: &[u8]) {
-    f.write_all_at(data, off)
-        .unwrap_or_else(|e| panic!("write_all_at({off}, {}): {e}", data.len()));
-}
-
 /// Apply a write to an in-memory model of the file.
 fn model_write(model: &mut Vec<u8>, off: usize, data: &[u8]) {
     if model.len() < off + data.len() {
@@ -58,27 +28,19 @@ fn model_write(model: &mut Vec<u8>, off: usize, data: &[u8]) {
     model[off..off + data.len()].copy_from_slice(data);
 }
 
-fn expect_errno<T: std::fmt::Debug>(r: io::Result<T>, want: i32, what: &str) {
-    match r {
-        Ok(v) => panic!("{what}: expected errno {want}, got success ({v:?})"),
-        Err(e) => assert_eq!(
-            errno(&e),
-            want,
-            "{what}: expected errno {want} ({}), got {e}",
-            io::Error::from_raw_os_error(want)
-        ),
-    }
-}
-
-/// Wait (up to 10 s) for the bytes stored in the members' data dirs to drop
-/// to at most `max`; returns the last value seen.
-fn wait_stored_at_most(pool: &Pool, max: u64) -> u64 {
+/// Asserts that the bytes stored in the members' data dirs drop to at most
+/// `max` within 10 s (space given back `what`).
+#[track_caller]
+fn assert_stored_at_most(pool: &Pool, max: u64, what: &str) {
     let mut last = 0;
     wait_until(Duration::from_secs(10), || {
         last = pool.stored_bytes_on_disk();
         last <= max
     });
-    last
+    assert!(
+        last <= max,
+        "{last} bytes still stored in the member data dirs {what} (at most {max} expected)"
+    );
 }
 
 /// st_blocks*512 of `p`, polled for up to 3 s until `ok` holds (the kernel may
@@ -195,21 +157,16 @@ fn truncate_up_and_down() {
         &data[..cut as usize],
         "prefix after regrow",
     );
-    assert!(
-        all[cut as usize..].iter().all(|&b| b == 0),
-        "bytes past the truncation point are not zero after growing the file again \
-         (first non-zero at {:?})",
-        all[cut as usize..]
-            .iter()
-            .position(|&b| b != 0)
-            .map(|i| i + cut as usize)
+    assert_zeros(
+        &all[cut as usize..],
+        "bytes past the truncation point after growing the file again",
     );
 
     // Same via truncate(2) on the path.
     let c = cstr(&p);
     // SAFETY: c is a valid NUL-terminated path.
     cvt(unsafe { libc::truncate(c.as_ptr(), 4097) }).expect("truncate(2)");
-    assert_eq!(fs::metadata(&p).unwrap().len(), 4097);
+    assert_eq!(len_of(&p), 4097);
     assert_same(&read_all(&p), &data[..4097], "after truncate(2)");
 
     // Down to zero frees the space (st_blocks and the member data).
@@ -228,17 +185,9 @@ fn truncate_up_and_down() {
         after < MIB,
         "st_blocks*512 after truncate to 0 is {after} (was {before})"
     );
-    let stored = wait_stored_at_most(&pool, MIB);
-    assert!(
-        stored <= MIB,
-        "member data dirs still hold {stored} bytes after truncating the only file to 0"
-    );
+    assert_stored_at_most(&pool, MIB, "after truncating the only file to 0");
     f.set_len(8192).unwrap();
-    assert_eq!(
-        read_at(&f, 0, 8192),
-        vec![0u8; 8192],
-        "regrow from 0 reads zeros"
-    );
+    assert_zeros(&read_at(&f, 0, 8192), "regrow from 0");
 }
 
 #[test]
@@ -257,9 +206,7 @@ fn unlink_while_open() {
     fs::remove_file(&p).unwrap();
     assert!(!p.exists(), "unlinked file still visible by name");
     assert!(
-        !fs::read_dir(m.path())
-            .unwrap()
-            .any(|e| e.unwrap().file_name() == "victim"),
+        !names_in(m.path()).contains(&"victim".to_string()),
         "unlinked file still listed by readdir"
     );
     assert_eq!(f.metadata().unwrap().nlink(), 0, "fstat nlink after unlink");
@@ -287,11 +234,7 @@ fn unlink_while_open() {
     drop(f);
     drop(r);
     // After the last close the space is released.
-    let stored = wait_stored_at_most(&pool, 256 * KIB);
-    assert!(
-        stored <= 256 * KIB,
-        "{stored} bytes still stored in member data dirs after last close of unlinked file"
-    );
+    assert_stored_at_most(&pool, 256 * KIB, "after the last close of an unlinked file");
     drop(m);
     pool.assert_check_clean();
 }
@@ -306,15 +249,11 @@ fn rename_files_and_dirs() {
     let da = pattern(30, 100_000);
     let dc = pattern(31, 3 * MIB as usize);
     fs::write(&a, &da).unwrap();
-    let ino_a = fs::metadata(&a).unwrap().ino();
+    let ino_a = ino_of(&a);
 
     fs::rename(&a, &b).unwrap();
     assert!(!a.exists(), "old name still exists after rename");
-    assert_eq!(
-        fs::metadata(&b).unwrap().ino(),
-        ino_a,
-        "rename changed the inode number"
-    );
+    assert_eq!(ino_of(&b), ino_a, "rename changed the inode number");
     assert_same(&read_all(&b), &da, "content after rename");
 
     // Rename over an existing file; an fd on the old target keeps its data.
@@ -333,11 +272,7 @@ fn rename_files_and_dirs() {
         "replaced file via open fd",
     );
     drop(old_c);
-    let stored = wait_stored_at_most(&pool, 2 * MIB);
-    assert!(
-        stored <= 2 * MIB,
-        "replaced 3 MiB file not freed after rename over it: {stored} bytes stored"
-    );
+    assert_stored_at_most(&pool, 2 * MIB, "after a rename over a 3 MiB file");
 
     // Into a subdirectory, then rename the directory itself.
     fs::create_dir(m.join("d")).unwrap();
@@ -394,40 +329,36 @@ fn rename_files_and_dirs() {
     assert!(!m.join("a").exists() && !m.join("b").exists() && !m.join("c").exists());
 }
 
+/// renameat2(2) with `RENAME_NOREPLACE`.
+fn renameat2_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    let (cf, ct) = (cstr(from), cstr(to));
+    // SAFETY: valid NUL-terminated paths, AT_FDCWD.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cf.as_ptr(),
+            libc::AT_FDCWD,
+            ct.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    cvt(r).map(|_| ())
+}
+
 #[test]
 fn rename_noreplace() {
     let pool = pool();
     let m = pool.mount();
     fs::write(m.join("x"), b"x").unwrap();
     fs::write(m.join("y"), b"y").unwrap();
-    let (cx, cy, cz) = (cstr(&m.join("x")), cstr(&m.join("y")), cstr(&m.join("z")));
-    // SAFETY: valid NUL-terminated paths, AT_FDCWD.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            cx.as_ptr(),
-            libc::AT_FDCWD,
-            cy.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
     expect_errno(
-        cvt(r),
+        renameat2_noreplace(&m.join("x"), &m.join("y")),
         libc::EEXIST,
         "renameat2(RENAME_NOREPLACE) onto existing name",
     );
     assert_eq!(fs::read(m.join("y")).unwrap(), b"y");
-    // SAFETY: as above.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            cx.as_ptr(),
-            libc::AT_FDCWD,
-            cz.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    cvt(r).expect("renameat2(RENAME_NOREPLACE) onto a free name");
+    renameat2_noreplace(&m.join("x"), &m.join("z"))
+        .expect("renameat2(RENAME_NOREPLACE) onto a free name");
     assert_eq!(fs::read(m.join("z")).unwrap(), b"x");
 }
 
@@ -436,7 +367,7 @@ fn directories() {
     let pool = pool();
     let m = pool.mount();
     fs::create_dir_all(m.join("a/b/c")).unwrap();
-    assert!(fs::metadata(m.join("a/b/c")).unwrap().is_dir());
+    assert!(stat_of(&m.join("a/b/c")).is_dir());
     expect_errno(fs::create_dir(m.join("a")), libc::EEXIST, "mkdir existing");
     expect_errno(
         fs::create_dir(m.join("nope/x")),
@@ -454,11 +385,7 @@ fn directories() {
     }
     want.push("b".into());
     want.sort();
-    let mut got: Vec<String> = fs::read_dir(m.join("a"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    got.sort();
+    let got = names_in(&m.join("a"));
     assert_eq!(got.len(), want.len(), "readdir entry count");
     assert_eq!(got, want, "readdir names");
     // File types reported by readdir.
@@ -492,8 +419,8 @@ fn directories() {
     fs::remove_dir_all(m.join("a")).unwrap();
     assert!(!m.join("a").exists());
     assert_eq!(
-        fs::read_dir(m.path()).unwrap().count(),
-        0,
+        names_in(m.path()),
+        Vec::<String>::new(),
         "root not empty after removing everything"
     );
     drop(m);
@@ -526,28 +453,18 @@ fn chmod_chown_utimens() {
     let p = m.join("f");
     fs::write(&p, b"data").unwrap();
 
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
-    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o640);
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o4755)).unwrap();
-    assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o4755);
-    assert!(fs::metadata(&p).unwrap().is_file());
+    chmod(&p, 0o640);
+    assert_eq!(mode_of(&p), 0o640);
+    chmod(&p, 0o4755);
+    assert_eq!(mode_of(&p), 0o4755);
+    assert!(stat_of(&p).is_file());
 
-    std::os::unix::fs::chown(&p, Some(1234), Some(5678)).unwrap();
-    let md = fs::metadata(&p).unwrap();
-    assert_eq!((md.uid(), md.gid()), (1234, 5678), "owner after chown");
+    chown(&p, Some(1234), Some(5678));
+    assert_eq!(owner_of(&p), (1234, 5678), "owner after chown");
     // Linux clears set-user-ID on chown of a regular file, even for root.
-    assert_eq!(
-        md.mode() & 0o7777,
-        0o755,
-        "chown did not clear the setuid bit"
-    );
-    std::os::unix::fs::chown(&p, None, Some(42)).unwrap();
-    let md = fs::metadata(&p).unwrap();
-    assert_eq!(
-        (md.uid(), md.gid()),
-        (1234, 42),
-        "chown with uid -1 keeps uid"
-    );
+    assert_eq!(mode_of(&p), 0o755, "chown did not clear the setuid bit");
+    chown(&p, None, Some(42));
+    assert_eq!(owner_of(&p), (1234, 42), "chown with uid -1 keeps uid");
 
     set_times(
         &p,
@@ -555,18 +472,9 @@ fn chmod_chown_utimens() {
         (1_500_000_000, 987_654_321),
     )
     .unwrap();
-    let md = fs::metadata(&p).unwrap();
-    assert_eq!(
-        (md.atime(), md.atime_nsec()),
-        (1_000_000_000, 123_456_789),
-        "atime"
-    );
-    assert_eq!(
-        (md.mtime(), md.mtime_nsec()),
-        (1_500_000_000, 987_654_321),
-        "mtime"
-    );
-    let ctime = md.ctime();
+    assert_eq!(atime_of(&p), (1_000_000_000, 123_456_789), "atime");
+    assert_eq!(mtime_of(&p), (1_500_000_000, 987_654_321), "mtime");
+    let ctime = stat_of(&p).ctime();
     assert!(
         (ctime - now_secs()).abs() < 120,
         "ctime {ctime} not near now after utimens"
@@ -578,33 +486,30 @@ fn chmod_chown_utimens() {
         let f = open_rw(&p);
         write_at(&f, 0, b"DATA");
     }
-    let mt = fs::metadata(&p).unwrap().mtime();
+    let (mt, _) = mtime_of(&p);
     assert!(
         (mt - now_secs()).abs() < 120,
         "mtime {mt} not updated by write"
     );
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o4755)).unwrap();
+    chmod(&p, 0o4755);
 
     // Directories too.
     let d = m.join("d");
     fs::create_dir(&d).unwrap();
-    fs::set_permissions(&d, fs::Permissions::from_mode(0o711)).unwrap();
-    std::os::unix::fs::chown(&d, Some(7), Some(8)).unwrap();
+    chmod(&d, 0o711);
+    chown(&d, Some(7), Some(8));
     set_times(&d, (2_000_000_000, 5), (2_000_000_001, 6)).unwrap();
-    let md = fs::metadata(&d).unwrap();
-    assert_eq!(md.mode() & 0o7777, 0o711);
-    assert_eq!((md.uid(), md.gid()), (7, 8));
-    assert_eq!((md.mtime(), md.mtime_nsec()), (2_000_000_001, 6));
+    assert_eq!(mode_of(&d), 0o711);
+    assert_eq!(owner_of(&d), (7, 8));
+    assert_eq!(mtime_of(&d), (2_000_000_001, 6));
 
     // Persisted.
     drop(m);
     let m = pool.mount();
-    let md = fs::metadata(m.join("f")).unwrap();
-    assert_eq!(md.mode() & 0o7777, 0o4755, "mode after remount");
-    assert_eq!((md.uid(), md.gid()), (1234, 42), "owner after remount");
-    let md = fs::metadata(m.join("d")).unwrap();
+    assert_eq!(mode_of(&m.join("f")), 0o4755, "mode after remount");
+    assert_eq!(owner_of(&m.join("f")), (1234, 42), "owner after remount");
     assert_eq!(
-        (md.mtime(), md.mtime_nsec()),
+        mtime_of(&m.join("d")),
         (2_000_000_001, 6),
         "dir mtime after remount"
     );
@@ -619,10 +524,9 @@ fn hard_links() {
     let data = pattern(40, MIB as usize + 5);
     fs::write(&f, &data).unwrap();
     fs::hard_link(&f, &g).unwrap();
-    let (mf, mg) = (fs::metadata(&f).unwrap(), fs::metadata(&g).unwrap());
-    assert_eq!(mf.ino(), mg.ino(), "hard link has a different inode");
-    assert_eq!(mf.nlink(), 2, "nlink after link");
-    assert_eq!(mg.nlink(), 2);
+    assert_eq!(ino_of(&f), ino_of(&g), "hard link has a different inode");
+    assert_eq!(nlink_of(&f), 2, "nlink after link");
+    assert_eq!(nlink_of(&g), 2);
 
     // Writes via one name are visible via the other.
     {
@@ -633,7 +537,7 @@ fn hard_links() {
 
     fs::create_dir(m.join("sub")).unwrap();
     fs::hard_link(&f, m.join("sub/h")).unwrap();
-    assert_eq!(fs::metadata(&f).unwrap().nlink(), 3);
+    assert_eq!(nlink_of(&f), 3);
     expect_errno(
         fs::hard_link(&f, &g),
         libc::EEXIST,
@@ -646,8 +550,7 @@ fn hard_links() {
     );
 
     fs::remove_file(&f).unwrap();
-    let mg = fs::metadata(&g).unwrap();
-    assert_eq!(mg.nlink(), 2, "nlink after unlinking one name");
+    assert_eq!(nlink_of(&g), 2, "nlink after unlinking one name");
     let mut want = data.clone();
     want[10..16].copy_from_slice(b"LINKED");
     assert_same(&read_all(&g), &want, "data via remaining link");
@@ -655,22 +558,11 @@ fn hard_links() {
     drop(m);
     pool.assert_check_clean();
     let m = pool.mount();
-    assert_eq!(
-        fs::metadata(m.join("g")).unwrap().nlink(),
-        2,
-        "nlink after remount"
-    );
-    assert_eq!(
-        fs::metadata(m.join("g")).unwrap().ino(),
-        fs::metadata(m.join("sub/h")).unwrap().ino()
-    );
+    assert_eq!(nlink_of(&m.join("g")), 2, "nlink after remount");
+    assert_eq!(ino_of(&m.join("g")), ino_of(&m.join("sub/h")));
     fs::remove_file(m.join("g")).unwrap();
     fs::remove_file(m.join("sub/h")).unwrap();
-    let stored = wait_stored_at_most(&pool, 256 * KIB);
-    assert!(
-        stored <= 256 * KIB,
-        "last link removed but {stored} bytes still stored"
-    );
+    assert_stored_at_most(&pool, 256 * KIB, "after the last link was removed");
 }
 
 #[test]
@@ -687,10 +579,7 @@ fn symlinks() {
         "target".len() as u64,
         "lstat size of a symlink is its target length"
     );
-    assert!(
-        fs::metadata(m.join("l")).unwrap().is_file(),
-        "stat follows the link"
-    );
+    assert!(stat_of(&m.join("l")).is_file(), "stat follows the link");
     assert_eq!(fs::read(m.join("l")).unwrap(), b"T");
 
     // Dangling link.
@@ -741,29 +630,13 @@ fn mmap_shared_write_then_reopen() {
     {
         let f = open_rw_new(&p);
         f.set_len(len as u64).unwrap();
-        // SAFETY: mapping `len` bytes of a regular file we just sized to
+        let addr = mmap_shared(&f, len, libc::PROT_READ | libc::PROT_WRITE, "mmap");
+        // SAFETY: `addr` maps `len` bytes of a regular file we just sized to
         // `len`; the mapping is used only through `s` below, which is not used
         // after munmap, and no other code maps or truncates the file meanwhile.
         unsafe {
-            let addr = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            );
-            assert_ne!(
-                addr,
-                libc::MAP_FAILED,
-                "mmap: {}",
-                io::Error::last_os_error()
-            );
             let s = std::slice::from_raw_parts_mut(addr as *mut u8, len);
-            assert!(
-                s.iter().all(|&b| b == 0),
-                "fresh mapping of a truncated-up file is not zero"
-            );
+            assert_zeros(s, "fresh mapping of a truncated-up file");
             s.copy_from_slice(&data);
             assert_eq!(libc::munmap(addr, len), 0, "munmap");
         }
@@ -779,23 +652,10 @@ fn mmap_shared_write_then_reopen() {
     want[MIB as usize - 2..MIB as usize + 2].copy_from_slice(b"ABCD");
     {
         let f = File::open(&p).unwrap();
+        let addr = mmap_shared(&f, len, libc::PROT_READ, "mmap ro");
         // SAFETY: read-only shared mapping of a file of size `len`; only read
         // through `s` before munmap.
         unsafe {
-            let addr = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            );
-            assert_ne!(
-                addr,
-                libc::MAP_FAILED,
-                "mmap ro: {}",
-                io::Error::last_os_error()
-            );
             let s = std::slice::from_raw_parts(addr as *const u8, len);
             assert_same(s, &want, "read through mapping");
             libc::munmap(addr, len);
@@ -805,17 +665,9 @@ fn mmap_shared_write_then_reopen() {
     // msync'd mapping write survives unmount/remount.
     {
         let f = open_rw(&p);
+        let addr = mmap_shared(&f, len, libc::PROT_READ | libc::PROT_WRITE, "mmap");
         // SAFETY: as above, writable shared mapping of `len` bytes.
         unsafe {
-            let addr = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            );
-            assert_ne!(addr, libc::MAP_FAILED);
             let s = std::slice::from_raw_parts_mut(addr as *mut u8, len);
             s[len - 5..].copy_from_slice(b"TAIL!");
             assert_eq!(
@@ -828,9 +680,7 @@ fn mmap_shared_write_then_reopen() {
         }
     }
     want[len - 5..].copy_from_slice(b"TAIL!");
-    m.unmount();
-    pool.assert_check_clean();
-    let m = pool.mount();
+    let m = pool.remount_checked(m);
     assert_same(
         &read_all(&m.join("mapped")),
         &want,
@@ -850,86 +700,13 @@ fn copy_file_range_between_files() {
     copy_range(&src, in0, &dst, out0, n);
     let got = read_all(&m.join("dst"));
     assert_eq!(got.len(), out0 as usize + n, "dst size");
-    assert!(
-        got[..out0 as usize].iter().all(|&b| b == 0),
-        "bytes before the copied range"
-    );
+    assert_zeros(&got[..out0 as usize], "bytes before the copied range");
     assert_same(
         &got[out0 as usize..],
         &src_data[in0 as usize..in0 as usize + n],
         "copied range",
     );
     assert_same(&read_all(&m.join("src")), &src_data, "source unchanged");
-}
-
-// --- xattr wrappers ---------------------------------------------------------
-
-fn setxattr(p: &Path, name: &str, val: &[u8], flags: libc::c_int) -> io::Result<()> {
-    let (c, n) = (cstr(p), CString::new(name).unwrap());
-    // SAFETY: valid C strings and a buffer of val.len() bytes.
-    cvt(unsafe {
-        libc::setxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            val.as_ptr().cast(),
-            val.len(),
-            flags,
-        )
-    })
-    .map(|_| ())
-}
-
-fn getxattr_into(p: &Path, name: &str, buf: &mut [u8]) -> io::Result<usize> {
-    let (c, n) = (cstr(p), CString::new(name).unwrap());
-    // SAFETY: valid C strings; buf is writable for buf.len() bytes (null when empty).
-    let r = unsafe {
-        let ptr = if buf.is_empty() {
-            std::ptr::null_mut()
-        } else {
-            buf.as_mut_ptr().cast()
-        };
-        libc::getxattr(c.as_ptr(), n.as_ptr(), ptr, buf.len())
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
-fn getxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let size = getxattr_into(p, name, &mut [])?;
-    let mut buf = vec![0u8; size];
-    let got = getxattr_into(p, name, &mut buf)?;
-    buf.truncate(got);
-    Ok(buf)
-}
-
-fn listxattr(p: &Path) -> io::Result<Vec<String>> {
-    let c = cstr(p);
-    // SAFETY: size query with a null buffer.
-    let size = unsafe { libc::listxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
-    if size < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = vec![0u8; size as usize];
-    // SAFETY: buf is writable for its length.
-    let got = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if got < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(got as usize);
-    Ok(buf
-        .split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect())
-}
-
-fn removexattr(p: &Path, name: &str) -> io::Result<()> {
-    let (c, n) = (cstr(p), CString::new(name).unwrap());
-    // SAFETY: valid C strings.
-    cvt(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) }).map(|_| ())
 }
 
 #[test]
@@ -1115,10 +892,7 @@ fn sparse_write_far_offset() {
         stored < 4 * MIB,
         "members store {stored} bytes for a 4 KiB write at 100 MiB"
     );
-    assert!(
-        read_at(&f, 50 * MIB, MIB as usize).iter().all(|&b| b == 0),
-        "hole does not read as zeros"
-    );
+    assert_zeros(&read_at(&f, 50 * MIB, MIB as usize), "the hole");
     assert_same(
         &read_at(&f, off, 4096),
         &pattern(80, 4096),
@@ -1174,10 +948,7 @@ fn fallocate_plain_and_keep_size() {
     let f = open_rw_new(&p);
     fallocate(&f, 0, 0, 8 * MIB).expect("fallocate(mode 0)");
     assert_eq!(f.metadata().unwrap().len(), 8 * MIB, "size after fallocate");
-    assert!(
-        read_at(&f, 0, 8 * MIB as usize).iter().all(|&b| b == 0),
-        "fallocated range not zero"
-    );
+    assert_zeros(&read_at(&f, 0, 8 * MIB as usize), "the fallocated range");
     let ab = alloc_bytes(&p);
     assert!(
         ab >= 8 * MIB,
@@ -1197,10 +968,9 @@ fn fallocate_plain_and_keep_size() {
     // Extending write into the preallocated range.
     write_at(&f2, MIB, b"abc");
     assert_eq!(f2.metadata().unwrap().len(), MIB + 3);
-    assert!(
-        read_at(&f2, 4096, (MIB - 4096) as usize)
-            .iter()
-            .all(|&b| b == 0)
+    assert_zeros(
+        &read_at(&f2, 4096, (MIB - 4096) as usize),
+        "the preallocated range before the write",
     );
 }
 
@@ -1269,9 +1039,7 @@ fn fallocate_punch_hole() {
     );
     drop(f);
     assert_same(&read_all(&p), &want, "after reopen");
-    m.unmount();
-    pool.assert_check_clean();
-    let m = pool.mount();
+    let m = pool.remount_checked(m);
     assert_same(&read_all(&m.join("punch")), &want, "after remount");
 }
 
@@ -1319,8 +1087,7 @@ fn fallocate_zero_range() {
     .unwrap();
     assert_eq!(f.metadata().unwrap().len(), 4 * MIB - 10);
     drop(f);
-    m.unmount();
-    let m = pool.mount();
+    let m = pool.remount(m);
     assert_same(&read_all(&m.join("zr")), &want, "after remount");
 }
 
@@ -1413,8 +1180,8 @@ fn data_survives_unmount_and_remount() {
         fs::write(m.join("empty"), b"").unwrap();
         symlink("dir/big", m.join("link")).unwrap();
         fs::hard_link(m.join("dir/sub/small"), m.join("hard")).unwrap();
-        fs::set_permissions(m.join("dir/big"), fs::Permissions::from_mode(0o751)).unwrap();
-        std::os::unix::fs::chown(m.join("dir/big"), Some(1000), Some(1001)).unwrap();
+        chmod(&m.join("dir/big"), 0o751);
+        chown(&m.join("dir/big"), Some(1000), Some(1001));
         m.unmount();
     }
     pool.assert_check_clean();
@@ -1429,18 +1196,14 @@ fn data_survives_unmount_and_remount() {
         let sp = read_all(&m.join("sparse"));
         assert_eq!(sp.len() as u64, 50 * MIB + 8);
         assert_eq!(&sp[50 * MIB as usize..], b"far away");
-        assert!(sp[..50 * MIB as usize].iter().all(|&b| b == 0));
-        assert_eq!(fs::metadata(m.join("empty")).unwrap().len(), 0);
+        assert_zeros(&sp[..50 * MIB as usize], "the hole of sparse");
+        assert_eq!(len_of(&m.join("empty")), 0);
         assert_eq!(fs::read_link(m.join("link")).unwrap(), Path::new("dir/big"));
-        assert_eq!(fs::metadata(m.join("hard")).unwrap().nlink(), 2);
-        let md = fs::metadata(m.join("dir/big")).unwrap();
-        assert_eq!(md.mode() & 0o7777, 0o751);
-        assert_eq!((md.uid(), md.gid()), (1000, 1001));
+        assert_eq!(nlink_of(&m.join("hard")), 2);
+        assert_eq!(mode_of(&m.join("dir/big")), 0o751);
+        assert_eq!(owner_of(&m.join("dir/big")), (1000, 1001));
         // Both names of the hard link still share one inode.
-        assert_eq!(
-            fs::metadata(m.join("hard")).unwrap().ino(),
-            fs::metadata(m.join("dir/sub/small")).unwrap().ino()
-        );
+        assert_eq!(ino_of(&m.join("hard")), ino_of(&m.join("dir/sub/small")));
         m.unmount();
         pool.assert_check_clean();
     }
@@ -1453,61 +1216,35 @@ fn permissions_enforced_with_allow_other() {
     let secret = m.join("secret");
     let public = m.join("public");
     fs::write(&secret, b"top secret\n").unwrap();
-    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    chmod(&secret, 0o600);
     fs::write(&public, b"hello world\n").unwrap();
-    fs::set_permissions(&public, fs::Permissions::from_mode(0o644)).unwrap();
+    chmod(&public, 0o644);
 
     // Positive control: another user can read a world-readable file.
     let o = run_as_nobody("cat", &args![&public]);
-    assert!(
-        o.status.success(),
-        "uid 65534 cannot read a 0644 file with allow_other\n{}",
-        describe(&o)
-    );
+    assert_success(&o, "uid 65534 cannot read a 0644 file with allow_other");
     assert_eq!(o.stdout, b"hello world\n");
 
     let o = run_as_nobody("cat", &args![&secret]);
-    assert!(
-        !o.status.success(),
-        "uid 65534 read a 0600 root-owned file!\n{}",
-        describe(&o)
-    );
-    assert!(
-        text(&o).contains("Permission denied"),
-        "expected EACCES\n{}",
-        describe(&o)
-    );
+    assert_permission_denied(&o, "uid 65534 read a 0600 root-owned file!");
 
     // Cannot write a 0644 root file or create in a 0755 root dir.
     let o = run_as_nobody(
         "sh",
         &args!["-c", format!("echo x >> {}", public.display())],
     );
-    assert!(
-        !o.status.success(),
-        "uid 65534 appended to a 0644 root-owned file\n{}",
-        describe(&o)
-    );
-    fs::set_permissions(m.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    assert_failure(&o, "uid 65534 appended to a 0644 root-owned file");
+    chmod(m.path(), 0o755);
     let o = run_as_nobody("touch", &args![m.join("intruder")]);
-    assert!(
-        !o.status.success(),
-        "uid 65534 created a file in a 0755 root-owned dir\n{}",
-        describe(&o)
-    );
+    assert_failure(&o, "uid 65534 created a file in a 0755 root-owned dir");
 
     // In a world-writable dir it can, and owns the new file.
     fs::create_dir(m.join("tmp")).unwrap();
-    fs::set_permissions(m.join("tmp"), fs::Permissions::from_mode(0o777)).unwrap();
+    chmod(&m.join("tmp"), 0o777);
     let o = run_as_nobody("touch", &args![m.join("tmp/mine")]);
-    assert!(
-        o.status.success(),
-        "uid 65534 cannot create in a 0777 dir\n{}",
-        describe(&o)
-    );
-    let md = fs::metadata(m.join("tmp/mine")).unwrap();
+    assert_success(&o, "uid 65534 cannot create in a 0777 dir");
     assert_eq!(
-        (md.uid(), md.gid()),
+        owner_of(&m.join("tmp/mine")),
         (65534, 65534),
         "new file not owned by its creator"
     );
@@ -1518,37 +1255,15 @@ fn other_users_denied_without_allow_other() {
     let pool = pool();
     let m = pool.mount();
     fs::write(m.join("f"), b"x").unwrap();
-    fs::set_permissions(m.join("f"), fs::Permissions::from_mode(0o644)).unwrap();
+    chmod(&m.join("f"), 0o644);
     // Control: uid 65534 can reach the mountpoint's parent.
     let o = run_as_nobody("stat", &args![pool.dir.path()]);
-    assert!(
-        o.status.success(),
-        "control failed: nobody cannot stat the temp dir\n{}",
-        describe(&o)
-    );
+    assert_success(&o, "control failed: nobody cannot stat the temp dir");
 
     let o = run_as_nobody("stat", &args![m.path()]);
-    assert!(
-        !o.status.success(),
-        "uid 65534 could stat the mount without allow_other\n{}",
-        describe(&o)
-    );
-    assert!(
-        text(&o).contains("Permission denied"),
-        "expected EACCES\n{}",
-        describe(&o)
-    );
+    assert_permission_denied(&o, "uid 65534 could stat the mount without allow_other");
     let o = run_as_nobody("cat", &args![m.join("f")]);
-    assert!(
-        !o.status.success(),
-        "uid 65534 read a file without allow_other\n{}",
-        describe(&o)
-    );
-    assert!(
-        text(&o).contains("Permission denied"),
-        "expected EACCES\n{}",
-        describe(&o)
-    );
+    assert_permission_denied(&o, "uid 65534 read a file without allow_other");
     // root still can.
     assert_eq!(fs::read(m.join("f")).unwrap(), b"x");
 }
@@ -1649,8 +1364,7 @@ fn copy_file_range_from_hole_zeroes_destination() {
     );
     drop(dst);
     drop(src);
-    m.unmount();
-    let m = pool.mount();
+    let m = pool.remount(m);
     assert_same(&read_all(&m.join("dst")), &want, "after remount");
 }
 

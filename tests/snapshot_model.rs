@@ -6,36 +6,37 @@
 //! refused without a base), waits, deletions (any position in the chain),
 //! restores (whole snapshot or one file), clones, commits, remounts, unclean
 //! stops with a snapshot pending and captures that fail run against the
-//! filesystem core and against a plain model: a byte vector per live file,
-//! and per snapshot a copy of the live model taken at its creation. After
-//! every step every live file and every file of every snapshot must match
-//! byte for byte (read through `.snapshots/<name>/<file>` with the core's
-//! lookup/open/read, whole and in odd-sized pieces), each snapshot must list
-//! exactly the model's files with their sizes, and whatever SEEK_HOLE and
-//! SEEK_DATA report as a hole must read as zeros. A snapshot creation is
-//! followed at once by changes to live files, with no check in between, and
-//! snapshots are compared before they are waited for too: the capture is
-//! most likely still running, so writers must save blocks first
-//! (copy-before-write). The run ends with a clean `check_pool`.
+//! filesystem core and against a plain model: the live model of
+//! `common::model` (the files `a` to `d` of the root), and per snapshot a
+//! copy of its files taken at its creation. After every step every live file
+//! and every file of every snapshot must match byte for byte (read through
+//! `.snapshots/<name>/<file>` with the core's lookup/open/read, whole and in
+//! odd-sized pieces), each snapshot must list exactly the model's files with
+//! their sizes, and whatever SEEK_HOLE and SEEK_DATA report as a hole must
+//! read as zeros. A snapshot creation is followed at once by changes to live
+//! files, with no check in between, and snapshots are compared before they
+//! are waited for too: the capture is most likely still running, so writers
+//! must save blocks first (copy-before-write). The run ends with a clean
+//! `check_pool`.
 //!
 //! Targeted tests follow, and failures found are kept as `regression_*`
-//! tests. `PROPTEST_CASES=n` runs more cases than the default 48.
+//! tests. `PROPTEST_CASES=n` runs more cases than the default 48,
+//! `VPOOL_MODEL_STEPS=n` sequences of up to `n` operations (default 60).
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use common::model::{
+    self, FileOp, ROOT_NAMES, cases, check_content, file_change, file_copy, first_diff, list_dir,
+    noise, steps,
+};
 use proptest::prelude::*;
 use vpool::error::FsError;
-use vpool::fs::core::{Caller, SetAttr, Vfs, VfsOptions};
+use vpool::fs::core::Vfs;
 use vpool::pool::meta::ROOT_INO;
-use vpool::pool::{CreateOptions, Pool};
 use vpool::snapshot::Kind;
-
-const ME: Caller = Caller { uid: 0, gid: 0 };
-const NAMES: [&str; 4] = ["a", "b", "c", "d"];
-/// Small extents so that every operation crosses extent boundaries often.
-const EXTENT: u64 = 16 * 1024;
-const MAX_OFF: u64 = 200 * 1024;
 
 /// The kind asked of `snapshot_create` (`Default`: `None`, the store chooses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,42 +49,18 @@ enum SnapKind {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write {
-        f: usize,
-        off: u64,
-        len: usize,
-        byte: u8,
-    },
-    Truncate {
-        f: usize,
-        size: u64,
-    },
-    Punch {
-        f: usize,
-        off: u64,
-        len: u64,
-    },
-    ZeroRange {
-        f: usize,
-        off: u64,
-        len: u64,
-    },
-    Rename {
-        from: usize,
-        to: usize,
-    },
-    /// copy_file_range from live file `from` (`snap: None`) or from file
-    /// `from` of the snapshot at position `snap % count`, to live file `to`.
-    Copy {
-        snap: Option<usize>,
+    /// A change to the live files (`FileOp` paths `0..4`: the root's `a` to
+    /// `d`), or a commit.
+    File(FileOp),
+    /// copy_file_range from file `from` of the snapshot at position
+    /// `pick % count` to live file `to`.
+    CopyFromSnap {
+        pick: usize,
         from: usize,
         to: usize,
         off_in: u64,
         off_out: u64,
         len: u64,
-    },
-    Unlink {
-        f: usize,
     },
     /// Creates a snapshot, then applies `then` (changes to live files, while
     /// the capture most likely runs: copy-before-write) with no check in
@@ -109,7 +86,7 @@ enum Op {
         from: usize,
         to: usize,
     },
-    Commit,
+    /// Waits for the captures, commits, mounts again from `member`.
     Remount {
         member: usize,
     },
@@ -139,46 +116,37 @@ fn snap_kind() -> impl Strategy<Value = SnapKind> {
 /// Changes to live files only.
 fn change() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..4usize, 0..MAX_OFF, 1..40_000usize, any::<u8>())
-            .prop_map(|(f, off, len, byte)| Op::Write { f, off, len, byte }),
-        2 => (0..4usize, 0..MAX_OFF).prop_map(|(f, size)| Op::Truncate { f, size }),
-        2 => (0..4usize, 0..MAX_OFF, 1..50_000u64).prop_map(|(f, off, len)| Op::Punch { f, off, len }),
-        1 => (0..4usize, 0..MAX_OFF, 1..50_000u64).prop_map(|(f, off, len)| Op::ZeroRange { f, off, len }),
-        1 => (0..4usize, 0..4usize).prop_map(|(from, to)| Op::Rename { from, to }),
-        1 => (0..4usize).prop_map(|f| Op::Unlink { f }),
+        13 => file_change(0..4usize, 0..4usize).prop_map(Op::File),
         1 => copy(),
     ]
 }
 
+/// copy_file_range from a live file or from a snapshot's, half and half.
 fn copy() -> impl Strategy<Value = Op> {
-    (
-        proptest::option::of(0..8usize),
-        0..4usize,
-        0..4usize,
-        0..MAX_OFF,
-        0..MAX_OFF,
-        1..60_000u64,
-    )
-        .prop_map(|(snap, from, to, off_in, off_out, len)| Op::Copy {
-            snap,
-            from,
-            to,
-            off_in,
-            off_out,
-            len,
-        })
+    prop_oneof![
+        file_copy(0..4usize, 0..4usize).prop_map(Op::File),
+        (
+            0..8usize,
+            0..4usize,
+            0..4usize,
+            0..model::MAX_OFF,
+            0..model::MAX_OFF,
+            1..60_000u64,
+        )
+            .prop_map(|(pick, from, to, off_in, off_out, len)| Op::CopyFromSnap {
+                pick,
+                from,
+                to,
+                off_in,
+                off_out,
+                len,
+            }),
+    ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..4usize, 0..MAX_OFF, 1..40_000usize, any::<u8>())
-            .prop_map(|(f, off, len, byte)| Op::Write { f, off, len, byte }),
-        2 => (0..4usize, 0..MAX_OFF).prop_map(|(f, size)| Op::Truncate { f, size }),
-        2 => (0..4usize, 0..MAX_OFF, 1..50_000u64).prop_map(|(f, off, len)| Op::Punch { f, off, len }),
-        1 => (0..4usize, 0..MAX_OFF, 1..50_000u64).prop_map(|(f, off, len)| Op::ZeroRange { f, off, len }),
-        1 => (0..4usize, 0..4usize).prop_map(|(from, to)| Op::Rename { from, to }),
-        1 => (0..4usize).prop_map(|f| Op::Unlink { f }),
-        1 => copy(),
+        14 => change(),
         4 => (snap_kind(), proptest::collection::vec(change(), 0..4), any::<bool>())
             .prop_map(|(kind, then, wait)| Op::Snap { kind, then, wait }),
         1 => Just(Op::Wait),
@@ -186,7 +154,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..8usize, proptest::option::of(0..4usize))
             .prop_map(|(pick, file)| Op::Restore { pick, file }),
         1 => (0..8usize, 0..4usize, 0..4usize).prop_map(|(pick, from, to)| Op::Clone { pick, from, to }),
-        1 => Just(Op::Commit),
+        1 => Just(Op::File(FileOp::Commit)),
         1 => (0..2usize).prop_map(|member| Op::Remount { member }),
         1 => (0..2usize).prop_map(|member| Op::Crash { member }),
         1 => snap_kind().prop_map(|kind| Op::FailSnap { kind }),
@@ -194,18 +162,16 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 /// Files by name.
-type Files = BTreeMap<&'static str, Vec<u8>>;
+type Files = std::collections::BTreeMap<&'static str, Vec<u8>>;
 
 struct ModelSnap {
     name: String,
     files: Files,
 }
 
+/// The live harness of `common::model` and the snapshots.
 struct Harness {
-    _dir: tempfile::TempDir,
-    members: Vec<PathBuf>,
-    vfs: Option<Vfs>,
-    model: Files,
+    live: model::Harness,
     /// Complete snapshots, oldest first.
     snaps: Vec<ModelSnap>,
     /// Failed snapshots (unreadable, still listed by `snapshot_list`).
@@ -217,34 +183,21 @@ struct Harness {
 }
 
 fn name_of(f: usize) -> &'static str {
-    NAMES[f]
+    ROOT_NAMES[f]
+}
+
+/// Names listed in directory `ino`, without `.` and `..`.
+fn list(v: &Vfs, ino: u64) -> BTreeSet<Vec<u8>> {
+    list_dir(v, ino)
+        .into_keys()
+        .filter(|n| n != b"." && n != b"..")
+        .collect()
 }
 
 impl Harness {
     fn new(copies: u32, block_size: u32) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let members: Vec<PathBuf> = (0..2)
-            .map(|i| {
-                let p = dir.path().join(format!("m{i}"));
-                std::fs::create_dir(&p).unwrap();
-                p
-            })
-            .collect();
-        Pool::create(
-            &members,
-            CreateOptions {
-                copies,
-                extent_size: EXTENT,
-                block_size,
-            },
-        )
-        .unwrap();
-        let vfs = Some(Self::open(&members[0]));
         Harness {
-            _dir: dir,
-            members,
-            vfs,
-            model: BTreeMap::new(),
+            live: model::Harness::new(copies, block_size),
             snaps: Vec::new(),
             failed: Vec::new(),
             next_snap: 0,
@@ -252,123 +205,15 @@ impl Harness {
         }
     }
 
-    fn open(member: &std::path::Path) -> Vfs {
-        Vfs::mount(Pool::open(member).unwrap(), VfsOptions::default()).unwrap()
-    }
-
     fn vfs(&self) -> &Vfs {
-        self.vfs.as_ref().unwrap()
-    }
-
-    /// Opens (creating if needed) file `name` and returns its handle.
-    fn handle(&self, name: &str) -> u64 {
-        let v = self.vfs();
-        match v.lookup(ROOT_INO, name.as_bytes()) {
-            Ok(a) => v.open(a.ino, true).unwrap(),
-            Err(_) => v.create(ROOT_INO, name.as_bytes(), 0o644, 0, ME).unwrap().1,
-        }
-    }
-
-    /// Checks the open file `fh` (live or snapshot) against `want`: content,
-    /// read whole and in odd-sized pieces, and SEEK_HOLE/SEEK_DATA.
-    fn check_content(&self, what: &str, fh: u64, want: &[u8]) {
-        let v = self.vfs();
-        let got = v.read(fh, 0, want.len() as u32 + 100).unwrap();
-        assert!(
-            got == want,
-            "{what}: content differs (len {} want {}, first diff at {:?})",
-            got.len(),
-            want.len(),
-            first_diff(&got, want)
-        );
-        // Reads that start and end inside blocks and frames.
-        let mut pos = 0usize;
-        while pos < want.len() {
-            let piece = v.read(fh, pos as u64, 5003).unwrap();
-            let end = (pos + 5003).min(want.len());
-            assert!(
-                piece == want[pos..end],
-                "{what}: read at {pos} differs (first diff at {:?})",
-                first_diff(&piece, &want[pos..end]).map(|d| d + pos)
-            );
-            pos = end;
-        }
-        // Whatever SEEK_HOLE/SEEK_DATA call a hole must read as zeros.
-        let size = want.len() as u64;
-        let mut pos = 0u64;
-        while pos < size {
-            let h = match v.lseek(fh, pos, libc::SEEK_HOLE) {
-                Ok(h) => h,
-                Err(e) => panic!("{what}: SEEK_HOLE at {pos} < size {size}: {e:?}"),
-            };
-            assert!(h >= pos && h <= size, "{what}: SEEK_HOLE({pos}) = {h}");
-            if h >= size {
-                break;
-            }
-            let d = match v.lseek(fh, h, libc::SEEK_DATA) {
-                Ok(d) => d,
-                Err(FsError::NoData) => size,
-                Err(e) => panic!("{what}: SEEK_DATA at {h}: {e:?}"),
-            };
-            assert!(d > h && d <= size, "{what}: SEEK_DATA({h}) = {d}");
-            assert!(
-                want[h as usize..d as usize].iter().all(|b| *b == 0),
-                "{what}: hole [{h},{d}) holds data (first nonzero at {:?})",
-                want[h as usize..d as usize]
-                    .iter()
-                    .position(|b| *b != 0)
-                    .map(|i| i as u64 + h)
-            );
-            pos = d;
-        }
-        // SEEK_DATA from any data byte's left must not skip it.
-        if let Some(first) = want.iter().position(|b| *b != 0) {
-            let d = v.lseek(fh, 0, libc::SEEK_DATA).unwrap();
-            assert!(
-                d <= first as u64,
-                "{what}: SEEK_DATA(0) = {d} skips data at {first}"
-            );
-        }
-    }
-
-    fn verify(&self, name: &str) {
-        let v = self.vfs();
-        match (self.model.get(name), v.lookup(ROOT_INO, name.as_bytes())) {
-            (None, Err(_)) => {}
-            (Some(want), Ok(a)) => {
-                assert_eq!(a.size, want.len() as u64, "size of {name}");
-                let fh = v.open(a.ino, false).unwrap();
-                self.check_content(name, fh, want);
-                v.release(fh).unwrap();
-            }
-            (m, f) => panic!(
-                "{name}: model has {:?}, fs has {:?}",
-                m.map(|v| v.len()),
-                f.map(|a| a.size)
-            ),
-        }
-    }
-
-    /// Names listed in directory `ino`, without `.` and `..`.
-    fn list(&self, ino: u64) -> BTreeSet<Vec<u8>> {
-        let v = self.vfs();
-        let fh = v.opendir(ino).unwrap();
-        let out = v
-            .readdir(fh, ino, 0)
-            .unwrap()
-            .into_iter()
-            .map(|(_, e)| e.name)
-            .filter(|n| n != b"." && n != b"..")
-            .collect();
-        v.releasedir(fh).unwrap();
-        out
+        self.live.vfs()
     }
 
     fn verify_snapshots(&self) {
         let v = self.vfs();
         let sd = v.lookup(ROOT_INO, b".snapshots").unwrap();
         assert_eq!(sd.nlink, 2 + self.snaps.len() as u32, ".snapshots nlink");
-        let listed = self.list(sd.ino);
+        let listed = list(v, sd.ino);
         let want: BTreeSet<Vec<u8>> = self
             .snaps
             .iter()
@@ -378,8 +223,8 @@ impl Harness {
         for f in &self.failed {
             assert!(v.lookup(sd.ino, f.as_bytes()).is_err(), "failed {f} found");
         }
-        let list = v.snapshot_list();
-        let mut names: Vec<(&str, bool)> = list
+        let list_info = v.snapshot_list();
+        let mut names: Vec<(&str, bool)> = list_info
             .iter()
             .map(|i| {
                 (
@@ -401,14 +246,14 @@ impl Harness {
             let root = v
                 .lookup(sd.ino, s.name.as_bytes())
                 .unwrap_or_else(|e| panic!("snapshot {}: lookup: {e:?}", s.name));
-            let listed = self.list(root.ino);
+            let listed = list(v, root.ino);
             let want: BTreeSet<Vec<u8>> = s.files.keys().map(|n| n.as_bytes().to_vec()).collect();
             assert_eq!(
                 listed, want,
                 "snapshot {} lists other files than the model",
                 s.name
             );
-            for n in NAMES {
+            for n in ROOT_NAMES {
                 let r = v.lookup(root.ino, n.as_bytes());
                 let Some(content) = s.files.get(n) else {
                     assert!(r.is_err(), "snapshot {}: {n} found, model has none", s.name);
@@ -423,45 +268,24 @@ impl Harness {
                 );
                 assert_eq!(v.getattr(a.ino).unwrap().size, content.len() as u64);
                 let fh = v.open(a.ino, false).unwrap();
-                self.check_content(&format!("snapshot {} file {n}", s.name), fh, content);
+                check_content(v, &format!("snapshot {} file {n}", s.name), fh, content);
                 v.release(fh).unwrap();
             }
         }
     }
 
-    fn verify_all(&self) {
-        for n in NAMES {
-            self.verify(n);
-        }
+    /// Every live file and every snapshot.
+    fn verify_all(&mut self) {
+        self.live.verify_all();
         self.verify_snapshots();
     }
 
     fn write_bytes(&mut self, name: &'static str, off: u64, data: &[u8]) {
-        let fh = self.handle(name);
-        self.vfs().write(fh, off, data).unwrap();
-        self.vfs().release(fh).unwrap();
-        let m = self.model.entry(name).or_default();
-        let end = off as usize + data.len();
-        if m.len() < end {
-            m.resize(end, 0);
-        }
-        m[off as usize..end].copy_from_slice(data);
+        self.live.write(name, off, data);
     }
 
     fn truncate(&mut self, name: &'static str, size: u64) {
-        let fh = self.handle(name);
-        let ino = self.vfs().lookup(ROOT_INO, name.as_bytes()).unwrap().ino;
-        self.vfs()
-            .setattr(
-                ino,
-                SetAttr {
-                    size: Some(size),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
-        self.vfs().release(fh).unwrap();
-        self.model.entry(name).or_default().resize(size as usize, 0);
+        self.live.truncate(name, size);
     }
 
     /// Creates snapshot `s<n>`; returns its name, or `None` when the model
@@ -501,7 +325,7 @@ impl Harness {
         self.next_id += 1;
         self.snaps.push(ModelSnap {
             name: name.clone(),
-            files: self.model.clone(),
+            files: self.live.model.root_files(),
         });
         Some(name)
     }
@@ -518,30 +342,19 @@ impl Harness {
         ));
     }
 
+    /// Waits for captures, then remounts (the live harness compares every
+    /// file and runs the online check), then compares the snapshots.
     fn remount(&mut self, member: usize) {
-        let v = self.vfs.take().unwrap();
-        v.snapshot_wait().unwrap();
-        v.commit().unwrap();
-        drop(v);
-        self.vfs = Some(Self::open(&self.members[member]));
-        self.verify_all();
-        let report = vpool::pool::inspect::check_open(&self.vfs().pool).unwrap();
-        assert!(report.is_clean(), "{:?}", report.problems);
+        self.vfs().snapshot_wait().unwrap();
+        self.live.remount(member);
+        self.verify_snapshots();
     }
 
     /// Waits for captures, commits, unmounts and runs the offline check.
     fn finish(mut self) {
         self.remount(1);
-        let v = self.vfs.take().unwrap();
-        v.snapshot_wait().unwrap();
-        v.commit().unwrap();
-        drop(v);
-        let report = vpool::check::check_pool(&self.members[0]).unwrap();
-        assert!(
-            report.problems.is_empty(),
-            "check_pool: {:?}",
-            report.problems
-        );
+        self.vfs().snapshot_wait().unwrap();
+        self.live.close_and_check();
     }
 
     /// Applies `op` to the core and the model, then checks everything.
@@ -553,108 +366,32 @@ impl Harness {
     /// Applies `op` to the core and the model.
     fn step(&mut self, op: &Op) {
         match *op {
-            Op::Write { f, off, len, byte } => {
-                // Odd bytes: incompressible data; even: a compressible pattern.
-                let data: Vec<u8> = if byte % 2 == 1 {
-                    noise(byte as u64 + off, len)
-                } else {
-                    (0..len).map(|i| byte.wrapping_add(i as u8) | 1).collect()
-                };
-                self.write_bytes(name_of(f), off, &data);
-            }
-            Op::Truncate { f, size } => self.truncate(name_of(f), size),
-            Op::Punch { f, off, len } | Op::ZeroRange { f, off, len } => {
-                let name = name_of(f);
-                if !self.model.contains_key(name) {
-                    return;
-                }
-                let punch = matches!(op, Op::Punch { .. });
-                let mode = if punch {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_ZERO_RANGE
-                };
-                let fh = self.handle(name);
-                self.vfs().fallocate(fh, off, len, mode).unwrap();
-                self.vfs().release(fh).unwrap();
-                let m = self.model.get_mut(name).unwrap();
-                let end = (off + len) as usize;
-                if !punch && m.len() < end {
-                    m.resize(end, 0);
-                }
-                let lim = end.min(m.len());
-                if (off as usize) < lim {
-                    m[off as usize..lim].fill(0);
-                }
-            }
-            Op::Rename { from, to } => {
-                let (a, b) = (name_of(from), name_of(to));
-                let r = self
-                    .vfs()
-                    .rename(ROOT_INO, a.as_bytes(), ROOT_INO, b.as_bytes(), 0);
-                match self.model.remove(a) {
-                    Some(data) => {
-                        r.unwrap();
-                        self.model.insert(b, data);
-                    }
-                    None => assert!(r.is_err()),
-                }
-            }
-            Op::Copy {
-                snap,
+            Op::File(FileOp::Remount { member }) | Op::Remount { member } => self.remount(member),
+            Op::File(ref f) => self.live.step(f),
+            Op::CopyFromSnap {
+                pick,
                 from,
                 to,
                 off_in,
                 off_out,
                 len,
             } => {
-                let (a, b) = (name_of(from), name_of(to));
-                let v = self.vfs();
-                let (src, fa) = match snap {
-                    None => {
-                        if from == to || !self.model.contains_key(a) {
-                            return;
-                        }
-                        (self.model[a].clone(), self.handle(a))
-                    }
-                    Some(pick) => {
-                        if self.snaps.is_empty() {
-                            return;
-                        }
-                        let s = &self.snaps[pick % self.snaps.len()];
-                        let Some(src) = s.files.get(a).cloned() else {
-                            return;
-                        };
-                        let sd = v.lookup(ROOT_INO, b".snapshots").unwrap().ino;
-                        let root = v.lookup(sd, s.name.as_bytes()).unwrap().ino;
-                        let ino = v.lookup(root, a.as_bytes()).unwrap().ino;
-                        (src, v.open(ino, false).unwrap())
-                    }
-                };
-                let fb = self.handle(b);
-                let n = v.copy_file_range(fa, off_in, fb, off_out, len).unwrap();
-                v.release(fa).unwrap();
-                v.release(fb).unwrap();
-                let want = if off_in as usize >= src.len() {
-                    0
-                } else {
-                    (len as usize).min(src.len() - off_in as usize)
-                };
-                assert_eq!(n as usize, want, "bytes copied");
-                let dst = self.model.entry(b).or_default();
-                if want > 0 {
-                    let end = off_out as usize + want;
-                    if dst.len() < end {
-                        dst.resize(end, 0);
-                    }
-                    dst[off_out as usize..end]
-                        .copy_from_slice(&src[off_in as usize..off_in as usize + want]);
+                if self.snaps.is_empty() {
+                    return;
                 }
-            }
-            Op::Unlink { f } => {
-                let name = name_of(f);
-                let r = self.vfs().unlink(ROOT_INO, name.as_bytes());
-                assert_eq!(r.is_ok(), self.model.remove(name).is_some());
+                let s = &self.snaps[pick % self.snaps.len()];
+                let a = name_of(from);
+                let Some(src) = s.files.get(a).cloned() else {
+                    return;
+                };
+                let v = self.vfs();
+                let sd = v.lookup(ROOT_INO, b".snapshots").unwrap().ino;
+                let root = v.lookup(sd, s.name.as_bytes()).unwrap().ino;
+                let ino = v.lookup(root, a.as_bytes()).unwrap().ino;
+                let fa = v.open(ino, false).unwrap();
+                self.live
+                    .copy_into(fa, &src, name_of(to), off_in, off_out, len);
+                self.vfs().release(fa).unwrap();
             }
             Op::Snap {
                 kind,
@@ -700,7 +437,7 @@ impl Harness {
                             .snapshot_restore(&name, &[])
                             .unwrap_or_else(|e| panic!("restore {name}: {e:?}"));
                         for (n, c) in files {
-                            self.model.insert(n, c);
+                            self.live.put_file(n, c);
                         }
                     }
                     Some(f) => {
@@ -710,7 +447,7 @@ impl Harness {
                         match content {
                             Some(c) => {
                                 r.unwrap_or_else(|e| panic!("restore {name} {n}: {e:?}"));
-                                self.model.insert(n, c);
+                                self.live.put_file(n, c);
                             }
                             None => assert!(r.is_err(), "restore of {n} absent from {name}"),
                         }
@@ -727,23 +464,21 @@ impl Harness {
                 let content = s.files.get(a).cloned();
                 let r = self.vfs().snapshot_clone(&name, a.as_bytes(), b.as_bytes());
                 match content {
-                    Some(c) if !self.model.contains_key(b) => {
+                    Some(c) if self.live.model.resolve(b).is_err() => {
                         let attr = r.unwrap_or_else(|e| panic!("clone {name}/{a} -> {b}: {e:?}"));
                         assert_eq!(attr.size, c.len() as u64);
-                        self.model.insert(b, c);
+                        self.live.put_file(b, c);
                     }
                     _ => assert!(r.is_err(), "clone {name}/{a} -> {b} should fail"),
                 }
             }
-            Op::Commit => self.vfs().commit().unwrap(),
-            Op::Remount { member } => self.remount(member),
             Op::Crash { member } => {
-                self.vfs().commit().unwrap();
+                self.live.commit();
                 let name = self.snap(SnapKind::Default).unwrap();
-                let v = self.vfs.take().unwrap();
+                let v = self.live.vfs.take().unwrap();
                 v.snaps.wait_idle();
                 drop(v);
-                self.vfs = Some(Self::open(&self.members[member]));
+                self.live.reopen_after_crash(member);
                 let info = self
                     .vfs()
                     .snapshot_list()
@@ -766,6 +501,7 @@ impl Harness {
             }
             Op::FailSnap { kind } => {
                 let blockers: Vec<PathBuf> = self
+                    .live
                     .members
                     .iter()
                     .map(|m| m.join("snap").join(self.next_id.to_string()))
@@ -798,17 +534,6 @@ impl Harness {
     }
 }
 
-fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .or(if a.len() != b.len() {
-            Some(a.len().min(b.len()))
-        } else {
-            None
-        })
-}
-
 fn run(copies: u32, block_size: u32, ops: &[Op]) {
     let mut h = Harness::new(copies, block_size);
     for op in ops {
@@ -820,33 +545,20 @@ fn run(copies: u32, block_size: u32, ops: &[Op]) {
 proptest! {
     #![proptest_config(ProptestConfig {
         // PROPTEST_CASES=n for a longer run.
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(48),
+        cases: cases(48),
         ..ProptestConfig::default()
     })]
     #[test]
     fn snapshots_match_model(
         copies in 1..=2u32,
         block_size in prop_oneof![Just(512u32), Just(1024), Just(4096)],
-        ops in proptest::collection::vec(op(), 20..60),
+        ops in proptest::collection::vec(op(), 20..steps(60)),
     ) {
         run(copies, block_size, &ops);
     }
 }
 
 // ----- targeted tests -----
-
-/// Deterministic, poorly compressible bytes (so captures take a while).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 /// Builds full, incremental, incremental, differential, incremental with
 /// changes between them (writes, a truncate, a punch, a new file, an unlink).
@@ -859,21 +571,21 @@ fn chain(bs: u32) -> Harness {
     h.truncate("b", 12_345);
     h.write_bytes("c", 70_000, &noise(4, 3_000));
     assert_eq!(h.snap(SnapKind::Incremental).as_deref(), Some("s1"));
-    h.apply(&Op::Punch {
-        f: 0,
+    h.apply(&Op::File(FileOp::Punch {
+        p: 0,
         off: 1_000,
         len: 40_000,
-    });
+    }));
     h.truncate("b", 60_000);
     h.write_bytes("b", 50_000, &noise(5, 1_000));
     assert_eq!(h.snap(SnapKind::Incremental).as_deref(), Some("s2"));
-    h.apply(&Op::Unlink { f: 2 });
+    h.apply(&Op::File(FileOp::Unlink { p: 2 }));
     h.write_bytes("a", 90_000, &noise(6, 20_000));
-    h.apply(&Op::ZeroRange {
-        f: 1,
+    h.apply(&Op::File(FileOp::ZeroRange {
+        p: 1,
         off: 0,
         len: 6_000,
-    });
+    }));
     assert_eq!(h.snap(SnapKind::Differential).as_deref(), Some("s3"));
     h.write_bytes("d", 0, &noise(7, 33_000));
     h.truncate("a", 50_000);
@@ -974,7 +686,7 @@ fn unlink_while_its_snapshot_is_pending() {
     h.write_bytes("a", 0, &noise(31, size));
     h.write_bytes("b", 0, &noise(32, 100_000));
     h.snap(SnapKind::Full).unwrap();
-    h.apply(&Op::Unlink { f: 0 });
+    h.apply(&Op::File(FileOp::Unlink { p: 0 }));
     h.vfs().commit().unwrap();
     h.verify_all();
     h.vfs().snapshot_wait().unwrap();
@@ -982,8 +694,8 @@ fn unlink_while_its_snapshot_is_pending() {
     // An incremental on top, after another unlink while pending.
     h.write_bytes("b", 0, &noise(33, 50_000));
     h.snap(SnapKind::Incremental).unwrap();
-    h.apply(&Op::Unlink { f: 1 });
-    h.apply(&Op::Commit);
+    h.apply(&Op::File(FileOp::Unlink { p: 1 }));
+    h.apply(&Op::File(FileOp::Commit));
     h.apply(&Op::Wait);
     h.apply(&Op::Restore {
         pick: 0,
@@ -1066,13 +778,13 @@ fn regression_failed_capture_gives_back_every_change() {
         then: vec![],
         wait: true,
     });
-    h.apply(&Op::Truncate { f: 0, size: 0 });
+    h.apply(&Op::File(FileOp::Truncate { p: 0, size: 0 }));
     h.write_bytes("b", 0, &noise(61, 10_000));
     h.apply(&Op::FailSnap {
         kind: SnapKind::Incremental,
     });
     assert_eq!(h.failed.len(), 1, "the capture did not fail");
-    h.apply(&Op::Truncate { f: 0, size: 40_000 });
+    h.apply(&Op::File(FileOp::Truncate { p: 0, size: 40_000 }));
     h.apply(&Op::Snap {
         kind: SnapKind::Incremental,
         then: vec![],
@@ -1106,7 +818,7 @@ fn reads_during_deletions_of_the_chain_below() {
         let (name, want) = (last.name.clone(), last.files.clone());
         let stop = AtomicBool::new(false);
         let reads = AtomicU64::new(0);
-        let v = h.vfs.as_ref().unwrap();
+        let v = h.vfs();
         std::thread::scope(|sc| {
             for t in 0..2u64 {
                 let (stop, reads, want, name) = (&stop, &reads, &want, &name);

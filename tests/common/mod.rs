@@ -8,8 +8,16 @@
 //! which aborts the FUSE connection and turns any hung syscall in the test
 //! into an error (ENOTCONN) instead of a hung CI job.
 //!
-//! These tests need root (FUSE, tmpfs mounts, chown, setpriv).
+//! These tests need root (FUSE, tmpfs mounts, chown, setpriv). The
+//! reference model of the storage core, which needs neither, is in [`model`].
 #![allow(dead_code)]
+
+mod files;
+pub mod model;
+
+// Each test crate uses some of these, none uses them all.
+#[allow(unused_imports)]
+pub use files::*;
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
@@ -301,6 +309,19 @@ impl Pool {
 
     pub fn mount_opts(&self, opts: &[&str]) -> Mount {
         Mount::new(&self.members[0], &self.mnt(), opts)
+    }
+
+    /// Unmounts `m` (asserting it unmounts cleanly) and mounts the pool again.
+    pub fn remount(&self, m: Mount) -> Mount {
+        m.unmount();
+        self.mount()
+    }
+
+    /// [`Pool::remount`] with a clean `vpool check` in between.
+    pub fn remount_checked(&self, m: Mount) -> Mount {
+        m.unmount();
+        self.assert_check_clean();
+        self.mount()
     }
 
     /// `vpool check` on the first member (pool must not be mounted).
