@@ -84,6 +84,23 @@ pub fn bar(what: &str, unit: &str) -> ProgressBar {
     pb
 }
 
+/// A time for humans: local, to the second (with the zone's abbreviation
+/// when `zone`).
+pub fn local_time(secs: i64, zone: bool) -> String {
+    let fmt = if zone {
+        "%Y-%m-%d %H:%M:%S %Z"
+    } else {
+        "%Y-%m-%d %H:%M:%S"
+    };
+    jiff::Timestamp::from_second(secs)
+        .map(|t| {
+            t.to_zoned_datetime(jiff::tz::TimeZone::system())
+                .strftime(fmt)
+                .to_string()
+        })
+        .unwrap_or_else(|_| secs.to_string())
+}
+
 /// Sets up logging for a CLI command: warnings by default, `-v` info, `-vv`
 /// debug, `-q` errors only; `VPOOL_LOG` (an env-filter) overrides.
 pub fn init_cli_logging() {

@@ -6,7 +6,7 @@ use std::path::{Component, Path};
 use anyhow::{Result, bail};
 
 use super::SnapshotCmd;
-use super::output::{json, say, ui};
+use super::output::{json, local_time, say, ui};
 use super::target::{Target, expect_done, resolve, send};
 use crate::control::{Request, Response};
 use crate::snapshot::PrunePolicy;
@@ -56,17 +56,6 @@ fn flush_kernel(target: &Target) {
             libc::syncfs(d.as_raw_fd());
         }
     }
-}
-
-/// A time for humans: local, to the second.
-fn local_time(secs: i64) -> String {
-    jiff::Timestamp::from_second(secs)
-        .map(|t| {
-            t.to_zoned_datetime(jiff::tz::TimeZone::system())
-                .strftime("%Y-%m-%d %H:%M:%S")
-                .to_string()
-        })
-        .unwrap_or_else(|_| secs.to_string())
 }
 
 /// The IANA name of this machine's time zone, for prune's calendar buckets
@@ -167,7 +156,7 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32> {
                     i.name,
                     i.kind,
                     i.base.clone().unwrap_or_else(|| "-".into()),
-                    local_time(i.created),
+                    local_time(i.created, false),
                     human(i.logical_bytes),
                     human(i.stored_bytes),
                     i.changed_blocks,

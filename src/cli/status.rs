@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::StatusFormat;
-use super::output::{EXIT_PROBLEMS, json, say, ui};
+use super::output::{EXIT_PROBLEMS, json, local_time, say, ui};
 use super::target::{Target, mounted_pools, pid_alive, resolve};
 use crate::control::{self, Request, Response};
 use crate::pool::info::Event;
@@ -105,16 +105,6 @@ pub fn status(target: Option<&Path>, unhealthy: bool, format: Option<StatusForma
     Ok(if sick { EXIT_PROBLEMS } else { 0 })
 }
 
-fn local_time(secs: i64) -> String {
-    jiff::Timestamp::from_second(secs)
-        .map(|t| {
-            t.to_zoned_datetime(jiff::tz::TimeZone::system())
-                .strftime("%Y-%m-%d %H:%M:%S %Z")
-                .to_string()
-        })
-        .unwrap_or_else(|_| secs.to_string())
-}
-
 fn print_status(st: &PoolStatus) {
     match (&st.mountpoint, st.pid) {
         (Some(mp), Some(pid)) => println!(
@@ -181,7 +171,7 @@ fn print_status(st: &PoolStatus) {
         Some(s) => println!(
             "last scrub: {} at {}, took {:.1}s ({} checksum error(s), {} repaired, {} unrecoverable)",
             s.result,
-            local_time(s.started),
+            local_time(s.started, true),
             s.seconds,
             s.checksum_errors,
             s.repaired,
@@ -194,7 +184,7 @@ fn print_status(st: &PoolStatus) {
             "snapshots: {}, newest {} at {}",
             st.snapshots,
             n.name,
-            local_time(n.created)
+            local_time(n.created, true)
         );
     }
     if let Some(l) = &st.log {
@@ -445,7 +435,7 @@ fn print_event(mp: Option<&Path>, e: &Event) {
     let pool = mp.map(|m| format!("{}: ", m.display())).unwrap_or_default();
     println!(
         "{}  {:<7} {:<18} {pool}{}{member}",
-        local_time(e.time),
+        local_time(e.time, true),
         e.severity.as_str(),
         e.kind,
         e.message
