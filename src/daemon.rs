@@ -135,24 +135,31 @@ impl MountOptions {
 
 /// The mount points of every mount of type `fstype` in `info` (the text of
 /// a `/proc/<pid>/mountinfo`).
-pub fn mounts_of_type(info: &str, fstype: &str) -> Vec<PathBuf> {
+pub fn mounts_of_type(info: &[u8], fstype: &str) -> Vec<PathBuf> {
     use std::os::unix::ffi::OsStringExt;
-    let mut out = Vec::new();
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
+    mountinfo_lines(info)
+        .filter(|(_, _, t)| *t == fstype.as_bytes())
+        .map(|(mp, _, _)| PathBuf::from(std::ffi::OsString::from_vec(mp)))
+        .collect()
+}
+
+/// The well-formed lines of `info`, the text of a `/proc/<pid>/mountinfo`:
+/// `id parent major:minor root mountpoint options [optional fields...] -
+/// fstype source super-options`, as (mount point bytes, `major:minor`,
+/// fstype). The mount point has space, tab, newline and backslash escaped
+/// as `\ooo` (octal); lines without the separator or an fstype are skipped.
+/// Bytes throughout: a mount point need not be UTF-8.
+fn mountinfo_lines(info: &[u8]) -> impl Iterator<Item = (Vec<u8>, &[u8], &[u8])> {
+    info.split(|b| *b == b'\n').filter_map(|line| {
+        let fields: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
         if fields.len() < 6 {
-            continue;
+            return None;
         }
-        let Some(sep) = fields[6..].iter().position(|f| *f == "-").map(|i| i + 6) else {
-            continue;
-        };
-        if fields.get(sep + 1) == Some(&fstype) {
-            out.push(PathBuf::from(std::ffi::OsString::from_vec(
-                unescape_mountinfo(fields[4]),
-            )));
-        }
-    }
-    out
+        // The separator comes after the six fixed fields and the optional ones.
+        let sep = fields[6..].iter().position(|f| *f == b"-")? + 6;
+        let fstype = fields.get(sep + 1).filter(|t| !t.is_empty())?;
+        Some((unescape_mountinfo(fields[4]), fields[2], *fstype))
+    })
 }
 
 /// Whether `path` (canonical) is a mountpoint, and of which filesystem type.
@@ -170,43 +177,28 @@ pub struct MountEntry {
 
 /// The topmost mount at `path` (canonical) in /proc/self/mountinfo.
 fn mountinfo(path: &Path) -> Option<MountEntry> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let info = std::fs::read("/proc/self/mountinfo").ok()?;
     parse_mountinfo(&info, path)
 }
 
-/// The last (topmost) mount at `path` in `info`, the text of a
-/// `/proc/<pid>/mountinfo`: `id parent major:minor root mountpoint options
-/// [optional fields...] - fstype source super-options`, the mount point with
-/// space, tab, newline and backslash escaped as `\ooo` (octal). Lines that do
-/// not have that shape are skipped.
-pub fn parse_mountinfo(info: &str, path: &Path) -> Option<MountEntry> {
+/// The last (topmost) mount at `path` in `info` (the lines
+/// [`mountinfo_lines`] takes).
+pub fn parse_mountinfo(info: impl AsRef<[u8]>, path: &Path) -> Option<MountEntry> {
     use std::os::unix::ffi::OsStrExt;
     let want = path.as_os_str().as_bytes();
-    let mut found = None;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 6 || unescape_mountinfo(fields[4]) != want {
-            continue;
-        }
-        // The separator comes after the six fixed fields and the optional ones.
-        let Some(sep) = fields[6..].iter().position(|f| *f == "-").map(|i| i + 6) else {
-            continue;
-        };
-        let Some(fstype) = fields.get(sep + 1).filter(|t| !t.is_empty()) else {
-            continue;
-        };
-        found = Some(MountEntry {
-            dev: fields[2].to_string(),
-            fstype: fstype.to_string(),
-        });
-    }
-    found
+    mountinfo_lines(info.as_ref())
+        .filter(|(mp, _, _)| mp == want)
+        .last()
+        .map(|(_, dev, fstype)| MountEntry {
+            dev: String::from_utf8_lossy(dev).into_owned(),
+            fstype: String::from_utf8_lossy(fstype).into_owned(),
+        })
 }
 
 /// The bytes of a mountinfo path field: `\ooo` (three octal digits, at most
 /// `\377`) is one byte; anything else stands for itself.
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
+fn unescape_mountinfo(s: impl AsRef<[u8]>) -> Vec<u8> {
+    let b = s.as_ref();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -614,6 +606,14 @@ mod tests {
         }
         assert_eq!(unescape_mountinfo("\\ab\u{e9}"), "\\ab\u{e9}".as_bytes());
         assert_eq!(unescape_mountinfo("\\400\\377\\0"), b"\\400\xff\\0");
+        // Mount points are bytes: one that is not UTF-8 is found as it is.
+        let raw = b"40 1 0:60 / /mnt/\xff\\040x rw - fuse.vpool vpool:1 rw\n41 1 0:61 / /y rw - ext4 d rw\n";
+        assert_eq!(
+            mounts_of_type(raw, "fuse.vpool"),
+            vec![PathBuf::from(std::ffi::OsString::from(
+                <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"/mnt/\xff x")
+            ))]
+        );
         let m = parse_mountinfo("1 1 0:1 / /x rw a:1 - - t s o", Path::new("/x"));
         assert_eq!(m.unwrap().fstype, "-");
     }

@@ -1519,7 +1519,14 @@ const MOUNTINFO: &str = "\
 ";
 
 fn check_mountinfo(b: &[u8]) -> Result<usize, String> {
-    let text = String::from_utf8_lossy(b);
+    // Raw bytes, as the kernel gives them (a mount point need not be UTF-8):
+    // every vpool mount found is one the lookup by its path finds too.
+    for mp in vpool::daemon::mounts_of_type(b, "fuse.vpool") {
+        match vpool::daemon::parse_mountinfo(b, &mp) {
+            Some(m) if !m.fstype.is_empty() => accepted(),
+            other => return Err(format!("{mp:?} listed but looked up as {other:?}")),
+        }
+    }
     for p in [
         "/mnt/a b",
         "/proc",
@@ -1527,7 +1534,7 @@ fn check_mountinfo(b: &[u8]) -> Result<usize, String> {
         "/mnt/\u{e9}t\u{e9}\\x",
         "/",
     ] {
-        let m = vpool::daemon::parse_mountinfo(&text, Path::new(p));
+        let m = vpool::daemon::parse_mountinfo(b, Path::new(p));
         if m.is_some() {
             accepted();
         }

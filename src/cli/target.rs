@@ -48,7 +48,7 @@ pub fn resolve(target: &Path) -> Result<Target> {
 /// The mountpoints of every vpool mount this process can see.
 pub fn mounted_pools() -> Vec<PathBuf> {
     std::fs::read("/proc/self/mountinfo")
-        .map(|b| daemon::mounts_of_type(&String::from_utf8_lossy(&b), "fuse.vpool"))
+        .map(|b| daemon::mounts_of_type(&b, "fuse.vpool"))
         .unwrap_or_default()
 }
 
