@@ -148,11 +148,6 @@ pub fn snapshot_error(name: &str, e: &FsError) -> String {
     }
 }
 
-/// Runs one request against a filesystem (a daemon's, or one the CLI opened).
-pub fn execute(vfs: &Vfs, req: &Request) -> Response {
-    execute_with_progress(vfs, req, &mut |_, _| true)
-}
-
 /// [`execute`], reporting the progress of long requests (scrub, member
 /// changes, restore, delete, prune, waiting for a capture); the sink's
 /// `false` stops them.
@@ -641,20 +636,6 @@ fn peer_gone(conn: &UnixStream) -> bool {
 /// The CLI's side: sends one request to the daemon serving `mountpoint`.
 pub fn request(mountpoint: &Path, req: &Request) -> Result<Response> {
     request_stream(mountpoint, req, &mut |_| true)
-}
-
-/// [`request`], passing progress answers to `progress`.
-pub fn request_with_progress(
-    mountpoint: &Path,
-    req: &Request,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Response> {
-    request_stream(mountpoint, req, &mut |r| {
-        if let Response::Progress { done, total } = r {
-            progress(*done, *total);
-        }
-        true
-    })
 }
 
 /// [`request`], passing every intermediate answer (progress, the job id,

@@ -342,12 +342,7 @@ pub fn helper(args: &[String]) -> i32 {
     let [source, mountpoint] = &pos[..] else {
         return helper_usage("expected SOURCE and MOUNTPOINT");
     };
-    let kept: Vec<String> = options
-        .iter()
-        .flat_map(|o| o.split(','))
-        .filter(|o| !o.is_empty() && !daemon::is_helper_option(o))
-        .map(str::to_string)
-        .collect();
+    // mount's and systemd's options are dropped by `MountOptions::parse`.
     super::output::set(super::output::Ui {
         verbose: verbose as u8,
         ..Default::default()
@@ -355,7 +350,7 @@ pub fn helper(args: &[String]) -> i32 {
     let r = mount(MountArgs {
         dir: Path::new(source),
         mountpoint: Path::new(mountpoint),
-        options: &kept,
+        options: &options,
         foreground: false,
         daemon_child: false,
         log_file: None,
