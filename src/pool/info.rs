@@ -181,7 +181,7 @@ impl PoolInfo {
     pub fn note_integrity(&self, now: IntegrityCounts) {
         let changed = {
             let g = self.inner.lock();
-            g.integrity_persisted.is_none_or(|p| !same(&p, &now))
+            g.integrity_persisted != Some(now)
         };
         if changed {
             self.put(KEY_INTEGRITY, &now);
@@ -306,11 +306,6 @@ impl PoolInfo {
             self.put(KEY_HOLDS, &h);
         }
     }
-}
-
-fn same(a: &IntegrityCounts, b: &IntegrityCounts) -> bool {
-    (a.checksum_errors, a.repaired, a.unrecoverable, a.io_errors)
-        == (b.checksum_errors, b.repaired, b.unrecoverable, b.io_errors)
 }
 
 #[cfg(test)]

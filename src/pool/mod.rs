@@ -160,7 +160,7 @@ pub struct Integrity {
 }
 
 /// A copy of [`Integrity`] for status output.
-#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct IntegrityCounts {
     pub checksum_errors: u64,
     pub repaired: u64,
@@ -250,20 +250,7 @@ impl Pool {
     /// Whether the operational record has changes the next commit must
     /// write (counters moved, or values set).
     pub fn info_pending(&self) -> bool {
-        let now = self.integrity.counts();
-        let was = self.info.integrity();
-        self.info.has_changes()
-            || (
-                now.checksum_errors,
-                now.repaired,
-                now.unrecoverable,
-                now.io_errors,
-            ) != (
-                was.checksum_errors,
-                was.repaired,
-                was.unrecoverable,
-                was.io_errors,
-            )
+        self.info.has_changes() || self.integrity.counts() != self.info.integrity()
     }
 
     /// The operational record's changes for the next commit.
