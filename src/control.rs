@@ -647,7 +647,16 @@ pub fn request_stream(
     each: &mut dyn FnMut(&Response) -> bool,
 ) -> Result<Response> {
     let path = socket_path(mountpoint);
-    let mut s = UnixStream::connect(&path).map_err(|e| Error::io(&path, e))?;
+    // The socket is in the caller's own runtime directory: a pool another
+    // user mounted (root's, from fstab) has its socket in theirs.
+    let mut s = UnixStream::connect(&path).map_err(|e| {
+        Error::Other(format!(
+            "cannot reach the daemon serving {} ({}: {e}); only the user who \
+             mounted the pool, and root, can administer it",
+            mountpoint.display(),
+            path.display()
+        ))
+    })?;
     // Status and sync answer quickly; snapshot work takes as long as the data.
     let timeout = match req {
         Request::Status | Request::Sync => Some(Duration::from_secs(120)),

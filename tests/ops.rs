@@ -259,6 +259,32 @@ fn detached_daemon_leaves_its_directory_and_keeps_one_log() {
         "one log across mounts:\n{l}"
     );
     assert!(!l.contains('\x1b'), "colour codes in the log file");
+    // Another user on an allow_other mount uses the files but cannot reach
+    // the daemon's admin socket; the refusal says whose pool it is.
+    let m = pool.mount_opts(&["allow_other"]);
+    fs::set_permissions(&m.path, fs::Permissions::from_mode(0o777)).unwrap();
+    let script = format!("echo hi > '{0}/n' && cat '{0}/n'", m.path.display());
+    let o = run_as_nobody("sh", &args!["-c", script]);
+    assert_eq!(text(&o).trim(), "hi", "{}", describe(&o));
+    for cmd in [
+        args!["status", &m.path],
+        args!["events", &m.path],
+        args!["jobs", &m.path],
+        args!["snapshot", "create", "--auto", &m.path],
+        args!["scrub", "--stop", &m.path],
+    ] {
+        let o = run_as_nobody(VPOOL, &cmd);
+        assert_refused(
+            &o,
+            &["only the user who mounted the pool"],
+            "admin as another user",
+        );
+    }
+    assert!(
+        snapshot_names(&m.path).is_empty(),
+        "another user made a snapshot"
+    );
+    m.unmount();
     // `-v` talks.
     let o = run_t(
         60,
