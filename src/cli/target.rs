@@ -102,6 +102,47 @@ pub fn send(target: &Target, req: &Request, what: &str, unit: &str) -> Result<Re
     Ok(resp)
 }
 
+/// Sends `req` with descriptor `fd` (the stream of a send or a receive):
+/// to the daemon, which reads or writes it itself, or to the pool opened
+/// here. The bar counts `unit`s, with the rate.
+pub fn send_fd(
+    target: &Target,
+    req: &Request,
+    fd: &std::fs::File,
+    what: &str,
+    unit: &str,
+) -> Result<Response> {
+    use std::os::fd::AsRawFd;
+    let pb = super::output::rate_bar(what, unit);
+    let resp = match target {
+        Target::Mounted(mp) => {
+            let mut each = |r: &Response| {
+                if let Response::Progress { done, total } = r {
+                    pb.set_length(*total);
+                    pb.set_position(*done);
+                }
+                true
+            };
+            control::request_with_fd(mp, req, Some(fd.as_raw_fd()), &mut each)
+                .with_context(|| format!("no vpool daemon answers for {}", mp.display()))?
+        }
+        Target::Offline(dir) => {
+            let f = fd
+                .try_clone()
+                .context("duplicating the stream's descriptor")?;
+            offline(dir, |vfs| {
+                control::execute_io(vfs, req, Some(f), &mut |done, total| {
+                    pb.set_length(total);
+                    pb.set_position(done);
+                    true
+                })
+            })?
+        }
+    };
+    pb.finish_and_clear();
+    Ok(resp)
+}
+
 /// The answer, or its error as an error.
 pub fn expect_done(resp: Response) -> Result<Response> {
     match resp {
