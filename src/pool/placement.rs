@@ -12,7 +12,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use super::layout::{self, QUARANTINE_DIR, extent_file_name, sum_file_name};
+use super::layout::{self, ExtentFile, QUARANTINE_DIR, extent_file_name, sum_file_name};
 use super::{Member, Pool};
 use crate::error::{FsError, FsResult};
 use crate::storage::{Handle, OpenMode};
@@ -151,9 +151,14 @@ impl Pool {
 
     /// The open file of an extent copy, from the descriptor cache.
     pub fn extent_file(&self, member: u32, ino: u64, index: u64, file_id: u64) -> FsResult<Handle> {
-        self.fds.get_or_open((member, ino, index, file_id), || {
-            self.open_extent_file(member, ino, index, file_id)
-        })
+        let key = ExtentFile {
+            member,
+            ino,
+            index,
+            file_id,
+        };
+        self.fds
+            .get_or_open(key, || self.open_extent_file(member, ino, index, file_id))
     }
 
     pub fn open_extent_file(
@@ -184,10 +189,10 @@ impl Pool {
     /// Moves extent files and their sum files into `quarantine/` of their
     /// member (files of a diverged member that the winning copy does not
     /// reference: kept for inspection, never deleted by vpool).
-    pub fn quarantine_extent_files(&self, files: &[(u32, u64, u64, u64)]) {
-        for (member, ino, index, fid) in files {
-            self.fds.forget(&(*member, *ino, *index, *fid));
-            let Some(m) = self.member(*member) else {
+    pub fn quarantine_extent_files(&self, files: &[ExtentFile]) {
+        for f in files {
+            self.fds.forget(f);
+            let Some(m) = self.member(f.member) else {
                 continue;
             };
             let q = m.dir.join(QUARANTINE_DIR);
@@ -195,10 +200,7 @@ impl Pool {
                 tracing::error!(dir = %q.display(), error = %e, "cannot create quarantine directory; files left in place");
                 continue;
             }
-            for name in [
-                extent_file_name(*ino, *index, *fid),
-                sum_file_name(*ino, *index, *fid),
-            ] {
+            for name in [f.name(), f.sum_name()] {
                 let from = m.data_dir.join(&name);
                 match self.storage.rename(&from, &q.join(&name)) {
                     Ok(()) => {
@@ -217,10 +219,10 @@ impl Pool {
 
     /// Removes extent files and their sum files (after the commit that dropped
     /// them is durable).
-    pub fn remove_extent_files(&self, files: &[(u32, u64, u64, u64)]) {
-        for (member, ino, index, fid) in files {
-            self.fds.forget(&(*member, *ino, *index, *fid));
-            if let Some(p) = self.sum_path(*member, *ino, *index, *fid) {
+    pub fn remove_extent_files(&self, files: &[ExtentFile]) {
+        for f in files {
+            self.fds.forget(f);
+            if let Some(p) = self.sum_path(f.member, f.ino, f.index, f.file_id) {
                 match self.storage.remove_file(&p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -229,10 +231,10 @@ impl Pool {
                     }
                 }
             }
-            if let Some(p) = self.extent_path(*member, *ino, *index, *fid) {
+            if let Some(p) = self.extent_path(f.member, f.ino, f.index, f.file_id) {
                 match self.storage.remove_file(&p) {
                     Ok(()) => {
-                        if let Some(m) = self.member(*member) {
+                        if let Some(m) = self.member(f.member) {
                             m.extents.fetch_sub(1, Ordering::Relaxed);
                             m.invalidate_space();
                         }
