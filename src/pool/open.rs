@@ -84,6 +84,35 @@ impl Member {
     }
 }
 
+/// The member directories a pool creation has written into so far: dropped
+/// before [`MembersBeingCreated::commit`] (the creation failed), it removes
+/// what the creation wrote there (metadata copy, `data/`, labels), so that no
+/// directory is left looking like a member of a pool that does not exist.
+/// Removal is best effort: the creation's own error is what is reported.
+struct MembersBeingCreated<'a> {
+    s: &'a dyn Storage,
+    dirs: Vec<&'a PathBuf>,
+}
+
+impl MembersBeingCreated<'_> {
+    /// Every member is complete: keep them all.
+    fn commit(mut self) {
+        self.dirs.clear();
+    }
+}
+
+impl Drop for MembersBeingCreated<'_> {
+    fn drop(&mut self) {
+        for p in &self.dirs {
+            let _ = self.s.remove_file(&p.join(layout::META_FILE));
+            let _ = self.s.remove_dir(&p.join(DATA_DIR));
+            for f in layout::LABEL_FILES {
+                let _ = self.s.remove_file(&p.join(f));
+            }
+        }
+    }
+}
+
 impl Pool {
     /// Creates a pool over `dirs`. Validates everything before writing anything;
     /// writes each member's metadata before its label, so a directory with a label
@@ -149,32 +178,23 @@ impl Pool {
             config,
             members: members.clone(),
         };
-        let mut done: Vec<&PathBuf> = Vec::new();
-        let result = (|| -> Result<()> {
-            for m in &members {
-                s.make_private(&m.path).map_err(|e| Error::io(&m.path, e))?;
-                let data = m.path.join(DATA_DIR);
-                crate::storage::create_dir_all(s, &data).map_err(|e| Error::io(&data, e))?;
-                done.push(&m.path);
-                MemberStore::create(s, &m.path, &image)?;
-                s.sync_dir(&m.path).map_err(|e| Error::io(&m.path, e))?;
-            }
-            for m in &members {
-                label.member = m.uuid;
-                write_label(s, &m.path, &label)?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            for p in done {
-                let _ = s.remove_file(&p.join(layout::META_FILE));
-                let _ = s.remove_dir(&p.join(DATA_DIR));
-                for f in layout::LABEL_FILES {
-                    let _ = s.remove_file(&p.join(f));
-                }
-            }
-            return Err(e);
+        let mut made = MembersBeingCreated {
+            s,
+            dirs: Vec::new(),
+        };
+        for m in &members {
+            s.make_private(&m.path).map_err(|e| Error::io(&m.path, e))?;
+            let data = m.path.join(DATA_DIR);
+            crate::storage::create_dir_all(s, &data).map_err(|e| Error::io(&data, e))?;
+            made.dirs.push(&m.path);
+            MemberStore::create(s, &m.path, &image)?;
+            s.sync_dir(&m.path).map_err(|e| Error::io(&m.path, e))?;
         }
+        for m in &members {
+            label.member = m.uuid;
+            write_label(s, &m.path, &label)?;
+        }
+        made.commit();
         label.member = members[0].uuid;
         Ok(label)
     }
