@@ -17,6 +17,35 @@ use super::{Member, Pool};
 use crate::error::{FsError, FsResult};
 use crate::storage::{Handle, OpenMode};
 
+/// The copies of a new extent created so far: dropped before
+/// [`CopiesBeingCreated::keep`] (the placement failed, or moves on to the next
+/// file id), it removes their files, which no metadata references yet.
+struct CopiesBeingCreated<'a> {
+    pool: &'a Pool,
+    ino: u64,
+    index: u64,
+    fid: u64,
+    /// `(member, open file)` of each copy created.
+    files: Vec<(u32, Handle)>,
+}
+
+impl CopiesBeingCreated<'_> {
+    /// Every copy is placed: hand the files over to the extent.
+    fn keep(mut self) -> Vec<(u32, Handle)> {
+        std::mem::take(&mut self.files)
+    }
+}
+
+impl Drop for CopiesBeingCreated<'_> {
+    fn drop(&mut self) {
+        for (m, _) in &self.files {
+            if let Some(p) = self.pool.extent_path(*m, self.ino, self.index, self.fid) {
+                let _ = self.pool.storage.remove_file(&p);
+            }
+        }
+    }
+}
+
 /// A file found in a member's data directory.
 pub struct ExtentFileEntry {
     pub name: String,
@@ -87,54 +116,45 @@ impl Pool {
         need: u64,
     ) -> FsResult<(u64, Vec<(u32, Handle)>)> {
         let copies = self.config().copies.max(1) as usize;
-        let cleanup = |made: &[(u32, Handle)], fid: u64| {
-            for (m, _) in made {
-                if let Some(p) = self.extent_path(*m, ino, index, fid) {
-                    let _ = self.storage.remove_file(&p);
-                }
-            }
-        };
         'fid: loop {
             let fid = self.next_file_id.fetch_add(1, Ordering::SeqCst);
-            let mut made: Vec<(u32, Handle)> = Vec::with_capacity(copies);
-            while made.len() < copies {
-                let exclude: Vec<u32> = made.iter().map(|(m, _)| *m).collect();
+            let mut made = CopiesBeingCreated {
+                pool: self,
+                ino,
+                index,
+                fid,
+                files: Vec::with_capacity(copies),
+            };
+            while made.files.len() < copies {
+                let exclude: Vec<u32> = made.files.iter().map(|(m, _)| *m).collect();
                 let member_id = match self.place(&exclude, need) {
                     Ok(id) => id,
                     // Degraded: fewer usable members than copies. The extent gets
                     // the copies it can (status counts it as degraded).
-                    Err(FsError::NoSpace) if !made.is_empty() && self.usable_count() < copies => {
+                    Err(FsError::NoSpace)
+                        if !made.files.is_empty() && self.usable_count() < copies =>
+                    {
                         break;
                     }
-                    Err(e) => {
-                        cleanup(&made, fid);
-                        return Err(e);
-                    }
+                    Err(e) => return Err(e),
                 };
                 let Some(m) = self.member(member_id) else {
-                    cleanup(&made, fid);
                     return Err(FsError::NoSpace);
                 };
                 let p = m.data_dir.join(extent_file_name(ino, index, fid));
                 match self.storage.open(&p, OpenMode::NEW) {
-                    Ok(f) => made.push((member_id, f)),
+                    Ok(f) => made.files.push((member_id, f)),
                     // A leftover of a crash (never published): take the next id.
-                    Err(io) if io.kind() == io::ErrorKind::AlreadyExists => {
-                        cleanup(&made, fid);
-                        continue 'fid;
-                    }
+                    Err(io) if io.kind() == io::ErrorKind::AlreadyExists => continue 'fid,
                     Err(io) if io.raw_os_error() == Some(libc::ENOSPC) => {
-                        cleanup(&made, fid);
                         return Err(FsError::NoSpace);
                     }
                     // A member failing under us: place on the others.
                     Err(io) if self.check_member(member_id, &io) => {}
-                    Err(io) => {
-                        cleanup(&made, fid);
-                        return Err(FsError::Io(io));
-                    }
+                    Err(io) => return Err(FsError::Io(io)),
                 }
             }
+            let made = made.keep();
             for (m, _) in &made {
                 if let Some(m) = self.member(*m) {
                     m.extents.fetch_add(1, Ordering::Relaxed);
