@@ -352,3 +352,101 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The words of the errors that opening a pool can end with: each names
+    //! the member directory and what is wrong with it.
+
+    use super::*;
+    use crate::pool::CreateOptions;
+
+    /// A pool over `n` fresh member directories (canonical paths, as the
+    /// label records them).
+    fn pool_of(n: usize) -> (tempfile::TempDir, Vec<PathBuf>) {
+        let t = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = (0..n)
+            .map(|i| {
+                let d = t.path().join(format!("m{i}"));
+                std::fs::create_dir(&d).unwrap();
+                std::fs::canonicalize(&d).unwrap()
+            })
+            .collect();
+        Pool::create(&dirs, CreateOptions::default()).unwrap();
+        (t, dirs)
+    }
+
+    fn open_error(dir: &Path) -> String {
+        match Pool::open(dir) {
+            Ok(_) => panic!("{} opened", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_missing_member_is_named() {
+        let (_t, dirs) = pool_of(2);
+        std::fs::remove_dir_all(&dirs[1]).unwrap();
+        // Through the missing member: the directory is named.
+        assert_eq!(
+            open_error(&dirs[1]),
+            format!("{} does not exist", dirs[1].display())
+        );
+        // Through the other: the pool opens degraded, and check names it.
+        let report = crate::pool::inspect::check(&dirs[0]).unwrap();
+        let want = format!("member {} (", dirs[1].display());
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.starts_with(&want) && p.ends_with("is missing: the pool is DEGRADED")),
+            "{:?}",
+            report.problems
+        );
+    }
+
+    #[test]
+    fn a_pool_locked_by_another_opener_names_it() {
+        let (_t, dirs) = pool_of(1);
+        let first = Pool::open(&dirs[0]).unwrap();
+        first.members()[0]
+            .write_lock_info(Path::new("/mnt/images"))
+            .unwrap();
+        let label = read_label(&crate::storage::real::RealStorage, &dirs[0]).unwrap();
+        assert_eq!(
+            open_error(&dirs[0]),
+            format!(
+                "pool {} is already mounted at /mnt/images by pid {} (member {} is locked)",
+                label.pool,
+                std::process::id(),
+                dirs[0].display()
+            )
+        );
+        drop(first);
+        Pool::open(&dirs[0]).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_label_names_its_member_and_copies() {
+        let (_t, dirs) = pool_of(1);
+        for f in layout::LABEL_FILES {
+            std::fs::write(dirs[0].join(f), b"not a label").unwrap();
+        }
+        let e = open_error(&dirs[0]);
+        let want = format!("label of {} is corrupt: ", dirs[0].display());
+        assert!(e.starts_with(&want), "{e}");
+        for f in layout::LABEL_FILES {
+            assert!(e.contains(&format!("{f}: ")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_directory_of_no_pool_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(t.path()).unwrap();
+        assert_eq!(
+            open_error(&d),
+            format!("{} is not a vpool member (no label found)", d.display())
+        );
+    }
+}
