@@ -62,6 +62,33 @@ pub fn recv_spool(dir: &Path, ident: &str) -> PathBuf {
 /// Suffix of a snapshot delta file.
 pub const DELTA_SUFFIX: &str = ".vd";
 
+/// The member file of one extent copy: `DIR/data/<ino>.<index>.<file_id>` on
+/// member `member`. It names the file, not an open descriptor: the descriptor
+/// cache (fds.rs) is keyed by it, and files to remove after a commit are
+/// listed by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExtentFile {
+    /// Member id (the label's entry id, not its position).
+    pub member: u32,
+    pub ino: u64,
+    /// Extent index within the file: bytes `[index*E, (index+1)*E)`.
+    pub index: u64,
+    /// The fresh id shared by the copies of one placement of the extent.
+    pub file_id: u64,
+}
+
+impl ExtentFile {
+    /// Its name within the member's `data/` ([`extent_file_name`]).
+    pub fn name(&self) -> String {
+        extent_file_name(self.ino, self.index, self.file_id)
+    }
+
+    /// The name of its sum file ([`sum_file_name`]).
+    pub fn sum_name(&self) -> String {
+        sum_file_name(self.ino, self.index, self.file_id)
+    }
+}
+
 /// Name of the member file holding one extent copy.
 pub fn extent_file_name(ino: u64, index: u64, file_id: u64) -> String {
     format!("{ino}.{index}.{file_id}")
