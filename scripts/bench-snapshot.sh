@@ -654,7 +654,7 @@ rows = [
     ("vpool send incremental (s2 from s1)", "vpool.send.incr"),
     ("vpool receive full", "vpool.recv.full"),
     ("vpool receive incremental", "vpool.recv.incr"),
-    ("vpool send | receive, full (pipe)", "vpool.pipe.full"),
+    ("vpool send piped to receive, full", "vpool.pipe.full"),
     ("vpool stream restore (full + incremental)", "vpool.stream_restore"),
     ("restic restore (after its incremental)", "restic.restore"),
 ]

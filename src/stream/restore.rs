@@ -76,6 +76,7 @@ pub fn restore(
     let mut prev: Option<Identity> = None;
     let mut tree: Tree = Default::default();
     let mut read_before = 0u64;
+    let mut frames = super::format::Frames::new()?;
     for (label, r) in streams.iter_mut() {
         let mut dec = Decoder::new(std::io::BufReader::with_capacity(1 << 20, r))
             .map_err(|e| format!("{label}: {e}"))?;
@@ -146,13 +147,9 @@ pub fn restore(
                 } => {
                     let (f, size) = file.as_ref().ok_or("data outside a file")?;
                     let want = count as usize * bs as usize;
-                    let data = zstd::bulk::decompress(&frame, want)
+                    let data = frames
+                        .decompress(&frame, want)
                         .map_err(|e| format!("{label}: data at block {start}: {e}"))?;
-                    if data.len() != want {
-                        return Err(format!(
-                            "{label}: data at block {start} does not hold {count} blocks"
-                        ));
-                    }
                     let off = start * bs;
                     let len = (size.saturating_sub(off) as usize).min(want);
                     f.write_all_at(&data[..len], off)
