@@ -19,6 +19,19 @@
 #   BENCH_MERGERFS_OPTS  mergerfs -o options
 #                   (default cache.files=off,dropcacheonclose=true,category.create=mfs)
 #   BENCH_VPOOL_CREATE_ARGS  extra args for `vpool create` (e.g. "--extent-size 64M")
+#   BENCH_VPOOL_MOUNT_OPTS   -o options for `vpool mount` (e.g. "threads=8")
+#   BENCH_GROUPS    which groups of workloads (default "buffered direct qemu"):
+#                   buffered: psync, iodepth 1 (page cache in play);
+#                   direct: libaio, O_DIRECT, iodepth BENCH_QD (what a VM with
+#                   cache=none,aio=native sends); qemu: `qemu-img bench -t none
+#                   -i native` reads and writes at depth BENCH_QD
+#   BENCH_QD        queue depth of the direct and qemu groups (default 32)
+#   BENCH_QEMU_COUNT  requests per qemu-img bench run (default 50000, 4 KiB each)
+#   BENCH_VPOOL     a vpool binary to measure instead of building one (to
+#                   compare builds: keep a copy of an earlier one)
+#   BENCH_CARGO_FLAGS flags for the release build (e.g. "--all-features" to
+#                   reuse the test build's binary; the feature is inert unless
+#                   its environment variables are set)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -34,7 +47,12 @@ BASE="${BENCH_DIR:-$PWD/target}"
 OUT="${BENCH_OUT:-$PWD/target/bench-results}"
 MERGERFS_OPTS="${BENCH_MERGERFS_OPTS:-cache.files=off,dropcacheonclose=true,category.create=mfs}"
 read -r -a VPOOL_CREATE_ARGS <<<"${BENCH_VPOOL_CREATE_ARGS:-}"
-VPOOL="$PWD/target/release/vpool"
+VPOOL="${BENCH_VPOOL:-$PWD/target/release/vpool}"
+read -r -a GROUPS_ <<<"${BENCH_GROUPS:-buffered direct qemu}"
+QD="${BENCH_QD:-32}"
+QEMU_COUNT="${BENCH_QEMU_COUNT:-50000}"
+read -r -a CARGO_FLAGS <<<"${BENCH_CARGO_FLAGS:-}"
+read -r -a VPOOL_MOUNT_ARGS <<<"${BENCH_VPOOL_MOUNT_OPTS:+-o $BENCH_VPOOL_MOUNT_OPTS}"
 
 # ---------------------------------------------------------------- setup
 want() {
@@ -43,20 +61,32 @@ want() {
     return 1
 }
 
+group() {
+    local g
+    for g in "${GROUPS_[@]}"; do [[ $g == "$1" ]] && return 0; done
+    return 1
+}
+
 pkgs=()
 command -v fio >/dev/null 2>&1 || pkgs+=(fio)
 command -v fusermount3 >/dev/null 2>&1 || pkgs+=(fuse3)
+if group qemu && ! command -v qemu-img >/dev/null 2>&1; then
+    pkgs+=(qemu-utils)
+fi
 if want mergerfs && ! command -v mergerfs >/dev/null 2>&1; then
     pkgs+=(mergerfs)
 fi
 apt_install "${pkgs[@]}"
 command -v python3 >/dev/null 2>&1 || die "python3 is needed to print the results"
 ensure_dev_fuse
-if want vpool; then
+if want vpool && [[ -n ${BENCH_VPOOL:-} ]]; then
+    [[ -x $VPOOL ]] || die "BENCH_VPOOL=$VPOOL is not an executable"
+    ensure_build_deps
+elif want vpool; then
     ensure_cargo_path
     ensure_build_deps
-    log "cargo build --release"
-    cargo build --release
+    log "cargo build --release ${CARGO_FLAGS[*]}"
+    cargo build --release "${CARGO_FLAGS[@]}"
     [[ -x $VPOOL ]] || die "$VPOOL was not built"
 fi
 
@@ -102,16 +132,30 @@ fio_job() {
         --output-format=json --output="$OUT/${target}_${workload}_r${ROUND}.json" "$@"
 }
 
+# qemu_bench TARGET WORKLOAD FILE ARGS...: one `qemu-img bench` run at depth
+# QD with O_DIRECT and Linux native AIO; the time it prints is kept in $OUT.
+qemu_bench() {
+    local target="$1" workload="$2" file="$3"
+    shift 3
+    log "[$target] qemu-img bench $workload (round $ROUND/$REPEAT)"
+    if ! qemu-img bench -f raw -t none -i native -d "$QD" -s 4096 \
+        -c "$QEMU_COUNT" "$@" "$file" >"$OUT/${target}_${workload}_r${ROUND}.txt" 2>&1; then
+        warn "[$target] qemu-img bench $workload failed: $(tail -n1 "$OUT/${target}_${workload}_r${ROUND}.txt")"
+    fi
+}
+
 # run_workloads TARGET DIR
 run_workloads() {
     local target="$1" dir="$2"
     local timed=(--runtime="$RUNTIME" --time_based)
 
-    # Sequential 1 MiB write of SIZE (capped at RUNTIME), fsync at the end so
-    # the page cache cannot absorb it.
-    fio_job "$target" seqwrite "$dir" --filename=seq.dat --rw=write --bs=1M \
-        --size="$SIZE" --end_fsync=1 --runtime="$RUNTIME"
-    rm -f -- "$dir/seq.dat"
+    if group buffered; then
+        # Sequential 1 MiB write of SIZE (capped at RUNTIME), fsync at the end so
+        # the page cache cannot absorb it.
+        fio_job "$target" seqwrite "$dir" --filename=seq.dat --rw=write --bs=1M \
+            --size="$SIZE" --end_fsync=1 --runtime="$RUNTIME"
+        rm -f -- "$dir/seq.dat"
+    fi
 
     # Lay out the file the read/random jobs use (not measured).
     log "[$target] laying out $SIZE read file"
@@ -119,28 +163,54 @@ run_workloads() {
         --fallocate=none --rw=write --bs=1M --size="$SIZE" --end_fsync=1 \
         --output=/dev/null
 
-    drop_caches
-    fio_job "$target" seqread "$dir" --filename=read.dat --rw=read --bs=1M \
-        --size="$SIZE" --runtime="$RUNTIME"
+    if group buffered; then
+        drop_caches
+        fio_job "$target" seqread "$dir" --filename=read.dat --rw=read --bs=1M \
+            --size="$SIZE" --runtime="$RUNTIME"
 
-    drop_caches
-    fio_job "$target" randread "$dir" --filename=read.dat --rw=randread \
-        --bs=4k --size="$SIZE" --numjobs="$JOBS" "${timed[@]}"
+        drop_caches
+        fio_job "$target" randread "$dir" --filename=read.dat --rw=randread \
+            --bs=4k --size="$SIZE" --numjobs="$JOBS" "${timed[@]}"
 
-    drop_caches
-    fio_job "$target" randwrite "$dir" --filename=read.dat --rw=randwrite \
-        --bs=4k --size="$SIZE" --numjobs="$JOBS" --end_fsync=1 "${timed[@]}"
+        drop_caches
+        fio_job "$target" randwrite "$dir" --filename=read.dat --rw=randwrite \
+            --bs=4k --size="$SIZE" --numjobs="$JOBS" --end_fsync=1 "${timed[@]}"
 
-    drop_caches
-    fio_job "$target" randread_direct "$dir" --filename=read.dat \
-        --rw=randread --bs=4k --size="$SIZE" --numjobs="$JOBS" --direct=1 \
-        "${timed[@]}"
+        drop_caches
+        fio_job "$target" randread_direct "$dir" --filename=read.dat \
+            --rw=randread --bs=4k --size="$SIZE" --numjobs="$JOBS" --direct=1 \
+            "${timed[@]}"
+    fi
+
+    if group direct; then
+        # What a VM with cache=none and aio=native sends: O_DIRECT, many
+        # requests in flight from one submitter.
+        local qd=(--ioengine=libaio --iodepth="$QD" --direct=1 --numjobs=1
+            --size="$SIZE" "${timed[@]}")
+        drop_caches
+        fio_job "$target" qd_randread "$dir" --filename=read.dat --rw=randread \
+            --bs=4k "${qd[@]}"
+        fio_job "$target" qd_randwrite "$dir" --filename=read.dat --rw=randwrite \
+            --bs=4k "${qd[@]}"
+        fio_job "$target" qd_randrw "$dir" --filename=read.dat --rw=randrw \
+            --rwmixread=70 --bs=4k "${qd[@]}"
+        drop_caches
+        fio_job "$target" qd_seqread "$dir" --filename=read.dat --rw=read \
+            --bs=1M "${qd[@]}"
+        fio_job "$target" qd_seqwrite "$dir" --filename=read.dat --rw=write \
+            --bs=1M "${qd[@]}"
+    fi
+
+    if group qemu; then
+        qemu_bench "$target" qemu_read "$dir/read.dat"
+        qemu_bench "$target" qemu_write "$dir/read.dat" -w
+    fi
 
     rm -f -- "$dir/read.dat"
 }
 
 # ---------------------------------------------------------------- targets
-rm -f -- "$OUT"/*.json
+rm -f -- "$OUT"/*.json "$OUT"/*.txt
 log "scratch dir $WORK; size $SIZE; ${RUNTIME}s per job; results in $OUT"
 
 for ((ROUND = 1; ROUND <= REPEAT; ROUND++)); do
@@ -165,7 +235,7 @@ for ((ROUND = 1; ROUND <= REPEAT; ROUND++)); do
         mkdir -p "$WORK/vp1" "$WORK/vp2" "$WORK/mnt-vpool"
         MOUNTS+=("$WORK/mnt-vpool")
         "$VPOOL" create "${VPOOL_CREATE_ARGS[@]}" "$WORK/vp1" "$WORK/vp2"
-        "$VPOOL" mount "$WORK/vp1" "$WORK/mnt-vpool"
+        "$VPOOL" mount "${VPOOL_MOUNT_ARGS[@]}" "$WORK/vp1" "$WORK/mnt-vpool"
         is_mounted "$WORK/mnt-vpool" || die "vpool did not mount"
         run_workloads vpool "$WORK/mnt-vpool"
         "$VPOOL" unmount "$WORK/mnt-vpool"
@@ -174,41 +244,80 @@ done
 
 # ---------------------------------------------------------------- report
 {
-    echo "fio $(fio --version), ioengine=psync, size $SIZE, ${RUNTIME}s/job," \
-        "numjobs=$JOBS for random jobs, median of $REPEAT round(s)," \
+    echo "fio $(fio --version), size $SIZE, ${RUNTIME}s/job, groups: ${GROUPS_[*]};" \
+        "buffered: psync, numjobs=$JOBS for random jobs; direct: libaio" \
+        "iodepth=$QD O_DIRECT numjobs=1; qemu: qemu-img bench -t none -i native" \
+        "-d $QD -s 4096 -c $QEMU_COUNT; median of $REPEAT round(s)," \
         "$(nproc) CPUs, $(uname -r)"
     echo
     python3 - "$OUT" "${TARGETS[@]}" <<'PY'
-import glob, json, os, sys
+import glob, json, os, re, sys
 
 out, targets = sys.argv[1], sys.argv[2:]
+# (file stem, direction(s), label)
 workloads = [
     ("seqwrite", "write", "seq write 1M"),
     ("seqread", "read", "seq read 1M"),
     ("randread", "read", "rand read 4K"),
     ("randwrite", "write", "rand write 4K"),
     ("randread_direct", "read", "rand read 4K direct"),
+    ("qd_randread", "read", "QD rand read 4K"),
+    ("qd_randwrite", "write", "QD rand write 4K"),
+    ("qd_randrw", "read+write", "QD rand 70/30 4K"),
+    ("qd_seqread", "read", "QD seq read 1M"),
+    ("qd_seqwrite", "write", "QD seq write 1M"),
+    ("qemu_read", "qemu", "qemu-img bench read 4K"),
+    ("qemu_write", "qemu", "qemu-img bench write 4K"),
 ]
 
-def load_one(path, rw):
+def load_fio(path, rw):
+    """(MiB/s, IOPS, p50 us, p99 us) of one fio result; a mix sums its
+    directions and takes the worse percentile."""
     try:
         text = open(path).read()
         data = json.loads(text[text.index("{"):])  # skip any warnings before the JSON
-        job = data["jobs"][0][rw]
-        return job["bw_bytes"] / 2**20, job["iops"]
+        job = data["jobs"][0]
+        bw = iops = 0.0
+        p50 = p99 = 0.0
+        for d in rw.split("+"):
+            j = job[d]
+            bw += j["bw_bytes"] / 2**20
+            iops += j["iops"]
+            pct = j.get("clat_ns", {}).get("percentile", {})
+            p50 = max(p50, pct.get("50.000000", 0) / 1000)
+            p99 = max(p99, pct.get("99.000000", 0) / 1000)
+        return bw, iops, p50, p99
     except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+def load_qemu(path):
+    """(MiB/s, IOPS) from the request count and `Run completed in N seconds.`"""
+    try:
+        text = open(path).read()
+        m = re.search(r"Sending (\d+) \w+ requests, (\d+) bytes each", text)
+        n, bs = int(m.group(1)), int(m.group(2))
+        t = float(re.search(r"Run completed in ([0-9.]+) seconds", text).group(1))
+        return n * bs / t / 2**20, n / t, 0.0, 0.0
+    except (OSError, ValueError, AttributeError):
         return None
 
 def load(target, name, rw):
     """Median over rounds (by bandwidth) of one target's workload."""
+    ext = "txt" if rw == "qemu" else "json"
+    paths = glob.glob(os.path.join(out, f"{target}_{name}_r*.{ext}"))
     runs = sorted(
-        r for r in (load_one(p, rw) for p in glob.glob(os.path.join(out, f"{target}_{name}_r*.json")))
+        r for r in ((load_qemu(p) if rw == "qemu" else load_fio(p, rw)) for p in paths)
         if r is not None
     )
     return runs[len(runs) // 2] if runs else None
 
 def cell(r):
-    return "n/a" if r is None else f"{r[0]:8.1f} MiB/s {r[1]:9.0f} IOPS"
+    if r is None:
+        return "n/a"
+    s = f"{r[0]:.1f} MiB/s, {r[1]:.0f} IOPS"
+    if r[3]:
+        s += f", p50 {r[2]:.0f} us, p99 {r[3]:.0f} us"
+    return s
 
 def ratio(a, b):
     return "n/a" if a is None or b is None or b[0] == 0 else f"{a[0] / b[0]:.2f}"
@@ -221,6 +330,8 @@ if "vpool" in targets and "mergerfs" in targets:
 rows = []
 for name, rw, label in workloads:
     r = {t: load(t, name, rw) for t in targets}
+    if all(v is None for v in r.values()):
+        continue
     row = [label] + [cell(r[t]) for t in targets]
     if "vpool/plain" in head:
         row.append(ratio(r["vpool"], r["plain"]))
