@@ -102,9 +102,24 @@ impl Vfs {
     }
 
     pub fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
+        self.setattr_as(ino, s, None)
+    }
+
+    /// [`Vfs::setattr`] by `caller`, who lacks `CAP_FSETID` when given: a
+    /// size change then clears the file's set-id bits.
+    pub fn setattr_as(&self, ino: u64, s: SetAttr, caller: Option<Caller>) -> FsResult<Attr> {
         match self.live_or_snap(ino) {
-            Ok(live) => live.setattr(ino, s),
+            Ok(live) => live.setattr_as(ino, s, caller),
             Err(_) => Err(FsError::ReadOnly),
+        }
+    }
+
+    /// Clears the set-id bits of a file before a write by `caller`, who
+    /// lacks `CAP_FSETID`. Whether the mode changed.
+    pub fn kill_setid(&self, ino: u64, caller: Caller) -> FsResult<bool> {
+        match self.live_or_snap(ino) {
+            Ok(live) => live.kill_setid(ino, caller),
+            Err(_) => Ok(false),
         }
     }
 
