@@ -32,6 +32,11 @@ pub struct MountOptions {
     pub snapdir_visible: bool,
     /// `nowritebackcache` turns the kernel's writeback cache off.
     pub writeback_cache: bool,
+    /// `odirect=cached` serves `O_DIRECT` opens with cached member I/O;
+    /// the default (`odirect=direct`) uses `O_DIRECT` member I/O where the
+    /// request is aligned, so that a VM with `cache=none` leaves the host's
+    /// page cache alone.
+    pub direct_members: bool,
     /// `force` (`vpool mount --force`): open even when members diverged; the
     /// newest metadata copy wins and the other side's extent files are
     /// quarantined.
@@ -82,6 +87,7 @@ impl MountOptions {
         let mut o = MountOptions {
             threads: default_threads(),
             writeback_cache: true,
+            direct_members: true,
             ..Default::default()
         };
         for item in list
@@ -119,6 +125,13 @@ impl MountOptions {
                 ("force", None) => o.force = true,
                 ("nowritebackcache", None) => o.writeback_cache = false,
                 ("writebackcache", None) => o.writeback_cache = true,
+                ("odirect", Some("direct")) => o.direct_members = true,
+                ("odirect", Some("cached")) => o.direct_members = false,
+                ("odirect", Some(v)) => {
+                    return Err(Error::Invalid(format!(
+                        "odirect={v}: expected direct or cached"
+                    )));
+                }
                 ("threads", Some(n)) => {
                     o.threads = n
                         .parse()
@@ -349,9 +362,12 @@ pub fn run(member: &Path, mountpoint: &Path, opts: &MountOptions, rep: Reporter)
     config.clone_fd = true;
 
     (rep.step)("mounting");
-    let mut session =
-        fuser::Session::new(FuseFs::new(vfs.clone(), opts.writeback_cache), &mp, &config)
-            .map_err(|e| Error::Other(format!("cannot mount on {}: {e}", mp.display())))?;
+    let mut session = fuser::Session::new(
+        FuseFs::new(vfs.clone(), opts.writeback_cache, opts.direct_members),
+        &mp,
+        &config,
+    )
+    .map_err(|e| Error::Other(format!("cannot mount on {}: {e}", mp.display())))?;
     raise_readahead(&mp);
     vfs.set_kernel_cache(Box::new(crate::fs::fuse::Invalidator(session.notifier())));
     let server = control::Server::start(&mp, Arc::downgrade(&vfs), rep.log.clone())?;
@@ -588,6 +604,10 @@ mod tests {
         assert!((16..=MAX_THREADS).contains(&o.threads), "{}", o.threads);
         let o = MountOptions::parse(&["threads=3".into()]).unwrap();
         assert_eq!(o.threads, 3);
+        assert!(o.direct_members, "O_DIRECT member I/O is the default");
+        let o = MountOptions::parse(&["odirect=cached".into()]).unwrap();
+        assert!(!o.direct_members);
+        assert!(MountOptions::parse(&["odirect=maybe".into()]).is_err());
         for bad in ["threads=0", "threads=65", "threads=x"] {
             assert!(MountOptions::parse(&[bad.into()]).is_err(), "{bad}");
         }

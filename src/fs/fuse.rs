@@ -46,16 +46,27 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub struct FuseFs {
     vfs: Arc<Vfs>,
     writeback_cache: bool,
+    direct_members: bool,
 }
 
 impl FuseFs {
     /// `writeback_cache`: let the kernel gather writes in its page cache (faster
     /// small and sequential writes; data reaches the daemon at writeback or fsync).
-    pub fn new(vfs: Arc<Vfs>, writeback_cache: bool) -> FuseFs {
+    /// `direct_members`: serve reads and writes of `O_DIRECT` opens with
+    /// `O_DIRECT` member I/O where aligned (no second copy of a VM's disk in
+    /// the host's page cache).
+    pub fn new(vfs: Arc<Vfs>, writeback_cache: bool, direct_members: bool) -> FuseFs {
         FuseFs {
             vfs,
             writeback_cache,
+            direct_members,
         }
+    }
+
+    /// Whether a request on a file opened with `flags` goes past the
+    /// members' page cache.
+    fn direct(&self, flags: OpenFlags) -> bool {
+        self.direct_members && flags.0 & libc::O_DIRECT != 0
     }
 }
 
@@ -520,15 +531,16 @@ impl Filesystem for FuseFs {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let direct = self.direct(flags);
         let r = Traced::new("read")
             .ino(ino.0)
             .fh(fh.0)
             .size(size as u64)
-            .run(|| self.vfs.read(fh.0, offset, size));
+            .run(|| self.vfs.read_io(fh.0, offset, size, direct));
         data(reply, r);
     }
 
@@ -540,7 +552,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -555,7 +567,7 @@ impl Filesystem for FuseFs {
                     // The kernel keeps the mode it cached: drop it.
                     self.vfs.inval_kernel_attr(ino.0);
                 }
-                self.vfs.write(fh.0, offset, data)
+                self.vfs.write_io(fh.0, offset, data, self.direct(flags))
             });
         written(reply, r);
     }

@@ -271,15 +271,27 @@ impl Vfs {
     }
 
     pub fn read(&self, fh: u64, off: u64, len: u32) -> FsResult<Vec<u8>> {
+        self.read_io(fh, off, len, false)
+    }
+
+    /// [`Vfs::read`] for an `O_DIRECT` open when `direct`: aligned member
+    /// reads bypass the host's page cache (no double caching under a VM
+    /// with `cache=none`).
+    pub fn read_io(&self, fh: u64, off: u64, len: u32, direct: bool) -> FsResult<Vec<u8>> {
         match self.by_handle(fh) {
-            Ok(live) => live.read(fh, off, len),
+            Ok(live) => live.read_io(fh, off, len, direct),
             Err(snap) => snap.read(fh, off, len),
         }
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_io(fh, off, data, false)
+    }
+
+    /// [`Vfs::write`] for an `O_DIRECT` open when `direct` (see [`Vfs::read_io`]).
+    pub fn write_io(&self, fh: u64, off: u64, data: &[u8], direct: bool) -> FsResult<u32> {
         match self.by_handle(fh) {
-            Ok(live) => live.write(fh, off, data),
+            Ok(live) => live.write_io(fh, off, data, direct),
             Err(_) => self.writable().and(Err(FsError::BadHandle)),
         }
     }
