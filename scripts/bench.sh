@@ -345,11 +345,16 @@ stall_run() {
 import json, sys
 d = json.load(open(sys.argv[1]))
 t0, t1 = float(sys.argv[2]) * 1e9, float(sys.argv[3]) * 1e9
-lats = sorted(l for s, l in zip(d["start_ns"], d["lat_ns"]) if s < t1 and s + l > t0)
+pairs = [(s, l) for s, l in zip(d["start_ns"], d["lat_ns"]) if s < t1 and s + l > t0]
+lats = sorted(l for _, l in pairs)
 n = len(lats)
+# The five longest, with when they began (seconds after the full snapshot
+# was asked for; the incremental was asked for at 2 s).
+top = sorted(pairs, key=lambda p: -p[1])[:5]
 print(json.dumps({"mode": sys.argv[4], "writes": n, "seconds": (t1 - t0) / 1e9,
                   "max_ms": lats[-1] / 1e6 if n else None,
-                  "p99_ms": lats[min(n - 1, int(n * 0.99))] / 1e6 if n else None}))
+                  "p99_ms": lats[min(n - 1, int(n * 0.99))] / 1e6 if n else None,
+                  "longest": [[round((s - t0) / 1e9, 3), round(l / 1e6, 1)] for s, l in top]}))
 PY
     rm -f -- "$log" "$log.ready"
 }
