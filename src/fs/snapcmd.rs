@@ -543,8 +543,7 @@ impl Vfs {
         let live_size = self.live().getattr(live)?.size;
         let nblocks = srec.size.div_ceil(bs).max(live_size.div_ceil(bs));
         let candidates = self.restore_candidates(rec, sino, live, nblocks);
-        let fh = self.live().new_file_handle(node.clone());
-        let result = (|| -> FsResult<()> {
+        let result = self.with_handle(&node, |fh| {
             if live_size > srec.size {
                 self.live().setattr(
                     live,
@@ -604,13 +603,25 @@ impl Vfs {
                 },
             )?;
             Ok(())
-        })();
-        self.live().release(fh)?;
+        });
         // The kernel may hold the old content in its page cache.
         if let Some(k) = self.kernel.get() {
             k.inval_inode(live);
         }
         result
+    }
+
+    /// Runs `f` with a write handle on `node`, released afterwards however
+    /// `f` ends; `f`'s error comes first, then the release's.
+    fn with_handle(
+        &self,
+        node: &std::sync::Arc<super::node::Node>,
+        f: impl FnOnce(u64) -> FsResult<()>,
+    ) -> FsResult<()> {
+        let fh = self.live().new_file_handle(node.clone());
+        let r = f(fh);
+        let released = self.live().release(fh);
+        r.and(released)
     }
 
     /// Creates `newpath` (pool-relative; its directory must exist) as a new
@@ -657,8 +668,7 @@ impl Vfs {
         if let Some(k) = self.kernel.get() {
             k.inval_entry(parent, last);
         }
-        let fh = self.live().new_file_handle(node.clone());
-        let result = (|| -> FsResult<()> {
+        let result = self.with_handle(&node, |fh| {
             let mut pos = 0u64;
             while pos < srec.size {
                 let Some(d) = self.snaps.seek(rec.id, sino, pos, true)? else {
@@ -686,8 +696,7 @@ impl Vfs {
                 },
             )?;
             Ok(())
-        })();
-        self.live().release(fh)?;
+        });
         result?;
         self.commit()?;
         self.live().getattr(node.ino)

@@ -721,8 +721,8 @@ enum Prepared {
 fn prepare_segments(segs: &[Segment], full: bool, bs: u64, level: i32) -> FsResult<Vec<Prepared>> {
     let bsz = bs as usize;
     let mut out = Vec::new();
-    for (start, count, data) in segs {
-        let (start, count) = (*start, *count);
+    for seg in segs {
+        let (start, count, data) = (seg.start, seg.count, &seg.data);
         let Some(buf) = data else {
             if !full {
                 out.push(Prepared::Hole(start, count));

@@ -303,10 +303,10 @@ impl SnapshotStore {
                     .map(|(_, (_, segs))| segs.clone());
                 if let Some(segs) = inflight {
                     // Read, not yet appended: served from the captured buffer.
-                    if let Some((ss, _, Some(data))) =
-                        segs.iter().find(|(ss, n, _)| *ss <= b && b < ss + n)
+                    if let Some(seg) = segs.iter().find(|s| s.contains(b))
+                        && let Some(data) = &seg.data
                     {
-                        let src = ((b - ss) * bs) as usize + within;
+                        let src = ((b - seg.start) * bs) as usize + within;
                         buf[dst..dst + n].copy_from_slice(&data[src..src + n]);
                     }
                     done = true;

@@ -54,8 +54,24 @@ use cbt::Cbt;
 pub use extent::{Extent, ExtentCopy};
 pub use resync::ScrubCounts;
 
-/// A range of blocks as a snapshot captures it: `None` is a hole.
-pub type Segment = (u64, u64, Option<Vec<u8>>);
+/// A range of blocks as a snapshot captures it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub start: u64,
+    pub count: u64,
+    /// The blocks' bytes; `None`: a hole.
+    pub data: Option<Vec<u8>>,
+}
+
+impl Segment {
+    pub fn new(start: u64, count: u64, data: Option<Vec<u8>>) -> Segment {
+        Segment { start, count, data }
+    }
+
+    pub fn contains(&self, block: u64) -> bool {
+        self.start <= block && block < self.start + self.count
+    }
+}
 
 pub struct Volume {
     pub ino: u64,

@@ -348,7 +348,7 @@ impl Volume {
         let index = off / self.esize;
         debug_assert!((off + len - 1) / self.esize == index);
         let Some(ext) = self.get(index) else {
-            return Ok(vec![(start, count, None)]);
+            return Ok(vec![Segment::new(start, count, None)]);
         };
         let base = index * self.esize;
         let f = ext.file(pool, self.ino, ext.first_usable(pool))?;
@@ -365,15 +365,15 @@ impl Volume {
         let mut cur = lo;
         for (ds, de) in data {
             if ds > cur {
-                out.push(((base + cur) / bs, (ds - cur) / bs, None));
+                out.push(Segment::new((base + cur) / bs, (ds - cur) / bs, None));
             }
             let mut buf = vec![0u8; (de - ds) as usize];
             self.read_extent_with(pool, &ext, ds, &mut buf, false, false)?;
-            out.push(((base + ds) / bs, (de - ds) / bs, Some(buf)));
+            out.push(Segment::new((base + ds) / bs, (de - ds) / bs, Some(buf)));
             cur = de;
         }
         if cur < hi {
-            out.push(((base + cur) / bs, (hi - cur) / bs, None));
+            out.push(Segment::new((base + cur) / bs, (hi - cur) / bs, None));
         }
         Ok(out)
     }
