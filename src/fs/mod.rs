@@ -59,6 +59,7 @@ mod node;
 mod route;
 pub mod scrub;
 mod snapcmd;
+pub mod snapexport;
 pub mod snapview;
 mod status;
 #[cfg(test)]

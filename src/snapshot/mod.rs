@@ -20,6 +20,7 @@ pub mod prune;
 pub mod ranges;
 pub mod read;
 pub mod record;
+pub mod send_stub;
 pub mod store;
 
 pub use capture::*;
