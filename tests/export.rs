@@ -122,6 +122,27 @@ fn exports_match_the_snapshots_mounted_and_unmounted() {
         over * 2 < full,
         "the overlay ({over} bytes) should hold only the changes (full: {full})"
     );
+    // The discarded clusters are zero clusters of the overlay itself (depth
+    // 0, zero, no data), not data of zeros and not the backing file's.
+    let map = qemu(&args!["map", "--output=json", "-f", "qcow2", &q2]);
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    let punched = (7 * MIB + 576 * KIB, 7 * MIB + 832 * KIB);
+    let covering: Vec<_> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            let s = e["start"].as_u64().unwrap();
+            s < punched.1 && s + e["length"].as_u64().unwrap() > punched.0
+        })
+        .collect();
+    assert!(
+        !covering.is_empty()
+            && covering
+                .iter()
+                .all(|e| e["depth"] == 0 && e["zero"] == true && e["data"] == false),
+        "discarded range in the overlay: {covering:?}"
+    );
     // An overlay over the raw export, named explicitly.
     let q2r = o("over-raw.qcow2");
     export_ok(&args![
@@ -279,6 +300,7 @@ fn corrupted_base_is_reported_and_leaves_no_output() {
         IMG,
         &out
     ]);
+    eprintln!("over a corrupted base: {}", text(&o).trim());
     assert_refused(&o, &["corrupt", "delta"], "export over a corrupted base");
     let o = export(&args!["--format", "raw", &pool.members[0], "s1", IMG, &out]);
     assert_refused(&o, &["corrupt", "delta"], "export of a corrupted snapshot");

@@ -201,14 +201,6 @@ pub fn run(args: Args) -> Result<i32> {
                 .backing_format
                 .clone()
                 .unwrap_or_else(|| backing_format(&args.out, &name));
-            let dir = args.out.parent().unwrap_or(Path::new("."));
-            if !dir.join(&name).exists() {
-                eprintln!(
-                    "vpool: note: the backing file {name} does not exist yet beside {}: \
-                     export snapshot {b} there (`vpool snapshot export --format {format} ... {b} {path} {name}`)",
-                    args.out.display()
-                );
-            }
             Some(export::qcow2::Backing { name, format })
         }
         _ => None,
@@ -239,6 +231,19 @@ pub fn run(args: Args) -> Result<i32> {
             write(&args, &src.map, &mut reader, backing.as_ref())
         })??,
     };
+    if let (Some(b), Some(base)) = (&backing, base) {
+        let dir = args.out.parent().unwrap_or(Path::new("."));
+        if !dir.join(&b.name).exists() && !ui().quiet {
+            eprintln!(
+                "vpool: note: the backing file {} does not exist yet beside {}: export snapshot \
+                 {base} there (`vpool snapshot export --format {} TARGET {base} {path} {}`)",
+                b.name,
+                args.out.display(),
+                b.format,
+                b.name
+            );
+        }
+    }
     let report = Report {
         snapshot: &args.name,
         base,
