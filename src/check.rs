@@ -39,9 +39,9 @@ pub fn check_pool_in(storage: Arc<dyn Storage>, dir: &Path) -> crate::Result<Che
                 .problems
                 .push(format!("snapshot record {id} is unreadable: {why}"));
         }
-        let (problems, notes) = store.check();
-        report.problems.extend(problems);
-        report.notes.extend(notes);
+        let found = store.check();
+        report.problems.extend(found.problems);
+        report.notes.extend(found.notes);
     }
     Ok(report)
 }

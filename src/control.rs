@@ -100,6 +100,33 @@ pub enum Request {
     SetCopies {
         copies: u32,
     },
+    /// Write the stream of snapshot `name` (relative to `base`) into the
+    /// descriptor sent with the request; with `resume`, only the rest an
+    /// interrupted receive is missing.
+    SnapshotSend {
+        name: String,
+        base: Option<String>,
+        resume: Option<String>,
+    },
+    /// Read a stream from the descriptor sent with the request and keep it
+    /// as a new snapshot (`name`: instead of the stream's). `total`: the
+    /// stream's length when known, for progress.
+    SnapshotReceive {
+        name: Option<String>,
+        total: u64,
+    },
+    /// Drop what interrupted receives kept for a resume.
+    ReceiveAbort,
+}
+
+impl Request {
+    /// Whether the request works on a descriptor the client sends with it.
+    pub fn needs_fd(&self) -> bool {
+        matches!(
+            self,
+            Request::SnapshotSend { .. } | Request::SnapshotReceive { .. }
+        )
+    }
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -144,6 +171,16 @@ pub enum Response {
     Error {
         message: String,
     },
+    Sent(crate::snapshot::send::SendReport),
+    /// A receive that failed; `token` resumes it (`send --resume`).
+    ReceiveFailed {
+        message: String,
+        token: Option<String>,
+    },
+    /// How many things a request removed.
+    Removed {
+        count: u64,
+    },
 }
 
 /// The message for a failed snapshot command about snapshot `name`.
@@ -163,9 +200,25 @@ pub fn snapshot_error(name: &str, e: &FsError) -> String {
 /// changes, restore, delete, prune, waiting for a capture); the sink's
 /// `false` stops them.
 pub fn execute_with_progress(vfs: &Vfs, req: &Request, progress: crate::fs::Progress) -> Response {
+    execute_io(vfs, req, None, progress)
+}
+
+/// [`execute_with_progress`] with the descriptor sent with the request
+/// (the stream of a send or a receive).
+pub fn execute_io(
+    vfs: &Vfs,
+    req: &Request,
+    fd: Option<std::fs::File>,
+    progress: crate::fs::Progress,
+) -> Response {
     let err = |name: &str, e: FsError| Response::Error {
         message: snapshot_error(name, &e),
     };
+    if req.needs_fd() && fd.is_none() {
+        return Response::Error {
+            message: "this request needs the stream's descriptor, and none came with it".into(),
+        };
+    }
     match req {
         Request::Status => Response::Status(Box::new(vfs.status())),
         Request::Sync => match vfs.commit() {
@@ -281,6 +334,40 @@ pub fn execute_with_progress(vfs: &Vfs, req: &Request, progress: crate::fs::Prog
         ),
         Request::Rebalance => member(vfs.rebalance(progress)),
         Request::SetCopies { copies } => member(vfs.set_copies(*copies, progress)),
+        Request::SnapshotSend { name, base, resume } => {
+            let Some(f) = fd else { return Response::Done };
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+            let r = vfs.snapshot_send(name, base.as_deref(), resume.as_deref(), &mut out, progress);
+            match r.and_then(|r| out.flush().map(|_| r).map_err(FsError::Io)) {
+                Ok(r) => Response::Sent(r),
+                Err(e) => Response::Error {
+                    message: format!("send of {name}: {}", snapshot_error(name, &e)),
+                },
+            }
+        }
+        Request::SnapshotReceive { name, total } => {
+            let Some(mut f) = fd else {
+                return Response::Done;
+            };
+            let total = *total;
+            let mut p = |done: u64, _: u64| progress(done, total.max(done));
+            match vfs.snapshot_receive(&mut f, name.as_deref(), &mut p) {
+                Ok(info) => Response::Snapshot(info),
+                Err(e) => Response::ReceiveFailed {
+                    message: match e.error {
+                        FsError::Message(m) => m,
+                        other => format!("receive failed: {other}"),
+                    },
+                    token: e.token,
+                },
+            }
+        }
+        Request::ReceiveAbort => match vfs.receive_abort() {
+            Ok(n) => Response::Removed { count: n as u64 },
+            Err(e) => Response::Error {
+                message: format!("cannot drop the interrupted receives: {e}"),
+            },
+        },
     }
 }
 
@@ -522,14 +609,15 @@ fn job_of(req: &Request) -> Option<(&'static str, String, &'static str)> {
         Request::SnapshotRestore { name, .. } => ("restore", name.clone(), "blocks"),
         Request::SnapshotDelete { name } => ("delete", name.clone(), "files"),
         Request::SnapshotPrune { dry_run: false, .. } => ("prune", "snapshots".into(), "snapshots"),
+        Request::SnapshotSend { name, .. } => ("send", name.clone(), "blocks"),
+        Request::SnapshotReceive { .. } => ("receive", "stream".into(), "bytes"),
         _ => return None,
     })
 }
 
 fn serve_one(conn: UnixStream, vfs: &Weak<Vfs>, sh: &Shared) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
+    let (line, fd) = read_request(&conn)?;
     conn.set_read_timeout(None)?;
     let req = match serde_json::from_str::<Request>(&line) {
         Ok(r) => r,
@@ -579,7 +667,7 @@ fn serve_one(conn: UnixStream, vfs: &Weak<Vfs>, sh: &Shared) -> std::io::Result<
         }
         guard.as_ref().is_none_or(|g| g.job.update(done, total))
     };
-    let resp = match execute_with_progress(&vfs, &req, &mut progress) {
+    let resp = match execute_io(&vfs, &req, fd, &mut progress) {
         Response::Status(mut st) => {
             st.mounted = true;
             st.mountpoint = Some(sh.mountpoint.clone());
@@ -651,6 +739,99 @@ fn peer_gone(conn: &UnixStream) -> bool {
     n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLIN) != 0
 }
 
+/// Reads the request line and the descriptor sent with it, if any (one
+/// `SCM_RIGHTS` message on the line's bytes). The client sends nothing
+/// after the line, so reading past it cannot happen.
+fn read_request(conn: &UnixStream) -> std::io::Result<(String, Option<std::fs::File>)> {
+    use std::os::fd::FromRawFd;
+    let mut line = Vec::new();
+    let mut fd = None;
+    while !line.contains(&b'\n') && line.len() < (1 << 20) {
+        let mut buf = [0u8; 4096];
+        // Room for one control message with one descriptor (u64-aligned).
+        let mut cbuf = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: msghdr is plain old data; the pointers set below outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+        // SAFETY: valid socket, msghdr pointing at live buffers of the stated sizes.
+        let n = unsafe { libc::recvmsg(conn.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: the CMSG macros walk the control buffer recvmsg filled, within msg_controllen.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let data = libc::CMSG_DATA(c) as *const libc::c_int;
+                    let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                        / std::mem::size_of::<libc::c_int>();
+                    for k in 0..count {
+                        let raw = std::ptr::read_unaligned(data.add(k));
+                        // Only the first is kept; others are closed by the drop.
+                        let f = std::fs::File::from_raw_fd(raw);
+                        if fd.is_none() {
+                            fd = Some(f);
+                        }
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        line.extend_from_slice(&buf[..n as usize]);
+    }
+    Ok((String::from_utf8_lossy(&line).into_owned(), fd))
+}
+
+/// Sends `msg` with descriptor `fd` attached (SCM_RIGHTS).
+fn send_with_fd(s: &UnixStream, msg: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: msg.as_ptr() as *mut libc::c_void,
+        iov_len: msg.len(),
+    };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: msghdr is plain old data; every pointer set below outlives the call.
+    let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+    m.msg_iov = &mut iov;
+    m.msg_iovlen = 1;
+    m.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    // SAFETY: CMSG_SPACE only computes a size.
+    m.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as _;
+    // SAFETY: the control buffer is large enough for one descriptor (checked
+    // by CMSG_FIRSTHDR returning it); the header and data are written inside it.
+    let n = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&m);
+        if c.is_null() {
+            return Err(std::io::Error::other("no room for the descriptor"));
+        }
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::c_int, fd);
+        libc::sendmsg(s.as_raw_fd(), &m, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The descriptor went with the first byte; the rest goes plainly.
+    let mut w = s;
+    w.write_all(&msg[n as usize..])
+}
+
 /// The CLI's side: sends one request to the daemon serving `mountpoint`.
 pub fn request(mountpoint: &Path, req: &Request) -> Result<Response> {
     request_stream(mountpoint, req, &mut |_| true)
@@ -662,6 +843,17 @@ pub fn request(mountpoint: &Path, req: &Request) -> Result<Response> {
 pub fn request_stream(
     mountpoint: &Path,
     req: &Request,
+    each: &mut dyn FnMut(&Response) -> bool,
+) -> Result<Response> {
+    request_with_fd(mountpoint, req, None, each)
+}
+
+/// [`request_stream`], sending descriptor `fd` with the request (the
+/// stream a send writes or a receive reads).
+pub fn request_with_fd(
+    mountpoint: &Path,
+    req: &Request,
+    fd: Option<std::os::fd::RawFd>,
     each: &mut dyn FnMut(&Response) -> bool,
 ) -> Result<Response> {
     let path = socket_path(mountpoint);
@@ -684,7 +876,11 @@ pub fn request_stream(
         .map_err(|e| Error::io(&path, e))?;
     let mut msg = serde_json::to_vec(req).map_err(|e| Error::Other(e.to_string()))?;
     msg.push(b'\n');
-    s.write_all(&msg).map_err(|e| Error::io(&path, e))?;
+    match fd {
+        Some(fd) => send_with_fd(&s, &msg, fd),
+        None => s.write_all(&msg),
+    }
+    .map_err(|e| Error::io(&path, e))?;
     let mut reader = BufReader::new(&s);
     loop {
         let mut line = String::new();

@@ -56,6 +56,10 @@ pub enum Error {
     CorruptMetadata { path: PathBuf, reason: String },
     #[error("metadata store error on {path}: {reason}")]
     Store { path: PathBuf, reason: String },
+    #[error("the metadata store of member {0} is not open (it failed to reopen after an error)")]
+    StoreNotOpen(PathBuf),
+    #[error("no member left to commit to: every member of the pool has failed")]
+    NoMemberLeft,
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("{0}")]
@@ -73,6 +77,14 @@ impl Error {
         Error::Store {
             path: path.into(),
             reason: e.to_string(),
+        }
+    }
+
+    /// The I/O error underneath, for an [`Error::Io`].
+    pub fn io_source(&self) -> Option<&io::Error> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
         }
     }
 }
@@ -147,6 +159,11 @@ pub enum FsError {
     Message(String),
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    /// A failure of the pool underneath (a member's metadata store, label,
+    /// lock or files), shown as the pool layer words it: which member or
+    /// file, and what is wrong.
+    #[error("{0}")]
+    Pool(Box<Error>),
 }
 
 impl FsError {
@@ -201,17 +218,50 @@ impl FsError {
                 Some(code) => code,
                 None => libc::EIO,
             },
+            // As an `Io` of the same cause: the errno of the I/O error
+            // underneath, else EIO.
+            FsError::Pool(e) => match e.io_source().and_then(|s| s.raw_os_error()) {
+                Some(code) => code,
+                None => libc::EIO,
+            },
         }
     }
 }
 
 impl From<Error> for FsError {
     fn from(e: Error) -> Self {
-        match e {
-            Error::Io { source, .. } => FsError::Io(source),
-            other => FsError::Io(io::Error::other(other.to_string())),
-        }
+        FsError::Pool(Box::new(e))
     }
 }
 
 pub type FsResult<T> = std::result::Result<T, FsError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_errors_keep_their_words_and_their_errno() {
+        let store = FsError::from(Error::store("/m0/meta.redb", "disk full"));
+        assert_eq!(
+            store.to_string(),
+            "metadata store error on /m0/meta.redb: disk full"
+        );
+        assert_eq!(store.errno(), libc::EIO);
+
+        let full = FsError::from(Error::io(
+            "/m1/data",
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        ));
+        assert!(full.to_string().starts_with("/m1/data: "), "{full}");
+        assert_eq!(full.errno(), libc::ENOSPC);
+
+        let closed = FsError::from(Error::StoreNotOpen("/m2".into()));
+        assert_eq!(
+            closed.to_string(),
+            "the metadata store of member /m2 is not open (it failed to reopen after an error)"
+        );
+        assert_eq!(closed.errno(), libc::EIO);
+        assert_eq!(FsError::from(Error::NoMemberLeft).errno(), libc::EIO);
+    }
+}

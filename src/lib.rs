@@ -16,6 +16,8 @@
 //! - [`volume`]: a file's extent map and its read/write/punch/seek path.
 //! - [`pool`]: members, their labels, the metadata store, placement, space,
 //!   the operational record.
+//! - [`stream`]: the send stream's format, and restoring or checking
+//!   streams without a pool (below [`snapshot`], which writes and reads it).
 //! - [`storage`]: the seam every member file goes through (the host
 //!   filesystem, or the simulated disk in tests).
 //! - [`error`], [`bytes`], [`util`]: errors and their errno table, bounded
@@ -36,6 +38,7 @@ pub mod hooks;
 pub mod pool;
 pub mod snapshot;
 pub mod storage;
+pub mod stream;
 pub mod util;
 pub mod volume;
 

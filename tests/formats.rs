@@ -10,7 +10,7 @@ use vpool::pool::meta::{
     ExtentRecord, InodeRecord, NodeKind, Timestamp, check_blob, decode_record, encode_record,
 };
 use vpool::snapshot::ranges::RangeSet;
-use vpool::snapshot::{DeltaLoc, Kind, SnapshotRecord, State};
+use vpool::snapshot::{DeltaLoc, Kind, Origin, SnapshotRecord, State};
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
     u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
@@ -138,6 +138,10 @@ fn snapshot_record_byte_map() {
         logical_bytes: 100,
         stored_bytes: 200,
         changed_blocks: 6,
+        origin: Some(Origin {
+            pool: [9; 16],
+            id: 41,
+        }),
     };
     let b = rec.encode();
     assert_eq!(u16_at(&b, 0), 1, "envelope version");
@@ -189,9 +193,20 @@ fn snapshot_record_byte_map() {
     assert_eq!(u64_at(p, take(8)), 100, "logical bytes");
     assert_eq!(u64_at(p, take(8)), 200, "stored bytes");
     assert_eq!(u64_at(p, take(8)), 6, "changed blocks");
-    assert_eq!(o, p.len(), "nothing after changed_blocks");
+    let v1_end = take(0);
+    assert_eq!(p[take(1)], 1, "origin: Some (payload version 2)");
+    assert_eq!(&p[take(16)..][..16], &[9; 16], "origin pool");
+    assert_eq!(u64_at(p, take(8)), 41, "origin id");
+    assert_eq!(o, p.len(), "nothing after origin");
     let back = SnapshotRecord::decode(&b).unwrap();
     assert_eq!(back.encode(), b);
+    // A payload version 1 record (written before `origin`) still loads, as
+    // a snapshot of this pool.
+    let v1 = vpool::pool::meta::encode_blob(&p[..v1_end]);
+    let old = SnapshotRecord::decode(&v1).unwrap();
+    assert_eq!(old.origin, None);
+    assert_eq!(old.changed_blocks, 6);
+    assert_eq!(old.name, "nightly");
 }
 
 /// Section 20.1: an operational record entry is the same envelope around

@@ -8,6 +8,8 @@
 //! - [`status`]: status, health, metrics, check, events, jobs;
 //! - [`admin`]: scrub, member changes, rebalance, settings;
 //! - [`snapshot`]: the snapshot commands; [`export`]: `snapshot export`;
+//! - [`transfer`]: send, receive, and backup directories (`send --to`);
+//! - [`stream`]: streams without a pool (verify, list, restore);
 //! - [`docs`]: shell completions and man pages.
 
 mod admin;
@@ -17,7 +19,9 @@ mod mount;
 pub mod output;
 mod snapshot;
 mod status;
+mod stream;
 mod target;
+mod transfer;
 
 use std::path::PathBuf;
 
@@ -162,6 +166,11 @@ pub enum Command {
         /// A pool (all mounted pools without it).
         target: Option<PathBuf>,
     },
+    /// Check, describe and restore send streams, without any pool.
+    Stream {
+        #[command(subcommand)]
+        cmd: StreamCmd,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (vpool.1, vpool-mount.1, ...) into DIR.
@@ -185,6 +194,67 @@ fn kind_arg(s: &str) -> Result<crate::snapshot::Kind, String> {
 
 fn within_arg(s: &str) -> Result<u64, String> {
     crate::snapshot::prune::parse_within(s)
+}
+
+/// The IANA name of this machine's time zone, for prune's calendar buckets
+/// in the daemon.
+fn local_zone() -> Option<String> {
+    jiff::tz::TimeZone::system().iana_name().map(str::to_string)
+}
+
+/// Keep rules (restic's, in local time) for prune and backup directories.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KeepArgs {
+    /// Only snapshots whose name starts with this (e.g. auto-).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_hourly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_monthly: u32,
+    #[arg(long, default_value_t = 0)]
+    pub keep_yearly: u32,
+    /// Keep all made within this long of the newest (36h, 7d, 2w, 6m, 1y).
+    #[arg(long, value_parser = within_arg)]
+    pub keep_within: Option<u64>,
+}
+
+impl KeepArgs {
+    pub fn policy(self) -> crate::snapshot::PrunePolicy {
+        crate::snapshot::PrunePolicy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+            keep_within_secs: self.keep_within.unwrap_or(0),
+            prefix: self.prefix,
+            time_zone: local_zone(),
+        }
+    }
+}
+
+/// Streams need no pool: STREAM is a file, or - for stdin.
+#[derive(Subcommand, Debug)]
+pub enum StreamCmd {
+    /// Read every record and check every checksum (exit 3 when one fails).
+    Verify { streams: Vec<PathBuf> },
+    /// Describe streams: snapshot, base, identities, sizes.
+    List { streams: Vec<PathBuf> },
+    /// Rebuild the files of the newest snapshot of a chain (a full stream,
+    /// then its incrementals in order) in DEST_DIR, an empty directory.
+    Restore {
+        /// STREAM... DEST_DIR
+        #[arg(value_name = "STREAM... DEST_DIR", num_args = 2..)]
+        args: Vec<PathBuf>,
+    },
 }
 
 /// TARGET is a mountpoint or a member directory (of a mounted pool or not).
@@ -280,27 +350,48 @@ pub enum SnapshotCmd {
     /// local time), of those named with --prefix; held ones always stay.
     Prune {
         target: PathBuf,
-        /// Only snapshots whose name starts with this (e.g. auto-).
-        #[arg(long)]
-        prefix: Option<String>,
-        #[arg(long, default_value_t = 0)]
-        keep_last: u32,
-        #[arg(long, default_value_t = 0)]
-        keep_hourly: u32,
-        #[arg(long, default_value_t = 0)]
-        keep_daily: u32,
-        #[arg(long, default_value_t = 0)]
-        keep_weekly: u32,
-        #[arg(long, default_value_t = 0)]
-        keep_monthly: u32,
-        #[arg(long, default_value_t = 0)]
-        keep_yearly: u32,
-        /// Keep all snapshots made within this long of the newest (36h, 7d, 2w, 6m, 1y).
-        #[arg(long, value_parser = within_arg)]
-        keep_within: Option<u64>,
+        #[command(flatten)]
+        keep: KeepArgs,
         /// Only print what would be deleted.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Write snapshot NAME as a stream (to stdout, -o FILE, or a backup
+    /// directory with --to): all of it, or with --from only what changed
+    /// since BASE. `vpool snapshot send --from A pool B | ssh host vpool
+    /// snapshot receive pool2` copies it to another machine.
+    Send {
+        /// Only the blocks changed since this snapshot (the receiver must hold it).
+        #[arg(long)]
+        from: Option<String>,
+        /// Resume an interrupted receive with the token it printed.
+        #[arg(long)]
+        resume: Option<String>,
+        /// Write the stream here (default: stdout).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Keep the stream in this backup directory (base chosen there, files
+        /// named by the chain, --keep-* rules applied after).
+        #[arg(long, conflicts_with_all = ["output", "resume"])]
+        to: Option<PathBuf>,
+        #[command(flatten)]
+        keep: KeepArgs,
+        target: PathBuf,
+        name: String,
+    },
+    /// Read a stream (stdin, or -i FILE) into the pool as a new snapshot,
+    /// browsable, restorable and clonable like one taken here.
+    Receive {
+        /// Name the snapshot this (default: the name it had).
+        #[arg(long)]
+        name: Option<String>,
+        /// Read the stream from this file (default: stdin).
+        #[arg(short, long)]
+        input: Option<PathBuf>,
+        /// Drop what interrupted receives kept for a resume.
+        #[arg(long, conflicts_with_all = ["name", "input"])]
+        abort: bool,
+        target: PathBuf,
     },
 }
 
@@ -401,6 +492,7 @@ fn run(cmd: Command) -> anyhow::Result<i32> {
         Command::Rebalance { target } => admin::rebalance(&target),
         Command::Set { target, setting } => admin::set(&target, &setting),
         Command::Snapshot { cmd } => snapshot::run(cmd),
+        Command::Stream { cmd } => stream::run(cmd),
         Command::Events { follow, target } => status::events(target.as_deref(), follow),
         Command::Jobs { cmd, target } => match cmd {
             None => status::jobs(target.as_deref()),

@@ -84,6 +84,29 @@ pub fn bar(what: &str, unit: &str) -> ProgressBar {
     pb
 }
 
+/// [`bar`] with the rate: `unit` "bytes" counts bytes (MiB/s), any other
+/// unit counts that unit per second.
+pub fn rate_bar(what: &str, unit: &str) -> ProgressBar {
+    let u = ui();
+    if u.json || u.quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(0);
+    let t = if unit == "bytes" {
+        format!(
+            "{what} [{{bar:40}}] {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}}  {{elapsed}} (eta {{eta}})"
+        )
+    } else {
+        format!("{what} [{{bar:40}}] {{pos}}/{{len}} {unit} {{per_sec}}  {{elapsed}} (eta {{eta}})")
+    };
+    pb.set_style(
+        ProgressStyle::with_template(&t)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb
+}
+
 /// A time for humans: local, to the second (with the zone's abbreviation
 /// when `zone`).
 pub fn local_time(secs: i64, zone: bool) -> String {

@@ -9,7 +9,6 @@ use super::SnapshotCmd;
 use super::output::{json, local_time, say, ui};
 use super::target::{Target, expect_done, resolve, send};
 use crate::control::{Request, Response};
-use crate::snapshot::PrunePolicy;
 use crate::util::human;
 
 /// A path as the pool sees it: relative paths are taken as inside the pool;
@@ -58,14 +57,31 @@ fn flush_kernel(target: &Target) {
     }
 }
 
-/// The IANA name of this machine's time zone, for prune's calendar buckets
-/// in the daemon.
-fn local_zone() -> Option<String> {
-    jiff::tz::TimeZone::system().iana_name().map(str::to_string)
-}
-
 pub fn run(cmd: SnapshotCmd) -> Result<i32> {
     match cmd {
+        SnapshotCmd::Send {
+            from,
+            resume,
+            output,
+            to,
+            keep,
+            target,
+            name,
+        } => super::transfer::send_cmd(super::transfer::SendArgs {
+            target,
+            name,
+            from,
+            resume,
+            output,
+            to,
+            keep: keep.policy(),
+        }),
+        SnapshotCmd::Receive {
+            name,
+            input,
+            abort,
+            target,
+        } => super::transfer::receive_cmd(target, name, input, abort),
         SnapshotCmd::Create {
             kind,
             wait,
@@ -253,28 +269,11 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32> {
         }
         SnapshotCmd::Prune {
             target,
-            prefix,
-            keep_last,
-            keep_hourly,
-            keep_daily,
-            keep_weekly,
-            keep_monthly,
-            keep_yearly,
-            keep_within,
+            keep,
             dry_run,
         } => {
             let t = resolve(&target)?;
-            let policy = PrunePolicy {
-                keep_last,
-                keep_hourly,
-                keep_daily,
-                keep_weekly,
-                keep_monthly,
-                keep_yearly,
-                keep_within_secs: keep_within.unwrap_or(0),
-                prefix,
-                time_zone: local_zone(),
-            };
+            let policy = keep.policy();
             let resp = expect_done(send(
                 &t,
                 &Request::SnapshotPrune { policy, dry_run },

@@ -8,11 +8,11 @@ use anyhow::{Context, Result, bail};
 
 use super::StatusFormat;
 use super::output::{EXIT_PROBLEMS, json, local_time, say, ui};
-use super::target::{Target, mounted_pools, pid_alive, resolve};
+use super::target::{Named, Target, mounted_pools, name_target, resolve};
 use crate::control::{self, Request, Response};
+use crate::pool::PoolStatus;
 use crate::pool::info::Event;
 use crate::pool::inspect;
-use crate::pool::{PoolStatus, read_lock_info};
 use crate::util::human;
 
 fn ask_status(mp: &Path) -> Result<PoolStatus> {
@@ -25,26 +25,20 @@ fn ask_status(mp: &Path) -> Result<PoolStatus> {
     }
 }
 
+/// TARGET's status: from its daemon, or read here for a member directory
+/// whose daemon is gone or does not answer (a stale lock).
 fn status_of(target: &Path) -> Result<PoolStatus> {
-    let canon = std::fs::canonicalize(target)
-        .with_context(|| format!("{} does not exist", target.display()))?;
-    if crate::pool::label::has_label(&crate::storage::real::RealStorage, &canon) {
-        // A member directory: ask the daemon if the pool is mounted.
-        if let Some((pid, mp)) = read_lock_info(&crate::storage::real::RealStorage, &canon)
-            && pid_alive(pid)
-            && let Ok(st) = ask_status(&mp)
-        {
-            return Ok(st);
+    match name_target(target)? {
+        Named::Mountpoint(mp) => ask_status(&mp),
+        Named::Member { dir, daemon } => {
+            if let Some(mp) = daemon
+                && let Ok(st) = ask_status(&mp)
+            {
+                return Ok(st);
+            }
+            Ok(inspect::offline_status(&dir)?)
         }
-        return Ok(inspect::offline_status(&canon)?);
     }
-    if crate::daemon::mount_type(&canon).is_some() {
-        return ask_status(&canon);
-    }
-    bail!(
-        "{} is neither a vpool mountpoint nor a member directory",
-        canon.display()
-    )
 }
 
 /// The statuses asked for: TARGET's, or every mounted pool's (a pool whose

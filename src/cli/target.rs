@@ -24,25 +24,49 @@ pub fn pid_alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
 
+/// What a TARGET path names (canonical paths).
+pub enum Named {
+    /// A vpool mountpoint.
+    Mountpoint(PathBuf),
+    /// A member directory, with the mountpoint its lock file names when the
+    /// daemon holding the lock is alive.
+    Member {
+        dir: PathBuf,
+        daemon: Option<PathBuf>,
+    },
+}
+
 /// TARGET is a mountpoint or a member directory (of a mounted pool or not).
-pub fn resolve(target: &Path) -> Result<Target> {
+/// A member's lock file decides whether it is mounted, not whether a daemon
+/// answers there: callers choose what to do with one that does not.
+pub fn name_target(target: &Path) -> Result<Named> {
     let canon = std::fs::canonicalize(target)
         .with_context(|| format!("{} does not exist", target.display()))?;
     if crate::pool::label::has_label(&crate::storage::real::RealStorage, &canon) {
-        if let Some((pid, mp)) = read_lock_info(&crate::storage::real::RealStorage, &canon)
-            && pid_alive(pid)
-        {
-            return Ok(Target::Mounted(mp));
-        }
-        return Ok(Target::Offline(canon));
+        let daemon = read_lock_info(&crate::storage::real::RealStorage, &canon)
+            .filter(|(pid, _)| pid_alive(*pid))
+            .map(|(_, mp)| mp);
+        return Ok(Named::Member { dir: canon, daemon });
     }
     if daemon::mount_type(&canon).is_some() {
-        return Ok(Target::Mounted(canon));
+        return Ok(Named::Mountpoint(canon));
     }
     bail!(
         "{} is neither a vpool mountpoint nor a member directory",
         canon.display()
     )
+}
+
+/// Where TARGET's requests go: its daemon when one holds the pool, else the
+/// pool opened here.
+pub fn resolve(target: &Path) -> Result<Target> {
+    Ok(match name_target(target)? {
+        Named::Mountpoint(mp)
+        | Named::Member {
+            daemon: Some(mp), ..
+        } => Target::Mounted(mp),
+        Named::Member { dir, daemon: None } => Target::Offline(dir),
+    })
 }
 
 /// The mountpoints of every vpool mount this process can see.
@@ -97,6 +121,47 @@ pub fn send(target: &Target, req: &Request, what: &str, unit: &str) -> Result<Re
                 true
             })
         })?,
+    };
+    pb.finish_and_clear();
+    Ok(resp)
+}
+
+/// Sends `req` with descriptor `fd` (the stream of a send or a receive):
+/// to the daemon, which reads or writes it itself, or to the pool opened
+/// here. The bar counts `unit`s, with the rate.
+pub fn send_fd(
+    target: &Target,
+    req: &Request,
+    fd: &std::fs::File,
+    what: &str,
+    unit: &str,
+) -> Result<Response> {
+    use std::os::fd::AsRawFd;
+    let pb = super::output::rate_bar(what, unit);
+    let resp = match target {
+        Target::Mounted(mp) => {
+            let mut each = |r: &Response| {
+                if let Response::Progress { done, total } = r {
+                    pb.set_length(*total);
+                    pb.set_position(*done);
+                }
+                true
+            };
+            control::request_with_fd(mp, req, Some(fd.as_raw_fd()), &mut each)
+                .with_context(|| format!("no vpool daemon answers for {}", mp.display()))?
+        }
+        Target::Offline(dir) => {
+            let f = fd
+                .try_clone()
+                .context("duplicating the stream's descriptor")?;
+            offline(dir, |vfs| {
+                control::execute_io(vfs, req, Some(f), &mut |done, total| {
+                    pb.set_length(total);
+                    pb.set_position(done);
+                    true
+                })
+            })?
+        }
     };
     pb.finish_and_clear();
     Ok(resp)

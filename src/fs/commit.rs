@@ -349,17 +349,17 @@ impl Vfs {
         }
         let ns = self.ns.read();
         dead.into_iter()
-            .filter(|(m, ino, idx, fid)| {
+            .filter(|f| {
                 let live = ns
                     .nodes
-                    .get(ino)
+                    .get(&f.ino)
                     .and_then(|n| n.volume.as_ref())
-                    .is_some_and(|v| v.copy_is_live(*idx, *fid, *m));
+                    .is_some_and(|v| v.copy_is_live(f.index, f.file_id, f.member));
                 if live {
                     tracing::info!(
-                        member = m,
-                        ino,
-                        index = idx,
+                        member = f.member,
+                        ino = f.ino,
+                        index = f.index,
                         "a dead extent file's name is live again; kept"
                     );
                 }
@@ -425,8 +425,11 @@ mod tests {
         node.touch();
         v.ns.write().dead_extents.extend(live.iter().copied());
         v.commit().unwrap();
-        for (m, ino, idx, fid) in &live {
-            let p = v.pool.extent_path(*m, *ino, *idx, *fid).unwrap();
+        for f in &live {
+            let p = v
+                .pool
+                .extent_path(f.member, f.ino, f.index, f.file_id)
+                .unwrap();
             assert!(p.exists(), "live extent file {p:?} removed");
         }
         assert_eq!(v.read(fh, 0, data.len() as u32).unwrap(), data);

@@ -34,6 +34,34 @@ pub struct MemberReport {
 }
 
 /// A user-facing refusal.
+/// A member marked draining (no new extent copies are placed on it) for a
+/// removal: dropped before [`Draining::keep`], it clears the mark again, so a
+/// removal that fails leaves the member in use as before. A retired member
+/// keeps the mark (it is gone from the pool anyway).
+struct Draining(Option<Arc<crate::pool::Member>>);
+
+impl Draining {
+    fn start(member: Option<Arc<crate::pool::Member>>) -> Draining {
+        if let Some(m) = &member {
+            m.draining.store(true, Ordering::Release);
+        }
+        Draining(member)
+    }
+
+    /// The removal succeeded: the member stays marked.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.draining.store(false, Ordering::Release);
+        }
+    }
+}
+
 fn refuse(msg: impl Into<String>) -> FsError {
     FsError::Message(msg.into())
 }
@@ -333,54 +361,56 @@ impl Vfs {
         }
         let id = entry.id;
         self.check_can_leave(id, &format!("remove {}", entry.path.display()))?;
-        let member = self.pool.member(id);
-        if let Some(m) = &member {
-            m.draining.store(true, Ordering::Release);
+        let draining = Draining::start(self.pool.member(id));
+        let report = self.drain_and_retire(&entry, progress)?;
+        draining.keep();
+        Ok(report)
+    }
+
+    /// The work of `device_remove` once the member is draining: moves its
+    /// extents and deltas off it, then retires it.
+    fn drain_and_retire(
+        &self,
+        entry: &crate::pool::label::MemberEntry,
+        progress: Progress,
+    ) -> FsResult<MemberReport> {
+        let id = entry.id;
+        let work: Vec<Item> = self
+            .extents()
+            .into_iter()
+            .filter(|it| it.vol.copy_members(it.index).contains(&id))
+            .collect();
+        let (moved, bytes) =
+            self.run_work(&work, progress, |it| self.move_one(it, Some(id), None))?;
+        let deltas = self.place_deltas(Some(id))?;
+        // Anything still there (written to it meanwhile) fails the removal.
+        let left = self
+            .extents()
+            .iter()
+            .filter(|it| it.vol.copy_members(it.index).contains(&id))
+            .count();
+        if left > 0 {
+            return Err(refuse(format!(
+                "{left} extent(s) are still on the member; run the removal again"
+            )));
         }
-        let result = (|| -> FsResult<MemberReport> {
-            let work: Vec<Item> = self
-                .extents()
-                .into_iter()
-                .filter(|it| it.vol.copy_members(it.index).contains(&id))
-                .collect();
-            let (moved, bytes) =
-                self.run_work(&work, progress, |it| self.move_one(it, Some(id), None))?;
-            let deltas = self.place_deltas(Some(id))?;
-            // Anything still there (written to it meanwhile) fails the removal.
-            let left = self
-                .extents()
-                .iter()
-                .filter(|it| it.vol.copy_members(it.index).contains(&id))
-                .count();
-            if left > 0 {
-                return Err(refuse(format!(
-                    "{left} extent(s) are still on the member; run the removal again"
-                )));
-            }
-            {
-                let _c = self.commit_guard();
-                self.pool
-                    .retire_member(id)
-                    .map_err(|e| refuse(format!("cannot retire the member: {e}")))?;
-            }
-            Ok(MemberReport {
-                message: format!(
-                    "removed {}: moved {moved} extent(s) ({}) and {deltas} delta(s)",
-                    entry.path.display(),
-                    human(bytes)
-                ),
-                changed: true,
-                extents_moved: moved,
-                bytes_moved: bytes,
-                deltas_copied: deltas,
-            })
-        })();
-        if result.is_err()
-            && let Some(m) = &member
         {
-            m.draining.store(false, Ordering::Release);
+            let _c = self.commit_guard();
+            self.pool
+                .retire_member(id)
+                .map_err(|e| refuse(format!("cannot retire the member: {e}")))?;
         }
-        result
+        Ok(MemberReport {
+            message: format!(
+                "removed {}: moved {moved} extent(s) ({}) and {deltas} delta(s)",
+                entry.path.display(),
+                human(bytes)
+            ),
+            changed: true,
+            extents_moved: moved,
+            bytes_moved: bytes,
+            deltas_copied: deltas,
+        })
     }
 
     /// `vpool device replace`: rebuilds OLD's copies onto NEW (from OLD when

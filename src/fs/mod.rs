@@ -64,6 +64,7 @@ pub mod snapview;
 mod status;
 #[cfg(test)]
 mod testing;
+pub mod transfer;
 
 pub use core::{Attr, SetAttr, TimeSet, Vfs, VfsOptions};
 

@@ -23,8 +23,8 @@ use parking_lot::{Mutex, RwLock};
 use super::core::{Vfs, VfsOptions};
 use super::node::{Namespace, Node, NodeMeta};
 use crate::error::Result;
-use crate::pool::Pool;
 use crate::pool::meta::{NodeKind, ROOT_INO, check_blob};
+use crate::pool::{ExtentFile, Pool};
 use crate::snapshot::SnapshotStore;
 use crate::volume::Volume;
 
@@ -201,8 +201,8 @@ impl Vfs {
                 .values()
                 .filter_map(|n| n.volume.as_ref())
                 .flat_map(|v| v.all_files());
-            for (m, ino, idx, fid) in live.chain(ns.dead_extents.iter().copied()) {
-                referenced.insert((m, crate::pool::extent_file_name(ino, idx, fid)));
+            for f in live.chain(ns.dead_extents.iter().copied()) {
+                referenced.insert((f.member, f.name()));
             }
         }
         let mut orphan_files = Vec::new();
@@ -217,12 +217,18 @@ impl Vfs {
                     present.insert((m.entry.id, f.name.clone()));
                 }
                 // A sum file goes with its extent file.
-                if let Some((ino, idx, fid)) = f.parsed
-                    && !referenced
-                        .contains(&(m.entry.id, crate::pool::extent_file_name(ino, idx, fid)))
-                    && !orphan_files.contains(&(m.entry.id, ino, idx, fid))
-                {
-                    orphan_files.push((m.entry.id, ino, idx, fid));
+                if let Some((ino, index, file_id)) = f.parsed {
+                    let file = ExtentFile {
+                        member: m.entry.id,
+                        ino,
+                        index,
+                        file_id,
+                    };
+                    if !referenced.contains(&(file.member, file.name()))
+                        && !orphan_files.contains(&file)
+                    {
+                        orphan_files.push(file);
+                    }
                 }
             }
         }
@@ -240,7 +246,7 @@ impl Vfs {
         let diverged = self.pool.diverged_members();
         let (keep, remove): (Vec<_>, Vec<_>) = orphan_files
             .into_iter()
-            .partition(|(m, ..)| diverged.contains(m));
+            .partition(|f: &ExtentFile| diverged.contains(&f.member));
         self.pool.quarantine_extent_files(&keep);
         self.pool.remove_extent_files(&remove);
         // After the orphans are gone: a rebuilt copy takes the name of its
@@ -274,8 +280,9 @@ impl Vfs {
         let ns = self.ns.read();
         for n in ns.nodes.values() {
             let Some(v) = &n.volume else { continue };
-            for (m, ino, idx, fid) in v.all_files() {
-                let name = crate::pool::extent_file_name(ino, idx, fid);
+            for f in v.all_files() {
+                let (m, ino, idx) = (f.member, f.ino, f.index);
+                let name = f.name();
                 if !members.contains(&m) || present.contains(&(m, name.clone())) {
                     continue;
                 }

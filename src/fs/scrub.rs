@@ -162,13 +162,13 @@ impl Vfs {
             }
         }
         self.snaps.wait_idle();
-        let (checked, bad, fixed, mut problems) = self.snaps.scrub_deltas();
-        r.deltas_checked = checked;
-        r.deltas_bad = bad;
-        r.deltas_repaired = fixed;
+        let deltas = self.snaps.scrub_deltas();
+        r.deltas_checked = deltas.checked;
+        r.deltas_bad = deltas.bad;
+        r.deltas_repaired = deltas.repaired;
+        let mut problems = deltas.problems;
         // What is left after the repairs (and base snapshots that are missing).
-        let (left, _) = self.snaps.check();
-        for p in left {
+        for p in self.snaps.check().problems {
             if !problems.contains(&p) {
                 problems.push(p);
             }

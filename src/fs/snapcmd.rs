@@ -500,7 +500,9 @@ impl Vfs {
         nblocks: u64,
     ) -> RangeSet {
         let mut set = RangeSet::new();
-        if sino != live {
+        // A received snapshot's inode numbers are another pool's (or this
+        // pool's at another time): no shortcut, every block is compared.
+        if sino != live || rec.is_received() {
             if nblocks > 0 {
                 set.insert(0, nblocks);
             }

@@ -12,7 +12,7 @@
 use crate::error::{FsError, FsResult};
 use crate::export::{ImageMap, Piece, ReadAt, Span};
 use crate::pool::meta::NodeKind;
-use crate::snapshot::send_stub::{self as send, FileRun};
+use crate::snapshot::send::{self, FileRun};
 use crate::snapshot::{SnapshotRecord, State};
 
 use super::core::Vfs;

@@ -174,7 +174,7 @@ impl Pool {
             let mut g = m.store.lock();
             let res = match g.as_ref() {
                 Some(s) => s.apply(batch, durable, behind),
-                None => Err(Error::Other("pool opened without metadata store".into())),
+                None => Err(Error::StoreNotOpen(m.dir.clone())),
             };
             if res.is_err() && g.is_some() {
                 // Close and reopen so the next commit can go through once
@@ -219,7 +219,7 @@ impl Pool {
         }
         match first_err {
             Some(e) => Err(e),
-            None if ok == 0 => Err(Error::Other("no member left to commit to".into())),
+            None if ok == 0 => Err(Error::NoMemberLeft),
             None => Ok(()),
         }
     }

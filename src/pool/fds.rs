@@ -21,10 +21,8 @@ use std::num::NonZeroUsize;
 use lru::LruCache;
 use parking_lot::Mutex;
 
+use super::layout::ExtentFile;
 use crate::storage::Handle;
-
-/// Identity of an extent copy's file: `(member, ino, index, file_id)`.
-pub type FdKey = (u32, u64, u64, u64);
 
 const SHARDS: usize = 16;
 /// Descriptors left for everything but cached extent files.
@@ -33,7 +31,7 @@ pub const FD_RESERVE: u64 = 256;
 const MAX_CACHED: u64 = 1 << 16;
 
 pub struct FdCache {
-    shards: Vec<Mutex<LruCache<FdKey, Handle>>>,
+    shards: Vec<Mutex<LruCache<ExtentFile, Handle>>>,
     capacity: usize,
 }
 
@@ -61,7 +59,7 @@ impl FdCache {
         self.capacity
     }
 
-    fn shard(&self, key: &FdKey) -> &Mutex<LruCache<FdKey, Handle>> {
+    fn shard(&self, key: &ExtentFile) -> &Mutex<LruCache<ExtentFile, Handle>> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         &self.shards[h.finish() as usize % SHARDS]
@@ -70,7 +68,7 @@ impl FdCache {
     /// The cached file of `key`, or the one `open` returns (then cached).
     pub fn get_or_open<E>(
         &self,
-        key: FdKey,
+        key: ExtentFile,
         open: impl FnOnce() -> Result<Handle, E>,
     ) -> Result<Handle, E> {
         if let Some(f) = self.shard(&key).lock().get(&key) {
@@ -85,13 +83,13 @@ impl FdCache {
     }
 
     /// Caches `f`, just created at the path of `key` (replacing any entry).
-    pub fn put(&self, key: FdKey, f: Handle) {
+    pub fn put(&self, key: ExtentFile, f: Handle) {
         self.shard(&key).lock().put(key, f);
     }
 
     /// Drops the cached file of `key` (before its file is removed, or after
     /// an I/O error on it).
-    pub fn forget(&self, key: &FdKey) {
+    pub fn forget(&self, key: &ExtentFile) {
         self.shard(key).lock().pop(key);
     }
 
@@ -136,6 +134,15 @@ mod tests {
     use std::fs::File;
     use std::sync::Arc;
 
+    fn key(member: u32, ino: u64, index: u64, file_id: u64) -> ExtentFile {
+        ExtentFile {
+            member,
+            ino,
+            index,
+            file_id,
+        }
+    }
+
     fn h(f: std::io::Result<File>) -> std::io::Result<Handle> {
         f.map(|f| Arc::new(RealFile(f)) as Handle)
     }
@@ -147,19 +154,24 @@ mod tests {
         assert_eq!(c.capacity(), 32);
         for i in 0..200u64 {
             let p = d.path().join(i.to_string());
-            c.get_or_open((0, i, 0, 0), || h(File::create(&p))).unwrap();
+            c.get_or_open(key(0, i, 0, 0), || h(File::create(&p)))
+                .unwrap();
         }
         assert!(c.len() <= 32, "{} cached", c.len());
         let p = d.path().join("x");
-        let f = c.get_or_open((1, 1, 1, 1), || h(File::create(&p))).unwrap();
+        let f = c
+            .get_or_open(key(1, 1, 1, 1), || h(File::create(&p)))
+            .unwrap();
         let again = c
-            .get_or_open((1, 1, 1, 1), || -> std::io::Result<Handle> {
+            .get_or_open(key(1, 1, 1, 1), || -> std::io::Result<Handle> {
                 panic!("reopened")
             })
             .unwrap();
         assert!(Arc::ptr_eq(&f, &again));
-        c.forget(&(1, 1, 1, 1));
-        let reopened = c.get_or_open((1, 1, 1, 1), || h(File::open(&p))).unwrap();
+        c.forget(&key(1, 1, 1, 1));
+        let reopened = c
+            .get_or_open(key(1, 1, 1, 1), || h(File::open(&p)))
+            .unwrap();
         assert!(!Arc::ptr_eq(&f, &reopened));
         assert!(FdCache::for_limit(64).capacity() >= SHARDS);
         assert!(FdCache::for_limit(1 << 30).capacity() as u64 <= MAX_CACHED + SHARDS as u64);

@@ -13,6 +13,7 @@
 //! DIR/intent.0, DIR/intent.1             write-intent log, by tag parity (intent.rs)
 //! DIR/quarantine/                        extent and sum files of a diverged member set aside
 //! DIR/snap/<id>/<ino>.<seq>.vd           snapshot delta files (snapshot module)
+//! DIR/recv/<identity>.part               a receive's stream so far, kept to resume it
 //! ```
 //!
 //! Invariants: these names are part of the on-disk format and never change
@@ -50,8 +51,43 @@ pub const QUARANTINE_DIR: &str = "quarantine";
 /// The directory of snapshot delta files, one subdirectory per snapshot id.
 pub const SNAP_DIR: &str = "snap";
 
+/// The directory of the streams of receives in progress or interrupted.
+pub const RECV_DIR: &str = "recv";
+
+/// The spool of a receive of the snapshot whose identity, in hex, is `ident`.
+pub fn recv_spool(dir: &Path, ident: &str) -> PathBuf {
+    dir.join(RECV_DIR).join(format!("{ident}.part"))
+}
+
 /// Suffix of a snapshot delta file.
 pub const DELTA_SUFFIX: &str = ".vd";
+
+/// The member file of one extent copy: `DIR/data/<ino>.<index>.<file_id>` on
+/// member `member`. It names the file, not an open descriptor: the descriptor
+/// cache (fds.rs) is keyed by it, and files to remove after a commit are
+/// listed by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExtentFile {
+    /// Member id (the label's entry id, not its position).
+    pub member: u32,
+    pub ino: u64,
+    /// Extent index within the file: bytes `[index*E, (index+1)*E)`.
+    pub index: u64,
+    /// The fresh id shared by the copies of one placement of the extent.
+    pub file_id: u64,
+}
+
+impl ExtentFile {
+    /// Its name within the member's `data/` ([`extent_file_name`]).
+    pub fn name(&self) -> String {
+        extent_file_name(self.ino, self.index, self.file_id)
+    }
+
+    /// The name of its sum file ([`sum_file_name`]).
+    pub fn sum_name(&self) -> String {
+        sum_file_name(self.ino, self.index, self.file_id)
+    }
+}
 
 /// Name of the member file holding one extent copy.
 pub fn extent_file_name(ino: u64, index: u64, file_id: u64) -> String {
@@ -137,6 +173,11 @@ mod tests {
         assert_eq!(INTENT_FILES, ["intent.0", "intent.1"]);
         assert_eq!(QUARANTINE_DIR, "quarantine");
         assert_eq!(SNAP_DIR, "snap");
+        assert_eq!(RECV_DIR, "recv");
+        assert_eq!(
+            recv_spool(Path::new("/m"), "ab"),
+            Path::new("/m/recv/ab.part")
+        );
         assert_eq!(extent_file_name(12, 3, 45), "12.3.45");
         assert_eq!(sum_file_name(12, 3, 45), "12.3.45.sum");
         assert_eq!(intent_file_name(0), "intent.0");

@@ -51,7 +51,8 @@ use space::SpaceReading;
 
 pub(crate) use admit::{admit_member_dir, canonical_dir};
 pub use layout::{
-    DATA_DIR, LOCK_FILE, QUARANTINE_DIR, extent_file_name, parse_extent_file_name, sum_file_name,
+    DATA_DIR, ExtentFile, LOCK_FILE, QUARANTINE_DIR, extent_file_name, parse_extent_file_name,
+    sum_file_name,
 };
 pub use open::read_lock_info;
 pub(crate) use open::try_lock;

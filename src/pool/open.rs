@@ -84,6 +84,35 @@ impl Member {
     }
 }
 
+/// The member directories a pool creation has written into so far: dropped
+/// before [`MembersBeingCreated::commit`] (the creation failed), it removes
+/// what the creation wrote there (metadata copy, `data/`, labels), so that no
+/// directory is left looking like a member of a pool that does not exist.
+/// Removal is best effort: the creation's own error is what is reported.
+struct MembersBeingCreated<'a> {
+    s: &'a dyn Storage,
+    dirs: Vec<&'a PathBuf>,
+}
+
+impl MembersBeingCreated<'_> {
+    /// Every member is complete: keep them all.
+    fn commit(mut self) {
+        self.dirs.clear();
+    }
+}
+
+impl Drop for MembersBeingCreated<'_> {
+    fn drop(&mut self) {
+        for p in &self.dirs {
+            let _ = self.s.remove_file(&p.join(layout::META_FILE));
+            let _ = self.s.remove_dir(&p.join(DATA_DIR));
+            for f in layout::LABEL_FILES {
+                let _ = self.s.remove_file(&p.join(f));
+            }
+        }
+    }
+}
+
 impl Pool {
     /// Creates a pool over `dirs`. Validates everything before writing anything;
     /// writes each member's metadata before its label, so a directory with a label
@@ -149,32 +178,23 @@ impl Pool {
             config,
             members: members.clone(),
         };
-        let mut done: Vec<&PathBuf> = Vec::new();
-        let result = (|| -> Result<()> {
-            for m in &members {
-                s.make_private(&m.path).map_err(|e| Error::io(&m.path, e))?;
-                let data = m.path.join(DATA_DIR);
-                crate::storage::create_dir_all(s, &data).map_err(|e| Error::io(&data, e))?;
-                done.push(&m.path);
-                MemberStore::create(s, &m.path, &image)?;
-                s.sync_dir(&m.path).map_err(|e| Error::io(&m.path, e))?;
-            }
-            for m in &members {
-                label.member = m.uuid;
-                write_label(s, &m.path, &label)?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = result {
-            for p in done {
-                let _ = s.remove_file(&p.join(layout::META_FILE));
-                let _ = s.remove_dir(&p.join(DATA_DIR));
-                for f in layout::LABEL_FILES {
-                    let _ = s.remove_file(&p.join(f));
-                }
-            }
-            return Err(e);
+        let mut made = MembersBeingCreated {
+            s,
+            dirs: Vec::new(),
+        };
+        for m in &members {
+            s.make_private(&m.path).map_err(|e| Error::io(&m.path, e))?;
+            let data = m.path.join(DATA_DIR);
+            crate::storage::create_dir_all(s, &data).map_err(|e| Error::io(&data, e))?;
+            made.dirs.push(&m.path);
+            MemberStore::create(s, &m.path, &image)?;
+            s.sync_dir(&m.path).map_err(|e| Error::io(&m.path, e))?;
         }
+        for m in &members {
+            label.member = m.uuid;
+            write_label(s, &m.path, &label)?;
+        }
+        made.commit();
         label.member = members[0].uuid;
         Ok(label)
     }
@@ -330,5 +350,103 @@ impl Pool {
             }
             let _ = self.storage.open(&m.dir.join(LOCK_FILE), OpenMode::EMPTY);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The words of the errors that opening a pool can end with: each names
+    //! the member directory and what is wrong with it.
+
+    use super::*;
+    use crate::pool::CreateOptions;
+
+    /// A pool over `n` fresh member directories (canonical paths, as the
+    /// label records them).
+    fn pool_of(n: usize) -> (tempfile::TempDir, Vec<PathBuf>) {
+        let t = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = (0..n)
+            .map(|i| {
+                let d = t.path().join(format!("m{i}"));
+                std::fs::create_dir(&d).unwrap();
+                std::fs::canonicalize(&d).unwrap()
+            })
+            .collect();
+        Pool::create(&dirs, CreateOptions::default()).unwrap();
+        (t, dirs)
+    }
+
+    fn open_error(dir: &Path) -> String {
+        match Pool::open(dir) {
+            Ok(_) => panic!("{} opened", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_missing_member_is_named() {
+        let (_t, dirs) = pool_of(2);
+        std::fs::remove_dir_all(&dirs[1]).unwrap();
+        // Through the missing member: the directory is named.
+        assert_eq!(
+            open_error(&dirs[1]),
+            format!("{} does not exist", dirs[1].display())
+        );
+        // Through the other: the pool opens degraded, and check names it.
+        let report = crate::pool::inspect::check(&dirs[0]).unwrap();
+        let want = format!("member {} (", dirs[1].display());
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.starts_with(&want) && p.ends_with("is missing: the pool is DEGRADED")),
+            "{:?}",
+            report.problems
+        );
+    }
+
+    #[test]
+    fn a_pool_locked_by_another_opener_names_it() {
+        let (_t, dirs) = pool_of(1);
+        let first = Pool::open(&dirs[0]).unwrap();
+        first.members()[0]
+            .write_lock_info(Path::new("/mnt/images"))
+            .unwrap();
+        let label = read_label(&crate::storage::real::RealStorage, &dirs[0]).unwrap();
+        assert_eq!(
+            open_error(&dirs[0]),
+            format!(
+                "pool {} is already mounted at /mnt/images by pid {} (member {} is locked)",
+                label.pool,
+                std::process::id(),
+                dirs[0].display()
+            )
+        );
+        drop(first);
+        Pool::open(&dirs[0]).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_label_names_its_member_and_copies() {
+        let (_t, dirs) = pool_of(1);
+        for f in layout::LABEL_FILES {
+            std::fs::write(dirs[0].join(f), b"not a label").unwrap();
+        }
+        let e = open_error(&dirs[0]);
+        let want = format!("label of {} is corrupt: ", dirs[0].display());
+        assert!(e.starts_with(&want), "{e}");
+        for f in layout::LABEL_FILES {
+            assert!(e.contains(&format!("{f}: ")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_directory_of_no_pool_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(t.path()).unwrap();
+        assert_eq!(
+            open_error(&d),
+            format!("{} is not a vpool member (no label found)", d.display())
+        );
     }
 }

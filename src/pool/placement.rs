@@ -12,10 +12,39 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use super::layout::{self, QUARANTINE_DIR, extent_file_name, sum_file_name};
+use super::layout::{self, ExtentFile, QUARANTINE_DIR, extent_file_name, sum_file_name};
 use super::{Member, Pool};
 use crate::error::{FsError, FsResult};
 use crate::storage::{Handle, OpenMode};
+
+/// The copies of a new extent created so far: dropped before
+/// [`CopiesBeingCreated::keep`] (the placement failed, or moves on to the next
+/// file id), it removes their files, which no metadata references yet.
+struct CopiesBeingCreated<'a> {
+    pool: &'a Pool,
+    ino: u64,
+    index: u64,
+    fid: u64,
+    /// `(member, open file)` of each copy created.
+    files: Vec<(u32, Handle)>,
+}
+
+impl CopiesBeingCreated<'_> {
+    /// Every copy is placed: hand the files over to the extent.
+    fn keep(mut self) -> Vec<(u32, Handle)> {
+        std::mem::take(&mut self.files)
+    }
+}
+
+impl Drop for CopiesBeingCreated<'_> {
+    fn drop(&mut self) {
+        for (m, _) in &self.files {
+            if let Some(p) = self.pool.extent_path(*m, self.ino, self.index, self.fid) {
+                let _ = self.pool.storage.remove_file(&p);
+            }
+        }
+    }
+}
 
 /// A file found in a member's data directory.
 pub struct ExtentFileEntry {
@@ -87,54 +116,45 @@ impl Pool {
         need: u64,
     ) -> FsResult<(u64, Vec<(u32, Handle)>)> {
         let copies = self.config().copies.max(1) as usize;
-        let cleanup = |made: &[(u32, Handle)], fid: u64| {
-            for (m, _) in made {
-                if let Some(p) = self.extent_path(*m, ino, index, fid) {
-                    let _ = self.storage.remove_file(&p);
-                }
-            }
-        };
         'fid: loop {
             let fid = self.next_file_id.fetch_add(1, Ordering::SeqCst);
-            let mut made: Vec<(u32, Handle)> = Vec::with_capacity(copies);
-            while made.len() < copies {
-                let exclude: Vec<u32> = made.iter().map(|(m, _)| *m).collect();
+            let mut made = CopiesBeingCreated {
+                pool: self,
+                ino,
+                index,
+                fid,
+                files: Vec::with_capacity(copies),
+            };
+            while made.files.len() < copies {
+                let exclude: Vec<u32> = made.files.iter().map(|(m, _)| *m).collect();
                 let member_id = match self.place(&exclude, need) {
                     Ok(id) => id,
                     // Degraded: fewer usable members than copies. The extent gets
                     // the copies it can (status counts it as degraded).
-                    Err(FsError::NoSpace) if !made.is_empty() && self.usable_count() < copies => {
+                    Err(FsError::NoSpace)
+                        if !made.files.is_empty() && self.usable_count() < copies =>
+                    {
                         break;
                     }
-                    Err(e) => {
-                        cleanup(&made, fid);
-                        return Err(e);
-                    }
+                    Err(e) => return Err(e),
                 };
                 let Some(m) = self.member(member_id) else {
-                    cleanup(&made, fid);
                     return Err(FsError::NoSpace);
                 };
                 let p = m.data_dir.join(extent_file_name(ino, index, fid));
                 match self.storage.open(&p, OpenMode::NEW) {
-                    Ok(f) => made.push((member_id, f)),
+                    Ok(f) => made.files.push((member_id, f)),
                     // A leftover of a crash (never published): take the next id.
-                    Err(io) if io.kind() == io::ErrorKind::AlreadyExists => {
-                        cleanup(&made, fid);
-                        continue 'fid;
-                    }
+                    Err(io) if io.kind() == io::ErrorKind::AlreadyExists => continue 'fid,
                     Err(io) if io.raw_os_error() == Some(libc::ENOSPC) => {
-                        cleanup(&made, fid);
                         return Err(FsError::NoSpace);
                     }
                     // A member failing under us: place on the others.
                     Err(io) if self.check_member(member_id, &io) => {}
-                    Err(io) => {
-                        cleanup(&made, fid);
-                        return Err(FsError::Io(io));
-                    }
+                    Err(io) => return Err(FsError::Io(io)),
                 }
             }
+            let made = made.keep();
             for (m, _) in &made {
                 if let Some(m) = self.member(*m) {
                     m.extents.fetch_add(1, Ordering::Relaxed);
@@ -151,9 +171,14 @@ impl Pool {
 
     /// The open file of an extent copy, from the descriptor cache.
     pub fn extent_file(&self, member: u32, ino: u64, index: u64, file_id: u64) -> FsResult<Handle> {
-        self.fds.get_or_open((member, ino, index, file_id), || {
-            self.open_extent_file(member, ino, index, file_id)
-        })
+        let key = ExtentFile {
+            member,
+            ino,
+            index,
+            file_id,
+        };
+        self.fds
+            .get_or_open(key, || self.open_extent_file(member, ino, index, file_id))
     }
 
     pub fn open_extent_file(
@@ -184,10 +209,10 @@ impl Pool {
     /// Moves extent files and their sum files into `quarantine/` of their
     /// member (files of a diverged member that the winning copy does not
     /// reference: kept for inspection, never deleted by vpool).
-    pub fn quarantine_extent_files(&self, files: &[(u32, u64, u64, u64)]) {
-        for (member, ino, index, fid) in files {
-            self.fds.forget(&(*member, *ino, *index, *fid));
-            let Some(m) = self.member(*member) else {
+    pub fn quarantine_extent_files(&self, files: &[ExtentFile]) {
+        for f in files {
+            self.fds.forget(f);
+            let Some(m) = self.member(f.member) else {
                 continue;
             };
             let q = m.dir.join(QUARANTINE_DIR);
@@ -195,10 +220,7 @@ impl Pool {
                 tracing::error!(dir = %q.display(), error = %e, "cannot create quarantine directory; files left in place");
                 continue;
             }
-            for name in [
-                extent_file_name(*ino, *index, *fid),
-                sum_file_name(*ino, *index, *fid),
-            ] {
+            for name in [f.name(), f.sum_name()] {
                 let from = m.data_dir.join(&name);
                 match self.storage.rename(&from, &q.join(&name)) {
                     Ok(()) => {
@@ -217,10 +239,10 @@ impl Pool {
 
     /// Removes extent files and their sum files (after the commit that dropped
     /// them is durable).
-    pub fn remove_extent_files(&self, files: &[(u32, u64, u64, u64)]) {
-        for (member, ino, index, fid) in files {
-            self.fds.forget(&(*member, *ino, *index, *fid));
-            if let Some(p) = self.sum_path(*member, *ino, *index, *fid) {
+    pub fn remove_extent_files(&self, files: &[ExtentFile]) {
+        for f in files {
+            self.fds.forget(f);
+            if let Some(p) = self.sum_path(f.member, f.ino, f.index, f.file_id) {
                 match self.storage.remove_file(&p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -229,10 +251,10 @@ impl Pool {
                     }
                 }
             }
-            if let Some(p) = self.extent_path(*member, *ino, *index, *fid) {
+            if let Some(p) = self.extent_path(f.member, f.ino, f.index, f.file_id) {
                 match self.storage.remove_file(&p) {
                     Ok(()) => {
-                        if let Some(m) = self.member(*member) {
+                        if let Some(m) = self.member(f.member) {
                             m.extents.fetch_sub(1, Ordering::Relaxed);
                             m.invalidate_space();
                         }

@@ -303,6 +303,12 @@ impl Pool {
     pub fn check_member_fs(&self, id: u32, e: &FsError) -> bool {
         match e {
             FsError::Io(io) => self.check_member(id, io),
+            // What `check_member` makes of the I/O error inside, or of one
+            // with no errno (it probes the member).
+            FsError::Pool(e) => match e.io_source() {
+                Some(io) => self.check_member(id, io),
+                None => self.member(id).is_none_or(|m| self.probe_failed(&m)),
+            },
             FsError::Corrupt(_) => self.member(id).is_none_or(|m| self.probe_failed(&m)),
             _ => false,
         }

@@ -193,16 +193,14 @@ impl SnapshotStore {
     }
 
     /// Chooses the base of a new snapshot of `kind` (`None`: the default kind).
+    /// Received snapshots are never a base: changed-block tracking counts
+    /// changes since the pool's own last capture, and their inodes are
+    /// another pool's.
     pub fn plan(&self, kind: Option<Kind>) -> FsResult<(Kind, Option<u64>)> {
         let recs = self.records.read();
-        let newest = recs
-            .values()
-            .rev()
-            .find(|r| r.state == State::Complete)
-            .map(|r| r.id);
-        let newest_full = recs
-            .values()
-            .rev()
+        let own = || recs.values().rev().filter(|r| !r.is_received());
+        let newest = own().find(|r| r.state == State::Complete).map(|r| r.id);
+        let newest_full = own()
             .find(|r| r.state == State::Complete && r.parent.is_none())
             .map(|r| r.id);
         let kind = kind.unwrap_or(if newest_full.is_some() {
@@ -311,6 +309,7 @@ impl SnapshotStore {
             logical_bytes: logical,
             stored_bytes: 0,
             changed_blocks: changed,
+            origin: None,
         };
         let job = Arc::new(Job {
             id,

@@ -23,6 +23,24 @@ use super::store::SnapshotStore;
 use crate::error::{FsError, FsResult};
 use crate::pool::layout;
 
+/// What [`SnapshotStore::check`] found: problems are inconsistencies, notes
+/// states that need no repair by hand (a failed or interrupted capture).
+#[derive(Debug, Default)]
+pub struct SnapshotCheck {
+    pub problems: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+/// What [`SnapshotStore::scrub_deltas`] did, in delta copies.
+#[derive(Debug, Default)]
+pub struct DeltaScrub {
+    pub checked: u64,
+    pub bad: u64,
+    pub repaired: u64,
+    /// Bad copies that could not be rewritten, each with the reason.
+    pub problems: Vec<String>,
+}
+
 impl SnapshotStore {
     /// Gives every finished snapshot's deltas `want` copies on usable members,
     /// none on `from`: copies on `from` (or on members that failed) are
@@ -105,9 +123,8 @@ impl SnapshotStore {
 
     /// Scrub of the deltas: verifies every copy of every finished snapshot's
     /// deltas and rewrites a bad copy from a good one (a new file renamed over
-    /// it). Returns (copies verified, bad copies found, bad copies repaired,
-    /// problems left).
-    pub fn scrub_deltas(&self) -> (u64, u64, u64, Vec<String>) {
+    /// it).
+    pub fn scrub_deltas(&self) -> DeltaScrub {
         let _a = self.admin.lock();
         let (mut checked, mut bad, mut fixed) = (0, 0, 0);
         let mut problems = Vec::new();
@@ -161,12 +178,17 @@ impl SnapshotStore {
             // Open views may hold descriptors of the replaced files.
             self.views.lock().clear();
         }
-        (checked, bad, fixed, problems)
+        DeltaScrub {
+            checked,
+            bad,
+            repaired: fixed,
+            problems,
+        }
     }
 
     /// Problems of the snapshots (every delta copy of every complete snapshot
     /// is opened and every frame read back) and notes (failed snapshots).
-    pub fn check(&self) -> (Vec<String>, Vec<String>) {
+    pub fn check(&self) -> SnapshotCheck {
         let mut out = Vec::new();
         let mut notes = Vec::new();
         for r in self.records() {
@@ -210,7 +232,10 @@ impl SnapshotStore {
                 ));
             }
         }
-        (out, notes)
+        SnapshotCheck {
+            problems: out,
+            notes,
+        }
     }
 
     /// Every snapshot as the prune planner sees it (`held`: ids held).

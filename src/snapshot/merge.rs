@@ -105,13 +105,14 @@ impl SnapshotStore {
                 }
             }
         }
-        // The interval moves to the next snapshot in time, or to the live bitmaps.
+        // The interval moves to the next snapshot in time the pool took
+        // itself (a received one has no interval), or to the live bitmaps.
         let next = self
             .records
             .read()
             .range(id + 1..)
             .map(|(_, r)| r.clone())
-            .find(|r| r.is_readable());
+            .find(|r| r.is_readable() && !r.is_received());
         let mut to_live = BTreeMap::new();
         match next {
             Some(next) => {

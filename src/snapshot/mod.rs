@@ -11,6 +11,9 @@
 //! - [`merge`]: deletion, merging each child into its parent's parent.
 //! - [`maintenance`]: placement of delta copies, scrub, check, prune list.
 //! - [`prune`]: which snapshots the keep rules delete.
+//! - [`send`]: a snapshot seen from outside: file runs, changed blocks,
+//!   identity, the send stream.
+//! - [`receive`]: a stream applied as a new snapshot.
 pub mod capture;
 pub mod delta;
 pub mod flatten;
@@ -19,8 +22,9 @@ pub mod merge;
 pub mod prune;
 pub mod ranges;
 pub mod read;
+pub mod receive;
 pub mod record;
-pub mod send_stub;
+pub mod send;
 pub mod store;
 
 pub use capture::*;

@@ -45,9 +45,9 @@ pub(super) struct FileView {
     /// `SnapshotStore::cache_epoch` when the records it was built from were read.
     epoch: u64,
     size: u64,
-    runs: Vec<Run>,
+    pub(super) runs: Vec<Run>,
     /// Delta copies by snapshot id (the first that reads wins).
-    deltas: HashMap<u64, Vec<Arc<DeltaFile>>>,
+    pub(super) deltas: HashMap<u64, Vec<Arc<DeltaFile>>>,
 }
 
 /// Decompressed frames by (view epoch, snapshot, inode, frame offset).
@@ -125,7 +125,7 @@ impl SnapshotStore {
 
     /// The chain of `ino` from snapshot `id` down to its full, newest first.
     /// Also returns the `cache_epoch` of the records it was read from.
-    fn chain(&self, id: u64) -> (u64, Vec<Arc<SnapshotRecord>>) {
+    pub(super) fn chain(&self, id: u64) -> (u64, Vec<Arc<SnapshotRecord>>) {
         let recs = self.records.read();
         let epoch = self.cache_epoch.load(Ordering::Acquire);
         let mut out = Vec::new();
@@ -138,7 +138,7 @@ impl SnapshotStore {
         (epoch, out)
     }
 
-    fn view(&self, id: u64, ino: u64) -> FsResult<Arc<FileView>> {
+    pub(super) fn view(&self, id: u64, ino: u64) -> FsResult<Arc<FileView>> {
         if let Some(v) = self.views.lock().get(&(id, ino)) {
             return Ok(v.clone());
         }
@@ -201,7 +201,13 @@ impl SnapshotStore {
         })
     }
 
-    fn frame(&self, v: &FileView, ino: u64, snap: u64, e: &Entry) -> FsResult<Arc<Vec<u8>>> {
+    pub(super) fn frame(
+        &self,
+        v: &FileView,
+        ino: u64,
+        snap: u64,
+        e: &Entry,
+    ) -> FsResult<Arc<Vec<u8>>> {
         let key = (v.epoch, snap, ino, e.offset);
         if let Some(f) = self.frames.lock().get(&key) {
             return Ok(f.clone());

@@ -96,7 +96,40 @@ pub struct SnapshotRecord {
     pub logical_bytes: u64,
     pub stored_bytes: u64,
     pub changed_blocks: u64,
+    /// A snapshot received from a stream: where it was taken. Its inode
+    /// numbers are the origin's, its `interval` is empty, and the pool's own
+    /// captures never build on it. Added in record payload version 2 (a
+    /// version 1 payload ends before it: decoded as `None`).
+    pub origin: Option<Origin>,
 }
+
+/// Where a received snapshot was taken (with the record's `created`, its
+/// identity: [`crate::stream::format::Identity`]).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub pool: [u8; 16],
+    pub id: u64,
+}
+
+/// The record as payload version 1 wrote it (before `origin`).
+#[derive(Deserialize)]
+struct RecordV1 {
+    id: u64,
+    name: String,
+    kind: Kind,
+    parent: Option<u64>,
+    created: Timestamp,
+    state: State,
+    block_size: u32,
+    inodes: BTreeMap<u64, InodeRecord>,
+    dirents: BTreeMap<(u64, Vec<u8>), u64>,
+    deltas: BTreeMap<u64, DeltaLoc>,
+    interval: BTreeMap<u64, RangeSet>,
+    logical_bytes: u64,
+    stored_bytes: u64,
+    changed_blocks: u64,
+}
+
 impl SnapshotRecord {
     pub fn encode(&self) -> Vec<u8> {
         encode_blob(&bincode::serialize(self).unwrap_or_default())
@@ -104,11 +137,42 @@ impl SnapshotRecord {
 
     /// Checks the envelope, decodes (bincode reading no further than the
     /// payload) and validates the record on its own ([`Self::validate`]).
+    /// A version 1 payload (no `origin`) ends where version 2 reads the
+    /// origin's tag, so the version 2 decode fails on it and the version 1
+    /// decode takes it; a version 2 payload is never read as version 1 (the
+    /// version 2 decode comes first and succeeds).
     pub fn decode(b: &[u8]) -> Result<SnapshotRecord, String> {
-        let r: SnapshotRecord = crate::bytes::bincode_decode(check_blob(b)?)
-            .map_err(|e| format!("snapshot record undecodable: {e}"))?;
+        let payload = check_blob(b)?;
+        let r: SnapshotRecord = match crate::bytes::bincode_decode(payload) {
+            Ok(r) => r,
+            Err(e) => match crate::bytes::bincode_decode::<RecordV1>(payload) {
+                Ok(v) => SnapshotRecord {
+                    id: v.id,
+                    name: v.name,
+                    kind: v.kind,
+                    parent: v.parent,
+                    created: v.created,
+                    state: v.state,
+                    block_size: v.block_size,
+                    inodes: v.inodes,
+                    dirents: v.dirents,
+                    deltas: v.deltas,
+                    interval: v.interval,
+                    logical_bytes: v.logical_bytes,
+                    stored_bytes: v.stored_bytes,
+                    changed_blocks: v.changed_blocks,
+                    origin: None,
+                },
+                Err(_) => return Err(format!("snapshot record undecodable: {e}")),
+            },
+        };
         r.validate()?;
         Ok(r)
+    }
+
+    /// Whether this snapshot came from a stream (`vpool snapshot receive`).
+    pub fn is_received(&self) -> bool {
+        self.origin.is_some()
     }
 
     /// What a record must hold on its own: an id of at least 1, a block size
@@ -175,6 +239,12 @@ pub struct SnapshotInfo {
     /// Held against prune and delete (`vpool snapshot hold`).
     #[serde(default)]
     pub held: bool,
+    /// Came from a stream (`vpool snapshot receive`).
+    #[serde(default)]
+    pub received: bool,
+    /// Its identity on any pool (`POOL-UUID/ID@SECONDS`), as streams name it.
+    #[serde(default)]
+    pub identity: String,
 }
 
 /// What a snapshot name may be: a plain, visible directory name.
@@ -329,6 +399,7 @@ mod tests {
             logical_bytes: 0,
             stored_bytes: 0,
             changed_blocks: 0,
+            origin: None,
         }
     }
 

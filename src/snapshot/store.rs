@@ -173,6 +173,8 @@ impl SnapshotStore {
                     State::Failed(why) => format!("failed: {why}"),
                 },
                 held: false,
+                received: r.is_received(),
+                identity: crate::stream::ident_text(&self.identity(r)),
             })
             .collect()
     }

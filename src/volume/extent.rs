@@ -22,8 +22,8 @@ use super::raw::{eio, map_write_err};
 use super::stripes::Sums;
 use super::{DeadExtent, Volume};
 use crate::error::FsResult;
-use crate::pool::Pool;
 use crate::pool::meta::ExtentRecord;
+use crate::pool::{ExtentFile, Pool};
 use crate::storage::Handle;
 
 /// One copy of an extent, on one member (its open file lives in the pool's
@@ -159,7 +159,7 @@ impl Extent {
 
     /// Drops the cached descriptor of the copy on `member`.
     pub(super) fn forget_file(&self, pool: &Pool, ino: u64, member: u32) {
-        pool.fds.forget(&(member, ino, self.index, self.file_id));
+        pool.fds.forget(&self.file_on(ino, member));
     }
 
     /// Runs `op` on the file of every copy on a usable member. A copy whose
@@ -215,10 +215,18 @@ impl Extent {
         self.blocks_stale.store(true, Ordering::Release);
     }
 
+    /// The file of this extent's copy on `member` (of file `ino`).
+    pub(super) fn file_on(&self, ino: u64, member: u32) -> ExtentFile {
+        ExtentFile {
+            member,
+            ino,
+            index: self.index,
+            file_id: self.file_id,
+        }
+    }
+
     pub(super) fn dead(&self, ino: u64) -> impl Iterator<Item = DeadExtent> + '_ {
-        self.copies
-            .iter()
-            .map(move |c| (c.member, ino, self.index, self.file_id))
+        self.copies.iter().map(move |c| self.file_on(ino, c.member))
     }
 }
 
@@ -271,7 +279,13 @@ impl Volume {
         let (fid, files) = pool.create_extent_files(self.ino, index, need)?;
         let mut members = Vec::with_capacity(files.len());
         for (m, f) in files {
-            pool.fds.put((m, self.ino, index, fid), f);
+            let key = ExtentFile {
+                member: m,
+                ino: self.ino,
+                index,
+                file_id: fid,
+            };
+            pool.fds.put(key, f);
             members.push(m);
         }
         let e = Arc::new(Extent::new(index, fid, members, true));
@@ -281,7 +295,7 @@ impl Volume {
     }
 
     /// All extent files (for deleting the whole file).
-    pub fn all_files(&self) -> Vec<DeadExtent> {
+    pub fn all_files(&self) -> Vec<ExtentFile> {
         self.map
             .read()
             .values()

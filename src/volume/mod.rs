@@ -46,6 +46,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::pool::ExtentFile;
 use crate::pool::meta::ExtentRecord;
 use crate::pool::sums;
 use cbt::Cbt;
@@ -67,9 +68,10 @@ pub struct Volume {
     zcrc: u32,
 }
 
-/// An extent file that can be removed once the commit dropping it is durable:
-/// `(member, ino, index, file_id)`.
-pub type DeadExtent = (u32, u64, u64, u64);
+/// An extent file that can be removed once the commit dropping it is durable.
+/// The same identity as a live one ([`ExtentFile`]); the name says what the
+/// caller may do with it.
+pub type DeadExtent = ExtentFile;
 
 /// One piece of an I/O split at extent boundaries.
 struct Piece {

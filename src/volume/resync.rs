@@ -112,7 +112,7 @@ impl Volume {
         out.sync_data().map_err(FsError::Io)?;
         let mut copies = ext.copies_without(from);
         copies.push(ExtentCopy { member: to });
-        pool.fds.put((to, self.ino, index, ext.file_id), out);
+        pool.fds.put(ext.file_on(self.ino, to), out);
         if !self.swap_copies(&ext, copies) {
             ext.forget_file(pool, self.ino, to);
             let _ = pool.storage().remove_file(&path);
@@ -123,7 +123,7 @@ impl Volume {
             m.invalidate_space();
         }
         Ok(Some(
-            from.map(|f| vec![(f, self.ino, index, ext.file_id)])
+            from.map(|f| vec![ext.file_on(self.ino, f)])
                 .unwrap_or_default(),
         ))
     }
@@ -140,7 +140,7 @@ impl Volume {
         }
         let copies = ext.copies_without(Some(member));
         self.swap_copies(&ext, copies)
-            .then_some((member, self.ino, index, ext.file_id))
+            .then_some(ext.file_on(self.ino, member))
     }
 
     /// Swaps extent `old` in the map for one with the copies `copies` (files
