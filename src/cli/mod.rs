@@ -335,7 +335,9 @@ pub enum SnapshotCmd {
         /// exists, else qcow2 for a .qcow2 name and raw otherwise).
         #[arg(long, value_parser = ["raw", "qcow2"], requires = "from")]
         backing_format: Option<String>,
+        /// A mountpoint, or a member directory of a mounted pool or not.
         target: PathBuf,
+        /// The snapshot to export (complete; one being captured is waited for).
         name: String,
         /// The file, inside the pool (vm/disk.img) or under the mountpoint.
         path: PathBuf,
