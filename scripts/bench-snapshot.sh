@@ -20,7 +20,11 @@
 #      image while incremental snapshot s3 is taken, against the same writer
 #      without a snapshot (and, for reference, on the plain copy);
 #   5. cold-cache sequential read of .snapshots/s2/img against the live image;
-#   6. prints a table and checks the ratios against the snapshot targets.
+#   6. streams: full send of s1 and incremental send of s2 to files, each
+#      received into a second pool, a `send | receive` pipeline into a third
+#      pool (MiB/s), and `vpool stream restore` of the two streams into a plain
+#      directory, against `restic restore` of the same image;
+#   7. prints a table and checks the ratios against the snapshot targets.
 # The page cache is dropped before every timed backup, snapshot and read.
 # Needs root (loop mount, FUSE, drop_caches); about 6-9 minutes on 2 CPUs.
 #
@@ -106,6 +110,10 @@ fi
 MNT="$WORK/mnt"
 VP1="$WORK/vp1"
 VP2="$WORK/vp2"
+MNT2="$WORK/mnt2"
+VP3="$WORK/vp3"
+MNT3="$WORK/mnt3"
+VP4="$WORK/vp4"
 MOUNTS=()
 WRITER_PID=""
 
@@ -466,6 +474,36 @@ if [[ $RUN_VPOOL == 1 ]]; then
     R[read.snap]="$(read_mibs "$MNT/.snapshots/s2/img")"
     R[read.live]="$(read_mibs "$MNT/img")"
 
+    # Streams: send to files, receive into a second pool, a pipeline into a
+    # third, and restore from the streams alone.
+    drop_caches
+    timed vpool.send.full "$VPOOL_BIN" -q snapshot send -o "$WORK/s1.vps" "$MNT" s1
+    R[vpool.send.full.bytes]="$(stat -c %s -- "$WORK/s1.vps")"
+    drop_caches
+    timed vpool.send.incr "$VPOOL_BIN" -q snapshot send --from s1 -o "$WORK/s2.vps" "$MNT" s2
+    R[vpool.send.incr.bytes]="$(stat -c %s -- "$WORK/s2.vps")"
+    R[vpool.incr.changed_bytes]="$((${R[vpool.incr.changed_blocks]} * 4096))"
+    mkdir -p "$VP3" "$MNT2" "$VP4" "$MNT3"
+    "$VPOOL_BIN" create "${VPOOL_CREATE_ARGS[@]}" "$VP3"
+    "$VPOOL_BIN" create "${VPOOL_CREATE_ARGS[@]}" "$VP4"
+    MOUNTS+=("$MNT2" "$MNT3")
+    "$VPOOL_BIN" mount "$VP3" "$MNT2"
+    "$VPOOL_BIN" mount "$VP4" "$MNT3"
+    drop_caches
+    timed vpool.recv.full "$VPOOL_BIN" -q snapshot receive -i "$WORK/s1.vps" "$MNT2"
+    drop_caches
+    timed vpool.recv.incr "$VPOOL_BIN" -q snapshot receive -i "$WORK/s2.vps" "$MNT2"
+    drop_caches
+    timed vpool.pipe.full sh -c "'$VPOOL_BIN' -q snapshot send '$MNT' s1 | '$VPOOL_BIN' -q snapshot receive '$MNT3'"
+    R[vpool.pipe.logical]="${R[vpool.full.logical]}"
+    drop_caches
+    timed vpool.stream_restore "$VPOOL_BIN" -q stream restore "$WORK/s1.vps" "$WORK/s2.vps" "$WORK/vrestore"
+    [[ $(stat -c %s -- "$WORK/vrestore/img") == "${R[img.apparent]}" ]] ||
+        warn "the restored image has another size than the original"
+    "$VPOOL_BIN" unmount "$MNT3"
+    "$VPOOL_BIN" unmount "$MNT2"
+    rm -rf -- "$WORK/vrestore" "$VP4" "$VP3" "$WORK/s1.vps"
+
     "$VPOOL_BIN" unmount "$MNT"
 fi
 
@@ -510,6 +548,9 @@ backup borg borg.full
 change_step "$PLAIN/img" 1
 backup restic restic.incr
 backup borg borg.incr
+drop_caches
+timed restic.restore restic restore -q latest --host bench --target "$WORK/rrestore"
+rm -rf -- "$WORK/rrestore"
 
 # The same writer on the plain copy, for reference (no one reads it any more).
 log "writer on the plain copy (${STALL_BASELINE_SECS}s, reference)"
@@ -607,6 +648,44 @@ check("longest writer stall during a snapshot < 50 ms", x, lambda v: v < 50,
 x = ratio(num("read.snap"), num("read.live"))
 check("snapshot read >= 0.5 x live read", x, lambda v: v >= 0.5,
       f"{'n/a' if x is None else f'{x:.2f}'} ({r.get('read.snap', 'n/a')} vs {r.get('read.live', 'n/a')} MiB/s, cold cache)")
+
+rows = [
+    ("vpool send full (s1)", "vpool.send.full"),
+    ("vpool send incremental (s2 from s1)", "vpool.send.incr"),
+    ("vpool receive full", "vpool.recv.full"),
+    ("vpool receive incremental", "vpool.recv.incr"),
+    ("vpool send piped to receive, full", "vpool.pipe.full"),
+    ("vpool stream restore (full + incremental)", "vpool.stream_restore"),
+    ("restic restore (after its incremental)", "restic.restore"),
+]
+print("| stream step | time (s) | stream bytes | MiB/s of image |")
+print("|---|---|---|---|")
+logical = num("vpool.full.logical")
+for label, k in rows:
+    t = num(k + ".time")
+    b = num(k + ".bytes")
+    rate = "n/a" if t in (None, 0) or logical is None else f"{logical / t / 2**20:.0f}"
+    print(f"| {label} | {secs(t)} | {size(b)} | {rate} |")
+print()
+
+x = ratio(num("vpool.send.incr.bytes"), num("vpool.incr.changed_bytes"))
+check("incremental stream <= 1.1 x changed bytes", x, lambda v: v <= 1.1,
+      f"{'n/a' if x is None else f'{x:.3f}'} ({size(num('vpool.send.incr.bytes'))} for {size(num('vpool.incr.changed_bytes'))} changed)")
+x = num("vpool.send.incr.time")
+check("incremental stream sent in < 2 s", x, lambda v: v < 2, f"{secs(x)} s")
+x = ratio(num("vpool.send.full.time"), num("vpool.full.time"))
+check("full send at least as fast as the full snapshot", x, lambda v: v <= 1.0,
+      f"{'n/a' if x is None else f'{x:.2f}'} ({secs(num('vpool.send.full.time'))} s vs {secs(num('vpool.full.time'))} s)")
+rt = num("restic.restore.time")
+recv = None
+if num("vpool.recv.full.time") is not None and num("vpool.recv.incr.time") is not None:
+    recv = num("vpool.recv.full.time") + num("vpool.recv.incr.time")
+x = ratio(recv, rt)
+check("receive (full + incremental) >= 2 x restic restore speed", x, lambda v: v <= 0.5,
+      f"{'n/a' if x is None else f'{x:.3f}'} ({secs(recv)} s vs {secs(rt)} s)")
+x = ratio(num("vpool.stream_restore.time"), rt)
+check("stream restore >= 2 x restic restore speed", x, lambda v: v <= 0.5,
+      f"{'n/a' if x is None else f'{x:.3f}'} ({secs(num('vpool.stream_restore.time'))} s vs {secs(rt)} s)")
 
 print("| target | result | measured |")
 print("|---|---|---|")

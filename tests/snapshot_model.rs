@@ -102,6 +102,13 @@ enum Op {
     FailSnap {
         kind: SnapKind,
     },
+    /// Sends the snapshot at position `pick % count` to a mirror pool of
+    /// the same block size (incremental from the newest older one the
+    /// mirror holds, else full) and receives it there; the mirror's copy
+    /// must read as the model's snapshot, now and after later steps.
+    Send {
+        pick: usize,
+    },
 }
 
 fn snap_kind() -> impl Strategy<Value = SnapKind> {
@@ -158,6 +165,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..2usize).prop_map(|member| Op::Remount { member }),
         1 => (0..2usize).prop_map(|member| Op::Crash { member }),
         1 => snap_kind().prop_map(|kind| Op::FailSnap { kind }),
+        2 => (0..8usize).prop_map(|pick| Op::Send { pick }),
     ]
 }
 
@@ -180,6 +188,72 @@ struct Harness {
     next_snap: usize,
     /// The id the next snapshot gets (ids are never reused either).
     next_id: u64,
+    /// The pool `Send` receives into, made at the first send.
+    mirror: Option<Mirror>,
+    block_size: u32,
+}
+
+/// A second pool holding received snapshots: what each must read as.
+struct Mirror {
+    _dir: tempfile::TempDir,
+    vfs: Vfs,
+    got: Vec<ModelSnap>,
+}
+
+impl Mirror {
+    fn new(block_size: u32) -> Mirror {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("m0");
+        std::fs::create_dir(&m).unwrap();
+        vpool::pool::Pool::create(
+            std::slice::from_ref(&m),
+            vpool::pool::CreateOptions {
+                copies: 1,
+                extent_size: 64 * 1024,
+                block_size,
+            },
+        )
+        .unwrap();
+        let vfs = Vfs::mount(
+            vpool::pool::Pool::open(&m).unwrap(),
+            vpool::fs::core::VfsOptions::default(),
+        )
+        .unwrap();
+        Mirror {
+            _dir: dir,
+            vfs,
+            got: Vec::new(),
+        }
+    }
+
+    fn verify(&self) {
+        let v = &self.vfs;
+        let sd = v.lookup(ROOT_INO, b".snapshots").unwrap();
+        for s in &self.got {
+            let root = v
+                .lookup(sd.ino, s.name.as_bytes())
+                .unwrap_or_else(|e| panic!("mirror: snapshot {}: {e:?}", s.name));
+            let want: BTreeSet<Vec<u8>> = s.files.keys().map(|n| n.as_bytes().to_vec()).collect();
+            assert_eq!(list(v, root.ino), want, "mirror: files of {}", s.name);
+            for (n, content) in &s.files {
+                let a = v.lookup(root.ino, n.as_bytes()).unwrap();
+                assert_eq!(
+                    a.size,
+                    content.len() as u64,
+                    "mirror: size of {}/{n}",
+                    s.name
+                );
+                let fh = v.open(a.ino, false).unwrap();
+                check_content(
+                    v,
+                    &format!("mirror snapshot {} file {n}", s.name),
+                    fh,
+                    content,
+                );
+                v.release(fh).unwrap();
+            }
+        }
+    }
 }
 
 fn name_of(f: usize) -> &'static str {
@@ -202,6 +276,8 @@ impl Harness {
             failed: Vec::new(),
             next_snap: 0,
             next_id: 1,
+            mirror: None,
+            block_size,
         }
     }
 
@@ -278,6 +354,9 @@ impl Harness {
     fn verify_all(&mut self) {
         self.live.verify_all();
         self.verify_snapshots();
+        if let Some(m) = &self.mirror {
+            m.verify();
+        }
     }
 
     fn write_bytes(&mut self, name: &'static str, off: u64, data: &[u8]) {
@@ -352,6 +431,17 @@ impl Harness {
 
     /// Waits for captures, commits, unmounts and runs the offline check.
     fn finish(mut self) {
+        // The mirror's received snapshots outlive a remount.
+        if let Some(mut m) = self.mirror.take() {
+            let dir = m._dir.path().join("m0");
+            drop(m.vfs);
+            m.vfs = Vfs::mount(
+                vpool::pool::Pool::open(&dir).unwrap(),
+                vpool::fs::core::VfsOptions::default(),
+            )
+            .unwrap();
+            m.verify();
+        }
         self.remount(1);
         self.vfs().snapshot_wait().unwrap();
         self.live.close_and_check();
@@ -498,6 +588,44 @@ impl Harness {
                     }
                     _ => panic!("{name} after an unclean stop: {info:?}"),
                 }
+            }
+            Op::Send { pick } => {
+                if self.snaps.is_empty() {
+                    return;
+                }
+                self.vfs().snapshot_wait().unwrap();
+                let i = pick % self.snaps.len();
+                let name = self.snaps[i].name.clone();
+                let mut mirror = self
+                    .mirror
+                    .take()
+                    .unwrap_or_else(|| Mirror::new(self.block_size));
+                if mirror.got.iter().any(|g| g.name == name) {
+                    self.mirror = Some(mirror);
+                    return;
+                }
+                // The newest older snapshot both pools hold.
+                let base = self.snaps[..i]
+                    .iter()
+                    .rev()
+                    .find(|s| mirror.got.iter().any(|g| g.name == s.name))
+                    .map(|s| s.name.clone());
+                let mut stream = Vec::new();
+                self.live
+                    .vfs()
+                    .snapshot_send(&name, base.as_deref(), None, &mut stream, &mut |_, _| true)
+                    .unwrap_or_else(|e| panic!("send {name} from {base:?}: {e:?}"));
+                let info = mirror
+                    .vfs
+                    .snapshot_receive(&mut &stream[..], None, &mut |_, _| true)
+                    .unwrap_or_else(|e| panic!("receive {name} from {base:?}: {e:?}"));
+                assert_eq!(info.base, base, "base of the received {name}");
+                mirror.got.push(ModelSnap {
+                    name,
+                    files: self.snaps[i].files.clone(),
+                });
+                mirror.verify();
+                self.mirror = Some(mirror);
             }
             Op::FailSnap { kind } => {
                 let blockers: Vec<PathBuf> = self

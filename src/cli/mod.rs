@@ -98,7 +98,7 @@ pub enum Command {
         #[arg(long)]
         foreground: bool,
         /// Mount options: allow_other, allow_root, ro, noatime, ..., nonempty, threads=N,
-        /// nowritebackcache, snapdir=visible, event_hooks=DIR. fstab's
+        /// odirect=direct|cached, nowritebackcache, snapdir=visible, event_hooks=DIR. fstab's
         /// defaults, nofail, noauto, _netdev and x-* are accepted and ignored.
         #[arg(short = 'o', value_name = "OPTION,...")]
         options: Vec<String>,

@@ -181,6 +181,19 @@ fn print_status(st: &PoolStatus) {
             local_time(n.created, true)
         );
     }
+    match &st.last_sent {
+        Some(s) => println!(
+            "newest snapshot off the pool: {} (taken {}), sent at {}, {}",
+            s.snapshot,
+            local_time(s.created, true),
+            local_time(s.at, true),
+            human(s.bytes)
+        ),
+        None if st.snapshots > 0 => {
+            println!("newest snapshot off the pool: none (`vpool snapshot send` copies one out)")
+        }
+        None => {}
+    }
     if let Some(l) = &st.log {
         println!("log: {l}");
     }

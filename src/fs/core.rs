@@ -94,6 +94,11 @@ pub struct DirEntry {
 /// on its own (restore, clone) that the kernel did not see pass.
 pub trait KernelCache: Send + Sync {
     fn inval_inode(&self, ino: u64);
+    /// Drops the kernel's cached attributes of `ino` (not its pages): for
+    /// attributes the daemon changed while serving a request that does not
+    /// return them (set-id bits a write cleared, the allocation an fsync
+    /// made visible). Safe from a thread serving a request.
+    fn inval_attr(&self, ino: u64);
     /// Makes the kernel write back (and drop) its cached pages of `ino` from
     /// byte `from` on. Must not be called from a thread serving a request.
     fn write_back(&self, ino: u64, from: u64);
@@ -151,6 +156,13 @@ impl Vfs {
     pub fn write_back_kernel(&self, ino: u64, from: u64) {
         if let Some(k) = self.kernel.get() {
             k.write_back(ino, from);
+        }
+    }
+
+    /// See [`KernelCache::inval_attr`].
+    pub fn inval_kernel_attr(&self, ino: u64) {
+        if let Some(k) = self.kernel.get() {
+            k.inval_attr(ino);
         }
     }
 

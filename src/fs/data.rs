@@ -42,24 +42,31 @@ impl Live<'_> {
     }
 
     pub(crate) fn read(&self, fh: u64, off: u64, len: u32) -> FsResult<Vec<u8>> {
+        self.read_io(fh, off, len, false)
+    }
+
+    /// Reads of an `O_DIRECT` open pass `direct`: aligned member reads then
+    /// bypass the host's page cache (see [`Volume::read_io`]).
+    pub(crate) fn read_io(&self, fh: u64, off: u64, len: u32, direct: bool) -> FsResult<Vec<u8>> {
         let node = self.file_node(fh)?;
         let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
         let size = node.meta.lock().size;
-        vol.read(&self.pool, off, len as usize, size)
+        vol.read_io(&self.pool, off, len as usize, size, direct)
     }
 
-    pub(crate) fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
+    /// Writes of an `O_DIRECT` open pass `direct` (see [`Volume::write_io`]).
+    pub(crate) fn write_io(&self, fh: u64, off: u64, data: &[u8], direct: bool) -> FsResult<u32> {
         self.writable()?;
         let freed = self.freed.load(Ordering::Acquire);
         let r = {
             let _g = self.gate.read();
-            self.write_locked(fh, off, data)
+            self.write_locked_io(fh, off, data, direct)
         };
         match r {
             // The commit that frees space takes the gate itself: retry without it held.
             Err(FsError::NoSpace) if self.reclaim_space(freed) => {
                 let _g = self.gate.read();
-                self.write_locked(fh, off, data)
+                self.write_locked_io(fh, off, data, direct)
             }
             r => r,
         }
@@ -67,6 +74,17 @@ impl Live<'_> {
 
     /// `write` with the gate held by the caller.
     pub(crate) fn write_locked(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_locked_io(fh, off, data, false)
+    }
+
+    /// [`Live::write_locked`], past the members' page cache with `direct`.
+    pub(crate) fn write_locked_io(
+        &self,
+        fh: u64,
+        off: u64,
+        data: &[u8],
+        direct: bool,
+    ) -> FsResult<u32> {
         let node = self.file_node(fh)?;
         let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
         let end = off
@@ -76,7 +94,7 @@ impl Live<'_> {
             return Err(FsError::FileTooLarge);
         }
         self.snaps.preserve(node.ino, off, data.len() as u64);
-        if let Err(e) = vol.write(&self.pool, off, data) {
+        if let Err(e) = vol.write_io(&self.pool, off, data, direct) {
             // Pieces before the failure are written, maybe into new extents:
             // the next commit must record the map as it is now (the data
             // shows, and a commit that says it is durable must make it so).

@@ -35,7 +35,10 @@ use crate::fs::core::{Attr, Caller, SetAttr, TimeSet, Vfs};
 use crate::pool::meta::{NodeKind, Timestamp};
 
 /// How long the kernel may cache attributes and entries. Every change passes
-/// through this daemon, so the kernel's copy only goes stale through us.
+/// through this daemon, so the kernel's copy only goes stale through us: the
+/// kernel drops what its own requests change (size, times and allocation
+/// after a write, truncate or fallocate), and the daemon invalidates what it
+/// changes on its own ([`crate::fs::core::KernelCache`]).
 const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
@@ -43,16 +46,27 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub struct FuseFs {
     vfs: Arc<Vfs>,
     writeback_cache: bool,
+    direct_members: bool,
 }
 
 impl FuseFs {
     /// `writeback_cache`: let the kernel gather writes in its page cache (faster
     /// small and sequential writes; data reaches the daemon at writeback or fsync).
-    pub fn new(vfs: Arc<Vfs>, writeback_cache: bool) -> FuseFs {
+    /// `direct_members`: serve reads and writes of `O_DIRECT` opens with
+    /// `O_DIRECT` member I/O where aligned (no second copy of a VM's disk in
+    /// the host's page cache).
+    pub fn new(vfs: Arc<Vfs>, writeback_cache: bool, direct_members: bool) -> FuseFs {
         FuseFs {
             vfs,
             writeback_cache,
+            direct_members,
         }
+    }
+
+    /// Whether a request on a file opened with `flags` goes past the
+    /// members' page cache.
+    fn direct(&self, flags: OpenFlags) -> bool {
+        self.direct_members && flags.0 & libc::O_DIRECT != 0
     }
 }
 
@@ -63,6 +77,14 @@ impl crate::fs::core::KernelCache for Invalidator {
     fn inval_inode(&self, ino: u64) {
         if let Err(e) = self.0.inval_inode(INodeNo(ino), 0, 0) {
             tracing::debug!(ino, error = %e, "cannot invalidate the kernel's cache");
+        }
+    }
+
+    fn inval_attr(&self, ino: u64) {
+        // A negative offset: attributes only, no page is touched (so no
+        // page lock is waited for: safe while serving a request).
+        if let Err(e) = self.0.inval_inode(INodeNo(ino), -1, 0) {
+            tracing::debug!(ino, error = %e, "cannot invalidate the kernel's attributes");
         }
     }
 
@@ -205,14 +227,23 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
-/// Attributes of regular files are not cached: their allocation (`st_blocks`)
-/// changes with every write and `du` right after `fsync` must see it.
-fn attr_ttl(a: &Attr) -> Duration {
-    if a.kind == NodeKind::File {
-        Duration::ZERO
-    } else {
-        TTL
-    }
+/// The caller when it lacks `CAP_FSETID` (set-id bits must go when it
+/// changes a file's size); taken as "not root", the request carries no
+/// capabilities.
+fn unprivileged(req: &Request) -> Option<Caller> {
+    (req.uid() != 0).then(|| caller(req))
+}
+
+/// The time the kernel may keep attributes. Regular files are cached too:
+/// with a TTL of zero every write cost two more round trips (a GETATTR for
+/// the kernel's size and mode check, then a GETXATTR of
+/// `security.capability` because each fresh attribute reply clears the
+/// kernel's "no set-id, no capability" inode flag). Their allocation
+/// (`st_blocks`) changes with writes: the kernel drops it after a direct or
+/// write-through write, and `fsync` drops it here, so that `du` right after
+/// `fsync` sees it.
+fn attr_ttl(_a: &Attr) -> Duration {
+    TTL
 }
 
 fn entry(reply: ReplyEntry, r: FsResult<Attr>) {
@@ -295,6 +326,19 @@ impl Filesystem for FuseFs {
         let _ = config.set_max_background(64);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        // O_DIRECT requests submitted asynchronously (libaio, io_uring: a
+        // VM's queue) reach the daemon together; without it the kernel
+        // serves them one at a time.
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        // Set-id bits are cleared here on write and truncate (the kernel
+        // says when: FUSE_WRITE_KILL_SUIDGID, or a size change by a caller
+        // without CAP_FSETID), so the kernel sends no GETXATTR of
+        // `security.capability` before each write (it marks the
+        // superblock SB_NOSEC). vpool stores no file capability it would
+        // have to drop: `security.*` xattrs are kept as given.
+        if let Err(e) = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2) {
+            tracing::debug!(unsupported = ?e, "the kernel does not offer FUSE_HANDLE_KILLPRIV_V2");
+        }
         if self.writeback_cache {
             let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
         }
@@ -325,7 +369,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -354,7 +398,10 @@ impl Filesystem for FuseFs {
         if let Some(n) = size {
             t = t.size(n);
         }
-        attr(reply, t.run(|| self.vfs.setattr(ino.0, s)));
+        attr(
+            reply,
+            t.run(|| self.vfs.setattr_as(ino.0, s, unprivileged(req))),
+        );
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -484,27 +531,28 @@ impl Filesystem for FuseFs {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let direct = self.direct(flags);
         let r = Traced::new("read")
             .ino(ino.0)
             .fh(fh.0)
             .size(size as u64)
-            .run(|| self.vfs.read(fh.0, offset, size));
+            .run(|| self.vfs.read_io(fh.0, offset, size, direct));
         data(reply, r);
     }
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        write_flags: WriteFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -512,7 +560,15 @@ impl Filesystem for FuseFs {
             .ino(ino.0)
             .fh(fh.0)
             .size(data.len() as u64)
-            .run(|| self.vfs.write(fh.0, offset, data));
+            .run(|| {
+                if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+                    && self.vfs.kill_setid(ino.0, caller(req))?
+                {
+                    // The kernel keeps the mode it cached: drop it.
+                    self.vfs.inval_kernel_attr(ino.0);
+                }
+                self.vfs.write_io(fh.0, offset, data, self.direct(flags))
+            });
         written(reply, r);
     }
 
@@ -561,6 +617,8 @@ impl Filesystem for FuseFs {
             .ino(ino.0)
             .fh(fh.0)
             .run(|| self.vfs.fsync(fh.0, datasync));
+        // The allocation is now what `stat` must count (attributes are cached).
+        self.vfs.inval_kernel_attr(ino.0);
         empty(reply, r);
     }
 
@@ -717,7 +775,7 @@ impl Filesystem for FuseFs {
         });
         match r {
             Ok((a, fh)) => reply.created(
-                &Duration::ZERO,
+                &attr_ttl(&a),
                 &file_attr(&a),
                 Generation(0),
                 FileHandle(fh),

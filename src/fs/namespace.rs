@@ -27,6 +27,20 @@ use crate::error::{FsError, FsResult};
 use crate::pool::meta::NodeKind;
 use crate::volume::Volume;
 
+/// `mode` of a file with group `gid` after a write or truncate by `caller`,
+/// who lacks `CAP_FSETID`: set-user-ID goes; set-group-ID goes when group
+/// execute is set (without it the bit marks mandatory locking and stays)
+/// or when the caller is not of the file's group (the kernel's
+/// `setattr_should_drop_sgid`; only the caller's primary group is known
+/// here, so a member through a supplementary group loses the bit too).
+pub(crate) fn mode_without_setid(mode: u32, gid: u32, caller: Caller) -> u32 {
+    let mut m = mode & !libc::S_ISUID;
+    if m & libc::S_ISGID != 0 && (m & libc::S_IXGRP != 0 || caller.gid != gid) {
+        m &= !libc::S_ISGID;
+    }
+    m
+}
+
 /// Longest symlink target.
 const SYMLINK_MAX: usize = 4096;
 
@@ -137,6 +151,19 @@ impl Live<'_> {
     }
 
     pub(crate) fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
+        self.setattr_as(ino, s, None)
+    }
+
+    /// [`Live::setattr`] for `caller`, who lacks `CAP_FSETID` when given: a
+    /// size change then clears the set-id bits of a regular file, as the
+    /// kernel's truncate does (with `FUSE_HANDLE_KILLPRIV_V2` the kernel
+    /// leaves this to the filesystem).
+    pub(crate) fn setattr_as(
+        &self,
+        ino: u64,
+        s: SetAttr,
+        caller: Option<Caller>,
+    ) -> FsResult<Attr> {
         self.writable()?;
         let _g = self.gate.read();
         let node = self.ns.read().node(ino)?;
@@ -146,6 +173,13 @@ impl Live<'_> {
         }
         {
             let mut m = node.meta.lock();
+            if let Some(c) = caller
+                && s.size.is_some()
+                && s.mode.is_none()
+                && m.kind == NodeKind::File
+            {
+                m.mode = mode_without_setid(m.mode, m.gid, c);
+            }
             if let Some(mode) = s.mode {
                 m.mode = mode & 0o7777;
             }
@@ -173,6 +207,26 @@ impl Live<'_> {
         }
         node.touch();
         Ok(self.attr_of(&node))
+    }
+
+    /// Before a write by `caller`, who lacks `CAP_FSETID` (the kernel says so
+    /// with `FUSE_WRITE_KILL_SUIDGID`): clears the set-id bits of a regular
+    /// file, as the kernel's `file_remove_privs` does. Whether the mode
+    /// changed (the kernel's cached attributes are then stale).
+    pub(crate) fn kill_setid(&self, ino: u64, caller: Caller) -> FsResult<bool> {
+        let node = self.ns.read().node(ino)?;
+        let changed = {
+            let mut m = node.meta.lock();
+            let mode = mode_without_setid(m.mode, m.gid, caller);
+            if m.kind != NodeKind::File || mode == m.mode {
+                return Ok(false);
+            }
+            m.mode = mode;
+            m.ctime = self.now();
+            true
+        };
+        node.touch();
+        Ok(changed)
     }
 
     pub(crate) fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {

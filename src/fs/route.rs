@@ -102,9 +102,24 @@ impl Vfs {
     }
 
     pub fn setattr(&self, ino: u64, s: SetAttr) -> FsResult<Attr> {
+        self.setattr_as(ino, s, None)
+    }
+
+    /// [`Vfs::setattr`] by `caller`, who lacks `CAP_FSETID` when given: a
+    /// size change then clears the file's set-id bits.
+    pub fn setattr_as(&self, ino: u64, s: SetAttr, caller: Option<Caller>) -> FsResult<Attr> {
         match self.live_or_snap(ino) {
-            Ok(live) => live.setattr(ino, s),
+            Ok(live) => live.setattr_as(ino, s, caller),
             Err(_) => Err(FsError::ReadOnly),
+        }
+    }
+
+    /// Clears the set-id bits of a file before a write by `caller`, who
+    /// lacks `CAP_FSETID`. Whether the mode changed.
+    pub fn kill_setid(&self, ino: u64, caller: Caller) -> FsResult<bool> {
+        match self.live_or_snap(ino) {
+            Ok(live) => live.kill_setid(ino, caller),
+            Err(_) => Ok(false),
         }
     }
 
@@ -256,15 +271,27 @@ impl Vfs {
     }
 
     pub fn read(&self, fh: u64, off: u64, len: u32) -> FsResult<Vec<u8>> {
+        self.read_io(fh, off, len, false)
+    }
+
+    /// [`Vfs::read`] for an `O_DIRECT` open when `direct`: aligned member
+    /// reads bypass the host's page cache (no double caching under a VM
+    /// with `cache=none`).
+    pub fn read_io(&self, fh: u64, off: u64, len: u32, direct: bool) -> FsResult<Vec<u8>> {
         match self.by_handle(fh) {
-            Ok(live) => live.read(fh, off, len),
+            Ok(live) => live.read_io(fh, off, len, direct),
             Err(snap) => snap.read(fh, off, len),
         }
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_io(fh, off, data, false)
+    }
+
+    /// [`Vfs::write`] for an `O_DIRECT` open when `direct` (see [`Vfs::read_io`]).
+    pub fn write_io(&self, fh: u64, off: u64, data: &[u8], direct: bool) -> FsResult<u32> {
         match self.by_handle(fh) {
-            Ok(live) => live.write(fh, off, data),
+            Ok(live) => live.write_io(fh, off, data, direct),
             Err(_) => self.writable().and(Err(FsError::BadHandle)),
         }
     }

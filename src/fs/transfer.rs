@@ -141,9 +141,11 @@ impl Vfs {
             return Err(FsError::Message(format!("{name} cannot be its own base")));
         }
         let Some(tok) = resume else {
-            return self
+            let r = self
                 .snaps
-                .send(rec.id, base_rec.map(|b| b.id), out, progress);
+                .send(rec.id, base_rec.as_ref().map(|b| b.id), out, progress)?;
+            self.note_sent(&rec, &r);
+            return Ok(r);
         };
         let token = format::token_decode(tok).map_err(FsError::Message)?;
         if token.snapshot != self.snaps.identity(&rec) {
@@ -166,7 +168,45 @@ impl Vfs {
             ));
         }
         r.bytes = w.seen - token.offset;
+        self.note_sent(&rec, &r);
         Ok(r)
+    }
+
+    /// Records a completed send in the operational record (`vpool status`
+    /// shows the newest snapshot that left the pool) and as an event.
+    fn note_sent(&self, rec: &crate::snapshot::SnapshotRecord, r: &SendReport) {
+        use crate::pool::info::{KEY_SENT, SentRecord, Severity};
+        let newer = self
+            .pool
+            .info
+            .get::<SentRecord>(KEY_SENT)
+            .is_none_or(|s| s.created <= rec.created.secs);
+        if newer {
+            self.pool.info.put(
+                KEY_SENT,
+                &SentRecord {
+                    snapshot: rec.name.clone(),
+                    created: rec.created.secs,
+                    base: r.base.clone(),
+                    at: self.pool.storage().now().0,
+                    bytes: r.bytes,
+                },
+            );
+        }
+        self.pool.emit(
+            "snapshot_sent",
+            Severity::Info,
+            None,
+            format!(
+                "snapshot {} sent{}: {}",
+                rec.name,
+                r.base
+                    .as_ref()
+                    .map(|b| format!(" from {b}"))
+                    .unwrap_or_default(),
+                crate::util::human(r.bytes)
+            ),
+        );
     }
 
     /// Receives a stream from `input` as a new snapshot (named `name`, or

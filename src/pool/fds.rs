@@ -47,11 +47,13 @@ impl FdCache {
         }
     }
 
-    /// A cache sized for the process's descriptor limit `limit`: half of what
-    /// is left after [`FD_RESERVE`] (the other half is for deltas being read
-    /// or written and for files opened while the cache is full).
+    /// A cache sized for the process's descriptor limit `limit`: a quarter
+    /// of what is left after [`FD_RESERVE`], each entry holding up to two
+    /// descriptors (the other half is for deltas being read or written and
+    /// for files opened while the cache is full).
     pub fn for_limit(limit: u64) -> FdCache {
-        let n = (limit.saturating_sub(FD_RESERVE) / 2).clamp(SHARDS as u64, MAX_CACHED);
+        // A quarter: each cached file may hold a second, O_DIRECT descriptor.
+        let n = (limit.saturating_sub(FD_RESERVE) / 4).clamp(SHARDS as u64, MAX_CACHED);
         FdCache::new(n as usize)
     }
 
@@ -144,7 +146,7 @@ mod tests {
     }
 
     fn h(f: std::io::Result<File>) -> std::io::Result<Handle> {
-        f.map(|f| Arc::new(RealFile(f)) as Handle)
+        f.map(|f| Arc::new(RealFile::new(f)) as Handle)
     }
 
     #[test]

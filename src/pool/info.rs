@@ -37,6 +37,8 @@ pub const KEY_INTEGRITY: &str = "integrity";
 pub const KEY_SCRUB: &str = "scrub";
 pub const KEY_HOLDS: &str = "holds";
 pub const KEY_CAPTURE: &str = "capture";
+/// The newest snapshot sent out of the pool ([`SentRecord`]).
+pub const KEY_SENT: &str = "sent";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +89,20 @@ pub struct ScrubRecord {
     pub repaired: u64,
     pub unrecoverable: u64,
     pub io_errors: u64,
+}
+
+/// The newest snapshot that left the pool: a send of it completed (the
+/// whole stream written; whether it was kept at the other end is the
+/// receiver's to say).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SentRecord {
+    pub snapshot: String,
+    /// Its creation time (seconds): newer snapshots replace older ones here.
+    pub created: i64,
+    pub base: Option<String>,
+    /// When the send completed (seconds).
+    pub at: i64,
+    pub bytes: u64,
 }
 
 /// The last snapshot capture, as recorded when it completed.

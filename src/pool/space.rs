@@ -166,6 +166,9 @@ pub struct PoolStatus {
     /// The last snapshot capture's speed.
     #[serde(default)]
     pub last_capture: Option<info::CaptureRecord>,
+    /// The newest snapshot sent out of the pool.
+    #[serde(default)]
+    pub last_sent: Option<info::SentRecord>,
     /// Where the daemon logs (a file, or `journal`).
     #[serde(default)]
     pub log: Option<String>,
@@ -455,6 +458,7 @@ impl Pool {
             newest_snapshot: None,
             snapshots: 0,
             last_capture: self.info.get(info::KEY_CAPTURE),
+            last_sent: self.info.get(info::KEY_SENT),
             log: None,
             healthy: false,
             problems: Vec::new(),

@@ -192,6 +192,7 @@ impl SnapshotStore {
         let mut stored = 0u64;
         let mut members_used = BTreeSet::new();
         let bs = self.bs;
+        let mut frames = crate::stream::format::Frames::new().map_err(stream_err)?;
         loop {
             let r = dec
                 .next_record()
@@ -245,21 +246,9 @@ impl SnapshotStore {
                     frame,
                 } => {
                     let want = u64::from(count) * bs;
-                    match zstd::zstd_safe::get_frame_content_size(&frame) {
-                        Ok(Some(n)) if n == want => {}
-                        _ => {
-                            return Err(stream_err(format!(
-                                "data at block {start}: the frame does not hold {count} blocks"
-                            )));
-                        }
-                    }
-                    let data = zstd::bulk::decompress(&frame, want as usize)
+                    frames
+                        .decompress(&frame, want as usize)
                         .map_err(|e| stream_err(format!("data at block {start}: {e}")))?;
-                    if data.len() as u64 != want {
-                        return Err(stream_err(format!(
-                            "data at block {start}: the frame does not hold {count} blocks"
-                        )));
-                    }
                     let w = self.writer(&mut open, id, parent)?;
                     w.add_raw(start, count, &frame, crc)
                         .map_err(|e| ReceiveError::from(delta_err(e)))?;

@@ -120,6 +120,11 @@ pub enum Alloc {
     ZeroRange,
 }
 
+/// Alignment of the offsets, lengths and buffer addresses of
+/// [`FileIo::read_direct_at`] and [`FileIo::write_direct_at`]: the largest
+/// logical block size of the disks members sit on.
+pub const DIRECT_ALIGN: usize = 4096;
+
 /// An open file of a member.
 pub trait FileIo: Send + Sync + Debug {
     /// Reads at `off`; fewer bytes only at the end of the file.
@@ -159,6 +164,48 @@ pub trait FileIo: Send + Sync + Debug {
 
     /// A hint that `[off, off+len)` will be read soon (readahead).
     fn will_need(&self, _off: u64, _len: u64) {}
+
+    /// [`FileIo::read_at`] past the host's page cache (`O_DIRECT`) where
+    /// the storage can; `buf`'s address and length and `off` are multiples
+    /// of [`DIRECT_ALIGN`]. Storage without it (or a filesystem that
+    /// refuses `O_DIRECT`) reads through the cache: the bytes are the same.
+    fn read_direct_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.read_at(buf, off)
+    }
+
+    /// [`FileIo::write_at`] past the host's page cache, as
+    /// [`FileIo::read_direct_at`]. Durability is unchanged: the data is
+    /// durable after [`FileIo::sync_data`], as with a cached write.
+    fn write_direct_at(&self, buf: &[u8], off: u64) -> io::Result<usize> {
+        self.write_at(buf, off)
+    }
+
+    /// [`FileIo::write_all_at`] through [`FileIo::write_direct_at`].
+    fn write_direct_all_at(&self, mut buf: &[u8], mut off: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.write_direct_at(buf, off) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "failed to write whole buffer",
+                    ));
+                }
+                // A short direct write ends on an aligned boundary (the
+                // device took whole sectors), so the rest stays aligned;
+                // else the rest goes through the cache.
+                Ok(n) if n % DIRECT_ALIGN != 0 => {
+                    return self.write_all_at(&buf[n..], off + n as u64);
+                }
+                Ok(n) => {
+                    buf = &buf[n..];
+                    off += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 
     fn read_exact_at(&self, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
         while !buf.is_empty() {

@@ -16,9 +16,53 @@ use crate::util::{PRIVATE_DIR_MODE, PRIVATE_FILE_MODE};
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RealStorage;
 
-/// An open host file.
+/// An open host file, and (opened on first use) a second descriptor of it
+/// with `O_DIRECT` for I/O past the page cache: `None` when the filesystem
+/// refuses `O_DIRECT` (then that I/O goes through the cache).
 #[derive(Debug)]
-pub struct RealFile(pub File);
+pub struct RealFile(pub File, std::sync::OnceLock<Option<File>>);
+
+impl RealFile {
+    pub fn new(f: File) -> RealFile {
+        RealFile(f, std::sync::OnceLock::new())
+    }
+
+    /// The `O_DIRECT` descriptor: the same file reopened through
+    /// `/proc/self/fd` (its own open file description, same access mode).
+    fn direct(&self) -> Option<&File> {
+        self.1
+            .get_or_init(|| {
+                let fd = self.0.as_raw_fd();
+                // SAFETY: F_GETFL on a descriptor we own; no pointer passed.
+                let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+                if fl < 0 {
+                    return None;
+                }
+                let write = fl & libc::O_ACCMODE != libc::O_RDONLY;
+                let r = OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+                    .open(format!("/proc/self/fd/{fd}"));
+                match r {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no O_DIRECT for a member file: cached I/O");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+}
+
+/// Whether `buf` and `off` suit `O_DIRECT` (see [`super::DIRECT_ALIGN`]).
+fn direct_aligned(buf: &[u8], off: u64) -> bool {
+    let a = super::DIRECT_ALIGN;
+    (buf.as_ptr() as usize).is_multiple_of(a)
+        && buf.len().is_multiple_of(a)
+        && off.is_multiple_of(a as u64)
+}
 
 fn cstr(path: &Path) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(path.as_os_str().as_bytes())
@@ -101,6 +145,27 @@ impl FileIo for RealFile {
 
     fn allocated_ranges(&self, lo: u64, hi: u64) -> io::Result<Option<Vec<(u64, u64)>>> {
         fiemap_ranges(&self.0, lo, hi)
+    }
+
+    fn read_direct_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        match self.direct() {
+            Some(d) if direct_aligned(buf, off) => match d.read_at(buf, off) {
+                // A filesystem may refuse an alignment it does not take.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.0.read_at(buf, off),
+                r => r,
+            },
+            _ => self.0.read_at(buf, off),
+        }
+    }
+
+    fn write_direct_at(&self, buf: &[u8], off: u64) -> io::Result<usize> {
+        match self.direct() {
+            Some(d) if direct_aligned(buf, off) => match d.write_at(buf, off) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.0.write_at(buf, off),
+                r => r,
+            },
+            _ => self.0.write_at(buf, off),
+        }
     }
 
     fn will_need(&self, off: u64, len: u64) {
@@ -222,7 +287,7 @@ impl Storage for RealStorage {
                 f.set_permissions(fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
             }
         }
-        Ok(Arc::new(RealFile(f)))
+        Ok(Arc::new(RealFile::new(f)))
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {

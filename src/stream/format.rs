@@ -776,6 +776,41 @@ fn read_full(r: &mut impl std::io::Read, buf: &mut [u8], what: &str) -> Result<(
     Ok(())
 }
 
+/// Decompresses data frames with one zstd context and one buffer, reused:
+/// a context made per frame cost more than decompressing a 64 KiB frame.
+pub struct Frames {
+    dctx: zstd::bulk::Decompressor<'static>,
+    buf: Vec<u8>,
+}
+
+impl Frames {
+    pub fn new() -> Result<Self, String> {
+        Ok(Frames {
+            dctx: zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The `want` bytes `frame` holds: its header must declare exactly that
+    /// many (checked before anything is allocated for them).
+    pub fn decompress(&mut self, frame: &[u8], want: usize) -> Result<&[u8], String> {
+        match zstd::zstd_safe::get_frame_content_size(frame) {
+            Ok(Some(n)) if n == want as u64 => {}
+            _ => return Err(format!("the frame does not declare {want} bytes")),
+        }
+        self.buf.clear();
+        self.buf.reserve(want);
+        let n = self
+            .dctx
+            .decompress_to_buffer(frame, &mut self.buf)
+            .map_err(|e| format!("zstd: {e}"))?;
+        if n != want {
+            return Err(format!("the frame holds {n} bytes, not {want}"));
+        }
+        Ok(&self.buf)
+    }
+}
+
 /// Checks the order and the bounds of a stream's records, as it is read:
 /// every consumer runs one, so that a crafted stream cannot make a receive
 /// or a restore write outside a file or build a tree that does not hold.

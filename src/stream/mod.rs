@@ -40,6 +40,7 @@ pub fn verify(r: impl Read) -> Result<StreamSummary, String> {
     let mut check = Checker::default();
     let mut s = StreamSummary::default();
     let mut begin: Option<Begin> = None;
+    let mut frames = format::Frames::new()?;
     while let Some(rec) = dec.next_record()? {
         check.check(&rec)?;
         match &rec {
@@ -63,14 +64,9 @@ pub fn verify(r: impl Read) -> Result<StreamSummary, String> {
             } => {
                 let bs = begin.as_ref().map_or(0, |b| b.block_size as usize);
                 let want = *count as usize * bs;
-                match zstd::bulk::decompress(frame, want) {
-                    Ok(d) if d.len() == want => {}
-                    _ => {
-                        return Err(format!(
-                            "data at block {start}: the frame does not hold {count} blocks"
-                        ));
-                    }
-                }
+                frames
+                    .decompress(frame, want)
+                    .map_err(|e| format!("data at block {start}: {e}"))?;
                 s.data_blocks += u64::from(*count);
             }
             Record::Zero { count, .. } => s.zero_blocks += count,

@@ -21,6 +21,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::format::{Checker, Decoder, Identity, Inode, InodeKind, Record};
 
@@ -76,101 +77,124 @@ pub fn restore(
     let mut prev: Option<Identity> = None;
     let mut tree: Tree = Default::default();
     let mut read_before = 0u64;
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
     for (label, r) in streams.iter_mut() {
         let mut dec = Decoder::new(std::io::BufReader::with_capacity(1 << 20, r))
             .map_err(|e| format!("{label}: {e}"))?;
         let mut check = Checker::default();
         let mut inodes = BTreeMap::new();
         let mut dirents = BTreeMap::new();
-        let mut file: Option<(File, u64)> = None;
+        let mut file: Option<(std::sync::Arc<File>, u64)> = None;
         let mut bs = 0u64;
-        let mut n = 0u64;
-        while let Some(rec) = dec.next_record().map_err(|e| format!("{label}: {e}"))? {
-            check.check(&rec).map_err(|e| format!("{label}: {e}"))?;
-            match rec {
-                Record::Begin(b) => {
-                    match (&prev, b.incremental) {
-                        (None, true) => {
-                            return Err(format!(
-                                "{label} is an incremental stream: the chain must start with a full one"
-                            ));
-                        }
-                        (Some(p), true) if *p != b.base => {
-                            return Err(format!(
-                                "{label} is based on {}, not on the stream before it ({})",
-                                super::ident_text(&b.base),
-                                super::ident_text(p)
-                            ));
-                        }
-                        (Some(_), false) => {
-                            return Err(format!(
-                                "{label} is a full stream: only the first of a chain can be"
-                            ));
-                        }
-                        _ => {}
-                    }
-                    bs = u64::from(b.block_size);
-                    prev = Some(b.snapshot);
-                    s.snapshot = b.name.clone();
-                }
-                Record::Inode(i) => {
-                    inodes.insert(i.ino, i);
-                }
-                Record::Dirent {
-                    parent,
-                    name,
-                    child,
-                } => {
-                    dirents.insert((parent, name), child);
-                }
-                Record::File { ino, size } => {
-                    let path = staging.join(ino.to_string());
-                    // A file this stream's base did not have as a file starts empty.
-                    let fresh = !matches!(tree.0.get(&ino), Some(i) if i.kind == InodeKind::File);
-                    let f = OpenOptions::new()
-                        .create(true)
-                        .truncate(fresh)
-                        .read(true)
-                        .write(true)
-                        .open(&path)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
-                    f.set_len(size)
-                        .map_err(|e| format!("{}: {e}", path.display()))?;
-                    file = Some((f, size));
-                }
-                Record::Data {
-                    start,
-                    count,
-                    frame,
-                    ..
-                } => {
-                    let (f, size) = file.as_ref().ok_or("data outside a file")?;
-                    let want = count as usize * bs as usize;
-                    let data = zstd::bulk::decompress(&frame, want)
-                        .map_err(|e| format!("{label}: data at block {start}: {e}"))?;
-                    if data.len() != want {
-                        return Err(format!(
-                            "{label}: data at block {start} does not hold {count} blocks"
-                        ));
-                    }
-                    let off = start * bs;
-                    let len = (size.saturating_sub(off) as usize).min(want);
-                    f.write_all_at(&data[..len], off)
-                        .map_err(|e| format!("writing {}: {e}", dest.display()))?;
-                    s.data_bytes += len as u64;
-                }
-                Record::Zero { start, count } | Record::Hole { start, count } => {
-                    let (f, size) = file.as_ref().ok_or("data outside a file")?;
-                    let off = start * bs;
-                    let len = (count * bs).min(size.saturating_sub(off));
-                    clear(f, off, len).map_err(|e| format!("writing {}: {e}", dest.display()))?;
-                }
-                Record::End { .. } | Record::Resume(_) => {}
+        // Frames are decompressed and written by `workers` threads (the
+        // decompression is most of the CPU time); runs of one stream never
+        // overlap, and the scope ends (every write done) before the next
+        // stream, whose runs may rewrite these, starts.
+        let failed: Mutex<Option<String>> = Mutex::new(None);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(workers * 8);
+        let rx = Mutex::new(rx);
+        std::thread::scope(|sc| -> Result<(), String> {
+            // Owned here: dropped when this closure returns, which ends the writers.
+            let tx = tx;
+            for _ in 0..workers {
+                sc.spawn(|| write_frames(&rx, &failed, dest));
             }
-            n += 1;
-            if n.is_multiple_of(64) {
-                progress(read_before + dec.offset);
+            let mut n = 0u64;
+            while let Some(rec) = dec.next_record().map_err(|e| format!("{label}: {e}"))? {
+                check.check(&rec).map_err(|e| format!("{label}: {e}"))?;
+                match rec {
+                    Record::Begin(b) => {
+                        match (&prev, b.incremental) {
+                            (None, true) => {
+                                return Err(format!(
+                                    "{label} is an incremental stream: the chain must start with a full one"
+                                ));
+                            }
+                            (Some(p), true) if *p != b.base => {
+                                return Err(format!(
+                                    "{label} is based on {}, not on the stream before it ({})",
+                                    super::ident_text(&b.base),
+                                    super::ident_text(p)
+                                ));
+                            }
+                            (Some(_), false) => {
+                                return Err(format!(
+                                    "{label} is a full stream: only the first of a chain can be"
+                                ));
+                            }
+                            _ => {}
+                        }
+                        bs = u64::from(b.block_size);
+                        prev = Some(b.snapshot);
+                        s.snapshot = b.name.clone();
+                    }
+                    Record::Inode(i) => {
+                        inodes.insert(i.ino, i);
+                    }
+                    Record::Dirent {
+                        parent,
+                        name,
+                        child,
+                    } => {
+                        dirents.insert((parent, name), child);
+                    }
+                    Record::File { ino, size } => {
+                        let path = staging.join(ino.to_string());
+                        // A file this stream's base did not have as a file starts empty.
+                        let fresh =
+                            !matches!(tree.0.get(&ino), Some(i) if i.kind == InodeKind::File);
+                        let f = OpenOptions::new()
+                            .create(true)
+                            .truncate(fresh)
+                            .read(true)
+                            .write(true)
+                            .open(&path)
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                        f.set_len(size)
+                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                        file = Some((std::sync::Arc::new(f), size));
+                    }
+                    Record::Data {
+                        start,
+                        count,
+                        frame,
+                        ..
+                    } => {
+                        let (f, size) = file.as_ref().ok_or("data outside a file")?;
+                        let want = count as usize * bs as usize;
+                        let off = start * bs;
+                        let len = (size.saturating_sub(off) as usize).min(want);
+                        s.data_bytes += len as u64;
+                        tx.send(Job {
+                            file: f.clone(),
+                            off,
+                            start,
+                            len,
+                            want,
+                            frame,
+                        })
+                        .map_err(|_| "the restore's writers stopped".to_string())?;
+                    }
+                    Record::Zero { start, count } | Record::Hole { start, count } => {
+                        let (f, size) = file.as_ref().ok_or("data outside a file")?;
+                        let off = start * bs;
+                        let len = (count * bs).min(size.saturating_sub(off));
+                        clear(f, off, len)
+                            .map_err(|e| format!("writing {}: {e}", dest.display()))?;
+                    }
+                    Record::End { .. } | Record::Resume(_) => {}
+                }
+                n += 1;
+                if n.is_multiple_of(64) {
+                    progress(read_before + dec.offset);
+                }
             }
+            Ok(())
+        })?;
+        if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(format!("{label}: {e}"));
         }
         if !check.complete() {
             return Err(format!("{label}: the stream has no end record"));
@@ -184,6 +208,52 @@ pub fn restore(
     s.seconds = t0.elapsed().as_secs_f64();
     progress(read_before);
     Ok(s)
+}
+
+/// One data frame to write: its `want` decompressed bytes, the first `len`
+/// of them at `off` of `file`.
+struct Job {
+    file: std::sync::Arc<File>,
+    off: u64,
+    /// Its first block, for messages.
+    start: u64,
+    len: usize,
+    want: usize,
+    frame: Vec<u8>,
+}
+
+/// A writer thread: decompresses and writes jobs until the channel closes;
+/// the first error is kept in `failed` (the rest of the jobs are dropped).
+fn write_frames(
+    rx: &Mutex<std::sync::mpsc::Receiver<Job>>,
+    failed: &Mutex<Option<String>>,
+    dest: &Path,
+) {
+    let fail = |e: String| {
+        let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            *f = Some(e);
+        }
+    };
+    let mut frames = match super::format::Frames::new() {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    loop {
+        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok(j) = job else { return };
+        if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            continue;
+        }
+        match frames.decompress(&j.frame, j.want) {
+            Ok(data) => {
+                if let Err(e) = j.file.write_all_at(&data[..j.len], j.off) {
+                    fail(format!("writing {}: {e}", dest.display()));
+                }
+            }
+            Err(e) => fail(format!("data at block {}: {e}", j.start)),
+        }
+    }
 }
 
 /// Makes `[off, off+len)` of `f` read as zeros without writing them: a hole

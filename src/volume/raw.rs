@@ -4,10 +4,11 @@
 //!
 //! Invariant: past a member file's end is a hole, and reads as zeros.
 
+use std::alloc::{Layout, handle_alloc_error};
 use std::io;
 
 use crate::error::{FsError, FsResult};
-use crate::storage::Handle;
+use crate::storage::{DIRECT_ALIGN, Handle};
 
 /// The data ranges of `f` within `[lo, hi)` by SEEK_DATA/SEEK_HOLE.
 pub(super) fn seek_data_ranges(f: &Handle, lo: u64, hi: u64) -> io::Result<Vec<(u64, u64)>> {
@@ -41,6 +42,90 @@ pub(super) fn widen_merge(
         }
     }
     out
+}
+
+/// A zeroed heap buffer aligned to [`DIRECT_ALIGN`], for `O_DIRECT` member
+/// I/O: FUSE hands the daemon data at no particular address, and replies are
+/// `Vec`s, so aligned requests are copied through one of these.
+pub(super) struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: the buffer is plain bytes owned by this value alone.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// `len` bytes (more than 0) of zeros.
+    pub(super) fn zeroed(len: usize) -> AlignedBuf {
+        let layout = Layout::from_size_align(len.max(1), DIRECT_ALIGN)
+            .unwrap_or_else(|_| handle_alloc_error(Layout::new::<u8>()));
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        match std::ptr::NonNull::new(ptr) {
+            Some(ptr) => AlignedBuf { ptr, layout },
+            None => handle_alloc_error(layout),
+        }
+    }
+
+    /// A copy of `data` (more than 0 bytes).
+    pub(super) fn copy_of(data: &[u8]) -> AlignedBuf {
+        let mut b = AlignedBuf::zeroed(data.len());
+        b.as_mut_slice().copy_from_slice(data);
+        b
+    }
+
+    pub(super) fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live allocation of `layout.size()` initialised
+        // (zeroed) bytes, borrowed for as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+
+    pub(super) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// Whether a piece at `off` of `len` bytes may go to a member with
+/// `O_DIRECT` (through an [`AlignedBuf`]).
+pub(super) fn direct_fits(off: u64, len: usize) -> bool {
+    len > 0 && off.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN)
+}
+
+/// [`read_full`], past the page cache when `direct` and the range is
+/// aligned (read into an aligned buffer, then copied to `dst`).
+pub(super) fn read_full_io(f: &Handle, dst: &mut [u8], off: u64, direct: bool) -> FsResult<()> {
+    if !direct || !direct_fits(off, dst.len()) {
+        return read_full(f, dst, off);
+    }
+    let mut b = AlignedBuf::zeroed(dst.len());
+    let buf = b.as_mut_slice();
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_direct_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            // A short read ends the file, or leaves an unaligned rest:
+            // that goes through the cache.
+            Ok(n) if n % DIRECT_ALIGN != 0 => {
+                done += n;
+                dst[..done].copy_from_slice(&buf[..done]);
+                return read_full(f, &mut dst[done..], off + done as u64);
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FsError::Io(e)),
+        }
+    }
+    dst.copy_from_slice(buf);
+    Ok(())
 }
 
 /// Fills `dst` from `f` at `off`; past the member file's end is a hole (zeros).

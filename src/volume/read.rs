@@ -13,7 +13,7 @@
 use std::sync::atomic::Ordering;
 
 use super::extent::Extent;
-use super::raw::{eio, map_write_err, read_full, seek_data_ranges, widen_merge};
+use super::raw::{eio, map_write_err, read_full_io, seek_data_ranges, widen_merge};
 use super::{Segment, Volume, pieces};
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
@@ -23,6 +23,19 @@ impl Volume {
     /// Reads `len` bytes at `off` of a file of `size` bytes; holes read as zeros.
     /// Each piece comes from the first copy that can be read.
     pub fn read(&self, pool: &Pool, off: u64, len: usize, size: u64) -> FsResult<Vec<u8>> {
+        self.read_io(pool, off, len, size, false)
+    }
+
+    /// [`Volume::read`]; with `direct` (an `O_DIRECT` open), the aligned
+    /// member reads bypass the host's page cache.
+    pub fn read_io(
+        &self,
+        pool: &Pool,
+        off: u64,
+        len: usize,
+        size: u64,
+        direct: bool,
+    ) -> FsResult<Vec<u8>> {
         if off >= size {
             return Ok(Vec::new());
         }
@@ -33,21 +46,17 @@ impl Volume {
                 continue;
             };
             let dst = &mut buf[p.buf_off..p.buf_off + p.len];
-            self.read_extent(pool, &ext, p.within, dst)?;
+            self.read_extent_with(pool, &ext, p.within, dst, true, direct)?;
         }
         Ok(buf)
     }
 
     /// Fills `dst` from the extent at `within`, verified against the block
     /// checksums: bad blocks are served from a good copy and rewritten.
-    fn read_extent(&self, pool: &Pool, ext: &Extent, within: u64, dst: &mut [u8]) -> FsResult<()> {
-        self.read_extent_with(pool, ext, within, dst, true)
-    }
-
-    /// [`Volume::read_extent`]; without `lock`, the caller guarantees that
-    /// nothing changes the blocks read meanwhile (a snapshot capture: writers
-    /// of blocks being captured wait in copy-before-write), so that a long
-    /// cold read holds no stripe other writers need.
+    /// Without `lock`, the caller guarantees that nothing changes the blocks
+    /// read meanwhile (a snapshot capture: writers of blocks being captured
+    /// wait in copy-before-write), so that a long cold read holds no stripe
+    /// other writers need. `direct`: see [`Volume::read_io`].
     fn read_extent_with(
         &self,
         pool: &Pool,
@@ -55,6 +64,7 @@ impl Volume {
         within: u64,
         dst: &mut [u8],
         lock: bool,
+        direct: bool,
     ) -> FsResult<()> {
         if dst.is_empty() {
             return Ok(());
@@ -71,13 +81,13 @@ impl Volume {
         let cur = self.get(ext.index);
         let ext: &Extent = cur.as_deref().unwrap_or(ext);
         let Some(exp) = self.expected(pool, ext, b0, b1) else {
-            return self.read_any(pool, ext, within, dst);
+            return self.read_any(pool, ext, within, dst, direct);
         };
         let bad = if within == b0 * bs && end == b1 * bs {
-            self.read_verified(pool, ext, b0, dst, &exp)?
+            self.read_verified(pool, ext, b0, dst, &exp, direct)?
         } else {
             let mut buf = vec![0u8; ((b1 - b0) * bs) as usize];
-            let bad = self.read_verified(pool, ext, b0, &mut buf, &exp)?;
+            let bad = self.read_verified(pool, ext, b0, &mut buf, &exp, direct)?;
             let at = (within - b0 * bs) as usize;
             dst.copy_from_slice(&buf[at..at + dst.len()]);
             bad
@@ -87,13 +97,15 @@ impl Volume {
         Ok(())
     }
 
-    /// Fills `dst` from the first copy that answers, unverified.
+    /// Fills `dst` from the first copy that answers, unverified (`direct`:
+    /// past the page cache where aligned).
     pub(super) fn read_any(
         &self,
         pool: &Pool,
         ext: &Extent,
         within: u64,
         dst: &mut [u8],
+        direct: bool,
     ) -> FsResult<()> {
         let mut last_err = Some(eio());
         for copy in 0..ext.copies.len() {
@@ -102,7 +114,7 @@ impl Volume {
             }
             match ext
                 .file(pool, self.ino, copy)
-                .and_then(|f| read_full(&f, dst, within))
+                .and_then(|f| read_full_io(&f, dst, within, direct))
             {
                 Ok(()) => return Ok(()),
                 Err(e) => {
@@ -127,12 +139,25 @@ impl Volume {
         b0: u64,
         buf: &mut [u8],
     ) -> FsResult<()> {
+        self.read_copy_io(pool, ext, copy, b0, buf, false)
+    }
+
+    /// [`Volume::read_copy`], past the page cache with `direct`.
+    fn read_copy_io(
+        &self,
+        pool: &Pool,
+        ext: &Extent,
+        copy: usize,
+        b0: u64,
+        buf: &mut [u8],
+        direct: bool,
+    ) -> FsResult<()> {
         if !pool.usable(ext.copies[copy].member) {
             return Err(eio());
         }
         let r = ext
             .file(pool, self.ino, copy)
-            .and_then(|f| read_full(&f, buf, b0 * self.bs));
+            .and_then(|f| read_full_io(&f, buf, b0 * self.bs, direct));
         if let Err(e) = &r {
             pool.integrity.io_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(ino = self.ino, extent = ext.index, copy, error = %e, "read of a copy failed");
@@ -145,6 +170,7 @@ impl Volume {
     /// the first copy that reads, each bad block from another copy whose block
     /// matches. Returns the blocks some copy of which needs a repair; a block
     /// with no good copy fails the read with EIO. The caller holds the stripes.
+    /// `direct`: the first read bypasses the page cache where aligned.
     pub(super) fn read_verified(
         &self,
         pool: &Pool,
@@ -152,13 +178,14 @@ impl Volume {
         b0: u64,
         buf: &mut [u8],
         exp: &[u32],
+        direct: bool,
     ) -> FsResult<Vec<u64>> {
         let bs = self.bs as usize;
         let n = ext.copies.len();
         let mut first = None;
         let mut last_err = None;
         for c in 0..n {
-            match self.read_copy(pool, ext, c, b0, buf) {
+            match self.read_copy_io(pool, ext, c, b0, buf, direct) {
                 Ok(()) => {
                     first = Some(c);
                     break;
@@ -304,10 +331,10 @@ impl Volume {
         let mut blk = vec![0u8; self.bs as usize];
         match self.expected(pool, ext, b, b + 1) {
             Some(exp) => {
-                let bad = self.read_verified(pool, ext, b, &mut blk, &exp)?;
+                let bad = self.read_verified(pool, ext, b, &mut blk, &exp, false)?;
                 self.repair_locked(pool, ext, &bad);
             }
-            None => self.read_any(pool, ext, b * self.bs, &mut blk)?,
+            None => self.read_any(pool, ext, b * self.bs, &mut blk, false)?,
         }
         Ok(blk)
     }
@@ -341,7 +368,7 @@ impl Volume {
                 out.push(((base + cur) / bs, (ds - cur) / bs, None));
             }
             let mut buf = vec![0u8; (de - ds) as usize];
-            self.read_extent_with(pool, &ext, ds, &mut buf, false)?;
+            self.read_extent_with(pool, &ext, ds, &mut buf, false, false)?;
             out.push(((base + ds) / bs, (de - ds) / bs, Some(buf)));
             cur = de;
         }

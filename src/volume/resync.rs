@@ -87,6 +87,7 @@ impl Volume {
                             b0,
                             &mut buf,
                             &t[b0 as usize..(b0 + len / bs) as usize],
+                            false,
                         )
                         .map(|bad| self.repair_locked(pool, &ext, &bad)),
                     None => Err(FsError::Invalid),
@@ -95,7 +96,7 @@ impl Volume {
                     // No table, or a block with no good copy: copy the bytes as
                     // they are (a damaged block stays detectably damaged).
                     buf.fill(0);
-                    self.read_any(pool, &ext, pos, &mut buf)?;
+                    self.read_any(pool, &ext, pos, &mut buf, false)?;
                 }
                 out.write_all_at(&buf, pos).map_err(map_write_err)?;
                 pos += len;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::extent::Extent;
-use super::raw::{fully_allocated, map_write_err};
+use super::raw::{AlignedBuf, direct_fits, fully_allocated, map_write_err};
 use super::{DeadExtent, Piece, Volume, pieces};
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
@@ -106,12 +106,29 @@ impl Volume {
 
     /// Writes `data` at `off` to every copy, placing new extents as needed.
     pub fn write(&self, pool: &Pool, off: u64, data: &[u8]) -> FsResult<()> {
+        self.write_io(pool, off, data, false)
+    }
+
+    /// [`Volume::write`]; with `direct` (an `O_DIRECT` open), pieces aligned
+    /// to [`crate::storage::DIRECT_ALIGN`] in offset and length go to the
+    /// members past their page cache, through an aligned copy; other pieces
+    /// go through the cache (the kernel keeps both views coherent). The
+    /// ordering rules are the same either way: intent record and
+    /// changed-block marks first, data next, and durability at the next
+    /// fdatasync of the extent.
+    pub fn write_io(&self, pool: &Pool, off: u64, data: &[u8], direct: bool) -> FsResult<()> {
         for p in pieces(self.esize, off, data.len()) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
             let piece = &data[p.buf_off..p.buf_off + p.len];
+            let aligned =
+                (direct && direct_fits(p.within, p.len)).then(|| AlignedBuf::copy_of(piece));
             self.change(pool, ext, &p, Some(Some(piece)), |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
-                f.write_all_at(piece, p.within).map_err(|e| {
+                match &aligned {
+                    Some(a) => f.write_direct_all_at(a.as_slice(), p.within),
+                    None => f.write_all_at(piece, p.within),
+                }
+                .map_err(|e| {
                     invalidate_space(pool, member);
                     map_write_err(e)
                 })

@@ -1,0 +1,272 @@
+//! What a hypervisor host relies on when the kernel caches attributes and the
+//! daemon handles kill-priv (issue 11): set-id bits cleared on write, truncate
+//! and `O_TRUNC` open by a caller without `CAP_FSETID` (and kept for root),
+//! attributes right at once after changes through another name or
+//! descriptor, and O_DIRECT reads and writes of aligned and unaligned pieces.
+//! All on a real mount; needs root (FUSE, setpriv).
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+
+use common::*;
+
+fn pool() -> Pool {
+    Pool::new(2, &["--extent-size", "1M"])
+}
+
+/// `sh -c SCRIPT` as uid/gid 65534, which must succeed.
+fn nobody_sh(script: &str, what: &str) {
+    let o = run_as_nobody("sh", &args!["-c", script]);
+    assert_success(&o, what);
+}
+
+fn sh_quote(p: &std::path::Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+#[test]
+fn unprivileged_write_truncate_and_o_trunc_clear_set_id_bits() {
+    let pool = pool();
+    let m = pool.mount_opts(&["allow_other"]);
+    let p = m.join("f");
+    fs::write(&p, b"0123456789").unwrap();
+
+    // Root (CAP_FSETID) keeps the bits on write, as on any filesystem.
+    chmod(&p, 0o6777);
+    write_at(&open_rw(&p), 0, b"R");
+    assert_eq!(mode_of(&p), 0o6777, "a root write cleared set-id bits");
+
+    // Another user's write clears set-user-ID, and set-group-ID with group
+    // execute; the new mode shows at once (the kernel caches attributes).
+    nobody_sh(
+        &format!(
+            "printf abcd | dd of={} conv=notrunc status=none",
+            sh_quote(&p)
+        ),
+        "write as nobody",
+    );
+    assert_eq!(mode_of(&p), 0o777, "write by nobody: set-id bits stay");
+    assert_eq!(&fs::read(&p).unwrap()[..6], b"abcd45", "written data");
+
+    // O_DIRECT write too.
+    chmod(&p, 0o4777);
+    nobody_sh(
+        &format!(
+            "dd if=/dev/zero of={} bs=4096 count=1 oflag=direct conv=notrunc status=none",
+            sh_quote(&p)
+        ),
+        "O_DIRECT write as nobody",
+    );
+    assert_eq!(mode_of(&p), 0o777, "O_DIRECT write by nobody: setuid stays");
+
+    // Truncate.
+    chmod(&p, 0o4777);
+    nobody_sh(&format!("truncate -s 100 {}", sh_quote(&p)), "truncate");
+    assert_eq!(mode_of(&p), 0o777, "truncate by nobody: setuid stays");
+    assert_eq!(len_of(&p), 100);
+
+    // Open with O_TRUNC.
+    chmod(&p, 0o6777);
+    nobody_sh(&format!(": > {}", sh_quote(&p)), "O_TRUNC open");
+    assert_eq!(
+        mode_of(&p),
+        0o777,
+        "O_TRUNC open by nobody: set-id bits stay"
+    );
+    assert_eq!(len_of(&p), 0);
+
+    // Set-group-ID without group execute marks mandatory locking: a writer
+    // of the file's group keeps it (set-user-ID still goes).
+    let q = m.join("g");
+    fs::write(&q, b"x").unwrap();
+    chown(&q, None, Some(65534));
+    chmod(&q, 0o6766);
+    nobody_sh(
+        &format!("printf y | dd of={} conv=notrunc status=none", sh_quote(&q)),
+        "write as nobody to a file of its group",
+    );
+    assert_eq!(mode_of(&q), 0o2766, "sgid without group execute");
+
+    // Root's truncate keeps the bits.
+    chmod(&p, 0o6777);
+    OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    assert_eq!(mode_of(&p), 0o6777, "a root truncate cleared set-id bits");
+
+    // Durable: the cleared mode is what the pool holds.
+    chmod(&p, 0o4777);
+    nobody_sh(
+        &format!("printf z | dd of={} conv=notrunc status=none", sh_quote(&p)),
+        "write as nobody",
+    );
+    drop(m);
+    let m = pool.mount();
+    assert_eq!(mode_of(&m.join("f")), 0o777, "mode after remount");
+    assert_eq!(mode_of(&m.join("g")), 0o2766, "mode after remount");
+}
+
+/// With attributes cached by the kernel, a change through one name or
+/// descriptor shows at once through every other.
+#[test]
+fn cached_attributes_follow_changes_through_other_names() {
+    let pool = pool();
+    let m = pool.mount();
+    let a = m.join("a");
+    let b = m.join("b");
+    fs::write(&a, b"").unwrap();
+    fs::hard_link(&a, &b).unwrap();
+    // Prime the kernel's caches of both names.
+    assert_eq!(len_of(&a), 0);
+    assert_eq!(len_of(&b), 0);
+    let fa = open_rw(&a);
+
+    // Buffered write through one name: size through the other, and fstat.
+    write_at(&fa, 0, &pattern(1, 8192));
+    assert_eq!(len_of(&b), 8192, "size through the other name");
+    assert_eq!(fa.metadata().unwrap().len(), 8192, "fstat");
+
+    // Truncate through the other name.
+    OpenOptions::new()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    assert_eq!(
+        len_of(&a),
+        100,
+        "size after truncate through the other name"
+    );
+    assert_eq!(fa.metadata().unwrap().len(), 100, "fstat after truncate");
+    assert_eq!(read_all(&a), pattern(1, 100));
+
+    // O_DIRECT write through the other name extends the file.
+    {
+        let fb = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&b)
+            .unwrap();
+        let mut buf = AlignedBuf::new(64 * 1024, 4096);
+        buf.as_mut_slice().copy_from_slice(&pattern(2, 64 * 1024));
+        fb.write_all_at(buf.as_slice(), MIB).unwrap();
+    }
+    assert_eq!(len_of(&a), MIB + 64 * 1024, "size after an O_DIRECT write");
+    assert_eq!(read_at(&fa, MIB, 64 * 1024), pattern(2, 64 * 1024));
+
+    // Mode and owner through the other name.
+    chmod(&b, 0o600);
+    assert_eq!(mode_of(&a), 0o600);
+    chown(&b, Some(7), Some(8));
+    assert_eq!(owner_of(&a), (7, 8));
+
+    // The allocation right after fsync (du must count it).
+    let before = stat_of(&a).blocks();
+    write_at(&fa, 4 * MIB, &pattern(3, 2 * MIB as usize));
+    fa.sync_all().unwrap();
+    let after = stat_of(&b).blocks();
+    assert!(
+        after * 512 >= before * 512 + 2 * MIB,
+        "st_blocks right after fsync: {before} -> {after}"
+    );
+
+    // A punched hole frees blocks at once.
+    fallocate(
+        &fa,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        4 * MIB,
+        2 * MIB,
+    )
+    .unwrap();
+    let punched = stat_of(&b).blocks();
+    assert!(
+        punched * 512 + 2 * MIB <= after * 512 + 64 * 1024,
+        "st_blocks after punching 2 MiB: {after} -> {punched}"
+    );
+    assert_eq!(len_of(&b), 6 * MIB);
+
+    // Unlink through one name: nlink through the other.
+    fs::remove_file(&a).unwrap();
+    assert_eq!(nlink_of(&b), 1);
+}
+
+/// O_DIRECT reads and writes of aligned and unaligned pieces (in offset,
+/// length and buffer address), across extent boundaries, against a model.
+#[test]
+fn o_direct_aligned_and_unaligned_pieces_read_back_exactly() {
+    let pool = pool();
+    let m = pool.mount();
+    let p = m.join("img");
+    let size = 3 * MIB as usize;
+    let mut model = pattern(10, size);
+    write_synced(&p, &model);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p)
+        .unwrap();
+    // (offset, length, buffer misalignment)
+    let pieces: &[(u64, usize, usize)] = &[
+        (0, 4096, 0),
+        (8192, 65536, 0),
+        (MIB - 8192, 16384, 0),        // across an extent boundary
+        (2 * MIB - 512, 1024, 0),      // sector aligned, not block aligned
+        (1000, 3000, 0),               // unaligned offset and length
+        (MIB - 100, 300, 0),           // unaligned across an extent boundary
+        (12288, 4096, 1),              // aligned range, unaligned buffer
+        (2 * MIB + 4095, 8194, 3),     // nothing aligned
+        (size as u64 - 10, 10, 0),     // the last bytes
+        (size as u64 - 4096, 4096, 0), // the last block
+    ];
+    for (i, &(off, len, mis)) in pieces.iter().enumerate() {
+        let data = pattern(100 + i as u64, len);
+        let mut buf = AlignedBuf::new(len + mis, 4096);
+        buf.as_mut_slice()[mis..].copy_from_slice(&data);
+        f.write_all_at(&buf.as_slice()[mis..], off)
+            .unwrap_or_else(|e| panic!("O_DIRECT write of {len} at {off}+{mis}: {e}"));
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+        // Read back this piece, and a wider unaligned window around it.
+        let mut rb = AlignedBuf::new(len + mis, 4096);
+        f.read_exact_at(&mut rb.as_mut_slice()[mis..], off)
+            .unwrap_or_else(|e| panic!("O_DIRECT read of {len} at {off}+{mis}: {e}"));
+        assert_same(
+            &rb.as_slice()[mis..],
+            &data,
+            &format!("piece {i} read back"),
+        );
+        let lo = off.saturating_sub(777) as usize;
+        let hi = (off as usize + len + 555).min(size);
+        let mut wide = AlignedBuf::new(hi - lo, 4096);
+        f.read_exact_at(wide.as_mut_slice(), lo as u64).unwrap();
+        assert_same(
+            wide.as_slice(),
+            &model[lo..hi],
+            &format!("around piece {i}"),
+        );
+    }
+    // A read past the end is short.
+    let mut tail = AlignedBuf::new(8192, 4096);
+    let n = f.read_at(tail.as_mut_slice(), size as u64 - 4096).unwrap();
+    assert_eq!(n, 4096, "read across the end of the file");
+    f.sync_all().unwrap();
+    drop(f);
+    // Buffered readers and a fresh mount see the same bytes.
+    assert_same(&read_all(&p), &model, "buffered read after O_DIRECT writes");
+    drop(m);
+    let m = pool.mount();
+    let mut all = vec![0u8; size];
+    File::open(m.join("img"))
+        .unwrap()
+        .read_exact_at(&mut all, 0)
+        .unwrap();
+    assert_same(&all, &model, "after remount");
+    assert_eq!(fs::metadata(m.join("img")).unwrap().len(), size as u64);
+}
