@@ -61,6 +61,14 @@ pub enum Request {
         name: String,
         held: bool,
     },
+    /// The export map of one file of a snapshot, with the ranges changed
+    /// since `base` (`vpool snapshot export` then reads the bytes through the
+    /// mount). `path` is pool-relative.
+    SnapshotExportMap {
+        name: String,
+        path: String,
+        base: Option<String>,
+    },
     /// Verify and repair every copy of everything (answers with progress lines).
     Scrub,
     /// Stop the running scrub.
@@ -151,6 +159,9 @@ pub enum Response {
         id: String,
     },
     Scrubbed(Box<crate::fs::scrub::ScrubReport>),
+    ExportMap {
+        map: crate::export::ImageMap,
+    },
     Member(crate::fs::members::MemberReport),
     /// An intermediate answer of a long request: `done` of `total` units.
     Progress {
@@ -277,6 +288,13 @@ pub fn execute_io(
             Ok(()) => Response::Done,
             Err(e) => err(name, e),
         },
+        Request::SnapshotExportMap { name, path, base } => {
+            match vfs.snapshot_export_map(name, path, base.as_deref()) {
+                Ok(src) => Response::ExportMap { map: src.map },
+                Err(FsError::Message(message)) => Response::Error { message },
+                Err(e) => err(name, e),
+            }
+        }
         Request::Scrub => Response::Scrubbed(Box::new(vfs.scrub(progress))),
         Request::ScrubStop => {
             let n = vfs.jobs_cancel_kind("scrub");

@@ -32,6 +32,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod error;
+pub mod export;
 pub mod fs;
 pub mod hooks;
 pub mod pool;

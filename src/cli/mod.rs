@@ -7,13 +7,14 @@
 //! - [`mount`]: mount, unmount, the `mount.fuse.vpool` helper;
 //! - [`status`]: status, health, metrics, check, events, jobs;
 //! - [`admin`]: scrub, member changes, rebalance, settings;
-//! - [`snapshot`]: the snapshot commands;
+//! - [`snapshot`]: the snapshot commands; [`export`]: `snapshot export`;
 //! - [`transfer`]: send, receive, and backup directories (`send --to`);
 //! - [`stream`]: streams without a pool (verify, list, restore);
 //! - [`docs`]: shell completions and man pages.
 
 mod admin;
 mod docs;
+mod export;
 mod mount;
 pub mod output;
 mod snapshot;
@@ -53,6 +54,16 @@ pub struct Cli {
 
 fn size_arg(s: &str) -> Result<u64, String> {
     crate::util::parse_size(s)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    /// A sparse raw image.
+    Raw,
+    /// qcow2 version 3 (an overlay with --from).
+    Qcow2,
+    /// Ceph's `rbd diff v1` stream (`rbd import-diff`).
+    RbdDiff,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -304,6 +315,34 @@ pub enum SnapshotCmd {
         name: String,
         path: PathBuf,
         newpath: PathBuf,
+    },
+    /// Write PATH's image as of snapshot NAME to OUT in a format any host
+    /// reads: a sparse raw image, a qcow2 (with --from: an overlay of the
+    /// clusters changed since BASE over the export of BASE), or the
+    /// `rbd diff v1` stream of `rbd import-diff` (OUT `-`: stdout).
+    Export {
+        /// Only what changed since snapshot BASE (qcow2 overlay, rbd-diff incremental).
+        #[arg(long = "from", value_name = "BASE")]
+        from: Option<String>,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// qcow2 overlay: its backing file as the header names it, relative to
+        /// OUT's directory (default: OUT's file name with NAME replaced by BASE,
+        /// else BASE.qcow2).
+        #[arg(long, value_name = "FILE", requires = "from")]
+        backing: Option<String>,
+        /// Format of the backing file (default: read from the file when it
+        /// exists, else qcow2 for a .qcow2 name and raw otherwise).
+        #[arg(long, value_parser = ["raw", "qcow2"], requires = "from")]
+        backing_format: Option<String>,
+        /// A mountpoint, or a member directory of a mounted pool or not.
+        target: PathBuf,
+        /// The snapshot to export (complete; one being captured is waited for).
+        name: String,
+        /// The file, inside the pool (vm/disk.img) or under the mountpoint.
+        path: PathBuf,
+        /// Output file (`-`: stdout, rbd-diff only).
+        out: PathBuf,
     },
     /// Keep a snapshot: prune passes over it and delete refuses it.
     Hold { target: PathBuf, name: String },

@@ -13,7 +13,7 @@ use crate::util::human;
 
 /// A path as the pool sees it: relative paths are taken as inside the pool;
 /// absolute ones must lie under the mountpoint.
-fn pool_path(target: &Target, p: &Path) -> Result<String> {
+pub(super) fn pool_path(target: &Target, p: &Path) -> Result<String> {
     let rel = if p.is_absolute() {
         let Target::Mounted(mp) = target else {
             bail!(
@@ -194,6 +194,25 @@ pub fn run(cmd: SnapshotCmd) -> Result<i32> {
             json(&serde_json::json!({ "deleted": name }));
             Ok(0)
         }
+        SnapshotCmd::Export {
+            from,
+            format,
+            backing,
+            backing_format,
+            target,
+            name,
+            path,
+            out,
+        } => super::export::run(super::export::Args {
+            from,
+            format,
+            backing,
+            backing_format,
+            target,
+            name,
+            path,
+            out,
+        }),
         SnapshotCmd::Hold { target, name } => hold(&target, name, true),
         SnapshotCmd::Release { target, name } => hold(&target, name, false),
         SnapshotCmd::Restore {

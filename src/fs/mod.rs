@@ -11,7 +11,8 @@
 //!   - the snapshot view, [`snapview`]: `.snapshots`, read-only.
 //! - `commit`: makes changes durable; `status`: counts for `statfs` and
 //!   `vpool status`.
-//! - Commands of the admin socket: `snapcmd` (snapshots), [`members`]
+//! - Commands of the admin socket: `snapcmd` (snapshots), [`snapexport`]
+//!   (the map of a snapshot's file for `snapshot export`), [`members`]
 //!   (devices, copies), [`scrub`], [`jobs`] (long jobs, cancel), and
 //!   [`kernel_refresh`] (the kernel's view of restored files).
 //!
@@ -59,6 +60,7 @@ mod node;
 mod route;
 pub mod scrub;
 mod snapcmd;
+pub mod snapexport;
 pub mod snapview;
 mod status;
 #[cfg(test)]

@@ -336,7 +336,7 @@ impl Vfs {
         out
     }
 
-    fn snap_resolve(rec: &SnapshotRecord, path: &[u8]) -> FsResult<u64> {
+    pub(crate) fn snap_resolve(rec: &SnapshotRecord, path: &[u8]) -> FsResult<u64> {
         let mut cur = ROOT_INO;
         for c in components(path) {
             cur = *rec

@@ -13,11 +13,14 @@
 #![allow(dead_code)]
 
 mod files;
+mod images;
 pub mod model;
 
 // Each test crate uses some of these, none uses them all.
 #[allow(unused_imports)]
 pub use files::*;
+#[allow(unused_imports)]
+pub use images::*;
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
