@@ -40,6 +40,9 @@ pub(super) const VIEW_CACHE: usize = 256;
 /// Cached decompressed frames (each up to 1 MiB, usually 64 KiB).
 pub(super) const FRAME_CACHE: usize = 512;
 
+/// The open copies of a file's deltas, by snapshot id.
+pub(super) type Copies = HashMap<u64, Vec<Arc<DeltaFile>>>;
+
 /// The resolved chain of one file in one complete snapshot.
 pub(super) struct FileView {
     /// `SnapshotStore::cache_epoch` when the records it was built from were read.
@@ -47,7 +50,7 @@ pub(super) struct FileView {
     size: u64,
     pub(super) runs: Vec<Run>,
     /// Delta copies by snapshot id (the first that reads wins).
-    pub(super) deltas: HashMap<u64, Vec<Arc<DeltaFile>>>,
+    pub(super) deltas: Copies,
 }
 
 /// Decompressed frames by (view epoch, snapshot, inode, frame offset).
@@ -172,7 +175,25 @@ impl SnapshotStore {
             return Err(FsError::NotFound);
         };
         let size = top.inodes.get(&ino).map(|r| r.size).unwrap_or(0);
-        let mut deltas: HashMap<u64, Vec<Arc<DeltaFile>>> = HashMap::new();
+        let (runs, deltas) = self.resolve(chain, ino, true)?;
+        Ok(FileView {
+            epoch,
+            size,
+            runs,
+            deltas,
+        })
+    }
+
+    /// Resolves `ino` through the levels `chain` (newest first, section
+    /// 16.5): the runs ([`flatten::flatten`], unresolved blocks as holes when
+    /// `unresolved_as_hole`) and the delta copies opened, by snapshot.
+    pub(super) fn resolve(
+        &self,
+        chain: &[Arc<SnapshotRecord>],
+        ino: u64,
+        unresolved_as_hole: bool,
+    ) -> FsResult<(Vec<Run>, Copies)> {
+        let mut deltas = HashMap::new();
         let mut entries: Vec<Vec<Entry>> = Vec::new();
         for r in chain {
             if r.size_blocks(ino).is_none() {
@@ -192,13 +213,7 @@ impl SnapshotStore {
                 entries: e,
             })
             .collect();
-        let runs = flatten::flatten(&levels, true);
-        Ok(FileView {
-            epoch,
-            size,
-            runs,
-            deltas,
-        })
+        Ok((flatten::flatten(&levels, unresolved_as_hole), deltas))
     }
 
     pub(super) fn frame(

@@ -17,7 +17,7 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 
-use super::flatten::{self, Level, Source};
+use super::flatten::Source;
 use super::ranges::RangeSet;
 use super::record::{SnapshotRecord, State};
 use super::store::{SnapshotStore, delta_err};
@@ -156,25 +156,7 @@ impl SnapshotStore {
         if chain.is_empty() {
             return Ok(set);
         }
-        let mut entries = Vec::new();
-        for r in chain {
-            if r.size_blocks(ino).is_none() {
-                entries.push(Vec::new());
-                break;
-            }
-            let d = self.open_delta(r, ino)?;
-            entries.push(d.first().map(|d| d.entries.clone()).unwrap_or_default());
-        }
-        let levels: Vec<Level> = chain
-            .iter()
-            .zip(&entries)
-            .map(|(r, e)| Level {
-                snap_id: r.id,
-                size_blocks: r.size_blocks(ino),
-                entries: e,
-            })
-            .collect();
-        for run in flatten::flatten(&levels, false) {
+        for run in self.resolve(chain, ino, false)?.0 {
             set.insert(run.start, run.end());
         }
         Ok(set)
