@@ -726,8 +726,19 @@ mod tests {
         let e = crate::stream::restore::restore(&mut bad, &out.path().join("b"), &mut |_| {})
             .unwrap_err();
         assert!(e.contains("second") && e.contains("truncated"), "{e}");
-        // verify agrees.
+        // A damaged data frame: refused, naming the stream.
+        let mut flip = streams[0].clone();
+        let at = flip.len() / 2;
+        flip[at] ^= 0x20;
+        let mut bad: Vec<(String, Box<dyn Read>)> =
+            vec![("damaged".into(), Box::new(std::io::Cursor::new(flip)))];
+        let e = crate::stream::restore::restore(&mut bad, &out.path().join("d"), &mut |_| {})
+            .unwrap_err();
+        assert!(e.contains("damaged") && e.contains("corrupted"), "{e}");
+        // verify agrees, and refuses a cut stream too.
         assert!(crate::stream::verify(&streams[2][..]).is_ok());
+        let e = crate::stream::verify(&streams[2][..streams[2].len() - 3]).unwrap_err();
+        assert!(e.contains("truncated"), "{e}");
         let mut flipped = streams[2].clone();
         let n = flipped.len() / 2;
         flipped[n] ^= 4;
