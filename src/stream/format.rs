@@ -21,6 +21,10 @@
 //! A resumed stream (`send --resume TOKEN`) is `MAGIC R` followed by the
 //! bytes of the original stream from the token's offset (a record boundary)
 //! on: the receiver checks the token against what it kept and carries on.
+//!
+//! One file for one format (about 800 lines, a third of them tests): the
+//! records, their encoder, decoder and order checker, the resume token and
+//! the byte-map tests, so that the byte map is read and pinned in one place.
 
 use crate::bytes::LeReader;
 
