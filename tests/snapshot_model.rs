@@ -617,7 +617,7 @@ impl Harness {
                     .unwrap_or_else(|e| panic!("send {name} from {base:?}: {e:?}"));
                 let info = mirror
                     .vfs
-                    .snapshot_receive(&mut &stream[..], None, &mut |_, _| true)
+                    .snapshot_receive(&mut &stream[..], None, true, &mut |_, _| true)
                     .unwrap_or_else(|e| panic!("receive {name} from {base:?}: {e:?}"));
                 assert_eq!(info.base, base, "base of the received {name}");
                 mirror.got.push(ModelSnap {

@@ -356,7 +356,9 @@ pub fn execute_io(
             };
             let total = *total;
             let mut p = |done: u64, _: u64| progress(done, total.max(done));
-            match vfs.snapshot_receive(&mut f, name.as_deref(), &mut p) {
+            // A stream in a regular file is read again on a retry: no spool.
+            let resumable = !f.metadata().map(|m| m.is_file()).unwrap_or(false);
+            match vfs.snapshot_receive(&mut f, name.as_deref(), resumable, &mut p) {
                 Ok(info) => Response::Snapshot(info),
                 Err(e) => Response::ReceiveFailed {
                     message: match e.error {

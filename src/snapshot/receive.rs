@@ -192,88 +192,101 @@ impl SnapshotStore {
         let mut stored = 0u64;
         let mut members_used = BTreeSet::new();
         let bs = self.bs;
-        let mut frames = crate::stream::format::Frames::new().map_err(stream_err)?;
-        loop {
-            let r = dec
-                .next_record()
-                .map_err(stream_err)?
-                .ok_or_else(|| stream_err("no end record".into()))?;
-            check.check(&r).map_err(stream_err)?;
-            if !tree_checked && !matches!(r, Record::Inode(_) | Record::Dirent { .. }) {
-                check_tree(&inodes, &dirents).map_err(stream_err)?;
-                tree_checked = true;
+        // Every frame is decompressed once, to check that it holds its
+        // blocks, by a verifier thread while the records that follow are
+        // written; the snapshot is published only if none failed.
+        let failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, u32, Vec<u8>)>(64);
+        let failed_ref = &failed;
+        std::thread::scope(|sc| -> Result<(), ReceiveError> {
+            // Owned here: dropped when this closure returns, which ends the verifier.
+            let tx = tx;
+            sc.spawn(move || verify_frames(rx, failed_ref, bs));
+            loop {
+                let r = dec
+                    .next_record()
+                    .map_err(stream_err)?
+                    .ok_or_else(|| stream_err("no end record".into()))?;
+                check.check(&r).map_err(stream_err)?;
+                if !tree_checked && !matches!(r, Record::Inode(_) | Record::Dirent { .. }) {
+                    check_tree(&inodes, &dirents).map_err(stream_err)?;
+                    tree_checked = true;
+                }
+                if matches!(r, Record::File { .. } | Record::End { .. })
+                    && let Some(o) = open.take()
+                    && let Some(w) = o.writer
+                {
+                    let (entries, len) =
+                        w.finish().map_err(|e| ReceiveError::from(delta_err(e)))?;
+                    stored += len;
+                    members_used.extend(o.members.iter().copied());
+                    deltas.insert(
+                        o.ino,
+                        DeltaLoc {
+                            members: o.members,
+                            seq: 0,
+                            stored: len,
+                            blocks: entries.iter().map(|e| u64::from(e.count)).sum(),
+                        },
+                    );
+                }
+                match r {
+                    Record::Inode(i) => {
+                        inodes.insert(i.ino, record_of(&i));
+                    }
+                    Record::Dirent {
+                        parent,
+                        name,
+                        child,
+                    } => {
+                        dirents.insert((parent, name), child);
+                    }
+                    Record::File { ino, size } => {
+                        open = Some(Open {
+                            ino,
+                            writer: None,
+                            members: Vec::new(),
+                            size,
+                        });
+                    }
+                    Record::Data {
+                        start,
+                        count,
+                        crc,
+                        frame,
+                    } => {
+                        let w = self.writer(&mut open, id, parent)?;
+                        w.add_raw(start, count, &frame, crc)
+                            .map_err(|e| ReceiveError::from(delta_err(e)))?;
+                        blocks += u64::from(count);
+                        // Checked by the verifier while the next records arrive.
+                        let _ = tx.send((start, count, frame));
+                    }
+                    Record::Zero { start, count } => {
+                        self.writer(&mut open, id, parent)?
+                            .add_zero(start, count)
+                            .map_err(|e| ReceiveError::from(delta_err(e)))?;
+                        blocks += count;
+                    }
+                    Record::Hole { start, count } => {
+                        self.writer(&mut open, id, parent)?
+                            .add_hole(start, count)
+                            .map_err(|e| ReceiveError::from(delta_err(e)))?;
+                        blocks += count;
+                    }
+                    Record::End { .. } => break,
+                    Record::Begin(_) | Record::Resume(_) => {
+                        return Err(stream_err("a begin record inside the stream".into()));
+                    }
+                }
+                if !progress(dec.offset, 0) {
+                    return Err(FsError::Cancelled.into());
+                }
             }
-            if matches!(r, Record::File { .. } | Record::End { .. })
-                && let Some(o) = open.take()
-                && let Some(w) = o.writer
-            {
-                let (entries, len) = w.finish().map_err(|e| ReceiveError::from(delta_err(e)))?;
-                stored += len;
-                members_used.extend(o.members.iter().copied());
-                deltas.insert(
-                    o.ino,
-                    DeltaLoc {
-                        members: o.members,
-                        seq: 0,
-                        stored: len,
-                        blocks: entries.iter().map(|e| u64::from(e.count)).sum(),
-                    },
-                );
-            }
-            match r {
-                Record::Inode(i) => {
-                    inodes.insert(i.ino, record_of(&i));
-                }
-                Record::Dirent {
-                    parent,
-                    name,
-                    child,
-                } => {
-                    dirents.insert((parent, name), child);
-                }
-                Record::File { ino, size } => {
-                    open = Some(Open {
-                        ino,
-                        writer: None,
-                        members: Vec::new(),
-                        size,
-                    });
-                }
-                Record::Data {
-                    start,
-                    count,
-                    crc,
-                    frame,
-                } => {
-                    let want = u64::from(count) * bs;
-                    frames
-                        .decompress(&frame, want as usize)
-                        .map_err(|e| stream_err(format!("data at block {start}: {e}")))?;
-                    let w = self.writer(&mut open, id, parent)?;
-                    w.add_raw(start, count, &frame, crc)
-                        .map_err(|e| ReceiveError::from(delta_err(e)))?;
-                    blocks += u64::from(count);
-                }
-                Record::Zero { start, count } => {
-                    self.writer(&mut open, id, parent)?
-                        .add_zero(start, count)
-                        .map_err(|e| ReceiveError::from(delta_err(e)))?;
-                    blocks += count;
-                }
-                Record::Hole { start, count } => {
-                    self.writer(&mut open, id, parent)?
-                        .add_hole(start, count)
-                        .map_err(|e| ReceiveError::from(delta_err(e)))?;
-                    blocks += count;
-                }
-                Record::End { .. } => break,
-                Record::Begin(_) | Record::Resume(_) => {
-                    return Err(stream_err("a begin record inside the stream".into()));
-                }
-            }
-            if !progress(dec.offset, 0) {
-                return Err(FsError::Cancelled.into());
-            }
+            Ok(())
+        })?;
+        if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(stream_err(e));
         }
         // The end record checked; nothing may follow it.
         if dec.next_record().map_err(stream_err)?.is_some() {
@@ -347,6 +360,30 @@ impl SnapshotStore {
         o.writer
             .as_mut()
             .ok_or_else(|| refuse("no delta writer".into()))
+    }
+}
+
+/// Decompresses every frame it is sent, keeping the first failure.
+fn verify_frames(
+    rx: std::sync::mpsc::Receiver<(u64, u32, Vec<u8>)>,
+    failed: &std::sync::Mutex<Option<String>>,
+    bs: u64,
+) {
+    let mut frames = match crate::stream::format::Frames::new() {
+        Ok(f) => f,
+        Err(e) => {
+            *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            return;
+        }
+    };
+    for (start, count, frame) in rx {
+        let want = u64::from(count) * bs;
+        if let Err(e) = frames.decompress(&frame, want as usize) {
+            let mut f = failed.lock().unwrap_or_else(|e| e.into_inner());
+            if f.is_none() {
+                *f = Some(format!("data at block {start}: {e}"));
+            }
+        }
     }
 }
 
