@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering;
 use lru::LruCache;
 
 use super::capture::Job;
-use super::delta::{DeltaFile, Entry, EntryKind};
+use super::delta::{DeltaError, DeltaFile, Entry, EntryKind};
 use super::flatten::{self, Level, Run, Source};
 use super::record::{SnapshotRecord, State, delta_path};
 use super::store::{SnapshotStore, delta_err};
@@ -227,27 +227,9 @@ impl SnapshotStore {
         if let Some(f) = self.frames.lock().get(&key) {
             return Ok(f.clone());
         }
-        let copies = v
-            .deltas
-            .get(&snap)
-            .ok_or_else(|| FsError::corrupt(format!("snapshot {snap}: delta missing")))?;
-        let mut last = None;
-        for d in copies {
-            match d.read_frame(e) {
-                Ok(b) => {
-                    let b = Arc::new(b);
-                    self.frames.lock().put(key, b.clone());
-                    return Ok(b);
-                }
-                Err(err) => {
-                    tracing::error!(snapshot = snap, ino, error = %err, "delta frame unreadable; trying another copy");
-                    last = Some(err);
-                }
-            }
-        }
-        Err(last
-            .map(delta_err)
-            .unwrap_or(FsError::corrupt("no delta copy")))
+        let b = Arc::new(from_copies(v, snap, ino, |d| d.read_frame(e))?);
+        self.frames.lock().put(key, b.clone());
+        Ok(b)
     }
 
     fn read_view(&self, v: &FileView, ino: u64, off: u64, buf: &mut [u8]) -> FsResult<()> {
@@ -390,4 +372,31 @@ impl SnapshotStore {
         }
         Ok(out)
     }
+}
+
+/// `read` on the copies of snapshot `snap`'s delta of `ino` in `v`, in
+/// order: the first that reads and checks, else the last error.
+pub(super) fn from_copies<T>(
+    v: &FileView,
+    snap: u64,
+    ino: u64,
+    read: impl Fn(&DeltaFile) -> Result<T, DeltaError>,
+) -> FsResult<T> {
+    let copies = v
+        .deltas
+        .get(&snap)
+        .ok_or_else(|| FsError::corrupt(format!("snapshot {snap}: delta missing")))?;
+    let mut last = None;
+    for d in copies {
+        match read(d) {
+            Ok(b) => return Ok(b),
+            Err(err) => {
+                tracing::error!(snapshot = snap, ino, error = %err, "delta frame unreadable; trying another copy");
+                last = Some(err);
+            }
+        }
+    }
+    Err(last
+        .map(delta_err)
+        .unwrap_or(FsError::corrupt("no delta copy")))
 }

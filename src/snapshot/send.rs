@@ -20,7 +20,7 @@ use std::io::Write;
 use super::flatten::Source;
 use super::ranges::RangeSet;
 use super::record::{SnapshotRecord, State};
-use super::store::{SnapshotStore, delta_err};
+use super::store::SnapshotStore;
 use crate::error::{FsError, FsResult};
 use crate::pool::meta::{InodeRecord, NodeKind};
 use crate::stream::format::{Begin, Encoder, Identity, Inode, InodeKind, Record};
@@ -263,7 +263,9 @@ impl SnapshotStore {
                         Source::Data { snap_id, entry } => {
                             if s == entry.start && e == entry.end() {
                                 // The stored frame, as it is.
-                                let frame = self.raw_frame(&v, snap_id, &entry)?;
+                                let frame = super::read::from_copies(&v, snap_id, ino, |d| {
+                                    d.read_raw(&entry)
+                                })?;
                                 enc.put(&Record::Data {
                                     start: s,
                                     count: entry.count,
@@ -331,33 +333,6 @@ impl SnapshotStore {
             .map_err(FsError::Io)?;
         }
         Ok(())
-    }
-
-    /// The compressed frame of `entry` in snapshot `snap`'s delta, from the
-    /// first copy that reads and checks.
-    fn raw_frame(
-        &self,
-        v: &super::read::FileView,
-        snap: u64,
-        entry: &super::delta::Entry,
-    ) -> FsResult<Vec<u8>> {
-        let copies = v
-            .deltas
-            .get(&snap)
-            .ok_or_else(|| FsError::corrupt(format!("snapshot {snap}: delta missing")))?;
-        let mut last = None;
-        for d in copies {
-            match d.read_raw(entry) {
-                Ok(b) => return Ok(b),
-                Err(e) => {
-                    tracing::error!(snapshot = snap, error = %e, "delta frame unreadable; trying another copy");
-                    last = Some(e);
-                }
-            }
-        }
-        Err(last
-            .map(delta_err)
-            .unwrap_or(FsError::corrupt("no delta copy")))
     }
 }
 
