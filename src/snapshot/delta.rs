@@ -525,6 +525,10 @@ pub fn read_frame_at(
     Ok(data)
 }
 
+/// Bytes of a delta written between two write-behind steps
+/// ([`crate::storage::FileIo::write_behind`]).
+const WRITE_BEHIND: u64 = 8 << 20;
+
 /// Writes one delta, the same bytes to every path (copies on different
 /// members).
 ///
@@ -542,6 +546,11 @@ pub struct DeltaWriter {
     entries: Vec<Entry>,
     /// Where the next frame goes: bytes written so far.
     offset: u64,
+    /// Write-behind: writeback was started for `[.., started)` and waited
+    /// for (pages dropped) for `[.., flushed)`; `flushed <= started <=
+    /// offset`. At most two [`WRITE_BEHIND`] windows of a delta are dirty.
+    started: u64,
+    flushed: u64,
     /// Finished: `Drop` leaves the files alone.
     finished: bool,
 }
@@ -568,6 +577,8 @@ impl DeltaWriter {
             compressor,
             entries: Vec::new(),
             offset: 0,
+            started: 0,
+            flushed: 0,
             finished: false,
         };
         for path in paths {
@@ -618,7 +629,25 @@ impl DeltaWriter {
         };
         self.offset += u64::from(clen);
         self.entries.push(e);
+        self.write_behind();
         Ok(e)
+    }
+
+    /// Once a window past `started` is written: starts its writeback, and
+    /// waits for the window before it. A delta is written once and read
+    /// rarely, so its pages need not stay in the cache either.
+    fn write_behind(&mut self) {
+        if self.offset - self.started < WRITE_BEHIND {
+            return;
+        }
+        for f in &self.files {
+            f.write_behind(self.started, self.offset - self.started, false);
+            if self.started > self.flushed {
+                f.write_behind(self.flushed, self.started - self.flushed, true);
+            }
+        }
+        self.flushed = self.started;
+        self.started = self.offset;
     }
 
     fn check_run(&self, start: u64, count: u64) -> Result<(), DeltaError> {

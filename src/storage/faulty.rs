@@ -132,6 +132,9 @@ impl FileIo for FaultyFile {
     fn will_need(&self, off: u64, len: u64) {
         self.inner.will_need(off, len)
     }
+    fn write_behind(&self, off: u64, len: u64, wait: bool) {
+        self.inner.write_behind(off, len, wait)
+    }
 }
 
 impl Storage for FaultyStorage {

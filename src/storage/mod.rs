@@ -165,6 +165,14 @@ pub trait FileIo: Send + Sync + Debug {
     /// A hint that `[off, off+len)` will be read soon (readahead).
     fn will_need(&self, _off: u64, _len: u64) {}
 
+    /// Write-behind for a file written sequentially: starts the writeback of
+    /// `[off, off+len)` (`wait`: also waits for it and drops those pages from
+    /// the cache). Bounds the dirty pages a long writer leaves, which
+    /// otherwise throttle every other writer of the host and end in one long
+    /// flush. Only a hint: it makes nothing durable (that is
+    /// [`FileIo::sync_data`]'s job) and its errors are left to that sync.
+    fn write_behind(&self, _off: u64, _len: u64, _wait: bool) {}
+
     /// [`FileIo::read_at`] past the host's page cache (`O_DIRECT`) where
     /// the storage can; `buf`'s address and length and `off` are multiples
     /// of [`DIRECT_ALIGN`]. Storage without it (or a filesystem that

@@ -180,6 +180,26 @@ impl FileIo for RealFile {
             );
         }
     }
+
+    fn write_behind(&self, off: u64, len: u64, wait: bool) {
+        let fd = self.0.as_raw_fd();
+        let flags = if wait {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        } else {
+            libc::SYNC_FILE_RANGE_WRITE
+        };
+        // SAFETY: sync_file_range and posix_fadvise on a valid descriptor
+        // with plain integers; they start or wait for writeback and drop
+        // clean pages, never change the file's content.
+        unsafe {
+            libc::sync_file_range(fd, off as i64, len as i64, flags);
+            if wait {
+                libc::posix_fadvise(fd, off as i64, len as i64, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
 }
 
 /// `FS_IOC_FIEMAP` (`_IOWR('f', 11, struct fiemap)`).
