@@ -30,11 +30,28 @@ impl RangeSet {
     /// Builds a set from any list of `[start, end)` ranges (unsorted,
     /// overlapping and empty ranges allowed).
     pub fn from_ranges(ranges: &[(u64, u64)]) -> Self {
-        let mut set = Self::new();
-        for &(start, end) in ranges {
-            set.insert(start, end);
+        let mut sorted: Vec<(u64, u64)> = ranges.iter().copied().filter(|(s, e)| s < e).collect();
+        if !sorted.is_sorted_by_key(|r| r.0) {
+            sorted.sort_unstable_by_key(|r| r.0);
         }
-        set
+        Self::from_sorted(sorted)
+    }
+
+    /// Builds the map from non-empty ranges sorted by start, merging
+    /// overlapping and adjacent ones, in linear time (the map is built in
+    /// bulk: a changed-block bitmap can give a million ranges, taken while
+    /// writers are frozen).
+    fn from_sorted(sorted: impl IntoIterator<Item = (u64, u64)>) -> Self {
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in sorted {
+            match merged.last_mut() {
+                Some((_, last)) if s <= *last => *last = (*last).max(e),
+                _ => merged.push((s, e)),
+            }
+        }
+        RangeSet {
+            map: merged.into_iter().collect(),
+        }
     }
 
     /// The ranges in ascending order.
@@ -148,9 +165,30 @@ impl RangeSet {
 
     /// Adds every element of `other`.
     pub fn union_with(&mut self, other: &RangeSet) {
-        for (s, e) in other.iter() {
-            self.insert(s, e);
+        // A few ranges go in one by one; more, by one linear merge.
+        if other.map.len() * 8 < self.map.len() {
+            for (s, e) in other.iter() {
+                self.insert(s, e);
+            }
+            return;
         }
+        let mine = std::mem::take(&mut self.map);
+        let mut a = mine.into_iter().peekable();
+        let mut b = other.iter().peekable();
+        let mut both = Vec::with_capacity(a.len() + other.map.len());
+        loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.0 <= y.0 => a.next(),
+                (Some(_), Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, _) => b.next(),
+            };
+            match next {
+                Some(r) => both.push(r),
+                None => break,
+            }
+        }
+        *self = Self::from_sorted(both);
     }
 
     /// Drops every element `>= end`.
