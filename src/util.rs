@@ -104,6 +104,22 @@ pub fn background_thread() {
     }
 }
 
+/// Puts the calling thread's disk I/O in the idle class: with a scheduler
+/// that knows classes (mq-deadline, bfq) its requests wait while any of a
+/// normal thread's are queued (mq-deadline still serves one that waited
+/// 10 s). Threads it spawns afterwards inherit it. Only a hint: failure is
+/// ignored.
+pub fn idle_io_thread() {
+    // IOPRIO_WHO_PROCESS = 1; class IDLE (3) in the bits above the 13-bit level.
+    const IOPRIO_IDLE: libc::c_long = 3 << 13;
+    // SAFETY: gettid has no preconditions; ioprio_set with IOPRIO_WHO_PROCESS
+    // and our own thread id changes only this thread's I/O scheduling.
+    unsafe {
+        let tid = libc::gettid();
+        libc::syscall(libc::SYS_ioprio_set, 1, tid as libc::c_long, IOPRIO_IDLE);
+    }
+}
+
 /// Seconds and nanoseconds since the epoch, now.
 pub fn now() -> (i64, u32) {
     let d = std::time::SystemTime::now()

@@ -770,6 +770,33 @@ fn writes_while_a_big_full_snapshot_is_pending() {
     eprintln!("capture still pending at the first write: {pending_at_start}");
 }
 
+/// Writes over frames whose pending blocks are scattered (an incremental of
+/// every third block): copy-before-write reads each frame's pieces at once
+/// and saves only them.
+#[test]
+fn writes_while_a_scattered_incremental_is_pending() {
+    for bs in [512u64, 4096] {
+        let mut h = Harness::new(2, bs as u32);
+        let size = 4 << 20;
+        h.write_bytes("a", 0, &noise(31, size));
+        h.snap(SnapKind::Full).unwrap();
+        h.vfs().snapshot_wait().unwrap();
+        let blocks = size as u64 / bs;
+        for b in (0..blocks).step_by(3) {
+            h.write_bytes("a", b * bs, &noise(1000 + b, bs as usize));
+        }
+        h.snap(SnapKind::Incremental).unwrap();
+        for i in 0..300u64 {
+            let off = (i * 7_919 * bs + i * 13) % (size as u64 - 40_000);
+            h.write_bytes("a", off, &noise(5000 + i, 1 + (i as usize * 131) % 40_000));
+        }
+        h.verify_all();
+        h.vfs().snapshot_wait().unwrap();
+        h.verify_all();
+        h.finish();
+    }
+}
+
 /// Truncating to 0 and regrowing between snapshots (by write and by truncate).
 #[test]
 fn truncate_to_zero_then_regrow_between_snapshots() {

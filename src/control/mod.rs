@@ -699,14 +699,13 @@ fn serve_one(conn: UnixStream, vfs: &Weak<Vfs>, sh: &Shared) -> std::io::Result<
 /// Lowers this thread (a scrub's: it reads everything and is never urgent)
 /// to idle CPU and I/O priority, so that VMs' I/O goes first. Best effort.
 fn background_priority() {
-    // SAFETY: gettid has no preconditions; setpriority and ioprio_set on
-    // our own thread id change only this thread's scheduling.
+    // SAFETY: gettid has no preconditions; setpriority on our own thread
+    // id changes only this thread's scheduling.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-        // IOPRIO_WHO_PROCESS = 1; class IDLE (3) in the top bits.
-        libc::syscall(libc::SYS_ioprio_set, 1, tid, 3 << 13);
     }
+    crate::util::idle_io_thread();
 }
 
 /// Sends the history from `since`, then each new event, until the client

@@ -99,9 +99,12 @@ impl Vfs {
         }
         let (kind, parent) = self.snaps.plan(kind)?;
         // Most of what is pending becomes durable outside the freeze.
+        let t0 = std::time::Instant::now();
         self.commit()?;
+        let t1 = std::time::Instant::now();
         let job = {
             let _gate = self.gate.write();
+            let frozen = std::time::Instant::now();
             let ns = self.ns.read();
             let mut inodes = BTreeMap::new();
             let mut files = Vec::new();
@@ -142,7 +145,14 @@ impl Vfs {
                 interval,
                 level,
             };
-            self.snaps.begin(freeze, parent)?
+            let job = self.snaps.begin(freeze, parent)?;
+            tracing::debug!(
+                commit_ms = (t1 - t0).as_millis() as u64,
+                gate_wait_ms = (frozen - t1).as_millis() as u64,
+                frozen_ms = frozen.elapsed().as_millis() as u64,
+                "snapshot freeze"
+            );
+            job
         };
         if job.id > MAX_SNAP_ID {
             tracing::warn!(id = job.id, "snapshot id beyond the .snapshots numbering");

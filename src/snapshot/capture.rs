@@ -62,6 +62,14 @@ const PREFETCH_BLOCKS: u64 = 1024;
 /// At most this many threads compress one capture.
 const MAX_CAPTURE_THREADS: usize = 4;
 
+/// A copy-before-write that takes longer is logged (debug).
+const SLOW_PRESERVE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Bytes of blocks read by writers' copy-before-write that may wait in
+/// memory for a capture thread to compress and append them; past this a
+/// writer appends its own.
+const HANDOFF_BYTES: u64 = 64 << 20;
+
 /// What the caller captured while writers were frozen.
 pub struct Freeze {
     pub name: String,
@@ -91,6 +99,10 @@ pub struct Job {
     pub(super) changed_vols: BTreeMap<u64, Arc<Volume>>,
     /// Extent files dropped while the job needs their data; removed at its end.
     pub(super) deferred: Mutex<Vec<DeadExtent>>,
+    /// Ranges writers read before changing them (copy-before-write), in
+    /// `inflight`, for the capture threads to append: (inode, first block,
+    /// blocks read), and their bytes.
+    handoff: Mutex<(Vec<HandedOff>, u64)>,
     pub(super) error: Mutex<Option<String>>,
     /// Blocks to save when the job started (its progress is measured
     /// against this).
@@ -98,6 +110,23 @@ pub struct Job {
     pub(super) started: std::time::Instant,
 }
 impl Job {
+    /// Queues blocks a writer read (`inflight`) for a capture thread to
+    /// append; gives them back when [`HANDOFF_BYTES`] already wait.
+    fn hand_off(&self, ino: u64, s: u64, segs: Arc<Vec<Segment>>) -> Option<Arc<Vec<Segment>>> {
+        let bytes: u64 = segs
+            .iter()
+            .filter(|g| g.data.is_some())
+            .map(|g| g.count * self.bs)
+            .sum();
+        let mut h = self.handoff.lock();
+        if h.1 + bytes > HANDOFF_BYTES {
+            return Some(segs);
+        }
+        h.1 += bytes;
+        h.0.push((ino, s, segs));
+        None
+    }
+
     /// (blocks saved or being saved, blocks to save in all).
     pub fn progress(&self) -> (u64, u64) {
         let left: u64 = self
@@ -110,6 +139,18 @@ impl Job {
             .sum();
         (self.total_blocks.saturating_sub(left), self.total_blocks)
     }
+}
+
+/// Blocks a writer read before changing them, for a capture thread to
+/// append: inode, first block, the blocks.
+type HandedOff = (u64, u64, Arc<Vec<Segment>>);
+
+/// Pending pieces `(start, end)` of one extent read together: the span
+/// `[start, end)` and the pieces.
+struct ReadGroup {
+    start: u64,
+    end: u64,
+    parts: Vec<(u64, u64)>,
 }
 
 /// One file being captured by the running snapshot.
@@ -176,8 +217,11 @@ impl SnapshotStore {
         let spawned = std::thread::Builder::new()
             .name("vpool-snapshot".into())
             .spawn(move || {
-                // Capture and compression yield the CPU to the FUSE threads.
+                // Capture and compression yield the CPU, and their reads and
+                // writes the disk, to the FUSE threads: a writer's own
+                // copy-before-write read must not queue behind the capture's.
                 crate::util::background_thread();
+                crate::util::idle_io_thread();
                 store.run_job(job);
                 // Release the store (and the pool) before telling the waiters.
                 drop(store);
@@ -320,6 +364,7 @@ impl SnapshotStore {
             esize: self.pool.config().extent_size,
             changed_vols,
             deferred: Mutex::new(Vec::new()),
+            handoff: Mutex::new((Vec::new(), 0)),
             error: Mutex::new(None),
             total_blocks: files.values().map(|f| f.state.lock().pending.len()).sum(),
             started: std::time::Instant::now(),
@@ -333,9 +378,10 @@ impl SnapshotStore {
 
     /// Copy-before-write: saves the pending frames overlapping bytes
     /// `[off, off+len)` of `ino` before the caller changes them. The caller
-    /// waits for the read of the old blocks and their append to the delta,
-    /// never for the capture's own I/O. A failure fails the snapshot, never
-    /// the caller's write.
+    /// waits only for the read of the old blocks: once read they are in
+    /// `inflight`, and a capture thread compresses and appends them (unless
+    /// [`HANDOFF_BYTES`] already wait, when the caller appends them itself).
+    /// A failure fails the snapshot, never the caller's write.
     pub fn preserve(&self, ino: u64, off: u64, len: u64) {
         if !self.is_active() || len == 0 {
             return;
@@ -346,10 +392,12 @@ impl SnapshotStore {
         let Some(jf) = job.files.get(&ino) else {
             return;
         };
+        let t0 = std::time::Instant::now();
         let first = (off / self.bs) / FRAME_BLOCKS * FRAME_BLOCKS;
         let last = (off + len).div_ceil(self.bs).div_ceil(FRAME_BLOCKS) * FRAME_BLOCKS;
         let per_extent = (job.esize / job.bs).max(1);
         let mut todo = Vec::new();
+        let waited;
         {
             let mut g = jf.state.lock();
             // Blocks being read (by the capture or another writer) must not
@@ -360,6 +408,7 @@ impl SnapshotStore {
                 }
                 jf.changed.wait(&mut g);
             }
+            waited = t0.elapsed();
             for (s, e) in g.pending.intersect(first, last) {
                 g.pending.remove(s, e);
                 g.reading.insert(s, e);
@@ -371,24 +420,84 @@ impl SnapshotStore {
                 }
             }
         }
+        // The pending pieces of one extent a few blocks apart are read at
+        // once: after an incremental's scattered changes a frame can hold a
+        // dozen pieces, and one read each on a busy disk took ~100 ms.
+        let mut groups: Vec<ReadGroup> = Vec::new();
+        for (s, e) in todo {
+            match groups.last_mut() {
+                Some(g)
+                    if s - g.end <= FRAME_BLOCKS && s / per_extent == (g.end - 1) / per_extent =>
+                {
+                    g.end = e;
+                    g.parts.push((s, e));
+                }
+                _ => groups.push(ReadGroup {
+                    start: s,
+                    end: e,
+                    parts: vec![(s, e)],
+                }),
+            }
+        }
         let mut failed = None;
-        for (s, stop) in todo {
+        for ReadGroup {
+            start: gs,
+            end: ge,
+            parts,
+        } in groups
+        {
             if failed.is_some() {
                 // Not read: out of `reading`, so that no one waits for it.
                 let mut g = jf.state.lock();
-                g.reading.remove(s, stop);
+                for (s, e) in parts {
+                    g.reading.remove(s, e);
+                }
                 jf.changed.notify_all();
                 continue;
             }
-            let res = self
-                .read_range(jf, s, stop)
-                .and_then(|segs| self.append_range(&job, ino, jf, s, &segs));
+            let res = self.read_parts(jf, gs, ge, &parts).and_then(|read| {
+                for (s, segs) in read {
+                    if let Some(segs) = job.hand_off(ino, s, segs) {
+                        self.append_range(&job, ino, jf, s, &segs)?;
+                    }
+                }
+                Ok(())
+            });
             if let Err(e) = res {
                 failed = Some(e);
             }
         }
         if let Some(e) = failed {
             self.fail_job(&job, format!("saving blocks before a write failed: {e}"));
+        }
+        let took = t0.elapsed();
+        if took > SLOW_PRESERVE {
+            tracing::debug!(
+                ino,
+                block = first,
+                waited_ms = waited.as_millis() as u64,
+                took_ms = took.as_millis() as u64,
+                "slow copy-before-write"
+            );
+        }
+    }
+
+    /// Appends the ranges writers handed off (see [`SnapshotStore::preserve`]).
+    fn append_handed_off(&self, job: &Job) -> FsResult<()> {
+        loop {
+            let batch = {
+                let mut h = job.handoff.lock();
+                h.1 = 0;
+                std::mem::take(&mut h.0)
+            };
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for (ino, s, segs) in batch {
+                if let Some(jf) = job.files.get(&ino) {
+                    self.append_range(job, ino, jf, s, &segs)?;
+                }
+            }
         }
     }
 
@@ -430,6 +539,10 @@ impl SnapshotStore {
                 if job.error.lock().is_some() {
                     return;
                 }
+                if let Err(err) = self.append_handed_off(job) {
+                    self.fail_job(job, format!("saving blocks before a write failed: {err}"));
+                    return;
+                }
                 let (s, stop, next) = {
                     let mut g = jf.state.lock();
                     let Some((s, e)) = g.pending.first() else {
@@ -467,11 +580,40 @@ impl SnapshotStore {
     /// the live file without holding the file's lock, then moves them to
     /// `inflight` and wakes the writers waiting for them.
     fn read_range(&self, jf: &JobFile, s: u64, stop: u64) -> FsResult<Arc<Vec<Segment>>> {
-        let read = jf.vol.capture(&self.pool, s, stop - s).map(Arc::new);
+        let mut read = self.read_parts(jf, s, stop, &[(s, stop)])?;
+        read.pop()
+            .map(|(_, segs)| segs)
+            .ok_or_else(|| FsError::corrupt("captured range missing"))
+    }
+
+    /// [`SnapshotStore::read_range`] for `parts`, disjoint ranges in order
+    /// within `[s, stop)` of one extent, with one read of `[s, stop)`:
+    /// returns each part's first block and blocks.
+    fn read_parts(
+        &self,
+        jf: &JobFile,
+        s: u64,
+        stop: u64,
+        parts: &[(u64, u64)],
+    ) -> FsResult<Vec<(u64, Arc<Vec<Segment>>)>> {
+        let read = jf
+            .vol
+            .capture(&self.pool, s, stop - s)
+            .map(|segs| match parts {
+                [(ps, pe)] if (*ps, *pe) == (s, stop) => vec![(s, Arc::new(segs))],
+                _ => parts
+                    .iter()
+                    .map(|&(ps, pe)| (ps, Arc::new(slice_segments(&segs, ps, pe, self.bs))))
+                    .collect(),
+            });
         let mut g = jf.state.lock();
-        g.reading.remove(s, stop);
-        if let Ok(segs) = &read {
-            g.inflight.insert(s, (stop, segs.clone()));
+        for &(ps, pe) in parts {
+            g.reading.remove(ps, pe);
+        }
+        if let Ok(read) = &read {
+            for (&(ps, pe), (_, segs)) in parts.iter().zip(read) {
+                g.inflight.insert(ps, (pe, segs.clone()));
+            }
         }
         jf.changed.notify_all();
         read
@@ -544,11 +686,20 @@ impl SnapshotStore {
             }
         });
         // No block is pending any more; writers' copy-before-write still
-        // reading or appending ends before the deltas are finished.
+        // reading or appending, and the ranges they handed off, end before
+        // the deltas are finished. (A hand-off wakes no one: the wait is
+        // timed.)
         for jf in job.files.values() {
-            let mut g = jf.state.lock();
-            while (!g.reading.is_empty() || !g.inflight.is_empty()) && job.error.lock().is_none() {
-                jf.changed.wait(&mut g);
+            loop {
+                if let Err(err) = self.append_handed_off(&job) {
+                    self.fail_job(&job, format!("saving blocks before a write failed: {err}"));
+                }
+                let mut g = jf.state.lock();
+                if (g.reading.is_empty() && g.inflight.is_empty()) || job.error.lock().is_some() {
+                    break;
+                }
+                jf.changed
+                    .wait_for(&mut g, std::time::Duration::from_millis(10));
             }
         }
         // Copy-before-write is over. Writers never take the delta locks held
@@ -759,6 +910,21 @@ fn prepare_segments(segs: &[Segment], full: bool, bs: u64, level: i32) -> FsResu
     Ok(out)
 }
 
+/// The blocks `[s, e)` of `segs` (which cover them, in order).
+fn slice_segments(segs: &[Segment], s: u64, e: u64, bs: u64) -> Vec<Segment> {
+    segs.iter()
+        .filter(|g| g.start < e && s < g.start + g.count)
+        .map(|g| {
+            let (a, b) = (g.start.max(s), (g.start + g.count).min(e));
+            let data = g
+                .data
+                .as_ref()
+                .map(|d| d[((a - g.start) * bs) as usize..((b - g.start) * bs) as usize].to_vec());
+            Segment::new(a, b - a, data)
+        })
+        .collect()
+}
+
 /// Appends prepared ranges to a delta; returns the entries added.
 fn append_prepared(w: &mut DeltaWriter, p: &[Prepared]) -> Result<Vec<Entry>, DeltaError> {
     let before = w.entries().len();
@@ -777,4 +943,32 @@ fn append_prepared(w: &mut DeltaWriter, p: &[Prepared]) -> Result<Vec<Entry>, De
         }
     }
     Ok(w.entries()[before..].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_of_captured_segments_keep_data_and_holes() {
+        let bs = 4;
+        let segs = vec![
+            Segment::new(10, 3, Some((0u8..12).collect())),
+            Segment::new(13, 2, None),
+            Segment::new(15, 2, Some((100u8..108).collect())),
+        ];
+        let s = slice_segments(&segs, 11, 16, bs);
+        assert_eq!(s.len(), 3);
+        assert_eq!((s[0].start, s[0].count), (11, 2));
+        assert_eq!(
+            s[0].data.as_deref(),
+            Some(&(4u8..12).collect::<Vec<_>>()[..])
+        );
+        assert_eq!((s[1].start, s[1].count, s[1].data.is_none()), (13, 2, true));
+        assert_eq!((s[2].start, s[2].count), (15, 1));
+        assert_eq!(s[2].data.as_deref(), Some(&[100u8, 101, 102, 103][..]));
+        assert!(slice_segments(&segs, 17, 20, bs).is_empty());
+        let one = slice_segments(&segs, 14, 15, bs);
+        assert_eq!((one.len(), one[0].start, one[0].count), (1, 14, 1));
+    }
 }
