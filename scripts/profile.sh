@@ -7,7 +7,11 @@
 #
 # Environment: PROF_RW (fio --rw, default randwrite), PROF_BS (default 4k),
 # PROF_SECONDS (default 10), PROF_MOUNT_OPTS (vpool mount -o ...),
-# PROF_DIR (scratch parent, default ./target).
+# PROF_DIR (scratch parent, default ./target), PROF_SIZE (file size, default
+# 1G), PROF_BUFFERED=1 (psync, iodepth 1, through the page cache, one pass
+# from a cold cache: the buffered sequential workloads; perf then samples the
+# whole machine, since the kernel's FUSE side runs in fio's context and in
+# kernel threads).
 # Leaves OUTDIR/perf.data, OUTDIR/report.txt (perf report --no-children),
 # OUTDIR/report-children.txt, OUTDIR/fio.json.
 set -euo pipefail
@@ -18,6 +22,13 @@ VPOOL="$(realpath "${2:-target/release/vpool}")"
 RW="${PROF_RW:-randwrite}"
 BS="${PROF_BS:-4k}"
 SECS="${PROF_SECONDS:-10}"
+if [[ ${PROF_BUFFERED:-0} == 1 ]]; then
+    IO=(--ioengine=psync --iodepth=1 --direct=0)
+    WHAT="psync buffered"
+else
+    IO=(--ioengine=libaio --iodepth=32 --direct=1)
+    WHAT="qd32 O_DIRECT"
+fi
 command -v perf >/dev/null || apt_install linux-perf
 mkdir -p "$OUTDIR" "${PROF_DIR:-target}"
 WORK="$(mktemp -d "$(realpath "${PROF_DIR:-target}")/vpool-prof.XXXXXX")"
@@ -31,17 +42,29 @@ trap cleanup EXIT
 mkdir -p "$WORK/m1" "$WORK/m2" "$MNT"
 "$VPOOL" create "$WORK/m1" "$WORK/m2" >/dev/null
 "$VPOOL" mount ${PROF_MOUNT_OPTS:+-o "$PROF_MOUNT_OPTS"} "$WORK/m1" "$MNT"
+SIZE="${PROF_SIZE:-1G}"
 fio --name=layout --directory="$MNT" --filename=img --ioengine=psync --rw=write \
-    --bs=1M --size=1G --end_fsync=1 --output=/dev/null
+    --bs=1M --size="$SIZE" --end_fsync=1 --output=/dev/null
 PID="$(pgrep -f -n "^$VPOOL mount .*$MNT")" || die "no daemon for $MNT"
-log "daemon pid $PID; fio $RW $BS qd32 O_DIRECT for $((SECS + 4))s, perf for ${SECS}s"
-fio --name=prof --directory="$MNT" --filename=img --ioengine=libaio --iodepth=32 \
-    --direct=1 --rw="$RW" --bs="$BS" --size=1G --runtime=$((SECS + 4)) --time_based \
-    --output-format=json --output="$OUTDIR/fio.json" &
-FIO=$!
-sleep 2
-perf record -F 1999 -g -p "$PID" -o "$OUTDIR/perf.data" -- sleep "$SECS" 2>/dev/null
-wait "$FIO"
+if [[ ${PROF_BUFFERED:-0} == 1 ]]; then
+    # One pass from a cold cache (as bench.sh's buffered sequential jobs),
+    # the whole machine sampled while it runs.
+    log "daemon pid $PID; fio $RW $BS $WHAT, one pass of $SIZE, perf -a meanwhile"
+    echo 3 >/proc/sys/vm/drop_caches
+    perf record -F 1999 -g -a -o "$OUTDIR/perf.data" -- \
+        fio --name=prof --directory="$MNT" --filename=img "${IO[@]}" --rw="$RW" \
+        --bs="$BS" --size="$SIZE" --end_fsync=1 --output-format=json \
+        --output="$OUTDIR/fio.json" 2>/dev/null
+else
+    log "daemon pid $PID; fio $RW $BS $WHAT for $((SECS + 4))s, perf for ${SECS}s"
+    fio --name=prof --directory="$MNT" --filename=img "${IO[@]}" \
+        --rw="$RW" --bs="$BS" --size="$SIZE" --runtime=$((SECS + 4)) --time_based \
+        --output-format=json --output="$OUTDIR/fio.json" &
+    FIO=$!
+    sleep 2
+    perf record -F 1999 -g -p "$PID" -o "$OUTDIR/perf.data" -- sleep "$SECS" 2>/dev/null
+    wait "$FIO"
+fi
 perf report -i "$OUTDIR/perf.data" --no-children --sort dso,sym --stdio --percent-limit 1.5 -g none \
     2>/dev/null | grep -v '^$' | head -150 >"$OUTDIR/report.txt"
 perf report -i "$OUTDIR/perf.data" --children --sort sym --stdio --percent-limit 3 -g none \

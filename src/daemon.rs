@@ -485,12 +485,18 @@ fn subtype() -> MountOption {
     }
 }
 
-/// The kernel reads ahead 128 KiB on a FUSE mount by default; volume images are
-/// read in long runs, and 1 MiB matches the request size. Needs root; best effort.
+/// Readahead of the mount, in KiB: four requests of [`crate::fs::fuse::MAX_WRITE`]
+/// in flight. A sequential buffered read of a 4 GiB image: 1 MiB gave
+/// 459-589 MB/s, 4 MiB 756-783 MB/s (the plain disk 416-429 MB/s), same run.
+const READAHEAD_KB: u32 = 4 * crate::fs::fuse::MAX_WRITE / 1024;
+
+/// The kernel reads ahead no more than the INIT reply's `max_readahead` on a
+/// FUSE mount; volume images are read in long runs, and one request in
+/// flight leaves the disk idle between requests. Needs root; best effort.
 fn raise_readahead(mp: &Path) {
     let Some(m) = mountinfo(mp) else { return };
     let p = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
-    if let Err(e) = std::fs::write(&p, (crate::fs::fuse::MAX_WRITE / 1024).to_string()) {
+    if let Err(e) = std::fs::write(&p, READAHEAD_KB.to_string()) {
         tracing::debug!(path = %p, error = %e, "cannot raise readahead");
     }
 }
