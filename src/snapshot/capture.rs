@@ -596,11 +596,14 @@ impl SnapshotStore {
         stop: u64,
         parts: &[(u64, u64)],
     ) -> FsResult<Vec<(u64, Arc<Vec<Segment>>)>> {
+        // Blocks between the parts are not pending: a writer may be changing
+        // them, so they are read under their stripes (and then dropped).
+        let whole = matches!(parts, [(ps, pe)] if (*ps, *pe) == (s, stop));
         let read = jf
             .vol
-            .capture(&self.pool, s, stop - s)
+            .capture(&self.pool, s, stop - s, !whole)
             .map(|segs| match parts {
-                [(ps, pe)] if (*ps, *pe) == (s, stop) => vec![(s, Arc::new(segs))],
+                _ if whole => vec![(s, Arc::new(segs))],
                 _ => parts
                     .iter()
                     .map(|&(ps, pe)| (ps, Arc::new(slice_segments(&segs, ps, pe, self.bs))))

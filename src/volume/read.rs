@@ -341,7 +341,17 @@ impl Volume {
 
     /// Reads blocks `[start, start+count)` (all within one extent) as a snapshot
     /// captures them: runs of holes (unallocated in the first copy) and of data.
-    pub fn capture(&self, pool: &Pool, start: u64, count: u64) -> FsResult<Vec<Segment>> {
+    /// Without `lock` the caller guarantees that no one changes them (they
+    /// are pending in the capture, and writers wait); with it, the blocks'
+    /// stripes are held shared while each run is read, so that a block being
+    /// written meanwhile is read whole, with its checksum.
+    pub fn capture(
+        &self,
+        pool: &Pool,
+        start: u64,
+        count: u64,
+        lock: bool,
+    ) -> FsResult<Vec<Segment>> {
         let bs = self.bs;
         let off = start * bs;
         let len = count * bs;
@@ -368,7 +378,7 @@ impl Volume {
                 out.push(Segment::new((base + cur) / bs, (ds - cur) / bs, None));
             }
             let mut buf = vec![0u8; (de - ds) as usize];
-            self.read_extent_with(pool, &ext, ds, &mut buf, false, false)?;
+            self.read_extent_with(pool, &ext, ds, &mut buf, lock, false)?;
             out.push(Segment::new((base + ds) / bs, (de - ds) / bs, Some(buf)));
             cur = de;
         }
