@@ -599,16 +599,15 @@ impl SnapshotStore {
         // Blocks between the parts are not pending: a writer may be changing
         // them, so they are read under their stripes (and then dropped).
         let whole = matches!(parts, [(ps, pe)] if (*ps, *pe) == (s, stop));
-        let read = jf
-            .vol
-            .capture(&self.pool, s, stop - s, !whole)
-            .map(|segs| match parts {
-                _ if whole => vec![(s, Arc::new(segs))],
-                _ => parts
-                    .iter()
-                    .map(|&(ps, pe)| (ps, Arc::new(slice_segments(&segs, ps, pe, self.bs))))
-                    .collect(),
-            });
+        let read = jf.vol.capture(&self.pool, s, stop - s, !whole).map(|segs| {
+            if whole {
+                return vec![(s, Arc::new(segs))];
+            }
+            parts
+                .iter()
+                .map(|&(ps, pe)| (ps, Arc::new(slice_segments(&segs, ps, pe, self.bs))))
+                .collect()
+        });
         let mut g = jf.state.lock();
         for &(ps, pe) in parts {
             g.reading.remove(ps, pe);
