@@ -120,6 +120,21 @@ pub fn idle_io_thread() {
     }
 }
 
+/// Is process `pid` gone, or exiting? After SIGKILL the thread-group
+/// leader turns zombie (or is reaped) while the kernel may still be tearing
+/// down its other threads, which share its descriptors and so its flocks.
+/// A pid from another pid namespace reads as gone too.
+pub fn process_exiting(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the field after the ")" that closes comm.
+        Ok(s) => s.rfind(')').is_some_and(|i| {
+            let state = s[i + 1..].trim_start();
+            state.starts_with('Z') || state.starts_with('X')
+        }),
+        Err(_) => true,
+    }
+}
+
 /// Seconds and nanoseconds since the epoch, now.
 pub fn now() -> (i64, u32) {
     let d = std::time::SystemTime::now()

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
@@ -52,21 +53,35 @@ pub fn read_lock_info(st: &dyn Storage, dir: &Path) -> Option<(u32, PathBuf)> {
     layout::parse_lock_info(&b)
 }
 
+/// How long an opener waits for a lock whose recorded holder is exiting (a
+/// daemon killed with SIGKILL releases its flock only when its last thread
+/// is gone, which a thread blocked in member I/O can delay).
+const DYING_HOLDER_WAIT: Duration = Duration::from_secs(30);
+
 pub(crate) fn try_lock(s: &dyn Storage, dir: &Path, pool: &Uuid) -> Result<Box<dyn LockGuard>> {
     let p = dir.join(LOCK_FILE);
-    match s.try_lock(&p).map_err(|e| Error::io(&p, e))? {
-        Some(g) => Ok(g),
-        None => {
-            let at = match read_lock_info(s, dir) {
-                Some((pid, mp)) => format!(" at {} by pid {pid}", mp.display()),
-                None => String::new(),
-            };
-            Err(Error::AlreadyMounted {
-                pool: pool.to_string(),
-                path: dir.to_path_buf(),
-                at,
-            })
+    let start = Instant::now();
+    loop {
+        if let Some(g) = s.try_lock(&p).map_err(|e| Error::io(&p, e))? {
+            return Ok(g);
         }
+        let info = read_lock_info(s, dir);
+        if let Some((pid, _)) = &info
+            && crate::util::process_exiting(*pid)
+            && start.elapsed() < DYING_HOLDER_WAIT
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let at = match info {
+            Some((pid, mp)) => format!(" at {} by pid {pid}", mp.display()),
+            None => String::new(),
+        };
+        return Err(Error::AlreadyMounted {
+            pool: pool.to_string(),
+            path: dir.to_path_buf(),
+            at,
+        });
     }
 }
 
@@ -424,6 +439,31 @@ mod tests {
         );
         drop(first);
         Pool::open(&dirs[0]).unwrap();
+    }
+
+    /// `kill -9` of a daemon: its pid is gone (or a zombie) while the
+    /// kernel still tears down its threads, and their shared descriptor
+    /// table still holds the flock. An opener waits for such a dying holder
+    /// instead of calling the pool mounted.
+    #[test]
+    fn a_lock_held_by_a_dying_daemon_is_waited_for() {
+        let (_t, dirs) = pool_of(1);
+        let first = Pool::open(&dirs[0]).unwrap();
+        // A pid that has exited: a child already reaped.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        std::fs::write(
+            dirs[0].join(LOCK_FILE),
+            layout::lock_info(dead, Path::new("/mnt/images")),
+        )
+        .unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        Pool::open(&dirs[0]).unwrap();
+        release.join().unwrap();
     }
 
     #[test]

@@ -385,18 +385,26 @@ fn unescape_mountinfo(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Is the process alive (and not a zombie)?
+/// Is the process alive: does any of its threads still run? After SIGKILL
+/// the leader turns zombie before the other threads have exited, and until
+/// the last one has, their shared descriptors (the pool's flocks) stay open.
 pub fn pid_alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            // state is the field after the ")" that closes comm
-            match s.rfind(')') {
-                Some(i) => !s[i + 1..].trim_start().starts_with('Z'),
-                None => true,
-            }
+    let running = |stat: &str| match stat.rfind(')') {
+        // the state is the field after the ")" that closes comm
+        Some(i) => {
+            let state = stat[i + 1..].trim_start();
+            !(state.starts_with('Z') || state.starts_with('X'))
         }
-        Err(_) => false,
-    }
+        None => true,
+    };
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        fs::read_to_string(t.path().join("stat"))
+            .map(|s| running(&s))
+            .unwrap_or(false)
+    })
 }
 
 /// Poll `f` every 50 ms until it returns true or `timeout` passes.
