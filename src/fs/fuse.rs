@@ -33,6 +33,7 @@ use fuser::{
 use crate::error::{FsError, FsResult};
 use crate::fs::core::{Attr, Caller, SetAttr, TimeSet, Vfs};
 use crate::pool::meta::{NodeKind, Timestamp};
+use crate::volume::WriteMode;
 
 /// How long the kernel may cache attributes and entries. Every change passes
 /// through this daemon, so the kernel's copy only goes stale through us: the
@@ -43,8 +44,9 @@ const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel sends in one request.
 pub const MAX_WRITE: u32 = 1 << 20;
 
-/// Reads and writes of a cached open at least this long are served past the
-/// members' page cache (see `FuseFs::direct_io`).
+/// Reads of a cached open at least this long are served past the members'
+/// page cache, and writes streamed (see `FuseFs::direct_read`,
+/// `FuseFs::write_mode`).
 const STREAM_IO: usize = 128 << 10;
 
 pub struct FuseFs {
@@ -73,16 +75,29 @@ impl FuseFs {
         self.direct_members && flags.0 & libc::O_DIRECT != 0
     }
 
-    /// Whether a read or write goes past the members' page cache: an
-    /// `O_DIRECT` open's ([`Self::direct`]), and a cached open's long one (at
-    /// least [`STREAM_IO`]: readahead, or the writeback of a sequential
-    /// writer's pages): the mount keeps those pages in its own cache
-    /// (`FOPEN_KEEP_CACHE`), so caching them in the members' cache too is
-    /// double caching, and its copy was a quarter of the CPU of a sequential
-    /// read (docs/perf). Short requests keep the members' cache: it absorbs
-    /// small random writes, and its readahead serves small reads.
-    fn direct_io(&self, flags: OpenFlags, size: usize) -> bool {
+    /// Whether a read goes past the members' page cache: an `O_DIRECT`
+    /// open's ([`Self::direct`]), and a cached open's long one (at least
+    /// [`STREAM_IO`]: readahead): the mount keeps those pages in its own
+    /// cache (`FOPEN_KEEP_CACHE`), so caching them in the members' cache too
+    /// is double caching, and its copy was a quarter of the CPU of a
+    /// sequential read (docs/perf). Short reads keep the members' cache: its
+    /// readahead serves them.
+    fn direct_read(&self, flags: OpenFlags, size: usize) -> bool {
         self.direct(flags) || (self.direct_members && size >= STREAM_IO)
+    }
+
+    /// How a write reaches the members: an `O_DIRECT` open's past their
+    /// cache; a cached open's long one (the writeback of a sequential
+    /// writer's pages) streamed through it with write-behind; short ones
+    /// through it (it absorbs small random writes).
+    fn write_mode(&self, flags: OpenFlags, size: usize) -> WriteMode {
+        if self.direct(flags) {
+            WriteMode::Direct
+        } else if self.direct_members && size >= STREAM_IO {
+            WriteMode::Stream
+        } else {
+            WriteMode::Cached
+        }
     }
 }
 
@@ -551,7 +566,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let direct = self.direct_io(flags, size as usize);
+        let direct = self.direct_read(flags, size as usize);
         let r = Traced::new("read")
             .ino(ino.0)
             .fh(fh.0)
@@ -583,8 +598,8 @@ impl Filesystem for FuseFs {
                     // The kernel keeps the mode it cached: drop it.
                     self.vfs.inval_kernel_attr(ino.0);
                 }
-                let direct = self.direct_io(flags, data.len());
-                self.vfs.write_io(fh.0, offset, data, direct)
+                let mode = self.write_mode(flags, data.len());
+                self.vfs.write_io(fh.0, offset, data, mode)
             });
         written(reply, r);
     }

@@ -27,6 +27,7 @@ use super::namespace::{check_symlink_target, mknod_kind};
 use super::snapview::SnapView;
 use crate::error::{FsError, FsResult};
 use crate::pool::meta::{NodeKind, ROOT_INO};
+use crate::volume::WriteMode;
 
 /// An open file of either view, read through the route (the source of a
 /// `copy_file_range`; each call looks its handle up again, as a read does).
@@ -285,13 +286,13 @@ impl Vfs {
     }
 
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
-        self.write_io(fh, off, data, false)
+        self.write_io(fh, off, data, WriteMode::Cached)
     }
 
-    /// [`Vfs::write`] for an `O_DIRECT` open when `direct` (see [`Vfs::read_io`]).
-    pub fn write_io(&self, fh: u64, off: u64, data: &[u8], direct: bool) -> FsResult<u32> {
+    /// [`Vfs::write`] in `mode` (see [`crate::volume::Volume::write_io`]).
+    pub fn write_io(&self, fh: u64, off: u64, data: &[u8], mode: WriteMode) -> FsResult<u32> {
         match self.by_handle(fh) {
-            Ok(live) => live.write_io(fh, off, data, direct),
+            Ok(live) => live.write_io(fh, off, data, mode),
             Err(_) => self.writable().and(Err(FsError::BadHandle)),
         }
     }

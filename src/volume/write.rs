@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 
 use super::extent::Extent;
 use super::raw::{AlignedBuf, direct_fits, fully_allocated, map_write_err};
-use super::{DeadExtent, Piece, Volume, pieces};
+use super::{DeadExtent, Piece, Volume, WriteMode, pieces};
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
 use crate::pool::sums::block_crc;
@@ -35,6 +35,12 @@ fn check_room(pool: &Pool, member: u32, f: &Handle, within: u64, len: u64) -> Fs
     }
     Ok(())
 }
+
+/// How far behind a [`WriteMode::Stream`] piece its member pages are
+/// dropped: a few requests' worth, so that their writeback, started when
+/// they were written, has normally ended (pages still dirty or under
+/// writeback are left alone).
+const STREAM_BEHIND: u64 = 8 << 20;
 
 fn invalidate_space(pool: &Pool, member: u32) {
     if let Some(m) = pool.member(member) {
@@ -106,22 +112,24 @@ impl Volume {
 
     /// Writes `data` at `off` to every copy, placing new extents as needed.
     pub fn write(&self, pool: &Pool, off: u64, data: &[u8]) -> FsResult<()> {
-        self.write_io(pool, off, data, false)
+        self.write_io(pool, off, data, WriteMode::Cached)
     }
 
-    /// [`Volume::write`]; with `direct` (an `O_DIRECT` open), pieces aligned
-    /// to [`crate::storage::DIRECT_ALIGN`] in offset and length go to the
-    /// members past their page cache, through an aligned copy; other pieces
-    /// go through the cache (the kernel keeps both views coherent). The
-    /// ordering rules are the same either way: intent record and
-    /// changed-block marks first, data next, and durability at the next
-    /// fdatasync of the extent.
-    pub fn write_io(&self, pool: &Pool, off: u64, data: &[u8], direct: bool) -> FsResult<()> {
+    /// [`Volume::write`] in `mode`. With [`WriteMode::Direct`], pieces
+    /// aligned to [`crate::storage::DIRECT_ALIGN`] in offset and length go to
+    /// the members past their page cache, through an aligned copy; other
+    /// pieces go through the cache (the kernel keeps both views coherent).
+    /// With [`WriteMode::Stream`], each piece's writeback starts at once and
+    /// the member pages [`STREAM_BEHIND`] before it are dropped (clean by
+    /// then, normally: the mount keeps its own copy). The ordering rules are
+    /// the same in every mode: intent record and changed-block marks first,
+    /// data next, and durability at the next fdatasync of the extent.
+    pub fn write_io(&self, pool: &Pool, off: u64, data: &[u8], mode: WriteMode) -> FsResult<()> {
         for p in pieces(self.esize, off, data.len()) {
             let ext = self.get_or_alloc(pool, p.index, p.len as u64)?;
             let piece = &data[p.buf_off..p.buf_off + p.len];
-            let aligned =
-                (direct && direct_fits(p.within, p.len)).then(|| AlignedBuf::copy_of(piece));
+            let aligned = (mode == WriteMode::Direct && direct_fits(p.within, p.len))
+                .then(|| AlignedBuf::copy_of(piece));
             self.change(pool, ext, &p, Some(Some(piece)), |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
                 match &aligned {
@@ -131,7 +139,14 @@ impl Volume {
                 .map_err(|e| {
                     invalidate_space(pool, member);
                     map_write_err(e)
-                })
+                })?;
+                if mode == WriteMode::Stream {
+                    f.write_behind(p.within, p.len as u64, false);
+                    if let Some(behind) = p.within.checked_sub(STREAM_BEHIND) {
+                        f.drop_cached(behind, p.len as u64);
+                    }
+                }
+                Ok(())
             })?;
         }
         Ok(())
