@@ -53,6 +53,7 @@ pub struct FuseFs {
     vfs: Arc<Vfs>,
     writeback_cache: bool,
     direct_members: bool,
+    max_background: u16,
 }
 
 impl FuseFs {
@@ -60,12 +61,19 @@ impl FuseFs {
     /// small and sequential writes; data reaches the daemon at writeback or fsync).
     /// `direct_members`: serve reads and writes of `O_DIRECT` opens with
     /// `O_DIRECT` member I/O where aligned (no second copy of a VM's disk in
-    /// the host's page cache).
-    pub fn new(vfs: Arc<Vfs>, writeback_cache: bool, direct_members: bool) -> FuseFs {
+    /// the host's page cache). `max_background`: background requests the
+    /// kernel keeps in flight (`crate::daemon::background_requests`).
+    pub fn new(
+        vfs: Arc<Vfs>,
+        writeback_cache: bool,
+        direct_members: bool,
+        max_background: u16,
+    ) -> FuseFs {
         FuseFs {
             vfs,
             writeback_cache,
             direct_members,
+            max_background,
         }
     }
 
@@ -354,7 +362,7 @@ impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
-        let _ = config.set_max_background(64);
+        let _ = config.set_max_background(self.max_background);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
         // O_DIRECT requests submitted asynchronously (libaio, io_uring: a
