@@ -52,8 +52,8 @@ pub struct MountOptions {
 /// member disks, which is what the threads mostly wait for; 16 per CPU,
 /// from 32 to 64 (on 2 CPUs, 32 workers served 4K random reads at qd 32
 /// 40 % faster than 16, and 40 about 10 % slower than 32; an eighth is kept
-/// from background requests, see [`background_requests`]). Each costs an idle stack and a 1 MiB request
-/// buffer.
+/// from background requests, see [`background_requests`]). Each costs an
+/// idle stack and a 1 MiB request buffer.
 pub fn default_threads() -> usize {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     (cpus * 16).clamp(32, MAX_THREADS)

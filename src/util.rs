@@ -120,10 +120,11 @@ pub fn idle_io_thread() {
     }
 }
 
-/// Is process `pid` gone, or exiting? After SIGKILL the thread-group
-/// leader turns zombie (or is reaped) while the kernel may still be tearing
-/// down its other threads, which share its descriptors and so its flocks.
-/// A pid from another pid namespace reads as gone too.
+/// Is process `pid` exiting: its thread-group leader a zombie? After
+/// SIGKILL the leader turns zombie while the kernel may still be tearing
+/// down its other threads, which share its descriptors and so its flocks;
+/// it is reaped only after they have all gone. A pid that does not exist
+/// (gone, or of another pid namespace) is not exiting.
 pub fn process_exiting(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state is the field after the ")" that closes comm.
@@ -131,7 +132,7 @@ pub fn process_exiting(pid: u32) -> bool {
             let state = s[i + 1..].trim_start();
             state.starts_with('Z') || state.starts_with('X')
         }),
-        Err(_) => true,
+        Err(_) => false,
     }
 }
 

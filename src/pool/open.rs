@@ -55,7 +55,8 @@ pub fn read_lock_info(st: &dyn Storage, dir: &Path) -> Option<(u32, PathBuf)> {
 
 /// How long an opener waits for a lock whose recorded holder is exiting (a
 /// daemon killed with SIGKILL releases its flock only when its last thread
-/// is gone, which a thread blocked in member I/O can delay).
+/// is gone, which a thread blocked in member I/O can delay). A holder that
+/// is running, or gone, is not waited for.
 const DYING_HOLDER_WAIT: Duration = Duration::from_secs(30);
 
 pub(crate) fn try_lock(s: &dyn Storage, dir: &Path, pool: &Uuid) -> Result<Box<dyn LockGuard>> {
@@ -449,10 +450,14 @@ mod tests {
     fn a_lock_held_by_a_dying_daemon_is_waited_for() {
         let (_t, dirs) = pool_of(1);
         let first = Pool::open(&dirs[0]).unwrap();
-        // A pid that has exited: a child already reaped.
+        // A zombie: a child that has exited and is not reaped yet.
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let dead = child.id();
-        child.wait().unwrap();
+        let t = std::time::Instant::now();
+        while !crate::util::process_exiting(dead) {
+            assert!(t.elapsed() < Duration::from_secs(10), "child did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::fs::write(
             dirs[0].join(LOCK_FILE),
             layout::lock_info(dead, Path::new("/mnt/images")),
@@ -464,6 +469,13 @@ mod tests {
         });
         Pool::open(&dirs[0]).unwrap();
         release.join().unwrap();
+        child.wait().unwrap();
+        // A holder that is gone is not waited for: the lock is someone
+        // else's (an offline check writes no lock information).
+        let _held = Pool::open(&dirs[0]).unwrap();
+        let t = std::time::Instant::now();
+        assert!(Pool::open(&dirs[0]).is_err());
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 
     #[test]
