@@ -169,16 +169,7 @@ impl FileIo for RealFile {
     }
 
     fn will_need(&self, off: u64, len: u64) {
-        // SAFETY: posix_fadvise on a valid descriptor with plain integers;
-        // it only affects the page cache.
-        unsafe {
-            libc::posix_fadvise(
-                self.0.as_raw_fd(),
-                off as i64,
-                len as i64,
-                libc::POSIX_FADV_WILLNEED,
-            );
-        }
+        fadvise(&self.0, off, len, libc::POSIX_FADV_WILLNEED);
     }
 
     fn write_behind(&self, off: u64, len: u64, wait: bool) {
@@ -190,28 +181,28 @@ impl FileIo for RealFile {
         } else {
             libc::SYNC_FILE_RANGE_WRITE
         };
-        // SAFETY: sync_file_range and posix_fadvise on a valid descriptor
-        // with plain integers; they start or wait for writeback and drop
-        // clean pages, never change the file's content.
+        // SAFETY: sync_file_range on a valid descriptor with plain
+        // integers; it starts or waits for writeback, never changes the
+        // file's content.
         unsafe {
             libc::sync_file_range(fd, off as i64, len as i64, flags);
-            if wait {
-                libc::posix_fadvise(fd, off as i64, len as i64, libc::POSIX_FADV_DONTNEED);
-            }
+        }
+        if wait {
+            fadvise(&self.0, off, len, libc::POSIX_FADV_DONTNEED);
         }
     }
 
     fn drop_cached(&self, off: u64, len: u64) {
-        // SAFETY: posix_fadvise on a valid descriptor with plain integers;
-        // it only drops clean pages of the page cache.
-        unsafe {
-            libc::posix_fadvise(
-                self.0.as_raw_fd(),
-                off as i64,
-                len as i64,
-                libc::POSIX_FADV_DONTNEED,
-            );
-        }
+        fadvise(&self.0, off, len, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
+/// `posix_fadvise(advice)` on `[off, off+len)` of `f`; only a hint.
+fn fadvise(f: &File, off: u64, len: u64, advice: libc::c_int) {
+    // SAFETY: posix_fadvise on a valid descriptor with plain integers; it
+    // only affects the page cache (reads ahead, or drops clean pages).
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), off as i64, len as i64, advice);
     }
 }
 
