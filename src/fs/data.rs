@@ -389,9 +389,14 @@ mod tests {
         let v = open(&dirs[0]);
         let data: Vec<u8> = (0..12u32 << 20).map(|i| (i % 253) as u8).collect();
         let mut files = Vec::new();
-        for (i, mode) in [WriteMode::Cached, WriteMode::Direct, WriteMode::Stream]
-            .into_iter()
-            .enumerate()
+        for (i, mode) in [
+            WriteMode::Cached,
+            WriteMode::Direct,
+            WriteMode::Stream,
+            WriteMode::Behind,
+        ]
+        .into_iter()
+        .enumerate()
         {
             let name = format!("f{i}");
             let (a, fh) = v.create(ROOT_INO, name.as_bytes(), 0o644, 0, ME).unwrap();

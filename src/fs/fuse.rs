@@ -97,15 +97,31 @@ impl FuseFs {
     /// How a write reaches the members: an `O_DIRECT` open's past their
     /// cache; a cached open's long one (the writeback of a sequential
     /// writer's pages) streamed through it with write-behind; short ones
-    /// through it (it absorbs small random writes).
+    /// through it, with write-behind when the mount holds the page in its
+    /// own writeback cache, else left to the members' cache (it absorbs
+    /// small random writes).
     fn write_mode(&self, flags: OpenFlags, size: usize) -> WriteMode {
-        if self.direct(flags) {
-            WriteMode::Direct
-        } else if self.direct_members && size >= STREAM_IO {
-            WriteMode::Stream
-        } else {
-            WriteMode::Cached
-        }
+        write_mode(
+            self.direct(flags),
+            self.direct_members,
+            self.writeback_cache,
+            size,
+        )
+    }
+}
+
+/// [`FuseFs::write_mode`] as a pure function: `direct`, whether the open
+/// goes past the members' cache; `direct_members` and `writeback_cache`, the
+/// mount's options; `size`, the request's.
+fn write_mode(direct: bool, direct_members: bool, writeback_cache: bool, size: usize) -> WriteMode {
+    if direct {
+        WriteMode::Direct
+    } else if direct_members && size >= STREAM_IO {
+        WriteMode::Stream
+    } else if writeback_cache {
+        WriteMode::Behind
+    } else {
+        WriteMode::Cached
     }
 }
 
@@ -1018,6 +1034,26 @@ mod tests {
         assert!(!lookup.contains_key("fh"), "{lookup:?}");
         assert_eq!(*cap.events.lock(), ["fuse: served", "fuse: served"]);
         v.release(fh).unwrap();
+    }
+
+    /// Which writes go how: an O_DIRECT open's past the members' cache; a
+    /// cached open's long ones streamed; its short ones with write-behind
+    /// when the mount holds its own copy (writeback cache), else cached.
+    /// `odirect=cached` (direct_members off) never streams.
+    #[test]
+    fn write_modes_follow_the_open_the_size_and_the_mount() {
+        use super::{STREAM_IO, write_mode};
+        use crate::volume::WriteMode::*;
+        let small = 4096;
+        let long = STREAM_IO;
+        assert_eq!(write_mode(true, true, true, small), Direct);
+        assert_eq!(write_mode(true, true, false, long), Direct);
+        assert_eq!(write_mode(false, true, true, long), Stream);
+        assert_eq!(write_mode(false, true, false, long), Stream);
+        assert_eq!(write_mode(false, true, true, long - 1), Behind);
+        assert_eq!(write_mode(false, false, true, long), Behind);
+        assert_eq!(write_mode(false, true, false, small), Cached);
+        assert_eq!(write_mode(false, false, false, long), Cached);
     }
 
     /// Below DEBUG the span is disabled: no clock read, nothing recorded.

@@ -71,6 +71,14 @@ pub enum WriteMode {
     /// the inode lock for those): 1 GiB written and fsynced went from
     /// 0.69 to 0.79 of the plain directory's speed (docs/perf).
     Stream,
+    /// A short write of a mount with the writeback cache (the writeback of
+    /// a page the mount still holds): through the members' cache with its
+    /// writeback started at once, nothing dropped. Left dirty, the page
+    /// would count twice against the host's dirty limit (once in the
+    /// mount's cache, once in the members'), and a random writer reached
+    /// that limit and was throttled for up to 660 ms during a snapshot; with
+    /// write-behind its longest stall was 39 ms (docs/perf, change 9).
+    Behind,
 }
 
 /// A range of blocks as a snapshot captures it.

@@ -121,7 +121,12 @@ impl Volume {
     /// pieces go through the cache (the kernel keeps both views coherent).
     /// With [`WriteMode::Stream`], each piece's writeback starts at once and
     /// the member pages [`STREAM_BEHIND`] before it are dropped (clean by
-    /// then, normally: the mount keeps its own copy). The ordering rules are
+    /// then, normally: the mount keeps its own copy); with
+    /// [`WriteMode::Behind`] the writeback starts and nothing is dropped
+    /// (the pages of a random writer are not behind anything). Write-behind
+    /// is only a hint to the member's page cache: it changes when data
+    /// reaches the disk, never what a crash may leave, since durability
+    /// still comes from the fdatasync at commit. The ordering rules are
     /// the same in every mode: intent record and changed-block marks first,
     /// data next, and durability at the next fdatasync of the extent.
     pub fn write_io(&self, pool: &Pool, off: u64, data: &[u8], mode: WriteMode) -> FsResult<()> {
@@ -140,11 +145,13 @@ impl Volume {
                     invalidate_space(pool, member);
                     map_write_err(e)
                 })?;
-                if mode == WriteMode::Stream {
+                if matches!(mode, WriteMode::Stream | WriteMode::Behind) {
                     f.write_behind(p.within, p.len as u64, false);
-                    if let Some(behind) = p.within.checked_sub(STREAM_BEHIND) {
-                        f.drop_cached(behind, p.len as u64);
-                    }
+                }
+                if mode == WriteMode::Stream
+                    && let Some(behind) = p.within.checked_sub(STREAM_BEHIND)
+                {
+                    f.drop_cached(behind, p.len as u64);
                 }
                 Ok(())
             })?;
