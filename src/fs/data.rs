@@ -23,7 +23,7 @@ use super::core::{Live, MAX_FILE_SIZE};
 use super::node::Node;
 use crate::error::{FsError, FsResult};
 use crate::pool::meta::{NodeKind, Timestamp};
-use crate::volume::{Volume, WriteMode};
+use crate::volume::{ReadBuf, Volume, WriteMode};
 
 /// What `copy_file_range` reads from: an open file of either view (the
 /// route resolves the source handle; the destination is always live).
@@ -42,12 +42,12 @@ impl Live<'_> {
     }
 
     pub(crate) fn read(&self, fh: u64, off: u64, len: u32) -> FsResult<Vec<u8>> {
-        self.read_io(fh, off, len, false)
+        self.read_io(fh, off, len, false).map(ReadBuf::into_vec)
     }
 
     /// Reads of an `O_DIRECT` open pass `direct`: aligned member reads then
     /// bypass the host's page cache (see [`Volume::read_io`]).
-    pub(crate) fn read_io(&self, fh: u64, off: u64, len: u32, direct: bool) -> FsResult<Vec<u8>> {
+    pub(crate) fn read_io(&self, fh: u64, off: u64, len: u32, direct: bool) -> FsResult<ReadBuf> {
         let node = self.file_node(fh)?;
         let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
         let size = node.meta.lock().size;

@@ -353,7 +353,7 @@ fn opened(reply: ReplyOpen, r: FsResult<u64>, flags: FopenFlags) {
     }
 }
 
-fn data(reply: ReplyData, r: FsResult<Vec<u8>>) {
+fn data(reply: ReplyData, r: FsResult<impl std::ops::Deref<Target = [u8]>>) {
     match r {
         Ok(d) => reply.data(&d),
         Err(e) => reply.error(errno(&e)),

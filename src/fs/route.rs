@@ -27,7 +27,7 @@ use super::namespace::{check_symlink_target, mknod_kind};
 use super::snapview::SnapView;
 use crate::error::{FsError, FsResult};
 use crate::pool::meta::{NodeKind, ROOT_INO};
-use crate::volume::WriteMode;
+use crate::volume::{ReadBuf, WriteMode};
 
 /// An open file of either view, read through the route (the source of a
 /// `copy_file_range`; each call looks its handle up again, as a read does).
@@ -272,16 +272,16 @@ impl Vfs {
     }
 
     pub fn read(&self, fh: u64, off: u64, len: u32) -> FsResult<Vec<u8>> {
-        self.read_io(fh, off, len, false)
+        self.read_io(fh, off, len, false).map(ReadBuf::into_vec)
     }
 
     /// [`Vfs::read`] for an `O_DIRECT` open when `direct`: aligned member
     /// reads bypass the host's page cache (no double caching under a VM
     /// with `cache=none`).
-    pub fn read_io(&self, fh: u64, off: u64, len: u32, direct: bool) -> FsResult<Vec<u8>> {
+    pub fn read_io(&self, fh: u64, off: u64, len: u32, direct: bool) -> FsResult<ReadBuf> {
         match self.by_handle(fh) {
             Ok(live) => live.read_io(fh, off, len, direct),
-            Err(snap) => snap.read(fh, off, len),
+            Err(snap) => snap.read(fh, off, len).map(ReadBuf::from),
         }
     }
 

@@ -52,6 +52,7 @@ use crate::pool::sums;
 use cbt::Cbt;
 
 pub use extent::{Extent, ExtentCopy};
+pub use raw::ReadBuf;
 pub use resync::ScrubCounts;
 
 /// How a write reaches the member files.

@@ -13,7 +13,7 @@
 use std::sync::atomic::Ordering;
 
 use super::extent::Extent;
-use super::raw::{eio, map_write_err, read_full_io, seek_data_ranges, widen_merge};
+use super::raw::{ReadBuf, eio, map_write_err, read_full_io, seek_data_ranges, widen_merge};
 use super::{Segment, Volume, pieces};
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
@@ -24,10 +24,12 @@ impl Volume {
     /// Each piece comes from the first copy that can be read.
     pub fn read(&self, pool: &Pool, off: u64, len: usize, size: u64) -> FsResult<Vec<u8>> {
         self.read_io(pool, off, len, size, false)
+            .map(ReadBuf::into_vec)
     }
 
-    /// [`Volume::read`]; with `direct` (an `O_DIRECT` open), the aligned
-    /// member reads bypass the host's page cache.
+    /// [`Volume::read`]; with `direct` (an `O_DIRECT` open, or a long read),
+    /// the aligned member reads bypass the host's page cache, straight into
+    /// the returned buffer.
     pub fn read_io(
         &self,
         pool: &Pool,
@@ -35,12 +37,12 @@ impl Volume {
         len: usize,
         size: u64,
         direct: bool,
-    ) -> FsResult<Vec<u8>> {
+    ) -> FsResult<ReadBuf> {
         if off >= size {
-            return Ok(Vec::new());
+            return Ok(ReadBuf::zeroed(0, false));
         }
         let len = (len as u64).min(size - off) as usize;
-        let mut buf = vec![0u8; len];
+        let mut buf = ReadBuf::zeroed(len, direct);
         for p in pieces(self.esize, off, len) {
             let Some(ext) = self.get(p.index) else {
                 continue;
