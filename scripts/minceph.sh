@@ -4,7 +4,7 @@
 # every socket on 127.0.0.1, auth off, pool `rbd` created and initialised.
 # `stop` stops exactly the daemons `start` started (by pid). Needs Debian's
 # ceph-mon, ceph-osd and ceph-common. Port 3300 is fixed: one cluster at a time.
-# Used by tests/export_ceph.rs; cold start about 11 s.
+# Used by tests/suite/export_ceph.rs; cold start about 11 s.
 set -euo pipefail
 CMD=$1; D=$2; C="-c $D/ceph.conf"
 stop() {

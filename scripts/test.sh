@@ -58,7 +58,7 @@ install_deps() {
     local pkgs=()
     command -v fusermount3 >/dev/null 2>&1 || pkgs+=(fuse3)
     command -v fio >/dev/null 2>&1 || pkgs+=(fio)
-    # tests/units.rs verifies the unit files; tests/ops.rs mounts from an fstab.
+    # tests/suite/units.rs verifies the unit files; tests/suite/ops.rs mounts from an fstab.
     command -v systemd-analyze >/dev/null 2>&1 || pkgs+=(systemd)
     command -v findmnt >/dev/null 2>&1 || pkgs+=(util-linux)
     if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
@@ -72,7 +72,7 @@ install_deps() {
     else
         log "test packages already present"
     fi
-    # tests/export_ceph.rs: a real single-node Ceph (skipped when this fails).
+    # tests/suite/export_ceph.rs: a real single-node Ceph (skipped when this fails).
     if ! command -v ceph-osd >/dev/null 2>&1 || ! command -v rbd >/dev/null 2>&1; then
         (apt_install ceph-mon ceph-osd ceph-common uuid-runtime) ||
             warn "the Ceph packages did not install: the rbd-diff test will be skipped"
@@ -139,7 +139,7 @@ run_ceph_test() {
     local rc=0 out
     out="$(mktemp -t vpool-ceph.XXXXXX)"
     timeout -k 30 600 cargo test --release --features fault-injection \
-        --test export_ceph -- --ignored --nocapture 2>&1 | tee "$out" || rc=$?
+        --test suite -- --ignored --nocapture export_ceph:: 2>&1 | tee "$out" || rc=$?
     if grep -q '^SKIPPED:' "$out"; then
         CEPH_SKIPPED="$(grep '^SKIPPED:' "$out" | head -n1)"
         warn "$CEPH_SKIPPED"

@@ -10,7 +10,7 @@
 //! - `mkdir`/`rmdir` directly in `.snapshots` create and delete snapshots
 //!   (`snapcmd.rs`);
 //! - any other change in the snapshot view is refused with EROFS, and so
-//!   is a rename or link across the boundary (tests/snapshots.rs pins
+//!   is a rename or link across the boundary (tests/suite/snapshots.rs pins
 //!   EROFS; with EXDEV `mv` would copy out of a snapshot and then fail to
 //!   remove the source);
 //! - a handle of the snapshot view can be read, sought and copied from

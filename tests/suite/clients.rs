@@ -3,7 +3,7 @@
 //!
 //! Every external program runs under coreutils `timeout` (see common).
 
-mod common;
+use crate::common;
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;

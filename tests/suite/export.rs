@@ -3,9 +3,9 @@
 //! compared by `qemu-img`, `rbd diff v1` streams decoded strictly and applied;
 //! on a mounted pool (the daemon serves the map, the bytes come through the
 //! mount) and on an unmounted one; and the errors of a bad path, a missing
-//! base and a corrupted one. The real Ceph test is in tests/export_ceph.rs.
+//! base and a corrupted one. The real Ceph test is in tests/suite/export_ceph.rs.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::MetadataExt;

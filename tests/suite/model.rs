@@ -22,7 +22,7 @@
 //! `PROPTEST_CASES=n` runs `n` cases instead of the default,
 //! `VPOOL_MODEL_STEPS=n` sequences of up to `n` operations (default 40).
 
-mod common;
+use crate::common;
 
 use common::model::{FileOp, Harness, any_file_op, cases, noise, steps};
 use proptest::prelude::*;

@@ -1,4 +1,4 @@
-//! The reference model shared by `tests/model.rs` and `tests/snapshot_model.rs`.
+//! The reference model shared by `tests/suite/model.rs` and `tests/suite/snapshot_model.rs`.
 //!
 //! Operations ([`FileOp`]) run against the storage core ([`Vfs`], no FUSE, no
 //! kernel) and against [`Model`], a plain in-memory tree: directories map

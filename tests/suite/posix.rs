@@ -4,7 +4,7 @@
 //! modest sizes already cross extent boundaries) in a private temp dir and
 //! mounts it with the `Mount` guard from `common`. Needs root and /dev/fuse.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};

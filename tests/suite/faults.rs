@@ -2,7 +2,7 @@
 //! refuses or loses anything, and members that went their own way are never
 //! merged silently.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};

@@ -5,7 +5,7 @@
 //! descriptor, and O_DIRECT reads and writes of aligned and unaligned pieces.
 //! All on a real mount; needs root (FUSE, setpriv).
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};

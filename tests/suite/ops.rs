@@ -9,7 +9,7 @@
 //! The tests here look at every mounted pool (`status` without a target),
 //! so they run one at a time (`SERIAL`).
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io::{BufRead, BufReader};

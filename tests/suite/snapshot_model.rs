@@ -23,7 +23,7 @@
 //! tests. `PROPTEST_CASES=n` runs more cases than the default 48,
 //! `VPOOL_MODEL_STEPS=n` sequences of up to `n` operations (default 60).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

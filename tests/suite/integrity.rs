@@ -2,7 +2,7 @@
 //! mounts: bytes flipped in member files behind the daemon's back must never
 //! come back as data.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io;

@@ -1,7 +1,7 @@
 //! Crash consistency (kill -9 of the daemon), running out of space, placement
 //! across members, `vpool status`, and every refusal of `create` and `mount`.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -707,7 +707,7 @@ fn mount_refusals() {
     fs::write(m.join("still-works"), b"ok").unwrap();
     m.unmount();
 
-    // A member missing: the pool mounts DEGRADED (tests/integrity.rs covers
+    // A member missing: the pool mounts DEGRADED (tests/suite/integrity.rs covers
     // what then works); a member of another pool in its place is refused.
     let moved = base.join("m1.moved");
     fs::rename(&pool.members[1], &moved).unwrap();

@@ -7,7 +7,7 @@
 //!
 //! Every external program runs under coreutils `timeout` (see common).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;

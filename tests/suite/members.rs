@@ -1,7 +1,7 @@
 //! Members online: `vpool device add|remove|replace`, `vpool rebalance` and
 //! `vpool set copies=N` on a mounted pool, while writes go on.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;

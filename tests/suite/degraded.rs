@@ -1,7 +1,7 @@
 //! Degraded operation: a member missing at mount, or deleted under the
 //! running daemon, does not take the pool down.
 
-mod common;
+use crate::common;
 
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};

@@ -2,7 +2,7 @@
 //! no path races in restore, bounded costs for sizes users can type, names,
 //! the admin socket directory.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

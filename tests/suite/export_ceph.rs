@@ -11,7 +11,7 @@
 //! be installed or started it prints `SKIPPED:` and why, and scripts/test.sh
 //! reports it as skipped.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
