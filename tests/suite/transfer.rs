@@ -258,4 +258,23 @@ fn send_receive_between_pools_resume_and_restore_without_a_pool() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("cut.vps"), "{}", describe(&o));
+    // Every consumer refuses both: verify a cut one (exit 3), list either
+    // (exit 1, naming it), restore from a damaged one (exit 1, naming it).
+    let o = vpool(&args!["stream", "verify", &cut]);
+    assert_eq!(o.status.code(), Some(3), "{}", describe(&o));
+    for p in [&cut, &badp] {
+        let o = vpool(&args!["stream", "list", p]);
+        assert_eq!(o.status.code(), Some(1), "{}", describe(&o));
+        assert!(text(&o).contains(&*p.to_string_lossy()), "{}", describe(&o));
+    }
+    let o = vpool(&args![
+        "stream",
+        "restore",
+        &streams[0],
+        &streams[1],
+        &badp,
+        b.scratch("r3")
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", describe(&o));
+    assert!(text(&o).contains("bad.vps"), "{}", describe(&o));
 }
