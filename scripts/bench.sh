@@ -35,9 +35,9 @@
 #   BENCH_VPOOL     a vpool binary to measure instead of building one (to
 #                   compare builds: keep a copy of an earlier one)
 #   BENCH_REPORT_ONLY  1: print the table of the results already in BENCH_OUT
-#   BENCH_CARGO_FLAGS flags for the release build (e.g. "--all-features" to
-#                   reuse the test build's binary; the feature is inert unless
-#                   its environment variables are set)
+#   BENCH_CARGO_FLAGS flags for the release build (e.g. "--all-features";
+#                   the feature is inert unless its environment variables
+#                   are set)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh

@@ -5,7 +5,7 @@
 #   scripts/test.sh
 #
 # Environment:
-#   VPOOL_TEST_ARGS     extra arguments for `cargo test --release --features
+#   VPOOL_TEST_ARGS     extra arguments for `cargo test --profile ci --features
 #                       fault-injection` (e.g. a filter)
 #   VPOOL_TEST_TIMEOUT  seconds before `cargo test` is killed (default 1500)
 set -euo pipefail
@@ -112,7 +112,7 @@ run_tests() {
     # A hung FUSE test must not eat CI's whole time budget.
     # shellcheck disable=SC2086 # VPOOL_TEST_ARGS is deliberately word-split
     timeout -k 30 "$TEST_TIMEOUT" \
-        cargo test --release --features fault-injection ${VPOOL_TEST_ARGS:-} 2>&1 | tee "$TEST_LOG" || rc=$?
+        cargo test --profile ci --features fault-injection ${VPOOL_TEST_ARGS:-} 2>&1 | tee "$TEST_LOG" || rc=$?
     if [[ $rc -eq 124 || $rc -eq 137 ]]; then
         warn "cargo test timed out after ${TEST_TIMEOUT}s"
     fi
@@ -130,7 +130,7 @@ run_tests() {
     ' "$TEST_LOG")"
     return "$rc"
 }
-step "cargo test --release" run_tests
+step "cargo test --profile ci" run_tests
 
 # The rbd-diff exports against a real Ceph (ignored by plain `cargo test`: it
 # installs packages and starts daemons). A test that could not get Ceph
@@ -138,7 +138,7 @@ step "cargo test --release" run_tests
 run_ceph_test() {
     local rc=0 out
     out="$(mktemp -t vpool-ceph.XXXXXX)"
-    timeout -k 30 600 cargo test --release --features fault-injection \
+    timeout -k 30 600 cargo test --profile ci --features fault-injection \
         --test suite -- --ignored --nocapture export_ceph:: 2>&1 | tee "$out" || rc=$?
     if grep -q '^SKIPPED:' "$out"; then
         CEPH_SKIPPED="$(grep '^SKIPPED:' "$out" | head -n1)"

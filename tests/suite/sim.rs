@@ -218,7 +218,7 @@ impl Sim {
         };
         let tail: Vec<&String> = self.trace.iter().rev().take(keep).rev().collect();
         panic!(
-            "simulation failed: {what}\n  reproduce: VPOOL_SIM_SEED={} VPOOL_SIM_GEN={} cargo test --release --features fault-injection --test suite sim::one_seed (step {}, {} cuts)\n  faults fired: {:?}\n  last steps:\n    {}",
+            "simulation failed: {what}\n  reproduce: VPOOL_SIM_SEED={} VPOOL_SIM_GEN={} cargo test --profile ci --features fault-injection --test suite sim::one_seed (step {}, {} cuts)\n  faults fired: {:?}\n  last steps:\n    {}",
             self.seed,
             self.generator,
             self.step,
