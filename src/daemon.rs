@@ -38,6 +38,10 @@ pub struct MountOptions {
     /// page cache alone, and for long requests of other opens, whose pages
     /// the mount caches itself.
     pub direct_members: bool,
+    /// `max_request=SIZE`: the largest read or write the kernel sends in
+    /// one request (default [`crate::kernel::DEFAULT_MAX_REQUEST`]; the
+    /// daemon raises the host's `fs.fuse.max_pages_limit` to allow it).
+    pub max_request: u32,
     /// `force` (`vpool mount --force`): open even when members diverged; the
     /// newest metadata copy wins and the other side's extent files are
     /// quarantined.
@@ -105,6 +109,7 @@ impl MountOptions {
             threads: default_threads(),
             writeback_cache: true,
             direct_members: true,
+            max_request: crate::kernel::DEFAULT_MAX_REQUEST,
             ..Default::default()
         };
         for item in list
@@ -157,6 +162,9 @@ impl MountOptions {
                         .ok_or_else(|| {
                             Error::Invalid(format!("threads={n}: expected 1 to {MAX_THREADS}"))
                         })?
+                }
+                ("max_request", Some(v)) => {
+                    o.max_request = crate::kernel::parse_max_request(v).map_err(Error::Invalid)?
                 }
                 ("event_hooks", Some(d)) if !d.is_empty() => o.event_hooks = Some(PathBuf::from(d)),
                 _ if is_helper_option(item) => {}
@@ -379,18 +387,27 @@ pub fn run(member: &Path, mountpoint: &Path, opts: &MountOptions, rep: Reporter)
     config.clone_fd = true;
 
     (rep.step)("mounting");
+    // The kernel caps the request size asked for at INIT by the host's
+    // limit, so it is raised first.
+    let page = crate::kernel::page_size();
+    let limit = crate::kernel::raise_max_pages_limit(
+        Path::new(crate::kernel::MAX_PAGES_LIMIT),
+        crate::kernel::pages(opts.max_request, page),
+    );
+    let request = crate::kernel::granted(opts.max_request, limit, page);
     let mut session = fuser::Session::new(
         FuseFs::new(
             vfs.clone(),
             opts.writeback_cache,
             opts.direct_members,
             background_requests(opts.threads),
+            opts.max_request,
         ),
         &mp,
         &config,
     )
     .map_err(|e| Error::Other(format!("cannot mount on {}: {e}", mp.display())))?;
-    tune_bdi(&mp);
+    tune_bdi(&mp, crate::kernel::readahead_kb(request));
     vfs.set_kernel_cache(Box::new(crate::fs::fuse::Invalidator(session.notifier())));
     let server = control::Server::start(&mp, Arc::downgrade(&vfs), rep.log.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -506,26 +523,22 @@ fn subtype() -> MountOption {
     }
 }
 
-/// Readahead of the mount, in KiB: four requests of [`crate::fs::fuse::MAX_WRITE`]
-/// in flight. A sequential buffered read of a 4 GiB image: 1 MiB gave
-/// 459-589 MB/s, 4 MiB 756-783 MB/s (the plain disk 416-429 MB/s), same run.
-const READAHEAD_KB: u32 = 4 * crate::fs::fuse::MAX_WRITE / 1024;
-
 /// Tunes the mount's writeback device (`/sys/class/bdi/<dev>/`); needs
 /// root, best effort:
-/// - `read_ahead_kb`: the kernel reads ahead no more than the INIT reply's
-///   `max_readahead` on a FUSE mount; volume images are read in long runs,
-///   and one request in flight leaves the disk idle between requests;
+/// - `read_ahead_kb` to `readahead_kb` ([`crate::kernel::readahead_kb`]):
+///   the kernel reads ahead no more than the INIT reply's `max_readahead`
+///   on a FUSE mount; volume images are read in long runs, and one request
+///   in flight leaves the disk idle between requests;
 /// - `strict_limit` off (Linux 6.2 and later): the kernel throttles the
 ///   writers of a FUSE mount as soon as it holds 1 % of the host's dirty
 ///   limit (about 48 MB here), a guard against slow or untrusted daemons;
 ///   this one writes to local disks, and its writers are then throttled like
 ///   a local disk's, when the host nears its dirty limit. A buffered 1 GiB
 ///   sequential write with fsync: 205-320 MiB/s strict, 702-735 MiB/s not.
-fn tune_bdi(mp: &Path) {
+fn tune_bdi(mp: &Path, readahead_kb: u32) {
     let Some(m) = mountinfo(mp) else { return };
     for (knob, value) in [
-        ("read_ahead_kb", READAHEAD_KB.to_string()),
+        ("read_ahead_kb", readahead_kb.to_string()),
         ("strict_limit", "0".to_string()),
     ] {
         let p = format!("/sys/class/bdi/{}/{knob}", m.dev);
@@ -651,6 +664,22 @@ mod tests {
         assert!(MountOptions::parse(&["odirect=maybe".into()]).is_err());
         for bad in ["threads=0", "threads=65", "threads=x"] {
             assert!(MountOptions::parse(&[bad.into()]).is_err(), "{bad}");
+        }
+    }
+
+    /// Requests of 4 MiB unless `max_request=` says otherwise; a bad size
+    /// is refused by name.
+    #[test]
+    fn max_request_default_and_option() {
+        let o = MountOptions::parse(&[]).unwrap();
+        assert_eq!(o.max_request, crate::kernel::DEFAULT_MAX_REQUEST);
+        let o = MountOptions::parse(&["max_request=1M".into()]).unwrap();
+        assert_eq!(o.max_request, 1 << 20);
+        let o = MountOptions::parse(&["max_request=16M".into()]).unwrap();
+        assert_eq!(o.max_request, 16 << 20);
+        for bad in ["max_request=3K", "max_request=32M", "max_request="] {
+            let e = MountOptions::parse(&[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains(bad), "{bad}: {e}");
         }
     }
 

@@ -6,8 +6,9 @@
 //! - [`cli`]: the command line; talks to the library or to a running daemon.
 //! - [`check`]: `vpool check`, the offline check of a whole pool (the pool's
 //!   checks, then the snapshots').
-//! - [`daemon`], [`control`], [`hooks`]: the mounted daemon, its admin
-//!   socket and its event hooks.
+//! - [`daemon`], [`control`], [`hooks`], [`kernel`]: the mounted daemon,
+//!   its admin socket, its event hooks, and the request size and readahead
+//!   it asks of the kernel.
 //! - [`fs`]: the POSIX view (namespace, handles, `.snapshots`, long jobs) and
 //!   the thin `fuser` adapter (`fs::fuse`, the only user of `fuser` with
 //!   `daemon`).
@@ -35,6 +36,7 @@ pub mod error;
 pub mod export;
 pub mod fs;
 pub mod hooks;
+pub mod kernel;
 pub mod pool;
 pub mod snapshot;
 pub mod storage;

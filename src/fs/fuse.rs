@@ -41,8 +41,6 @@ use crate::volume::WriteMode;
 /// after a write, truncate or fallocate), and the daemon invalidates what it
 /// changes on its own ([`crate::fs::core::KernelCache`]).
 const TTL: Duration = Duration::from_secs(1);
-/// Largest write the kernel sends in one request.
-pub const MAX_WRITE: u32 = 1 << 20;
 
 /// Reads of a cached open at least this long are served past the members'
 /// page cache, and writes streamed (see `FuseFs::direct_read`,
@@ -54,6 +52,7 @@ pub struct FuseFs {
     writeback_cache: bool,
     direct_members: bool,
     max_background: u16,
+    max_request: u32,
 }
 
 impl FuseFs {
@@ -63,17 +62,21 @@ impl FuseFs {
     /// `O_DIRECT` member I/O where aligned (no second copy of a VM's disk in
     /// the host's page cache). `max_background`: background requests the
     /// kernel keeps in flight (`crate::daemon::background_requests`).
+    /// `max_request`: the largest read or write asked for in one request
+    /// (the kernel grants at most `fs.fuse.max_pages_limit` pages).
     pub fn new(
         vfs: Arc<Vfs>,
         writeback_cache: bool,
         direct_members: bool,
         max_background: u16,
+        max_request: u32,
     ) -> FuseFs {
         FuseFs {
             vfs,
             writeback_cache,
             direct_members,
             max_background,
+            max_request,
         }
     }
 
@@ -376,8 +379,12 @@ fn sought(reply: ReplyLseek, r: FsResult<u64>) {
 
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        let _ = config.set_max_write(MAX_WRITE);
-        let _ = config.set_max_readahead(MAX_WRITE);
+        // The kernel's request size (`max_pages`) follows the largest of
+        // these; the readahead the kernel offers is smaller, so the write
+        // size sets it, for reads as well (the mount's readahead is set
+        // afterwards, `crate::daemon::tune_bdi`).
+        let _ = config.set_max_write(self.max_request);
+        let _ = config.set_max_readahead(self.max_request);
         let _ = config.set_max_background(self.max_background);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);

@@ -75,9 +75,16 @@ impl Drop for AlignedAlloc {
     }
 }
 
-/// The largest allocation a thread keeps for its next [`AlignedBuf`]: one
-/// FUSE request's worth.
+/// The largest allocation a thread keeps for its next [`AlignedBuf`]: a
+/// 1 MiB request's worth (the kernel's default request size).
 const SPARE_MAX: usize = 1 << 20;
+
+/// Larger allocations (requests of up to `max_request=`, 16 MiB) are kept
+/// in one pool shared by the workers, at most [`BIG_KEEP`] of them: kept
+/// per thread, 32 to 64 workers could each hold 4-16 MiB.
+const BIG_MAX: usize = 16 << 20;
+const BIG_KEEP: usize = 8;
+static BIG: std::sync::Mutex<Vec<AlignedAlloc>> = std::sync::Mutex::new(Vec::new());
 
 thread_local! {
     /// The allocation of this thread's last [`AlignedBuf`] (at most
@@ -102,9 +109,17 @@ pub(super) struct AlignedBuf {
 impl AlignedBuf {
     /// `len` bytes (more than 0) of unspecified content.
     fn take(len: usize) -> AlignedBuf {
-        let alloc = match SPARE.with(|s| s.take()) {
+        let kept = if len > SPARE_MAX {
+            let mut big = BIG.lock().unwrap_or_else(|p| p.into_inner());
+            big.iter()
+                .position(|a| a.layout.size() >= len)
+                .map(|i| big.swap_remove(i))
+        } else {
+            SPARE.with(|s| s.take())
+        };
+        let alloc = match kept {
             Some(a) if a.layout.size() >= len => a,
-            // None, or too small (dropped; the new one becomes the spare).
+            // None, or too small (dropped; the new one is kept after use).
             _ => AlignedAlloc::zeroed(len),
         };
         AlignedBuf {
@@ -141,9 +156,15 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if let Some(a) = self.alloc.take()
-            && a.layout.size() <= SPARE_MAX
-        {
+        let Some(a) = self.alloc.take() else { return };
+        if a.layout.size() > SPARE_MAX {
+            if a.layout.size() <= BIG_MAX {
+                let mut big = BIG.lock().unwrap_or_else(|p| p.into_inner());
+                if big.len() < BIG_KEEP {
+                    big.push(a);
+                }
+            }
+        } else {
             // Keeps the larger of this one and the spare already kept (after
             // the thread's locals are gone, the closure is dropped unrun and
             // frees it).
@@ -320,6 +341,34 @@ mod tests {
         // Larger than the spare: a new allocation.
         let big = AlignedBuf::copy_of(&[3u8; 16384]);
         assert_eq!(big.as_slice(), &[3u8; 16384][..]);
+    }
+
+    /// Buffers of long requests (over a thread's spare) are shared and
+    /// bounded: reused with the new bytes in them, never more than
+    /// [`BIG_KEEP`] kept.
+    #[test]
+    fn long_request_buffers_are_shared_and_bounded() {
+        let bufs: Vec<AlignedBuf> = (0..BIG_KEEP + 4)
+            .map(|i| AlignedBuf::copy_of(&vec![i as u8; 4 << 20]))
+            .collect();
+        for (i, b) in bufs.iter().enumerate() {
+            assert_eq!(b.as_slice().len(), 4 << 20);
+            assert!(b.as_slice().iter().all(|&x| x == i as u8));
+        }
+        drop(bufs);
+        assert!(BIG.lock().unwrap().len() <= BIG_KEEP);
+        // Reused (another test may take some meanwhile): the new bytes only.
+        let b = AlignedBuf::copy_of(&vec![0xEEu8; 3 << 20]);
+        assert!(b.as_slice().iter().all(|&x| x == 0xEE));
+        assert_eq!((b.as_slice().as_ptr() as usize) % DIRECT_ALIGN, 0);
+        // Over the largest request: allocated, and not kept.
+        drop(AlignedBuf::copy_of(&vec![1u8; BIG_MAX + 4096]));
+        assert!(
+            BIG.lock()
+                .unwrap()
+                .iter()
+                .all(|a| a.layout.size() <= BIG_MAX)
+        );
     }
 
     /// A direct read that ends at the member file's end leaves the rest of

@@ -270,3 +270,152 @@ fn o_direct_aligned_and_unaligned_pieces_read_back_exactly() {
     assert_same(&all, &model, "after remount");
     assert_eq!(fs::metadata(m.join("img")).unwrap().len(), size as u64);
 }
+
+/// The daemon's log lines of requests served (`VPOOL_LOG` at trace) from
+/// byte `from` on: `(op, size)` of each read and write.
+fn served_sizes((log, from): &(std::path::PathBuf, usize)) -> Vec<(String, u64)> {
+    let text = fs::read(log).unwrap_or_else(|e| panic!("read {log:?}: {e}"));
+    String::from_utf8_lossy(&text[*from..])
+        .lines()
+        .filter(|l| l.contains(": served"))
+        .filter_map(|l| {
+            let op = l.split("op=\"").nth(1)?.split('"').next()?.to_string();
+            let size = l.split(" size=").nth(1)?.split(' ').next()?.parse().ok()?;
+            (op == "read" || op == "write").then_some((op, size))
+        })
+        .collect()
+}
+
+/// A mount whose daemon logs every request, and where its log (which
+/// earlier mounts of the pool wrote to as well) stood once it was up.
+fn mount_traced(pool: &Pool, opts: &[&str]) -> (Mount, (std::path::PathBuf, usize)) {
+    let m = Mount::try_new_wrapped(
+        &["env", "VPOOL_LOG=vpool::fs::fuse=trace"],
+        &pool.members[0],
+        &pool.mnt(),
+        opts,
+    )
+    .unwrap_or_else(|o| panic!("mount {opts:?}\n{}", describe(&o)));
+    let st = m.status();
+    let log = std::path::PathBuf::from(st["log"].as_str().unwrap_or_else(|| panic!("{st}")));
+    let len = fs::metadata(&log).map_or(0, |md| md.len() as usize);
+    (m, (log, len))
+}
+
+fn bdi_readahead_kb(mnt: &std::path::Path) -> String {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dev = info
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.len() > 4 && std::path::Path::new(f[4]) == mnt)
+        .map(|f| f[2].to_string())
+        .unwrap_or_else(|| panic!("{mnt:?} not in mountinfo"));
+    fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Reads and writes reach the daemon in requests as large as `max_request=`
+/// (4 MiB by default, docs/perf change 11): the mount raises the host's
+/// limit on a request's pages (never lowers it) and reads ahead two
+/// requests; such requests span extents (1 MiB here) and come back
+/// intact through `O_DIRECT` and through the mount's cache. With
+/// `max_request=1M` the kernel's 1 MiB requests stay.
+#[test]
+fn reads_and_writes_reach_the_daemon_in_requests_of_max_request() {
+    const LIMIT: &str = "/proc/sys/fs/fuse/max_pages_limit";
+    let Ok(before) = fs::read_to_string(LIMIT) else {
+        eprintln!("SKIPPED: this kernel has no {LIMIT} (requests stay at 1 MiB)");
+        return;
+    };
+    let pool = pool();
+    // SAFETY: sysconf reads a constant of the system; no memory is passed.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    let want = (4u64 << 20) / page;
+    // A lower limit is raised by the mount; a higher one is left.
+    fs::write(LIMIT, "256").unwrap();
+    let (m, log) = mount_traced(&pool, &[]);
+    assert_eq!(fs::read_to_string(LIMIT).unwrap().trim(), want.to_string());
+    assert_eq!(bdi_readahead_kb(&m.path), "8192", "two 4 MiB requests");
+
+    let data = pattern(11, 16 << 20);
+    let p = m.join("img");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p)
+        .unwrap();
+    let mut buf = AlignedBuf::new(4 << 20, 4096);
+    // From 512 KiB on: every request spans five extents, none aligned to them.
+    for (i, c) in data.chunks(4 << 20).enumerate() {
+        buf.as_mut_slice().copy_from_slice(c);
+        f.write_all_at(buf.as_slice(), (512 << 10) + (i as u64) * (4 << 20))
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+    let mut got = Vec::new();
+    for i in 0..4u64 {
+        f.read_exact_at(buf.as_mut_slice(), (512 << 10) + i * (4 << 20))
+            .unwrap();
+        got.extend_from_slice(buf.as_slice());
+    }
+    assert_same(&got, &data, "O_DIRECT read of 4 MiB requests");
+    drop(f);
+    // Through the mount's cache: dropped first, then read in one stream.
+    let f = File::open(&p).unwrap();
+    // SAFETY: fadvise on an open descriptor; no memory is passed.
+    assert_eq!(
+        unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+                0,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        },
+        0
+    );
+    drop(f);
+    let all = read_all(&p);
+    assert_same(&all[512 << 10..], &data, "buffered read");
+    assert!(all[..512 << 10].iter().all(|&b| b == 0), "the hole before");
+    let sizes = served_sizes(&log);
+    for op in ["read", "write"] {
+        assert!(
+            sizes.iter().any(|(o, s)| o == op && *s == 4 << 20),
+            "no {op} of 4 MiB reached the daemon: {sizes:?}"
+        );
+    }
+    m.unmount();
+
+    // Higher already: left as it is. max_request=1M: 1 MiB requests.
+    fs::write(LIMIT, (want * 2).to_string()).unwrap();
+    let (m, log) = mount_traced(&pool, &["max_request=1M"]);
+    assert_eq!(
+        fs::read_to_string(LIMIT).unwrap().trim(),
+        (want * 2).to_string()
+    );
+    assert_eq!(bdi_readahead_kb(&m.path), "4096", "four 1 MiB requests");
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(m.join("img"))
+        .unwrap();
+    f.read_exact_at(buf.as_mut_slice(), 512 << 10).unwrap();
+    assert_same(
+        buf.as_slice(),
+        &data[..4 << 20],
+        "O_DIRECT read, 1 MiB requests",
+    );
+    let sizes = served_sizes(&log);
+    assert!(
+        sizes.iter().any(|(o, _)| o == "read") && sizes.iter().all(|(_, s)| *s <= 1 << 20),
+        "max_request=1M: {sizes:?}"
+    );
+    drop(f);
+    m.unmount();
+    fs::write(LIMIT, before.trim()).unwrap();
+}
