@@ -31,8 +31,11 @@
 //!   and the fdatasync of written extents;
 //! - resync.rs: moving and dropping copies, resync after a crash, scrub;
 //! - raw.rs: the member-file calls underneath (full reads, data ranges,
-//!   errno mapping).
+//!   errno mapping);
+//! - buffers.rs: the aligned memory member I/O goes through, and the reply
+//!   buffers of reads.
 
+mod buffers;
 mod cbt;
 mod extent;
 mod raw;
@@ -51,8 +54,8 @@ use crate::pool::meta::ExtentRecord;
 use crate::pool::sums;
 use cbt::Cbt;
 
+pub use buffers::ReadBuf;
 pub use extent::{Extent, ExtentCopy};
-pub use raw::ReadBuf;
 pub use resync::ScrubCounts;
 
 /// How a write reaches the member files.

@@ -12,8 +12,9 @@
 
 use std::sync::atomic::Ordering;
 
+use super::buffers::ReadBuf;
 use super::extent::Extent;
-use super::raw::{ReadBuf, eio, map_write_err, read_full_io, seek_data_ranges, widen_merge};
+use super::raw::{eio, map_write_err, read_full_io, seek_data_ranges, widen_merge};
 use super::{Segment, Volume, pieces};
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;

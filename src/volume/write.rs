@@ -14,8 +14,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use super::buffers::AlignedBuf;
 use super::extent::Extent;
-use super::raw::{AlignedBuf, direct_fits, fully_allocated, map_write_err};
+use super::raw::{direct_fits, fully_allocated, map_write_err};
 use super::{DeadExtent, Piece, Volume, WriteMode, pieces};
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
