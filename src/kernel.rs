@@ -106,6 +106,14 @@ pub fn raise_max_pages_limit(path: &Path, want: u32) -> Option<u32> {
 mod tests {
     use super::*;
 
+    /// The figures README and design section 2 give.
+    #[test]
+    fn documented_figures() {
+        assert_eq!(DEFAULT_MAX_REQUEST, 4 << 20);
+        assert_eq!((MIN_MAX_REQUEST, MAX_MAX_REQUEST), (1 << 20, 16 << 20));
+        assert_eq!(readahead_kb(DEFAULT_MAX_REQUEST), 8192);
+    }
+
     #[test]
     fn max_request_accepts_whole_mib_from_1_to_16() {
         assert_eq!(parse_max_request("4M"), Ok(4 << 20));

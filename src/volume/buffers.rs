@@ -7,8 +7,8 @@
 //! memory held before (holes read as zeros, and no earlier request's bytes
 //! can show); an [`AlignedBuf`] holds unspecified bytes and its users
 //! overwrite what they hand on. Kept allocations are bounded: one per thread
-//! below [`SPARE_MAX`], and at most [`BIG_KEEP_BYTES`] of longer ones shared
-//! by all threads.
+//! below [`SPARE_MAX`], and at most [`BIG_KEEP_BYTES`] of longer ones for
+//! writes and as much for reads, shared by all threads.
 
 use std::alloc::{Layout, handle_alloc_error};
 use std::ptr::NonNull;
@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use crate::storage::DIRECT_ALIGN;
 
-/// Allocations this long or longer are mapped on their own, on a
+/// Reply buffers of reads this long or longer are mapped on their own, on a
 /// [`HUGE_PAGE`] boundary, and asked to be backed by transparent huge pages
 /// (`MADV_HUGEPAGE`; with THP `never`, or none free, they are ordinary
 /// pages). The reason is the disk: an `O_DIRECT` transfer into 4 KiB pages
@@ -25,7 +25,11 @@ use crate::storage::DIRECT_ALIGN;
 /// `max_sectors_kb`. fio `O_DIRECT` 4 MiB reads at depth 4 on this
 /// machine: 918-1041 MiB/s from 4 KiB pages, 1306-1571 MiB/s from huge
 /// pages, where a buffered read of the same file made 1001-1465
-/// (docs/perf, change 12).
+/// (docs/perf, change 12). Write buffers stay on the heap: a huge page
+/// fault may compact memory, and a burst of concurrent writebacks goes past
+/// the kept bound, where each request mapped and unmapped its own; the
+/// longest writer stall during a capture rose, and `O_DIRECT` writes
+/// gained nothing.
 const MAPPED_MIN: usize = SPARE_MAX + 1;
 const HUGE_PAGE: usize = 2 << 20;
 
@@ -37,7 +41,9 @@ const SPARE_MAX: usize = 512 << 10;
 /// per thread, 32 to 64 workers could each hold 4-16 MiB.
 const BIG_MAX: usize = 16 << 20;
 const BIG_KEEP_BYTES: usize = 64 << 20;
+/// Kept long heap allocations (writes), and kept mappings (reads).
 static BIG: Mutex<Vec<AlignedAlloc>> = Mutex::new(Vec::new());
+static READS: Mutex<Vec<AlignedAlloc>> = Mutex::new(Vec::new());
 
 thread_local! {
     /// The allocation of this thread's last short [`AlignedBuf`]: FUSE
@@ -48,7 +54,8 @@ thread_local! {
 }
 
 /// Memory aligned to [`DIRECT_ALIGN`], zeroed when made: from the heap, or
-/// (from [`MAPPED_MIN`] on) a mapping of its own on a huge page boundary.
+/// (reads from [`MAPPED_MIN`] on) a mapping of its own on a huge page
+/// boundary.
 struct AlignedAlloc {
     ptr: NonNull<u8>,
     size: usize,
@@ -59,8 +66,9 @@ struct AlignedAlloc {
 unsafe impl Send for AlignedAlloc {}
 
 impl AlignedAlloc {
-    fn zeroed(len: usize) -> AlignedAlloc {
-        if len >= MAPPED_MIN
+    fn zeroed(len: usize, mapped: bool) -> AlignedAlloc {
+        if mapped
+            && len >= MAPPED_MIN
             && let Some(a) = AlignedAlloc::mapped(len)
         {
             return a;
@@ -142,10 +150,13 @@ impl Drop for AlignedAlloc {
     }
 }
 
-/// A kept allocation of at least `len` bytes, or a new one.
-fn take_alloc(len: usize) -> AlignedAlloc {
+/// A kept allocation of at least `len` bytes, or a new one (`mapped`: for a
+/// read, see [`MAPPED_MIN`]).
+fn take_alloc(len: usize, mapped: bool) -> AlignedAlloc {
+    let mapped = mapped && len >= MAPPED_MIN;
     let kept = if len > SPARE_MAX {
-        let mut big = BIG.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = if mapped { &READS } else { &BIG };
+        let mut big = pool.lock().unwrap_or_else(|p| p.into_inner());
         big.iter()
             .position(|a| a.size >= len)
             .map(|i| big.swap_remove(i))
@@ -155,7 +166,7 @@ fn take_alloc(len: usize) -> AlignedAlloc {
     match kept {
         Some(a) if a.size >= len => a,
         // None, or too small (dropped; the new one is kept after use).
-        _ => AlignedAlloc::zeroed(len),
+        _ => AlignedAlloc::zeroed(len, mapped),
     }
 }
 
@@ -163,7 +174,8 @@ fn take_alloc(len: usize) -> AlignedAlloc {
 fn keep_alloc(a: AlignedAlloc) {
     if a.size > SPARE_MAX {
         if a.size <= BIG_MAX {
-            let mut big = BIG.lock().unwrap_or_else(|p| p.into_inner());
+            let pool = if a.mapped { &READS } else { &BIG };
+            let mut big = pool.lock().unwrap_or_else(|p| p.into_inner());
             let kept: usize = big.iter().map(|k| k.size).sum();
             if kept + a.size <= BIG_KEEP_BYTES {
                 big.push(a);
@@ -198,7 +210,16 @@ impl AlignedBuf {
     /// `len` bytes (more than 0) of unspecified content.
     pub(super) fn take(len: usize) -> AlignedBuf {
         AlignedBuf {
-            alloc: Some(take_alloc(len)),
+            alloc: Some(take_alloc(len, false)),
+            len,
+        }
+    }
+
+    /// [`AlignedBuf::take`] for a read's reply: mapped on huge pages when
+    /// long (see [`MAPPED_MIN`]).
+    fn take_for_read(len: usize) -> AlignedBuf {
+        AlignedBuf {
+            alloc: Some(take_alloc(len, true)),
             len,
         }
     }
@@ -242,8 +263,7 @@ impl Drop for AlignedBuf {
 /// [`DIRECT_ALIGN`] boundary when asked for, so that `O_DIRECT` member
 /// reads land in it without a copy (the copy through an [`AlignedBuf`] was
 /// 11 % of the CPU of a sequential read, docs/perf change 10). Long ones use
-/// the kept, huge-page-backed allocations of [`AlignedBuf`], zeroed when
-/// taken.
+/// kept, huge-page-backed mappings, zeroed when taken.
 pub struct ReadBuf {
     store: Store,
     len: usize,
@@ -266,7 +286,7 @@ impl ReadBuf {
             return ReadBuf::from(vec![0; len]);
         }
         if len >= MAPPED_MIN {
-            let mut b = AlignedBuf::take(len);
+            let mut b = AlignedBuf::take_for_read(len);
             // The allocation may hold an earlier request's bytes.
             b.as_mut_slice().fill(0);
             return ReadBuf {
@@ -352,9 +372,19 @@ mod tests {
         assert_eq!(big.as_slice(), &[3u8; 16384][..]);
     }
 
-    /// Buffers of long requests (over a thread's spare) are mapped on huge
-    /// page boundaries, shared and bounded: reused with the new bytes in
-    /// them, never more than [`BIG_KEEP_BYTES`] kept.
+    /// The figures design section 2 gives.
+    #[test]
+    fn buffer_bounds_are_as_documented() {
+        assert_eq!(SPARE_MAX, 512 << 10);
+        assert_eq!(MAPPED_MIN, SPARE_MAX + 1);
+        assert_eq!(HUGE_PAGE, 2 << 20);
+        assert_eq!(BIG_KEEP_BYTES, 64 << 20);
+        assert_eq!(BIG_MAX, 16 << 20, "the largest max_request=");
+    }
+
+    /// Buffers of long writes (over a thread's spare) are shared and
+    /// bounded: reused with the new bytes in them, never more than
+    /// [`BIG_KEEP_BYTES`] kept; they are heap memory, not mappings.
     #[test]
     fn long_request_buffers_are_shared_and_bounded() {
         let n = BIG_KEEP_BYTES / (4 << 20) + 4;
@@ -364,7 +394,7 @@ mod tests {
         for (i, b) in bufs.iter().enumerate() {
             assert_eq!(b.as_slice().len(), 4 << 20);
             assert!(b.as_slice().iter().all(|&x| x == i as u8));
-            assert_eq!(b.as_slice().as_ptr() as usize % HUGE_PAGE, 0);
+            assert!(!b.alloc.as_ref().unwrap().mapped);
         }
         drop(bufs);
         let kept = |big: &Vec<AlignedAlloc>| big.iter().map(|a| a.size).sum::<usize>();
@@ -381,23 +411,31 @@ mod tests {
     }
 
     /// A long read buffer whose memory an earlier request filled reads as
-    /// zeros (its allocation is reused).
+    /// zeros (its allocation is reused); it is mapped on a huge page
+    /// boundary, and the kept mappings are bounded.
     #[test]
     fn a_long_read_buffer_reads_zeros_whatever_its_memory_held() {
         for len in [MAPPED_MIN, 4 << 20, (4 << 20) + 4096] {
-            // Fill the kept allocations with other bytes.
+            // Fill the kept mappings with other bytes.
             let fill: Vec<AlignedBuf> = (0..4)
-                .map(|_| AlignedBuf::copy_of(&vec![0xA5u8; len]))
+                .map(|_| {
+                    let mut b = AlignedBuf::take_for_read(len);
+                    b.as_mut_slice().fill(0xA5);
+                    b
+                })
                 .collect();
             drop(fill);
             let mut b = ReadBuf::zeroed(len, true);
             assert_eq!(b.len(), len);
             assert!(b.iter().all(|&x| x == 0), "{len}: stale bytes");
-            assert_eq!(b.as_ptr() as usize % DIRECT_ALIGN, 0);
+            assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0);
             b[len - 1] = 7;
             let v = b.into_vec();
             assert_eq!(v.len(), len);
             assert_eq!(v[len - 1], 7);
         }
+        let reads = READS.lock().unwrap();
+        assert!(reads.iter().map(|a| a.size).sum::<usize>() <= BIG_KEEP_BYTES);
+        assert!(reads.iter().all(|a| a.mapped));
     }
 }
