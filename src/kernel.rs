@@ -6,9 +6,10 @@
 //! into requests of at most `max_pages` pages, which the daemon asks for at
 //! INIT and the kernel caps at `fs.fuse.max_pages_limit` (Linux 6.13 and
 //! later; a fixed 256 pages, 1 MiB, before). Each request is one member read
-//! or write: at 1 MiB a cold sequential read of a volume image kept the disk
-//! at 0.6-0.85 of a plain file's speed, whose readahead reaches the disk in
-//! 4 MiB requests; at 4 MiB, 0.87-1.03 (docs/perf/README.md, change 11).
+//! or write: at 1 MiB a cold sequential read of a volume image ran at
+//! 0.41-0.85 of a plain file's speed, whose readahead reaches the disk in
+//! 4 MiB requests; at 4 MiB, 0.67-1.03 (median 0.90) in the same hour
+//! (docs/perf/README.md, change 11).
 
 use std::path::Path;
 
