@@ -324,15 +324,13 @@ fn bdi_readahead_kb(mnt: &std::path::Path) -> String {
 /// `max_request=1M` the kernel's 1 MiB requests stay.
 #[test]
 fn reads_and_writes_reach_the_daemon_in_requests_of_max_request() {
-    const LIMIT: &str = "/proc/sys/fs/fuse/max_pages_limit";
+    const LIMIT: &str = vpool::kernel::MAX_PAGES_LIMIT;
     let Ok(before) = fs::read_to_string(LIMIT) else {
         eprintln!("SKIPPED: this kernel has no {LIMIT} (requests stay at 1 MiB)");
         return;
     };
     let pool = pool();
-    // SAFETY: sysconf reads a constant of the system; no memory is passed.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
-    let want = (4u64 << 20) / page;
+    let want = vpool::kernel::pages(4 << 20, vpool::kernel::page_size());
     // A lower limit is raised by the mount; a higher one is left.
     fs::write(LIMIT, "256").unwrap();
     let (m, log) = mount_traced(&pool, &[]);
