@@ -897,7 +897,7 @@ fn prepare_segments(segs: &[Segment], full: bool, bs: u64, level: i32) -> FsResu
                 out.push(Prepared::Zero(start + i, j - i));
             } else {
                 let raw = &buf[i as usize * bsz..j as usize * bsz];
-                let frame = zstd::bulk::compress(raw, level).map_err(FsError::Io)?;
+                let frame = super::compress::compress(raw, level).map_err(FsError::Io)?;
                 let crc = crc32c::crc32c(&frame);
                 out.push(Prepared::Data {
                     start: start + i,

@@ -7,6 +7,7 @@
 //! - [`record`]: a snapshot's record, its invariants, where its deltas live.
 //! - [`store`]: the store of every snapshot: load, recovery, commits.
 //! - [`capture`]: creation, the background capture, copy-before-write.
+//! - [`compress`]: frames compressed with a zstd context kept per thread.
 //! - [`read`]: reading through a cached chain index.
 //! - [`merge`]: deletion, merging each child into its parent's parent.
 //! - [`maintenance`]: placement of delta copies, scrub, check, prune list.
@@ -15,6 +16,7 @@
 //!   identity, the send stream.
 //! - [`receive`]: a stream applied as a new snapshot.
 pub mod capture;
+pub mod compress;
 pub mod delta;
 pub mod flatten;
 pub mod maintenance;

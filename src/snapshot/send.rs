@@ -281,7 +281,7 @@ impl SnapshotStore {
                                     let n = (e - b).min(SEND_FRAME_BLOCKS);
                                     let lo = ((b - entry.start) * bs) as usize;
                                     let raw = &data[lo..lo + (n * bs) as usize];
-                                    let frame = zstd::bulk::compress(raw, SEND_LEVEL)
+                                    let frame = super::compress::compress(raw, SEND_LEVEL)
                                         .map_err(FsError::Io)?;
                                     enc.put(&Record::Data {
                                         start: b,
