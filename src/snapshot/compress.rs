@@ -5,7 +5,9 @@
 //! keeps only its parameters between frames, and each frame starts a new
 //! session. Memory: a context holds about 300 KB after 64 KiB frames at
 //! level 1, kept by each thread that compresses (the capture, the FUSE
-//! workers that append their own copy-before-write, a send).
+//! workers that append their own copy-before-write, a send, a merge's
+//! [`DeltaWriter::add_data`](super::delta::DeltaWriter::add_data), which
+//! before kept a context per delta written).
 
 use std::cell::RefCell;
 use std::io;

@@ -541,7 +541,9 @@ pub struct DeltaWriter {
     paths: Vec<PathBuf>,
     files: Vec<Handle>,
     header: DeltaHeader,
-    compressor: zstd::bulk::Compressor<'static>,
+    /// zstd level of [`add_data`](Self::add_data)'s frames (compressed
+    /// with the thread's kept context, `snapshot/compress.rs`).
+    level: i32,
     /// In insertion order; sorted by `finish`.
     entries: Vec<Entry>,
     /// Where the next frame goes: bytes written so far.
@@ -568,13 +570,12 @@ impl DeltaWriter {
             return Err(invalid(Path::new(""), "no path to write the delta to"));
         };
         check_block_size(header.block_size).map_err(|r| invalid(first, r))?;
-        let compressor = zstd::bulk::Compressor::new(level).map_err(io_err(first))?;
         let mut w = DeltaWriter {
             storage,
             paths: Vec::with_capacity(paths.len()),
             files: Vec::with_capacity(paths.len()),
             header: header.clone(),
-            compressor,
+            level,
             entries: Vec::new(),
             offset: 0,
             started: 0,
@@ -679,10 +680,8 @@ impl DeltaWriter {
         }
         let count = (data.len() / bs) as u32;
         self.check_run(start, u64::from(count))?;
-        let compressed = self
-            .compressor
-            .compress(data)
-            .map_err(io_err(&self.paths[0]))?;
+        let compressed =
+            super::compress::compress(data, self.level).map_err(io_err(&self.paths[0]))?;
         let crc = crc32c::crc32c(&compressed);
         self.append_frame(start, count, &compressed, crc)
     }
