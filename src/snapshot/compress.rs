@@ -17,9 +17,9 @@
 //!   the frame at a staggered offset (so that pieces do not all fall at the
 //!   starts of 4 KiB file blocks, where a small file's data sits before its
 //!   zero tail). If the sample does not shrink by 3 %, the frame is written
-//!   as zstd *raw blocks* ([`raw_frame`]): a valid zstd frame, the bytes
+//!   as zstd *raw blocks* (`raw_frame`): a valid zstd frame, the bytes
 //!   zstd itself writes for data it cannot compress, read by every decoder.
-//!   The on-disk formats do not change. ZFS draws the same line at 12.5 %:
+//!   The on-disk formats do not change. ZFS draws such a line at 12.5 %:
 //!   saving a few percent is not worth a compressor's time on every write
 //!   and a decoder's on every read (fio's "random" buffers compress by
 //!   0.7 % at 63 µs per 64 KiB frame, 2.5 times the time of a frame that
@@ -106,7 +106,7 @@ fn sample_shrinks(c: &mut Contexts, raw: &[u8]) -> io::Result<bool> {
 /// a single-segment header with the content size, then blocks of at most
 /// 128 KiB, each a 3-byte header (last flag, type 0 = raw, size) and the
 /// bytes. No checksum, as `zstd::bulk::compress` writes none.
-pub fn raw_frame(raw: &[u8]) -> Vec<u8> {
+fn raw_frame(raw: &[u8]) -> Vec<u8> {
     let n = raw.len() as u64;
     let mut out = Vec::with_capacity(raw.len() + 14 + 3 * raw.len().div_ceil(BLOCK_MAX));
     out.extend_from_slice(&ZSTD_MAGIC.to_le_bytes());
