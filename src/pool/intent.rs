@@ -159,7 +159,6 @@ impl IntentLog {
     /// valid record (records not yet resolved by recovery stay intact).
     fn open(s: &dyn Storage, dir: &Path, parity: u64) -> io::Result<(Handle, u64)> {
         let p = path(dir, parity);
-        let created = !s.exists(&p);
         let f = s.open(&p, OpenMode::CREATE)?;
         let mut cursor = 0;
         let len = scan(&f, &path(dir, parity), |slot, _| {
@@ -172,11 +171,15 @@ impl IntentLog {
                 PREALLOC_BYTES.max(len.next_multiple_of(RECORD_LEN as u64)),
             )?;
         }
-        if created {
-            // The entry of a new intent file is durable before any record in
-            // it counts as durable.
-            s.sync_dir(dir)?;
-        }
+        // The file's entry is durable before any record in it counts as
+        // durable. Synced at every open (once per file and mount, and again
+        // after a failure), not only when this open created the file: an
+        // open that created it and then failed (say, its preallocation's
+        // sync hit ENOSPC) left an entry that exists but may not survive a
+        // power cut, and the next open would have taken it as durable; the
+        // records then synced into it vanished with it at the cut, and
+        // recovery missed the extents they named (seed 4375, generator 2).
+        s.sync_dir(dir)?;
         Ok((f, cursor))
     }
 

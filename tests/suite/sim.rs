@@ -1119,14 +1119,16 @@ fn open_replace_with_a_failing_member_leaves_the_old_member_listed() {
     run_seed_gen(15910, 2);
 }
 
-/// Open: found after intent prelogging went on to the other members when
-/// one fails (as the daemon's parallel prelog always did; the simulator's
-/// in-order prelog used to stop at the first error). ENOSPC on one member's
-/// intent sync during a rebalance, then a cut: a block of a file reads EIO
-/// after recovery (its copy and its checksum disagree). Not diagnosed yet.
+/// Found after intent prelogging went on to the other members when one
+/// fails (as the daemon's parallel prelog always did; the simulator's
+/// in-order prelog used to stop at the first error). The commit's prelog
+/// created `intent.1` on a member and its preallocation's sync hit ENOSPC;
+/// the next open found the file there and, not having created it, did not
+/// sync its directory. Writers' records then synced into it vanished with
+/// the file's entry at the cut, recovery missed the extents they named, and
+/// a torn block read EIO (its copy and its checksum disagreed).
 #[test]
-#[ignore = "open finding: torn block after an intent prelog failure (see its comment)"]
-fn open_block_unreadable_after_an_intent_prelog_failure() {
+fn regression_intent_file_entry_durable_after_a_failed_open() {
     run_seed_gen(4375, 2);
 }
 
