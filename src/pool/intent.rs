@@ -360,9 +360,6 @@ mod tests {
         assert!(decode(&r).is_none());
     }
 
-    /// Intent files are scanned a chunk at a time under a cap: one beyond it
-    /// is refused (it was read whole into memory), and a writer never grows
-    /// one past it.
     /// An open that created the file and then failed (its preallocation's
     /// sync hit ENOSPC) leaves an entry that may not survive a power cut; a
     /// record synced after the next open must survive it all the same
@@ -390,6 +387,9 @@ mod tests {
         }
     }
 
+    /// Intent files are scanned a chunk at a time under a cap: one beyond it
+    /// is refused (it was read whole into memory), and a writer never grows
+    /// one past it.
     #[test]
     fn oversized_intent_file_is_refused() {
         let d = tempfile::tempdir().unwrap();
