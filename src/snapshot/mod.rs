@@ -7,7 +7,8 @@
 //! - [`record`]: a snapshot's record, its invariants, where its deltas live.
 //! - [`store`]: the store of every snapshot: load, recovery, commits.
 //! - [`capture`]: creation, the background capture, copy-before-write.
-//! - [`compress`]: frames compressed with a zstd context kept per thread.
+//! - [`compress`]: frames compressed with a zstd context kept per thread;
+//!   frames whose sample does not shrink written as raw zstd blocks.
 //! - [`read`]: reading through a cached chain index.
 //! - [`merge`]: deletion, merging each child into its parent's parent.
 //! - [`maintenance`]: placement of delta copies, scrub, check, prune list.
