@@ -206,18 +206,26 @@ impl Vfs {
     /// commit, durable now with their directory entries.
     fn write_out(&self, taken: &Taken) -> FsResult<Vec<Arc<Extent>>> {
         let mut fresh = Vec::new();
-        let mut new_dirs = HashSet::new();
-        for n in &taken.files {
-            if let Some(v) = &n.volume {
+        // Entries a failed commit created are synced by this one: the files
+        // are there now, so nothing else would name their directories.
+        let mut new_dirs = std::mem::take(&mut *self.dirs_unsynced.lock());
+        let synced = taken
+            .files
+            .iter()
+            .filter_map(|n| n.volume.as_ref())
+            .try_for_each(|v| {
                 v.sync(
                     &self.pool,
                     &mut new_dirs,
                     &mut fresh,
                     Some(taken.batch.generation),
-                )?;
-            }
+                )
+            })
+            .and_then(|()| self.pool.sync_data_dirs(&new_dirs).map_err(FsError::Io));
+        if let Err(e) = synced {
+            self.dirs_unsynced.lock().extend(new_dirs);
+            return Err(e);
         }
-        self.pool.sync_data_dirs(&new_dirs).map_err(FsError::Io)?;
         // A new extent file is durable only with its directory entry: one
         // whose every copy is on a member that failed before its entry was
         // synced is not, and the commit must not say it is.

@@ -8,7 +8,7 @@
 //! the route sends everything else to the snapshot view (`snapview.rs`).
 //! Every field below is taken in the lock order of `fs/mod.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -124,6 +124,10 @@ pub struct Vfs {
     pub(crate) snap_handles: super::snapview::SnapHandles,
     /// One commit at a time (`commit.rs`).
     pub(crate) commit_lock: Mutex<()>,
+    /// Members whose data directory gained entries (extent or sum files)
+    /// that no directory sync has covered yet: a commit that failed after
+    /// creating files leaves them to the next one (invariant 1).
+    pub(crate) dirs_unsynced: Mutex<HashSet<u32>>,
     /// Generation of the last commit tried.
     pub(crate) generation: AtomicU64,
     /// Commits that removed extent files (space freed): a writer that met

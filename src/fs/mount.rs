@@ -119,6 +119,7 @@ impl Vfs {
             next_fh: AtomicU64::new(1),
             snap_handles: Default::default(),
             commit_lock: Mutex::new(()),
+            dirs_unsynced: Mutex::new(HashSet::new()),
             generation: AtomicU64::new(img.generation),
             freed: AtomicU64::new(0),
             jobs: Default::default(),

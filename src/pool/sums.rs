@@ -179,24 +179,22 @@ pub fn read(s: &dyn Storage, path: &Path, id: SumId) -> io::Result<Option<(u64, 
         .map_err(|why| io::Error::new(io::ErrorKind::InvalidData, why))
 }
 
-/// Writes a whole sum file in place and fdatasyncs it. Returns whether the file
-/// was created (its directory entry then needs an fsync).
+/// Writes a whole sum file in place and fdatasyncs it. The caller syncs the
+/// directory entry of a file this creates, even if the write then fails.
 pub fn write(
     s: &dyn Storage,
     path: &Path,
     id: SumId,
     generation: u64,
     vals: &[u32],
-) -> io::Result<bool> {
-    let created = !s.exists(path);
+) -> io::Result<()> {
     let f = s.open(path, OpenMode::CREATE)?;
     let bytes = encode(id, generation, vals);
     f.write_all_at(&bytes, 0)?;
     if f.len()? > bytes.len() as u64 {
         f.set_len(bytes.len() as u64)?;
     }
-    f.sync_data()?;
-    Ok(created)
+    f.sync_data()
 }
 
 #[cfg(test)]

@@ -284,13 +284,13 @@ impl Volume {
             let Some(p) = pool.sum_path(c.member, self.ino, e.index, e.file_id) else {
                 continue;
             };
+            // Named before the write: a file created by a write that then
+            // fails still needs its entry synced by a later commit.
+            if !pool.storage().exists(&p) {
+                new_dirs.insert(c.member);
+            }
             match sums::write(pool.storage(), &p, id, generation, &vals) {
-                Ok(created) => {
-                    written += 1;
-                    if created {
-                        new_dirs.insert(c.member);
-                    }
-                }
+                Ok(()) => written += 1,
                 Err(err) if pool.check_member(c.member, &err) => last_err = Some(err),
                 Err(err) => {
                     e.sums.lock().dirty = true;
