@@ -162,6 +162,9 @@ impl Pool {
             });
         }
         if repair {
+            // Labels first: a member whose metadata names a member must list
+            // it in its label, or an open through it would miss that member.
+            self.refresh_labels()?;
             for (m, e) in &damaged {
                 let path = m.dir.join(layout::META_FILE);
                 let aside = m.dir.join(layout::META_DAMAGED_FILE);
@@ -190,7 +193,6 @@ impl Pool {
                     s.replace_all(&img)?;
                 }
             }
-            self.refresh_label_paths()?;
         }
         *self.damaged_meta.lock() = damaged
             .iter()
@@ -230,16 +232,18 @@ impl Pool {
         self.next_file_id.store(max_fid, Ordering::SeqCst);
     }
 
-    /// Rewrites labels when a member was found at another path than recorded.
-    fn refresh_label_paths(&mut self) -> Result<()> {
+    /// Rewrites labels when a member was found at another path than recorded
+    /// or holds an older label than the pool's.
+    fn refresh_labels(&mut self) -> Result<()> {
         let members = self.members();
         let label = self.label();
-        let stale = members.iter().any(|m| {
-            label
-                .members
-                .iter()
-                .any(|e| e.uuid == m.entry.uuid && e.path != m.dir)
-        });
+        let stale = std::mem::take(&mut self.labels_lag)
+            || members.iter().any(|m| {
+                label
+                    .members
+                    .iter()
+                    .any(|e| e.uuid == m.entry.uuid && e.path != m.dir)
+            });
         if !stale {
             return Ok(());
         }

@@ -214,6 +214,11 @@ pub struct Pool {
     /// Members whose metadata copy did not open or load and was not rebuilt
     /// (opened without repair), with the reason: `status` names them.
     damaged_meta: Mutex<Vec<(u32, String)>>,
+    /// Some present member's label is older than the pool's (it missed a
+    /// label write while it was failed or away): the open with repair brings
+    /// it up to date before its metadata copy, which may name members only
+    /// the newer label lists.
+    labels_lag: bool,
     /// Where every member file is read and written.
     storage: Arc<dyn Storage>,
     /// Members failed since the mount, and how many of those failures a

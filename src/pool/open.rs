@@ -313,6 +313,9 @@ impl Pool {
                 first.pool
             )));
         }
+        let labels_lag = found
+            .iter()
+            .any(|(_, _, l)| l.generation != label.generation);
         let mut members = Vec::new();
         for (entry, path, _) in found {
             let lock = try_lock(s, &path, &label.pool)?;
@@ -342,6 +345,7 @@ impl Pool {
             force: std::sync::atomic::AtomicBool::new(false),
             diverged: Mutex::new(Vec::new()),
             damaged_meta: Mutex::new(Vec::new()),
+            labels_lag,
             storage,
             failures: AtomicU64::new(0),
             failures_recorded: AtomicU64::new(0),
@@ -397,6 +401,39 @@ mod tests {
             Ok(_) => panic!("{} opened", dir.display()),
             Err(e) => e.to_string(),
         }
+    }
+
+    /// A member that missed a label write (failed or away meanwhile) gets
+    /// the newest label at the next open with repair, before its metadata
+    /// copy is brought up to date: an open through it later finds the
+    /// members that only the newer label lists.
+    #[test]
+    fn a_lagging_label_is_brought_up_to_date_at_open() {
+        let (_t, dirs) = pool_of(2);
+        let s = crate::storage::real::RealStorage;
+        let saved: Vec<(PathBuf, Vec<u8>)> = crate::pool::layout::LABEL_FILES
+            .iter()
+            .map(|f| dirs[1].join(f))
+            .filter_map(|p| std::fs::read(&p).ok().map(|b| (p, b)))
+            .collect();
+        let old = read_label(&s, &dirs[1]).unwrap().generation;
+        let p = Pool::open(&dirs[0]).unwrap();
+        p.write_labels(p.label()).unwrap();
+        drop(p);
+        for (path, b) in &saved {
+            std::fs::write(path, b).unwrap();
+        }
+        assert_eq!(read_label(&s, &dirs[1]).unwrap().generation, old);
+        let newest = read_label(&s, &dirs[0]).unwrap().generation;
+        assert!(newest > old);
+        // Without repair nothing is written.
+        Pool::open(&dirs[0]).unwrap().load_metadata(false).unwrap();
+        assert_eq!(read_label(&s, &dirs[1]).unwrap().generation, old);
+        Pool::open(&dirs[0]).unwrap().load_metadata(true).unwrap();
+        let l0 = read_label(&s, &dirs[0]).unwrap();
+        let l1 = read_label(&s, &dirs[1]).unwrap();
+        assert!(l1.generation > newest, "{} {newest}", l1.generation);
+        assert_eq!((l0.generation, &l0.members), (l1.generation, &l1.members));
     }
 
     #[test]

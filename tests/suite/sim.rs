@@ -28,7 +28,7 @@
 //! stay as `regression_*` tests below. Debugging a seed: `VPOOL_SIM_LOG=1`
 //! (the core's log), `VPOOL_SIM_TRACE=1` (every disk-changing operation),
 //! `VPOOL_SIM_FULL=1` (every step, not the last 25), `VPOOL_SIM_DEBUG=1`
-//! (member files after a failed check).
+//! (member files after a failed check, every label after a failed `check`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -930,6 +930,30 @@ impl Sim {
         }
     }
 
+    /// With `VPOOL_SIM_DEBUG`: every device's label, after a failed `check`.
+    fn dump_labels(&self, through: &std::path::Path) {
+        if std::env::var_os("VPOOL_SIM_DEBUG").is_none() {
+            return;
+        }
+        eprintln!("check through {}", through.display());
+        for d in ["/d0", "/d1", "/d2", "/spare"] {
+            match vpool::pool::label::read_label(&self.disk, std::path::Path::new(d)) {
+                Ok(l) => {
+                    let members: Vec<String> = l
+                        .members
+                        .iter()
+                        .map(|m| format!("{} {} {}", m.id, m.uuid, m.path.display()))
+                        .collect();
+                    eprintln!(
+                        "{d}: me {} gen {} members {members:?}",
+                        l.member, l.generation
+                    );
+                }
+                Err(e) => eprintln!("{d}: {e}"),
+            }
+        }
+    }
+
     /// Unmounts cleanly and runs `check`: nothing may be wrong.
     fn clean_check(&mut self) {
         if let Some(v) = self.vfs.take() {
@@ -941,7 +965,10 @@ impl Sim {
         let dir = self.members[0].clone();
         match check_pool_in(st(&self.disk), &dir) {
             Ok(r) if r.problems.is_empty() => {}
-            Ok(r) => self.fail(format!("check found problems: {:?}", r.problems)),
+            Ok(r) => {
+                self.dump_labels(&dir);
+                self.fail(format!("check found problems: {:?}", r.problems))
+            }
             Err(e) => self.fail(format!("check: {e}")),
         }
         self.mount();
@@ -1093,29 +1120,23 @@ regressions! {
     regression_failed_write_keeps_its_blocks_readable = 18068;
 }
 
-/// Open: found by generator 2 at the end of this round of work. A `device
-/// replace` interrupted by a power cut, after injected faults on both other
-/// members, leaves labels from which opening through one member finds the
-/// pool without the member that holds the extents (`check`: "extent on
-/// unknown member"), while the mount through another member reads all the
-/// data. Kept as the reproduction until it is fixed.
+/// A `device replace` while the other member had failed (EIO): the failed
+/// member missed the label writes, so its label listed the retired member
+/// and not the new one. A later open through the new member rewrote the
+/// failed member's metadata copy from the newest (which names the new
+/// member) but not its label; after a cut the pool was opened through it
+/// and its label, and `check` found extents "on unknown member id 2". An
+/// open with repair now brings lagging labels up to date first.
 #[test]
-#[ignore = "open finding: device replace interrupted by a power cut (see its comment)"]
-fn open_replace_interrupted_by_a_cut_leaves_labels_that_disagree() {
+fn regression_replace_past_a_failed_member_updates_its_label() {
     run_seed_gen(14889, 2);
 }
 
-/// Open, the same family: a `device replace` while the other member has
-/// failed (EIO), then cuts. The failed member's label predates the replace
-/// and does not list the new member; mounting through it follows only the
-/// labels it can reach, so the pool opens from its stale metadata, with the
-/// replaced member "missing" and the new one unknown, and reads fail. (The
-/// known limit of section 17.4 — a member cannot learn of members added
-/// while it was away — met through a member that failed rather than one
-/// that was missing.)
+/// The same family, with cuts in the middle of the replace: opening through
+/// the member that had failed found the replaced member "missing" and the
+/// new one unknown, and reads failed.
 #[test]
-#[ignore = "open finding: device replace with a failing member, then cuts (see its comment)"]
-fn open_replace_with_a_failing_member_leaves_the_old_member_listed() {
+fn regression_replace_past_a_failed_member_then_cuts() {
     run_seed_gen(15910, 2);
 }
 
