@@ -17,7 +17,7 @@ use crate::storage::{Storage, write_file_atomic};
 
 pub const LABEL_MAGIC: &[u8; 8] = b"VPOOLLBL";
 pub const LABEL_VERSION: u32 = 1;
-pub use super::layout::LABEL_FILES;
+pub use super::layout::{LABEL_FILES, RETIRED_FILE};
 /// Size of the fixed part before the member entries.
 const FIXED_LEN: usize = 88;
 /// Bounds of the settings a label may hold (see [`PoolConfig::validate`]).
@@ -274,6 +274,17 @@ pub fn read_label(s: &dyn Storage, dir: &Path) -> Result<Label> {
             reason: problems.join("; "),
         }),
     }
+}
+
+/// The pool's label as it was when the member of `dir` was retired
+/// ([`RETIRED_FILE`]): `None` when there is none or it is unreadable (it only
+/// ever adds members to look for). Valid when it decodes and does not list
+/// the member it names, the one retired.
+pub fn read_retired(s: &dyn Storage, dir: &Path) -> Option<Label> {
+    let bytes = read_capped(s, &dir.join(RETIRED_FILE), MAX_LABEL_BYTES).ok()?;
+    Label::decode(&bytes)
+        .ok()
+        .filter(|l| l.own_entry().is_none())
 }
 
 /// Checks both label copies of `dir` and returns a description of each bad one.

@@ -27,6 +27,12 @@ use std::path::{Path, PathBuf};
 /// The two label copies, written one after the other.
 pub const LABEL_FILES: [&str; 2] = ["vpool-label.0", "vpool-label.1"];
 
+/// Left in a member directory when the member is retired (`device remove`,
+/// `device replace`): the pool's label at that moment, which no longer lists
+/// it, so that an open through a member that missed the change finds the
+/// members that replaced it.
+pub const RETIRED_FILE: &str = "vpool-retired";
+
 /// This member's copy of the metadata (a redb database).
 pub const META_FILE: &str = "meta.redb";
 
@@ -167,6 +173,7 @@ mod tests {
     fn names_are_pinned() {
         assert_eq!(LABEL_FILES, ["vpool-label.0", "vpool-label.1"]);
         assert_eq!(META_FILE, "meta.redb");
+        assert_eq!(RETIRED_FILE, "vpool-retired");
         assert_eq!(META_DAMAGED_FILE, format!("{META_FILE}.damaged"));
         assert_eq!(DATA_DIR, "data");
         assert_eq!(LOCK_FILE, "vpool.lock");

@@ -8,7 +8,9 @@
 //!   leaves a directory whose label names this pool but that no other label
 //!   lists: adding it again finishes the job.
 //! - remove: the caller has migrated everything off and committed; then the
-//!   others' labels stop listing it, then its label files go, then its files.
+//!   others' labels stop listing it, then the retirement note (the new label,
+//!   `vpool-retired`) is written durably in its directory, then its label
+//!   files go, then its files.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -72,6 +74,8 @@ impl Pool {
         own.generation = self.label().generation + 1;
         own.member = entry.uuid;
         write_label(s, &dir, &own)?;
+        // Labelled now: a note of an earlier retirement says nothing.
+        let _ = s.remove_file(&dir.join(layout::RETIRED_FILE));
         self.write_labels(l)?;
         let lock = try_lock(s, &dir, &self.pool_id())?;
         let md = s.stat(&dir).map_err(|e| Error::io(&dir, e))?;
@@ -121,6 +125,14 @@ impl Pool {
             && m.probe().is_ok()
         {
             let s = self.storage();
+            // The note first: once the labels go, it is what tells an open
+            // through a member that missed this change where the pool went.
+            let mut note = self.label();
+            note.member = entry.uuid;
+            let p = m.dir.join(layout::RETIRED_FILE);
+            if let Err(e) = crate::storage::write_file_atomic(s, &p, &note.encode()) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot leave the retirement note");
+            }
             for f in layout::LABEL_FILES {
                 let _ = s.remove_file(&m.dir.join(f));
             }

@@ -19,7 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use uuid::Uuid;
 
 use super::admit::admit_new_pool;
-use super::label::{Label, MemberEntry, PoolConfig, read_label, write_label};
+use super::label::{Label, MemberEntry, PoolConfig, read_label, read_retired, write_label};
 use super::layout::{self, DATA_DIR, LOCK_FILE};
 use super::meta::{self, InodeRecord, MemberStore, MetaImage, NodeKind, ROOT_INO, Timestamp};
 use super::{CreateOptions, Integrity, Member, Pool, canonical_dir, fds, info, is_device_error};
@@ -209,6 +209,8 @@ impl Pool {
         for m in &members {
             label.member = m.uuid;
             write_label(s, &m.path, &label)?;
+            // Labelled now: a retirement note of a former pool says nothing.
+            let _ = s.remove_file(&m.path.join(layout::RETIRED_FILE));
         }
         made.commit();
         label.member = members[0].uuid;
@@ -227,7 +229,22 @@ impl Pool {
     pub fn open_in(storage: Arc<dyn Storage>, dir: &Path) -> Result<Pool> {
         let s = &*storage;
         let dir = canonical_dir(s, dir)?;
-        let first = read_label(s, &dir)?;
+        let first = match read_label(s, &dir) {
+            Err(Error::NotAMember(_)) if let Some(r) = read_retired(s, &dir) => {
+                let paths: Vec<String> = r
+                    .members
+                    .iter()
+                    .map(|e| e.path.display().to_string())
+                    .collect();
+                return Err(Error::Invalid(format!(
+                    "{} was removed from pool {}; mount it through one of its members ({})",
+                    dir.display(),
+                    r.pool,
+                    paths.join(", ")
+                )));
+            }
+            r => r?,
+        };
         let mut label = first.clone();
         let mut found: Vec<(MemberEntry, PathBuf, Label)> = Vec::new();
         let mut missing: Vec<MemberEntry> = Vec::new();
@@ -255,6 +272,26 @@ impl Pool {
                 };
                 let l = match read_label(s, &path) {
                     Ok(l) => l,
+                    // Retired while the label read first lagged: the label of
+                    // that moment lists the members that took its place.
+                    Err(Error::NotAMember(_))
+                        if let Some(r) = read_retired(s, &path).filter(|r| {
+                            r.pool == first.pool
+                                && r.member == entry.uuid
+                                && r.generation > label.generation
+                        }) =>
+                    {
+                        tracing::warn!(
+                            member = %path.display(),
+                            id = %entry.uuid,
+                            "member was retired after the label read first; following the pool's newer label"
+                        );
+                        label = Label {
+                            member: first.member,
+                            ..r
+                        };
+                        continue;
+                    }
                     Err(e) => {
                         let why = match &e {
                             Error::NotAMember(_) | Error::DirectoryMissing(_) => e.to_string(),
@@ -434,6 +471,65 @@ mod tests {
         let l1 = read_label(&s, &dirs[1]).unwrap();
         assert!(l1.generation > newest, "{} {newest}", l1.generation);
         assert_eq!((l0.generation, &l0.members), (l1.generation, &l1.members));
+    }
+
+    /// A member that missed a `device replace` (its label still lists the
+    /// retired member, not the new one) opens the whole pool: the retired
+    /// member's note names the members that took its place. Opening through
+    /// the retired directory says where the pool went.
+    #[test]
+    fn an_open_through_a_member_that_missed_a_replace_finds_the_new_member() {
+        let (t, dirs) = pool_of(2);
+        let s = crate::storage::real::RealStorage;
+        let new = t.path().join("m2");
+        std::fs::create_dir(&new).unwrap();
+        let new = std::fs::canonicalize(&new).unwrap();
+        let saved: Vec<(PathBuf, Vec<u8>)> = crate::pool::layout::LABEL_FILES
+            .iter()
+            .map(|f| dirs[0].join(f))
+            .filter_map(|p| std::fs::read(&p).ok().map(|b| (p, b)))
+            .collect();
+        let mut p = Pool::open(&dirs[1]).unwrap();
+        let img = p.load_metadata(true).unwrap();
+        assert!(matches!(
+            p.add_member(&new, &img).unwrap(),
+            super::super::members::Added::New(_)
+        ));
+        let old_id = p
+            .members()
+            .iter()
+            .find(|m| m.dir == dirs[1])
+            .unwrap()
+            .entry
+            .id;
+        p.retire_member(old_id).unwrap();
+        drop(p);
+        // m0 missed all of it (it was failed meanwhile).
+        for (path, b) in &saved {
+            std::fs::write(path, b).unwrap();
+        }
+        assert!(s.exists(&dirs[1].join(layout::RETIRED_FILE)));
+        let p = Pool::open(&dirs[0]).unwrap();
+        let mut got: Vec<PathBuf> = p.members().iter().map(|m| m.dir.clone()).collect();
+        got.sort();
+        assert_eq!(got, vec![dirs[0].clone(), new.clone()]);
+        assert!(p.missing().is_empty(), "{:?}", p.missing());
+        drop(p);
+        assert_eq!(
+            open_error(&dirs[1]),
+            format!(
+                "invalid argument: {} was removed from pool {}; mount it through one of its members ({}, {})",
+                dirs[1].display(),
+                read_label(&s, &new).unwrap().pool,
+                dirs[0].display(),
+                new.display()
+            )
+        );
+        // Added again, it is a member like any other, and the note goes.
+        let mut p = Pool::open(&dirs[0]).unwrap();
+        let img = p.load_metadata(true).unwrap();
+        p.add_member(&dirs[1], &img).unwrap();
+        assert!(!s.exists(&dirs[1].join(layout::RETIRED_FILE)));
     }
 
     #[test]

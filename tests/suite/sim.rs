@@ -1140,6 +1140,23 @@ fn regression_replace_past_a_failed_member_then_cuts() {
     run_seed_gen(15910, 2);
 }
 
+/// A `device replace` while the other member had failed, then a cut: the
+/// mount went through the failed member, whose label still listed the
+/// retired member (its labels deleted) and not the new one, and opened the
+/// pool from its stale metadata, with none of the files. The retired
+/// member's note (`vpool-retired`) now leads the open to the new member.
+#[test]
+fn regression_open_through_a_member_that_missed_a_replace() {
+    run_seed_gen(30553, 2);
+}
+
+/// The same, after more cuts and faults on both members: the open through
+/// the member that missed the replace showed names no durable state had.
+#[test]
+fn regression_open_through_a_member_that_missed_a_replace_after_cuts() {
+    run_seed_gen(31925, 2);
+}
+
 /// Found after intent prelogging went on to the other members when one
 /// fails (as the daemon's parallel prelog always did; the simulator's
 /// in-order prelog used to stop at the first error). The commit's prelog
