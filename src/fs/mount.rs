@@ -134,6 +134,25 @@ impl Vfs {
     /// open) are freed, and extent files no committed inode references are removed.
     fn recover(&self, suspects: &BTreeSet<(u64, u64)>) -> Result<()> {
         let mut referenced: HashSet<(u32, String)> = HashSet::new();
+        // The member files there are, listed before anything reads or trims
+        // an extent: copies found missing are dropped first, so that the
+        // resync and the trim below work on the copies that exist and the
+        // copies rebuilt at the end are made from trimmed ones.
+        let mut listed = Vec::new();
+        let mut present: HashSet<(u32, String)> = HashSet::new();
+        for m in self.pool.members().iter() {
+            let list = self
+                .pool
+                .list_extent_files(m)
+                .map_err(|e| crate::Error::io(&m.data_dir, e))?;
+            for f in &list {
+                if !f.sum {
+                    present.insert((m.entry.id, f.name.clone()));
+                }
+            }
+            listed.push((m.entry.id, list));
+        }
+        let refill;
         {
             let mut ns = self.ns.write();
             let orphans: Vec<u64> = ns
@@ -152,6 +171,7 @@ impl Vfs {
                     v.mark_blocks(s, e);
                 }
             });
+            refill = self.drop_missing_copies(&ns, &present);
             // Extents being written at the stop: make their copies agree and
             // their checksums match the data (the commit below writes them), before
             // anything reads them verified (the trim below does).
@@ -207,20 +227,12 @@ impl Vfs {
             }
         }
         let mut orphan_files = Vec::new();
-        let mut present: HashSet<(u32, String)> = HashSet::new();
-        for m in self.pool.members().iter() {
-            let list = self
-                .pool
-                .list_extent_files(m)
-                .map_err(|e| crate::Error::io(&m.data_dir, e))?;
+        for (member, list) in listed {
             for f in list {
-                if !f.sum {
-                    present.insert((m.entry.id, f.name.clone()));
-                }
                 // A sum file goes with its extent file.
                 if let Some((ino, index, file_id)) = f.parsed {
                     let file = ExtentFile {
-                        member: m.entry.id,
+                        member,
                         ino,
                         index,
                         file_id,
@@ -239,7 +251,6 @@ impl Vfs {
                 "removing extent files no inode references"
             );
         }
-        let refill = self.drop_missing_copies(&present);
         self.commit()
             .map_err(|e| crate::Error::Other(format!("recovery commit failed: {e}")))?;
         // On a member that took commits of its own (opened with --force), an
@@ -275,10 +286,13 @@ impl Vfs {
     /// copy that is there remains; those extents are returned, to get their
     /// copies back from the good ones. A missing only copy stays listed
     /// (`check` reports it: its data is lost).
-    fn drop_missing_copies(&self, present: &HashSet<(u32, String)>) -> Vec<super::members::Item> {
+    fn drop_missing_copies(
+        &self,
+        ns: &Namespace,
+        present: &HashSet<(u32, String)>,
+    ) -> Vec<super::members::Item> {
         let mut out = Vec::new();
         let members: HashSet<u32> = self.pool.members().iter().map(|m| m.entry.id).collect();
-        let ns = self.ns.read();
         for n in ns.nodes.values() {
             let Some(v) = &n.volume else { continue };
             for f in v.all_files() {

@@ -1157,6 +1157,18 @@ fn regression_open_through_a_member_that_missed_a_replace_after_cuts() {
     run_seed_gen(31925, 2);
 }
 
+/// Data written past the end before a cut, on an extent whose copy on one
+/// member was missing at the next mount (its member failed before the file
+/// was durable): the trim of data past the file size stopped at the missing
+/// copy, so the other copy kept the bytes past the end, the missing copy was
+/// then rebuilt from it, and a later write extending the file showed them
+/// where zeros belong. Missing copies are now dropped before the resync and
+/// the trim.
+#[test]
+fn regression_trim_past_the_end_with_a_missing_copy() {
+    run_seed_gen(36608, 2);
+}
+
 /// Found after intent prelogging went on to the other members when one
 /// fails (as the daemon's parallel prelog always did; the simulator's
 /// in-order prelog used to stop at the first error). The commit's prelog
