@@ -59,6 +59,13 @@ pub fn read_lock_info(st: &dyn Storage, dir: &Path) -> Option<(u32, PathBuf)> {
 /// is running, or gone, is not waited for.
 const DYING_HOLDER_WAIT: Duration = Duration::from_secs(30);
 
+/// How long an opener waits for a lock whose holder recorded nothing. A
+/// process that has just let go can hold it a moment longer through a child
+/// it forked meanwhile (the descriptor lives in the child until its exec
+/// closes it); a real holder (an offline `check`, a daemon still opening)
+/// is reported after this.
+const SILENT_HOLDER_WAIT: Duration = Duration::from_secs(1);
+
 pub(crate) fn try_lock(s: &dyn Storage, dir: &Path, pool: &Uuid) -> Result<Box<dyn LockGuard>> {
     let p = dir.join(LOCK_FILE);
     let start = Instant::now();
@@ -67,11 +74,14 @@ pub(crate) fn try_lock(s: &dyn Storage, dir: &Path, pool: &Uuid) -> Result<Box<d
             return Ok(g);
         }
         let info = read_lock_info(s, dir);
-        if let Some((pid, _)) = &info
-            && crate::util::process_exiting(*pid)
-            && start.elapsed() < DYING_HOLDER_WAIT
-        {
-            std::thread::sleep(Duration::from_millis(50));
+        let wait = match &info {
+            Some((pid, _)) => {
+                crate::util::process_exiting(*pid) && start.elapsed() < DYING_HOLDER_WAIT
+            }
+            None => start.elapsed() < SILENT_HOLDER_WAIT,
+        };
+        if wait {
+            std::thread::sleep(Duration::from_millis(20));
             continue;
         }
         let at = match info {
@@ -609,6 +619,25 @@ mod tests {
         let t = std::time::Instant::now();
         assert!(Pool::open(&dirs[0]).is_err());
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    /// A lock whose holder recorded nothing and lets go within a moment
+    /// (a closed pool whose descriptor a forked child still held until its
+    /// exec) is waited for; one still held after that is reported.
+    #[test]
+    fn a_lock_let_go_within_a_moment_is_waited_for() {
+        let (_t, dirs) = pool_of(1);
+        let first = Pool::open(&dirs[0]).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(first);
+        });
+        Pool::open(&dirs[0]).unwrap();
+        release.join().unwrap();
+        let _held = Pool::open(&dirs[0]).unwrap();
+        let t = Instant::now();
+        assert!(open_error(&dirs[0]).contains("is already mounted"));
+        assert!(t.elapsed() >= SILENT_HOLDER_WAIT, "{:?}", t.elapsed());
     }
 
     #[test]
