@@ -54,6 +54,9 @@ pub struct Extent {
     touched_ms: AtomicU64,
     intent_lock: Mutex<()>,
     pub(super) sums: Mutex<Sums>,
+    /// Bytes written in [`super::WriteMode::Behind`] since this extent's
+    /// writeback was last started (see `Volume::write_io`).
+    pub(super) behind: AtomicU64,
 }
 
 impl Extent {
@@ -74,6 +77,7 @@ impl Extent {
             touched_ms: AtomicU64::new(0),
             intent_lock: Mutex::new(()),
             sums: Mutex::new(Sums::default()),
+            behind: AtomicU64::new(0),
         }
     }
 
@@ -104,6 +108,7 @@ impl Extent {
             touched_ms: AtomicU64::new(self.touched_ms.load(Ordering::Relaxed)),
             intent_lock: Mutex::new(()),
             sums: Mutex::new(sums),
+            behind: AtomicU64::new(0),
         }
     }
 
