@@ -84,6 +84,11 @@ impl FdCache {
         Ok(f)
     }
 
+    /// The cached file of `key`, if any; nothing is opened.
+    pub fn cached(&self, key: &ExtentFile) -> Option<Handle> {
+        self.shard(key).lock().peek(key).cloned()
+    }
+
     /// Caches `f`, just created at the path of `key` (replacing any entry).
     pub fn put(&self, key: ExtentFile, f: Handle) {
         self.shard(&key).lock().put(key, f);

@@ -165,7 +165,7 @@ impl Volume {
                 Ok(())
             })?;
             if let Some(ext) = batch {
-                self.write_behind_batched(pool, ext, p.len as u64);
+                self.write_behind_batched(pool, &ext, p.len as u64);
             }
         }
         Ok(())
@@ -175,19 +175,21 @@ impl Volume {
     /// once [`BEHIND_BATCH`] have gathered, starts the writeback of every
     /// dirty page of the extent's copies in one call. Outside the stripe
     /// lock: a hint to the member's page cache, it changes no content and
-    /// no ordering (an extent moved meanwhile gets the hint on its old
-    /// copies, which is harmless).
-    fn write_behind_batched(&self, pool: &Pool, ext: Arc<Extent>, len: u64) {
+    /// no ordering. Only files the descriptor cache holds get it, and
+    /// nothing is opened: a file removed meanwhile (a truncate, a move) was
+    /// dropped from the cache first, and must not be reported missing.
+    fn write_behind_batched(&self, pool: &Pool, ext: &Extent, len: u64) {
         let gathered = ext.behind.fetch_add(len, Ordering::AcqRel) + len;
         // Of two writers past the line at once, the first to take the count
         // starts the writeback.
         if gathered < BEHIND_BATCH || ext.behind.swap(0, Ordering::AcqRel) < BEHIND_BATCH {
             return;
         }
-        let _ = ext.each_copy(pool, self.ino, |_, f| {
-            f.write_behind(0, self.esize, false);
-            Ok(())
-        });
+        for c in ext.copies.iter().filter(|c| pool.usable(c.member)) {
+            if let Some(f) = pool.fds.cached(&ext.file_on(self.ino, c.member)) {
+                f.write_behind(0, self.esize, false);
+            }
+        }
     }
 
     /// Deallocates `[off, off+len)`; reads of it return zeros afterwards.
