@@ -33,8 +33,13 @@ pub fn make_private(dir: &Path) -> io::Result<()> {
 /// Whether `path` is on a FUSE filesystem (a vpool mount among them): a member
 /// there could be the pool's own mount, and its daemon would wait on itself.
 pub fn on_fuse(path: &Path) -> io::Result<bool> {
-    use std::os::unix::ffi::OsStrExt;
     const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    Ok(fs_type(path)? == FUSE_SUPER_MAGIC)
+}
+
+/// The magic number (`statfs(2)`'s `f_type`) of the filesystem `path` is on.
+pub fn fs_type(path: &Path) -> io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
     // SAFETY: statfs is plain old data; zeroed is a valid value.
@@ -44,7 +49,7 @@ pub fn on_fuse(path: &Path) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
-    Ok(st.f_type as i64 == FUSE_SUPER_MAGIC)
+    Ok(st.f_type as i64)
 }
 
 /// Whether `b` is an ASCII control character (NUL, newline, escape, DEL, ...),
