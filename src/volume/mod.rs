@@ -76,8 +76,9 @@ pub enum WriteMode {
     /// 0.69 to 0.79 of the plain directory's speed (docs/perf).
     Stream,
     /// A short write of a mount with the writeback cache (the writeback of
-    /// a page the mount still holds): through the members' cache with its
-    /// writeback started at once, nothing dropped. Left dirty, the page
+    /// a page the mount still holds): through the members' cache, nothing
+    /// dropped, its extent's writeback started once 1 MiB of such writes
+    /// have gathered (`BEHIND_BATCH`, volume/write.rs). Left dirty, the page
     /// would count twice against the host's dirty limit (once in the
     /// mount's cache, once in the members'), and a random writer reached
     /// that limit and was throttled for up to 660 ms during a snapshot; with

@@ -132,8 +132,9 @@ impl Volume {
     /// With [`WriteMode::Stream`], each piece's writeback starts at once and
     /// the member pages [`STREAM_BEHIND`] before it are dropped (clean by
     /// then, normally: the mount keeps its own copy); with
-    /// [`WriteMode::Behind`] the writeback starts and nothing is dropped
-    /// (the pages of a random writer are not behind anything). Write-behind
+    /// [`WriteMode::Behind`] nothing is dropped (the pages of a random
+    /// writer are not behind anything) and the extent's writeback starts
+    /// once per [`BEHIND_BATCH`] ([`Volume::write_behind_batched`]). Write-behind
     /// is only a hint to the member's page cache: it changes when data
     /// reaches the disk, never what a crash may leave, since durability
     /// still comes from the fdatasync at commit. The ordering rules are
