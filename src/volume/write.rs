@@ -134,7 +134,7 @@ impl Volume {
     /// then, normally: the mount keeps its own copy); with
     /// [`WriteMode::Behind`] nothing is dropped (the pages of a random
     /// writer are not behind anything) and the extent's writeback starts
-    /// once per [`BEHIND_BATCH`] ([`Volume::write_behind_batched`]). Write-behind
+    /// once per `BEHIND_BATCH` (`write_behind_batched`). Write-behind
     /// is only a hint to the member's page cache: it changes when data
     /// reaches the disk, never what a crash may leave, since durability
     /// still comes from the fdatasync at commit. The ordering rules are
