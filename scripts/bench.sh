@@ -29,6 +29,11 @@
 #                   random writer, buffered and O_DIRECT, while a full snapshot
 #                   of a BENCH_STALL_SIZE image is captured and an incremental
 #                   one is requested meanwhile
+#                   guest (opt-in): a QEMU VM (KVM, or TCG without it) boots a
+#                   Debian kernel with its root filesystem on a raw image on
+#                   the target (virtio, cache=none, aio=io_uring) and runs fio
+#                   inside (io_uring, O_DIRECT, iodepth BENCH_QD); see
+#                   scripts/guest.sh (GUEST_* variables)
 #   BENCH_QD        queue depth of the direct and qemu groups (default 32)
 #   BENCH_STALL_SIZE  image size of the stall group (default 4G)
 #   BENCH_QEMU_COUNT  requests per qemu-img bench run (default 50000, 4 KiB each)
@@ -69,7 +74,8 @@ report() {
     echo "fio $(fio --version), size $SIZE, ${RUNTIME}s/job, groups: ${GROUPS_[*]};" \
         "buffered: psync, numjobs=$JOBS for random jobs; direct: libaio" \
         "iodepth=$QD O_DIRECT numjobs=1; qemu: qemu-img bench -t none -i native" \
-        "-d $QD -s 4096 -c $QEMU_COUNT; median of $REPEAT round(s)," \
+        "-d $QD -s 4096 -c $QEMU_COUNT; guest: fio io_uring iodepth=$QD O_DIRECT" \
+        "in a QEMU VM on a raw image (cache=none, aio=io_uring); median of $REPEAT round(s)," \
         "$(nproc) CPUs, $(uname -r)"
     echo
     python3 - "$OUT" "${TARGETS[@]}" <<'PY'
@@ -90,6 +96,10 @@ workloads = [
     ("qd_seqwrite", "write", "QD seq write 1M"),
     ("qemu_read", "qemu", "qemu-img bench read 4K"),
     ("qemu_write", "qemu", "qemu-img bench write 4K"),
+    ("guest_randread", "read", "guest fio rand read 4K"),
+    ("guest_randwrite", "write", "guest fio rand write 4K"),
+    ("guest_randrw", "read+write", "guest fio rand 70/30 4K"),
+    ("guest_seqread", "read", "guest fio seq read 1M"),
 ]
 
 def load_fio(path, rw):
@@ -209,6 +219,12 @@ command -v fusermount3 >/dev/null 2>&1 || pkgs+=(fuse3)
 if group qemu && ! command -v qemu-img >/dev/null 2>&1; then
     pkgs+=(qemu-utils)
 fi
+if group guest; then
+    # shellcheck source=scripts/guest.sh
+    . scripts/guest.sh
+    GUEST_QD="$QD"
+    GUEST_RUNTIME="$RUNTIME"
+fi
 if want mergerfs && ! command -v mergerfs >/dev/null 2>&1; then
     pkgs+=(mergerfs)
 fi
@@ -227,6 +243,11 @@ elif want vpool; then
 fi
 
 mkdir -p "$BASE" "$OUT"
+if group guest; then
+    # Kept across runs: a kernel, busybox and fio for the VM.
+    GUEST_KIT="$(realpath "$BASE")/guest-kit"
+    guest_kit "$GUEST_KIT"
+fi
 WORK="$(mktemp -d "$(realpath "$BASE")/vpool-bench.XXXXXX")"
 if [[ $(stat -f -c %T "$WORK") == tmpfs ]]; then
     warn "$WORK is on tmpfs: numbers will not reflect a disk (set BENCH_DIR)"
@@ -373,10 +394,12 @@ run_workloads() {
     fi
 
     # Lay out the file the read/random jobs use (not measured).
-    log "[$target] laying out $SIZE read file"
-    fio --name=layout --directory="$dir" --filename=read.dat --ioengine=psync \
-        --fallocate=none --rw=write --bs=1M --size="$SIZE" --end_fsync=1 \
-        --output=/dev/null
+    if group buffered || group direct || group qemu; then
+        log "[$target] laying out $SIZE read file"
+        fio --name=layout --directory="$dir" --filename=read.dat --ioengine=psync \
+            --fallocate=none --rw=write --bs=1M --size="$SIZE" --end_fsync=1 \
+            --output=/dev/null
+    fi
 
     if group buffered; then
         drop_caches
@@ -422,6 +445,14 @@ run_workloads() {
     fi
 
     rm -f -- "$dir/read.dat"
+
+    if group guest; then
+        log "[$target] guest VM on $dir/guest.img (round $ROUND/$REPEAT)"
+        guest_image "$GUEST_KIT" "$dir/guest.img"
+        guest_run "$GUEST_KIT" "$dir/guest.img" "$OUT/${target}_guest_r${ROUND}.log"
+        guest_split "$OUT/${target}_guest_r${ROUND}.log" "$OUT/${target}" "_r${ROUND}"
+        rm -f -- "$dir/guest.img"
+    fi
 
     if group stall && [[ $target == vpool ]]; then
         log "[$target] laying out the $STALL_SIZE stall image"
