@@ -42,6 +42,11 @@ guest_kit() {
     command -v cpio >/dev/null || pkgs+=(cpio)
     command -v fio >/dev/null || pkgs+=(fio)
     apt_install "${pkgs[@]}"
+    # qemu-system-x86 can replace a newer qemu-utils (a backport) with
+    # nothing: the other groups and the tests need qemu-img and qemu-io.
+    if ! command -v qemu-img >/dev/null || ! command -v qemu-io >/dev/null; then
+        apt_install qemu-utils
+    fi
     rm -rf -- "$kit"
     mkdir -p "$kit/deb" "$kit/k" "$kit/bb" "$kit/initrd.d" "$kit/root"
     deb="$(apt-cache depends linux-image-amd64 2>/dev/null |
