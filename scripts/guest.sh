@@ -84,8 +84,8 @@ guest_kit() {
     chmod +x "$ird/init"
     (cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$kit/initrd"
 
-    # The root filesystem: busybox, fio and the libraries it links, and the
-    # script that runs the jobs and powers off.
+    # The root filesystem: busybox, fio and the libraries it links (the
+    # script that runs the jobs and powers off is added by guest_image).
     local root="$kit/root"
     mkdir -p "$root/bin" "$root/sbin" "$root/proc" "$root/sys" "$root/dev" "$root/tmp" "$root/data"
     cp "$kit/bb/bin/busybox" "$root/bin/busybox"
@@ -94,7 +94,14 @@ guest_kit() {
         mkdir -p "$root$(dirname "$lib")"
         cp -L "$lib" "$root$lib"
     done < <(ldd "$(command -v fio)" | grep -o '/[^ ]*')
-    cat >"$root/sbin/bench-init" <<EOF
+    touch "$kit/ready"
+}
+
+guest_image() {
+    local kit="$1" file="$2"
+    # The jobs are written here, not with the cached kit: GUEST_RUNTIME and
+    # GUEST_QD may differ from run to run.
+    cat >"$kit/root/sbin/bench-init" <<EOF
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys
@@ -118,12 +125,7 @@ echo "@@done"
 sync
 poweroff -f
 EOF
-    chmod +x "$root/sbin/bench-init"
-    touch "$kit/ready"
-}
-
-guest_image() {
-    local kit="$1" file="$2"
+    chmod +x "$kit/root/sbin/bench-init"
     rm -f -- "$file"
     # Allocated, as a VM's disk would be after its first install.
     fio --name=layout --filename="$file" --ioengine=psync --rw=write --bs=1M \
