@@ -138,21 +138,25 @@ EOF
 # VM boots with it to the initrd's first line within 30 s (nested KVM can
 # fail or hang), otherwise TCG. GUEST_ACCEL="tcg" or "kvm" skips the probe.
 guest_accel() {
-    local kit="$1" probe
+    local kit="$1" probe kvm=(-accel kvm -cpu "host,-arch-capabilities")
     if [[ -n ${GUEST_ACCEL_ARGS:-} ]]; then
         return 0
     fi
+    case ${GUEST_ACCEL:-} in
+        kvm) GUEST_ACCEL_ARGS="${kvm[*]}" && return 0 ;;
+        tcg) GUEST_ACCEL_ARGS="-accel tcg" && return 0 ;;
+    esac
     GUEST_ACCEL_ARGS="-accel tcg"
-    if [[ ${GUEST_ACCEL:-} == kvm ]] || { [[ -z ${GUEST_ACCEL:-} && -w /dev/kvm ]] &&
-        probe="$(mktemp)" &&
-        { timeout 30 qemu-system-x86_64 -accel kvm -cpu host,-arch-capabilities \
-            -m 256 -nodefaults -nographic -no-reboot -serial "file:$probe" \
-            -kernel "$kit/vmlinuz" -initrd "$kit/initrd" \
-            -append "console=ttyS0 quiet panic=-1 vpool_probe" >/dev/null 2>&1 || true; } &&
-        grep -q '^@@alive' <(tr -d '\r' <"$probe"); }; then
-        GUEST_ACCEL_ARGS="-accel kvm -cpu host,-arch-capabilities"
+    [[ -w /dev/kvm ]] || return 0
+    probe="$(mktemp)"
+    timeout 30 qemu-system-x86_64 "${kvm[@]}" -m 256 -nodefaults -nographic -no-reboot \
+        -serial "file:$probe" -kernel "$kit/vmlinuz" -initrd "$kit/initrd" \
+        -append "console=ttyS0 quiet panic=-1 vpool_probe" >/dev/null 2>&1 || true
+    # Not anchored: the firmware's escape sequences precede it on its line.
+    if grep -q '@@alive' "$probe"; then
+        GUEST_ACCEL_ARGS="${kvm[*]}"
     fi
-    rm -f -- "${probe:-}"
+    rm -f -- "$probe"
 }
 
 guest_run() {
