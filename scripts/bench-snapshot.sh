@@ -150,11 +150,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-drop_caches() {
-    sync
-    as_root sh -c 'echo 3 > /proc/sys/vm/drop_caches' 2>/dev/null || true
-}
-
 # Wall-clock timing: `timed NAME CMD...` runs CMD and stores its duration in
 # seconds in R[NAME.time].
 declare -A R=()

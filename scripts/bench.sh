@@ -274,11 +274,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-drop_caches() {
-    sync
-    as_root sh -c 'echo 3 > /proc/sys/vm/drop_caches' 2>/dev/null || true
-}
-
 # fio_job TARGET WORKLOAD DIR FIO-ARGS...: one job, JSON kept in $OUT.
 fio_job() {
     local target="$1" workload="$2" dir="$3"

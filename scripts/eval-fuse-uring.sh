@@ -79,8 +79,7 @@ round() {
     for _ in $(seq 50); do is_mounted "$MNT" && break; sleep 0.1; done
     is_mounted "$MNT" || die "passthrough_hp did not mount"
     for rw in randread randwrite; do
-        sync
-        echo 3 >/proc/sys/vm/drop_caches
+        drop_caches
         c0=$(daemon_cpu "$pid")
         fio --name=q --filename="$MNT/f.img" --ioengine=libaio --iodepth=32 --direct=1 \
             --rw="$rw" --bs=4k --size=1G --time_based --runtime="$SECS" \

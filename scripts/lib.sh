@@ -86,6 +86,13 @@ is_stale_mount() {
     is_mounted "$1" && ! stat -- "$1" >/dev/null 2>&1
 }
 
+# Write back dirty pages, then drop the page cache (best effort: needs root),
+# so a timed run reads from the disk.
+drop_caches() {
+    sync
+    as_root sh -c 'echo 3 > /proc/sys/vm/drop_caches' 2>/dev/null || true
+}
+
 # Best-effort lazy unmount of a FUSE mount point.
 lazy_unmount() {
     local mnt="$1"

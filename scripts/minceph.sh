@@ -6,7 +6,7 @@
 # ceph-mon, ceph-osd and ceph-common. Port 3300 is fixed: one cluster at a time.
 # Used by tests/suite/export_ceph.rs; cold start about 11 s.
 set -euo pipefail
-CMD=$1; D=$2; C="-c $D/ceph.conf"
+CMD=$1; D=$2; C=(-c "$D/ceph.conf")
 stop() {
   for f in "$D/osd.pid" "$D/mon.pid"; do
     [ -f "$f" ] || continue; p=$(cat "$f")
@@ -50,18 +50,18 @@ bluestore_cache_autotune = false
 bluestore_cache_size = 134217728
 CONF
 monmaptool --create --fsid "$FSID" --addv a '[v2:127.0.0.1:3300]' "$D/monmap" >/dev/null
-ceph-mon $C --mkfs -i a --monmap "$D/monmap"
+ceph-mon "${C[@]}" --mkfs -i a --monmap "$D/monmap"
 # The daemons' output goes to files: a caller reading a pipe would hang.
-ceph-mon $C -i a -f </dev/null >>"$D/log/mon.out" 2>&1 & echo $! > "$D/mon.pid"
+ceph-mon "${C[@]}" -i a -f </dev/null >>"$D/log/mon.out" 2>&1 & echo $! > "$D/mon.pid"
 OSD_UUID=$(uuidgen)
 # `ceph` waits forever for a monitor that is down: always under timeout.
-timeout 30 ceph $C osd new "$OSD_UUID" >/dev/null
-ceph-osd $C -i 0 --mkfs --osd-uuid "$OSD_UUID" >>"$D/log/mkfs.log" 2>&1
-ceph-osd $C -i 0 -f </dev/null >>"$D/log/osd.out" 2>&1 & echo $! > "$D/osd.pid"
+timeout 30 ceph "${C[@]}" osd new "$OSD_UUID" >/dev/null
+ceph-osd "${C[@]}" -i 0 --mkfs --osd-uuid "$OSD_UUID" >>"$D/log/mkfs.log" 2>&1
+ceph-osd "${C[@]}" -i 0 -f </dev/null >>"$D/log/osd.out" 2>&1 & echo $! > "$D/osd.pid"
 for _ in $(seq 300); do
-  timeout 10 ceph $C osd dump 2>/dev/null | grep -q '^osd.0 up' && break; sleep 0.2
+  timeout 10 ceph "${C[@]}" osd dump 2>/dev/null | grep -q '^osd.0 up' && break; sleep 0.2
 done
-timeout 10 ceph $C osd dump | grep -q '^osd.0 up' || { echo "osd did not come up" >&2; stop; exit 1; }
-timeout 30 ceph $C osd pool create rbd 8 8 >/dev/null
-timeout 60 rbd $C pool init rbd
+timeout 10 ceph "${C[@]}" osd dump | grep -q '^osd.0 up' || { echo "osd did not come up" >&2; stop; exit 1; }
+timeout 30 ceph "${C[@]}" osd pool create rbd 8 8 >/dev/null
+timeout 60 rbd "${C[@]}" pool init rbd
 echo "ceph ready: export CEPH_CONF=$D/ceph.conf"
