@@ -69,11 +69,14 @@ pub enum WriteMode {
     Direct,
     /// A long write of a cached open (the writeback of a sequential
     /// writer's pages): through the members' cache, its writeback started
-    /// at once and the pages some way behind it dropped. The member
-    /// filesystem then writes long runs at depth (delayed allocation),
-    /// where direct writes into new space wait on each other (ext4 takes
-    /// the inode lock for those): 1 GiB written and fsynced went from
-    /// 0.69 to 0.79 of the plain directory's speed (docs/perf).
+    /// at once; after the stripe lock, the request waits for that
+    /// writeback and drops its pages (the mount holds the data: a second
+    /// copy in the members' cache only takes memory, costly where the host
+    /// backs guest memory on first touch; docs/perf, change 16). The member
+    /// filesystem writes long runs at depth (delayed allocation), where
+    /// direct writes into new space wait on each other (ext4 takes the
+    /// inode lock for those): 1 GiB written and fsynced went from 0.69 to
+    /// 0.79 of the plain directory's speed (docs/perf, change 7).
     Stream,
     /// A short write of a mount with the writeback cache (the writeback of
     /// a page the mount still holds): through the members' cache, nothing

@@ -37,12 +37,6 @@ fn check_room(pool: &Pool, member: u32, f: &Handle, within: u64, len: u64) -> Fs
     Ok(())
 }
 
-/// How far behind a [`WriteMode::Stream`] piece its member pages are
-/// dropped: a few requests' worth, so that their writeback, started when
-/// they were written, has normally ended (pages still dirty or under
-/// writeback are left alone).
-const STREAM_BEHIND: u64 = 8 << 20;
-
 /// Bytes an extent takes in [`WriteMode::Behind`] before its writeback is
 /// started, all of it at once. Started per request, every 4 KiB page of a
 /// random writer's flush was its own block request and its own doorbell to
@@ -129,9 +123,11 @@ impl Volume {
     /// aligned to [`crate::storage::DIRECT_ALIGN`] in offset and length go to
     /// the members past their page cache, through an aligned copy; other
     /// pieces go through the cache (the kernel keeps both views coherent).
-    /// With [`WriteMode::Stream`], each piece's writeback starts at once and
-    /// the member pages [`STREAM_BEHIND`] before it are dropped (clean by
-    /// then, normally: the mount keeps its own copy); with
+    /// With [`WriteMode::Stream`], each piece's writeback starts at once;
+    /// after the stripe lock is let go, the request waits for it and drops
+    /// those member pages (the mount keeps its own copy: the members' would
+    /// be a second one, and new page cache is costly where the host backs
+    /// guest memory on first touch); with
     /// [`WriteMode::Behind`] nothing is dropped (the pages of a random
     /// writer are not behind anything) and the extent's writeback starts
     /// once per `BEHIND_BATCH` (`write_behind_batched`). Write-behind
@@ -147,6 +143,7 @@ impl Volume {
             let aligned = (mode == WriteMode::Direct && direct_fits(p.within, p.len))
                 .then(|| AlignedBuf::copy_of(piece));
             let batch = (mode == WriteMode::Behind).then(|| ext.clone());
+            let mut streamed = Vec::new();
             self.change(pool, ext, &p, Some(Some(piece)), |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
                 match &aligned {
@@ -159,12 +156,16 @@ impl Volume {
                 })?;
                 if mode == WriteMode::Stream {
                     f.write_behind(p.within, p.len as u64, false);
-                    if let Some(behind) = p.within.checked_sub(STREAM_BEHIND) {
-                        f.drop_cached(behind, p.len as u64);
-                    }
+                    streamed.push(f.clone());
                 }
                 Ok(())
             })?;
+            // Dropping pages some distance behind each piece missed half of
+            // them: a writeback's requests are served out of order, and the
+            // range behind was often not written yet (docs/perf, change 16).
+            for f in streamed {
+                f.write_behind(p.within, p.len as u64, true);
+            }
             if let Some(ext) = batch {
                 self.write_behind_batched(pool, &ext, p.len as u64);
             }
