@@ -135,9 +135,6 @@ impl FileIo for FaultyFile {
     fn write_behind(&self, off: u64, len: u64, wait: bool) {
         self.inner.write_behind(off, len, wait)
     }
-    fn drop_cached(&self, off: u64, len: u64) {
-        self.inner.drop_cached(off, len)
-    }
 }
 
 impl Storage for FaultyStorage {

@@ -173,10 +173,6 @@ pub trait FileIo: Send + Sync + Debug {
     /// [`FileIo::sync_data`]'s job) and its errors are left to that sync.
     fn write_behind(&self, _off: u64, _len: u64, _wait: bool) {}
 
-    /// Drops the clean cached pages of `[off, off+len)` (dirty ones and
-    /// those under writeback stay). Only a hint.
-    fn drop_cached(&self, _off: u64, _len: u64) {}
-
     /// [`FileIo::read_at`] past the host's page cache (`O_DIRECT`) where
     /// the storage can; `buf`'s address and length and `off` are multiples
     /// of [`DIRECT_ALIGN`]. Storage without it (or a filesystem that

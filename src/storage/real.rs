@@ -191,10 +191,6 @@ impl FileIo for RealFile {
             fadvise(&self.0, off, len, libc::POSIX_FADV_DONTNEED);
         }
     }
-
-    fn drop_cached(&self, off: u64, len: u64) {
-        fadvise(&self.0, off, len, libc::POSIX_FADV_DONTNEED);
-    }
 }
 
 /// `posix_fadvise(advice)` on `[off, off+len)` of `f`; only a hint.
