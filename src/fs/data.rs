@@ -458,11 +458,17 @@ mod tests {
             .unwrap()
     }
 
-    /// Whether `dir` is on tmpfs (which has no writeback).
-    fn on_tmpfs(dir: &std::path::Path) -> bool {
+    /// [`setup`] of one member, or `None` (the test skipped) where the temp
+    /// dir is on tmpfs, which has no writeback.
+    fn setup_with_writeback(esize: u64) -> Option<(tempfile::TempDir, Vec<std::path::PathBuf>)> {
+        let (d, dirs) = setup(1, esize);
         #[allow(clippy::unnecessary_cast)] // TMPFS_MAGIC's width differs between targets
         let tmpfs = libc::TMPFS_MAGIC as i64;
-        crate::util::fs_type(dir).ok() == Some(tmpfs)
+        if crate::util::fs_type(d.path()).ok() == Some(tmpfs) {
+            eprintln!("skipped: tmpfs has no writeback");
+            return None;
+        }
+        Some((d, dirs))
     }
 
     /// Write-behind of a random writer's short writes starts an extent's
@@ -471,11 +477,9 @@ mod tests {
     #[test]
     fn short_writes_behind_start_their_writeback_in_batches() {
         use crate::volume::WriteMode;
-        let (d, dirs) = setup(1, 4 << 20);
-        if on_tmpfs(d.path()) {
-            eprintln!("skipped: tmpfs has no writeback");
+        let Some((_d, dirs)) = setup_with_writeback(4 << 20) else {
             return;
-        }
+        };
         let v = open(&dirs[0]);
         let (_, fh) = v.create(ROOT_INO, b"img", 0o644, 0, ME).unwrap();
         // 255 pages, every other one, into a new extent (so that each is a
@@ -508,11 +512,9 @@ mod tests {
     #[test]
     fn streamed_writes_leave_no_member_pages_cached() {
         use crate::volume::WriteMode;
-        let (d, dirs) = setup(1, 16 << 20);
-        if on_tmpfs(d.path()) {
-            eprintln!("skipped: tmpfs has no writeback");
+        let Some((_d, dirs)) = setup_with_writeback(16 << 20) else {
             return;
-        }
+        };
         let v = open(&dirs[0]);
         let (_, fh) = v.create(ROOT_INO, b"img", 0o644, 0, ME).unwrap();
         // 16 requests of 1 MiB into one 16 MiB extent, each pair swapped.
