@@ -36,6 +36,30 @@ static STRIPE_LOCKS: std::sync::LazyLock<Vec<RwLock<()>>> =
 /// Blocks per stripe region.
 const REGION_BLOCKS: u64 = 16;
 
+/// Stripe slots covering blocks `[b0, b1)` of extent `index` of file `ino`,
+/// ascending (the lock order). The regions of one extent take consecutive
+/// slots from a hashed base, so that disjoint ranges of an extent of up to
+/// `STRIPES` regions (256 MiB of 4 KiB blocks) never share a stripe: the
+/// requests of one sequential flush, served at once, do not wait for each
+/// other (docs/perf, change 17). Different extents meet only where their
+/// bases fall close.
+fn stripe_slots(ino: u64, index: u64, b0: u64, b1: u64) -> Vec<usize> {
+    // splitmix64 of the extent's identity.
+    let mut z = ino
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(index.wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    let base = (z ^ (z >> 31)) % STRIPES as u64;
+    let (r0, r1) = (b0 / REGION_BLOCKS, b1.max(b0 + 1).div_ceil(REGION_BLOCKS));
+    let mut v: Vec<usize> = (r0..r1)
+        .map(|r| (base.wrapping_add(r % STRIPES as u64) % STRIPES as u64) as usize)
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
 /// The block checksums of an extent, loaded from a sum file on first use.
 #[derive(Default)]
 pub(super) struct Sums {
@@ -75,23 +99,7 @@ impl Volume {
     /// Stripe slots covering blocks `[b0, b1)` of extent `index`, ascending
     /// (the lock order).
     fn stripe_slots(&self, index: u64, b0: u64, b1: u64) -> Vec<usize> {
-        let (r0, r1) = (b0 / REGION_BLOCKS, b1.max(b0 + 1).div_ceil(REGION_BLOCKS));
-        let mut v: Vec<usize> = (r0..r1)
-            .map(|r| {
-                // splitmix64 of the region's identity.
-                let mut z = self
-                    .ino
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    .wrapping_add(index.wrapping_mul(0xBF58_476D_1CE4_E5B9))
-                    .wrapping_add(r);
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                ((z ^ (z >> 31)) % STRIPES as u64) as usize
-            })
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+        stripe_slots(self.ino, index, b0, b1)
     }
 
     pub(super) fn lock_shared(&self, index: u64, b0: u64, b1: u64) -> Vec<RwLockReadGuard<'_, ()>> {
@@ -307,5 +315,37 @@ impl Volume {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Concurrent writes of disjoint ranges of one extent (the requests of a
+    /// sequential writeback, served by many workers at once) never wait for
+    /// each other's stripes. Hashing each 16-block region on its own made
+    /// two 4 MiB requests share a stripe with a chance of about 63 %, and a
+    /// sequential flush ran with 26 of 28 workers waiting on stripe locks.
+    #[test]
+    fn disjoint_ranges_of_one_extent_share_no_stripe() {
+        let blocks = (64u64 << 20) / 4096; // a 64 MiB extent of 4 KiB blocks
+        for (ino, index) in [(2u64, 0u64), (2, 1), (77, 5), (u64::MAX, u64::MAX)] {
+            for len in [256u64, 1024] {
+                let ranges: Vec<Vec<usize>> = (0..blocks / len)
+                    .map(|i| stripe_slots(ino, index, i * len, (i + 1) * len))
+                    .collect();
+                for (i, a) in ranges.iter().enumerate() {
+                    assert!(a.windows(2).all(|w| w[0] < w[1]), "lock order ascending");
+                    assert_eq!(a.len() as u64, len / REGION_BLOCKS);
+                    for b in &ranges[i + 1..] {
+                        assert!(
+                            a.iter().all(|s| !b.contains(s)),
+                            "ino {ino} extent {index}: ranges of {len} blocks share a stripe"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
