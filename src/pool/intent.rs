@@ -5,6 +5,9 @@
 //! whose data may differ from what the last commit describes (cf. the md
 //! write-intent bitmap): changed-block tracking marks them wholly changed, so a
 //! later incremental snapshot may over-report but never misses a write.
+//! An extent created under the current tag needs no record until the tag
+//! moves: no durable map names it before the commit of that tag, which syncs
+//! its data first.
 //!
 //! Record (32 bytes, little-endian):
 //! `0 magic [4] "VPIN" | 4 tag u64 | 12 ino u64 | 20 index u64 | 28 crc32c(0..28) u32`.
