@@ -555,6 +555,8 @@ mod tests {
             v.write_io(fh, i << 20, &vec![i as u8 + 1; 1 << 20], WriteMode::Stream)
                 .unwrap();
         }
+        // The drain drops them off the request path.
+        v.pool.drain.settle();
         let Some((cached, _)) = page_cache(&first_extent_file(&dirs[0])) else {
             eprintln!("skipped: no cachestat(2)");
             return;

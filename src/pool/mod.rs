@@ -201,6 +201,9 @@ pub struct Pool {
     pub intent_tag: AtomicU64,
     /// Open extent files (bounded; see fds.rs).
     pub fds: fds::FdCache,
+    /// Waits for the writeback of streamed writes and drops their pages
+    /// (storage/drain.rs).
+    pub drain: crate::storage::drain::Drain,
     /// Members that missed commits, and the first generation each missed:
     /// written with every commit (see [`Pool::commit`]), read at open to tell a
     /// stale member from one that went its own way.

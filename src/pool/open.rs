@@ -388,6 +388,7 @@ impl Pool {
             integrity: Integrity::default(),
             info: info::PoolInfo::default(),
             fds: fds::FdCache::for_limit(fds::raise_fd_limit()),
+            drain: crate::storage::drain::Drain::new(crate::storage::drain::DRAIN_LAG),
             behind: Mutex::new(meta::Behind::new()),
             force: std::sync::atomic::AtomicBool::new(false),
             diverged: Mutex::new(Vec::new()),

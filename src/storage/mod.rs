@@ -11,12 +11,16 @@
 //! - [`faulty::FaultyStorage`]: the real backend with injected errors, for
 //!   mounted tests (only with the `fault-injection` feature).
 //!
+//! Beside them, [`drain::Drain`] waits for the writeback of streamed writes
+//! off the request path and drops their pages.
+//!
 //! Contract every backend keeps (and the core relies on): `sync_data`/
 //! `sync_all` make a file's data and size durable; [`Storage::sync_dir`]
 //! makes the entries created, renamed or removed in a directory durable;
 //! nothing else is durable. New files and directories are private
 //! ([`crate::util::PRIVATE_FILE_MODE`], [`crate::util::PRIVATE_DIR_MODE`]).
 
+pub mod drain;
 pub mod faulty;
 pub mod real;
 pub mod redb_backend;

@@ -69,10 +69,10 @@ pub enum WriteMode {
     Direct,
     /// A long write of a cached open (the writeback of a sequential
     /// writer's pages): through the members' cache, its writeback started
-    /// at once; after the stripe lock, the request waits for that
-    /// writeback and drops its pages (the mount holds the data: a second
-    /// copy in the members' cache only takes memory, costly where the host
-    /// backs guest memory on first touch; docs/perf, change 16). The member
+    /// at once; after the stripe lock, the pool's drain waits for that
+    /// writeback and drops its pages (a second copy in the members' cache
+    /// only takes memory, costly where the host backs guest memory on first
+    /// touch; docs/perf, changes 16 and 17). The member
     /// filesystem writes long runs at depth (delayed allocation), where
     /// direct writes into new space wait on each other (ext4 takes the
     /// inode lock for those): 1 GiB written and fsynced went from 0.69 to

@@ -124,10 +124,11 @@ impl Volume {
     /// the members past their page cache, through an aligned copy; other
     /// pieces go through the cache (the kernel keeps both views coherent).
     /// With [`WriteMode::Stream`], each piece's writeback starts at once;
-    /// after the stripe lock is let go, the request waits for it and drops
-    /// those member pages (the mount keeps its own copy: the members' would
-    /// be a second one, and new page cache is costly where the host backs
-    /// guest memory on first touch); with
+    /// after the stripe lock is let go, the piece goes to the pool's drain,
+    /// which waits for that writeback and drops those member pages (the
+    /// mount keeps its own copy until the request is answered: the members'
+    /// would be a second one, and new page cache is costly where the host
+    /// backs guest memory on first touch); with
     /// [`WriteMode::Behind`] nothing is dropped (the pages of a random
     /// writer are not behind anything) and the extent's writeback starts
     /// once per `BEHIND_BATCH` (`write_behind_batched`). Write-behind
@@ -160,11 +161,12 @@ impl Volume {
                 }
                 Ok(())
             })?;
-            // Dropping pages some distance behind each piece missed half of
-            // them: a writeback's requests are served out of order, and the
-            // range behind was often not written yet (docs/perf, change 16).
+            // Each piece's own range is dropped once written back (dropping
+            // some distance behind missed half of them: a writeback's
+            // requests are served out of order; docs/perf, change 16), by the
+            // drain, so that the request is answered after the copy.
             for f in streamed {
-                f.write_behind(p.within, p.len as u64, true);
+                pool.drain.push(f, p.within, p.len as u64);
             }
             if let Some(ext) = batch {
                 self.write_behind_batched(pool, &ext, p.len as u64);
