@@ -96,21 +96,15 @@ impl Volume {
         }
     }
 
-    /// Stripe slots covering blocks `[b0, b1)` of extent `index`, ascending
-    /// (the lock order).
-    fn stripe_slots(&self, index: u64, b0: u64, b1: u64) -> Vec<usize> {
-        stripe_slots(self.ino, index, b0, b1)
-    }
-
     pub(super) fn lock_shared(&self, index: u64, b0: u64, b1: u64) -> Vec<RwLockReadGuard<'_, ()>> {
-        self.stripe_slots(index, b0, b1)
+        stripe_slots(self.ino, index, b0, b1)
             .into_iter()
             .map(|i| STRIPE_LOCKS[i].read())
             .collect()
     }
 
     pub(super) fn lock_excl(&self, index: u64, b0: u64, b1: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
-        self.stripe_slots(index, b0, b1)
+        stripe_slots(self.ino, index, b0, b1)
             .into_iter()
             .map(|i| STRIPE_LOCKS[i].write())
             .collect()
