@@ -302,7 +302,9 @@ fn mount_traced(pool: &Pool, opts: &[&str]) -> (Mount, (std::path::PathBuf, usiz
     (m, (log, len))
 }
 
-fn bdi_readahead_kb(mnt: &std::path::Path) -> String {
+/// The value of `knob` of the mount's writeback device
+/// (`/sys/class/bdi/<dev>/knob`), `None` where this kernel has no such knob.
+fn bdi_knob(mnt: &std::path::Path, knob: &str) -> Option<String> {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let dev = info
         .lines()
@@ -310,10 +312,33 @@ fn bdi_readahead_kb(mnt: &std::path::Path) -> String {
         .find(|f| f.len() > 4 && std::path::Path::new(f[4]) == mnt)
         .map(|f| f[2].to_string())
         .unwrap_or_else(|| panic!("{mnt:?} not in mountinfo"));
-    fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb"))
-        .unwrap()
-        .trim()
-        .to_string()
+    fs::read_to_string(format!("/sys/class/bdi/{dev}/{knob}"))
+        .ok()
+        .map(|v| v.trim().to_string())
+}
+
+fn bdi_readahead_kb(mnt: &std::path::Path) -> String {
+    bdi_knob(mnt, "read_ahead_kb").unwrap_or_else(|| panic!("no read_ahead_kb for {mnt:?}"))
+}
+
+/// The mount's writers are throttled like a local disk's (docs/perf
+/// change 18): no strict per-mount limit, and the mount may hold the
+/// host's whole dirty budget, so that past the host's free-run line the
+/// kernel paces them by their own writeback instead of cutting their rate
+/// to a quarter for exceeding FUSE's 1 % share.
+#[test]
+fn the_mounts_writers_are_throttled_like_a_local_disks() {
+    let pool = pool();
+    let m = pool.mount();
+    match bdi_knob(&m.path, "strict_limit") {
+        Some(v) => assert_eq!(v, "0", "strict_limit"),
+        None => eprintln!("SKIPPED strict_limit: this kernel has no such knob"),
+    }
+    assert_eq!(
+        bdi_knob(&m.path, "max_ratio").as_deref(),
+        Some("100"),
+        "max_ratio"
+    );
 }
 
 /// Reads and writes reach the daemon in requests as large as `max_request=`
