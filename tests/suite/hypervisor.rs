@@ -305,13 +305,10 @@ fn mount_traced(pool: &Pool, opts: &[&str]) -> (Mount, (std::path::PathBuf, usiz
 /// The value of `knob` of the mount's writeback device
 /// (`/sys/class/bdi/<dev>/knob`), `None` where this kernel has no such knob.
 fn bdi_knob(mnt: &std::path::Path, knob: &str) -> Option<String> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let dev = info
-        .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .find(|f| f.len() > 4 && std::path::Path::new(f[4]) == mnt)
-        .map(|f| f[2].to_string())
-        .unwrap_or_else(|| panic!("{mnt:?} not in mountinfo"));
+    let info = fs::read("/proc/self/mountinfo").unwrap();
+    let dev = vpool::daemon::parse_mountinfo(&info, mnt)
+        .unwrap_or_else(|| panic!("{mnt:?} not in mountinfo"))
+        .dev;
     fs::read_to_string(format!("/sys/class/bdi/{dev}/{knob}"))
         .ok()
         .map(|v| v.trim().to_string())

@@ -350,39 +350,8 @@ impl Pool {
 /// Is `path` a mount point (according to /proc/self/mountinfo)?
 /// `path` must be canonical (no symlinks), which temp dirs are.
 pub fn is_mounted(path: &Path) -> bool {
-    let info = match fs::read("/proc/self/mountinfo") {
-        Ok(i) => i,
-        Err(_) => return false,
-    };
-    let want = path.as_os_str().as_bytes();
-    for line in info.split(|&b| b == b'\n') {
-        let mut fields = line.split(|&b| b == b' ');
-        if let Some(mp) = fields.nth(4)
-            && unescape_mountinfo(mp) == want
-        {
-            return true;
-        }
-    }
-    false
-}
-
-fn unescape_mountinfo(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        if s[i] == b'\\'
-            && i + 3 < s.len()
-            && s[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (s[i + 1] - b'0') * 64 + (s[i + 2] - b'0') * 8 + (s[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(s[i]);
-            i += 1;
-        }
-    }
-    out
+    fs::read("/proc/self/mountinfo")
+        .is_ok_and(|info| vpool::daemon::parse_mountinfo(info, path).is_some())
 }
 
 /// Is the process alive: does any of its threads still run? After SIGKILL
