@@ -46,6 +46,11 @@ pub struct MountOptions {
     /// newest metadata copy wins and the other side's extent files are
     /// quarantined.
     pub force: bool,
+    /// `writeback_nice=N` (0-19, default
+    /// [`crate::fs::priority::WRITEBACK_NICE`]): the nice value of a worker
+    /// while it writes the mount's page cache back, where the daemon has
+    /// its own CPU share ([`crate::fs::priority::enable`]); 0 turns it off.
+    pub writeback_nice: i32,
     /// `event_hooks=DIR`: where the event hooks are (default
     /// [`crate::hooks::DEFAULT_DIR`]).
     pub event_hooks: Option<PathBuf>,
@@ -110,6 +115,7 @@ impl MountOptions {
             writeback_cache: true,
             direct_members: true,
             max_request: crate::kernel::DEFAULT_MAX_REQUEST,
+            writeback_nice: crate::fs::priority::WRITEBACK_NICE,
             ..Default::default()
         };
         for item in list
@@ -162,6 +168,15 @@ impl MountOptions {
                         .ok_or_else(|| {
                             Error::Invalid(format!("threads={n}: expected 1 to {MAX_THREADS}"))
                         })?
+                }
+                ("writeback_nice", Some(n)) => {
+                    o.writeback_nice =
+                        n.parse()
+                            .ok()
+                            .filter(|n| (0..=19).contains(n))
+                            .ok_or_else(|| {
+                                Error::Invalid(format!("writeback_nice={n}: expected 0 to 19"))
+                            })?
                 }
                 ("max_request", Some(v)) => {
                     o.max_request = crate::kernel::parse_max_request(v).map_err(Error::Invalid)?
@@ -385,6 +400,15 @@ pub fn run(member: &Path, mountpoint: &Path, opts: &MountOptions, rep: Reporter)
     config.acl = opts.acl;
     config.n_threads = Some(opts.threads);
     config.clone_fd = true;
+
+    match crate::fs::priority::enable(opts.writeback_nice) {
+        Ok(()) if opts.writeback_nice > 0 => tracing::info!(
+            nice = opts.writeback_nice,
+            "the mount's writeback is served at a lower CPU priority"
+        ),
+        Ok(()) => {}
+        Err(why) => tracing::info!(%why, "the mount's writeback is served at normal CPU priority"),
+    }
 
     (rep.step)("mounting");
     // The kernel caps the request size asked for at INIT by the host's
@@ -687,6 +711,26 @@ mod tests {
         let o = MountOptions::parse(&["max_request=16M".into()]).unwrap();
         assert_eq!(o.max_request, 16 << 20);
         for bad in ["max_request=3K", "max_request=32M", "max_request="] {
+            let e = MountOptions::parse(&[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    /// The mount's writeback is served at nice 19 unless `writeback_nice=`
+    /// says otherwise (0 turns it off); a bad value is refused by name.
+    #[test]
+    fn writeback_nice_default_and_option() {
+        let o = MountOptions::parse(&[]).unwrap();
+        assert_eq!(o.writeback_nice, 19);
+        let o = MountOptions::parse(&["writeback_nice=0".into()]).unwrap();
+        assert_eq!(o.writeback_nice, 0);
+        let o = MountOptions::parse(&["writeback_nice=7".into()]).unwrap();
+        assert_eq!(o.writeback_nice, 7);
+        for bad in [
+            "writeback_nice=20",
+            "writeback_nice=-1",
+            "writeback_nice=low",
+        ] {
             let e = MountOptions::parse(&[bad.into()]).unwrap_err().to_string();
             assert!(e.contains(bad), "{bad}: {e}");
         }

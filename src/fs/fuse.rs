@@ -176,7 +176,15 @@ struct Traced {
 }
 
 impl Traced {
+    /// The span of a request the worker serves at its own priority.
     fn new(op: &'static str) -> Traced {
+        Traced::serving(op, false)
+    }
+
+    /// The span of a request, served at the writeback priority when
+    /// `writeback` (see [`crate::fs::priority`]).
+    fn serving(op: &'static str, writeback: bool) -> Traced {
+        crate::fs::priority::serve(writeback);
         let span = tracing::debug_span!(
             "fuse",
             op,
@@ -618,7 +626,9 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let r = Traced::new("write")
+        // The kernel writing its page cache back (on its own or for an fsync).
+        let writeback = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let r = Traced::serving("write", writeback)
             .ino(ino.0)
             .fh(fh.0)
             .size(data.len() as u64)

@@ -16,6 +16,9 @@
 //!   (devices, copies), [`scrub`], [`jobs`] (long jobs, cancel), and
 //!   [`kernel_refresh`] (the kernel's view of restored files).
 //!
+//! - [`priority`]: the CPU priority of the FUSE workers by the kind of
+//!   request they serve.
+//!
 //! The storage core never imports `fuser` or `clap`: only [`fuse`] does.
 //!
 //! # Lock order
@@ -57,6 +60,7 @@ pub mod members;
 mod mount;
 mod namespace;
 mod node;
+pub mod priority;
 mod route;
 pub mod scrub;
 mod snapcmd;
