@@ -101,12 +101,24 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`]. Threads it
 /// spawns afterwards inherit it. Only a hint: failure is ignored.
 pub fn background_thread() {
+    set_thread_nice(BACKGROUND_NICE);
+}
+
+/// The calling thread's nice value.
+pub fn thread_nice() -> i32 {
+    // SAFETY: gettid has no preconditions; getpriority on our own thread
+    // reads no memory of ours. (It cannot fail for our own thread, so -1 is
+    // a nice value, not an error.)
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
+}
+
+/// Sets the calling thread's nice value (a thread's own, not its
+/// process's: `PRIO_PROCESS` with a thread id); false if refused (raising
+/// the priority needs `CAP_SYS_NICE`).
+pub fn set_thread_nice(nice: i32) -> bool {
     // SAFETY: gettid has no preconditions; setpriority with PRIO_PROCESS and a
     // thread id changes only that thread, and reads no memory of ours.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, BACKGROUND_NICE);
-    }
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) == 0 }
 }
 
 /// Puts the calling thread's disk I/O in the idle class: with a scheduler

@@ -699,12 +699,7 @@ fn serve_one(conn: UnixStream, vfs: &Weak<Vfs>, sh: &Shared) -> std::io::Result<
 /// Lowers this thread (a scrub's: it reads everything and is never urgent)
 /// to idle CPU and I/O priority, so that VMs' I/O goes first. Best effort.
 fn background_priority() {
-    // SAFETY: gettid has no preconditions; setpriority on our own thread
-    // id changes only this thread's scheduling.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-    }
+    crate::util::set_thread_nice(19);
     crate::util::idle_io_thread();
 }
 

@@ -23,6 +23,8 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicI32, Ordering};
 
+use crate::util::{set_thread_nice, thread_nice};
+
 /// The nice value of a worker while it serves the mount's writeback.
 pub const WRITEBACK_NICE: i32 = 19;
 
@@ -61,13 +63,13 @@ pub fn serve(writeback: bool) {
     }
     LOWERED.with(|l| match (writeback, l.get()) {
         (true, None) => {
-            let own = get_nice();
-            if own < nice && set_nice(nice) {
+            let own = thread_nice();
+            if own < nice && set_thread_nice(nice) {
                 l.set(Some(own));
             }
         }
         // If this fails the thread stays lowered; tried again next time.
-        (false, Some(own)) if set_nice(own) => l.set(None),
+        (false, Some(own)) if set_thread_nice(own) => l.set(None),
         _ => {}
     });
 }
@@ -76,8 +78,8 @@ pub fn serve(writeback: bool) {
 /// on a short-lived thread, so no thread of ours is left lowered.
 pub fn can_restore() -> bool {
     std::thread::spawn(|| {
-        let own = get_nice();
-        own < WRITEBACK_NICE && set_nice(WRITEBACK_NICE) && set_nice(own)
+        let own = thread_nice();
+        own < WRITEBACK_NICE && set_thread_nice(WRITEBACK_NICE) && set_thread_nice(own)
     })
     .join()
     .unwrap_or(false)
@@ -143,18 +145,6 @@ fn alone_in(procs: &str, ours: &[u32]) -> bool {
         .all(|id| id.parse().is_ok_and(|id: u32| ours.contains(&id)))
 }
 
-fn get_nice() -> i32 {
-    // SAFETY: gettid has no preconditions; getpriority on our own thread
-    // reads no memory of ours. (It cannot fail for our own thread, so -1 is
-    // a nice value, not an error.)
-    unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
-}
-
-fn set_nice(nice: i32) -> bool {
-    // SAFETY: as in `get_nice`; setpriority changes only this thread.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) == 0 }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,18 +187,18 @@ mod tests {
             return;
         }
         assert!(can_restore(), "root can regain a priority");
-        let main = get_nice();
+        let main = thread_nice();
         NICE.store(WRITEBACK_NICE, Ordering::Relaxed);
         let seen = std::thread::spawn(move || {
-            let own = get_nice();
+            let own = thread_nice();
             serve(false);
-            let a = get_nice();
+            let a = thread_nice();
             serve(true);
-            let b = get_nice();
+            let b = thread_nice();
             serve(true);
-            let c = get_nice();
+            let c = thread_nice();
             serve(false);
-            let d = get_nice();
+            let d = thread_nice();
             (own, a, b, c, d)
         })
         .join()
@@ -216,6 +206,6 @@ mod tests {
         NICE.store(0, Ordering::Relaxed);
         let (own, a, b, c, d) = seen;
         assert_eq!((a, b, c, d), (own, WRITEBACK_NICE, WRITEBACK_NICE, own));
-        assert_eq!(get_nice(), main, "other threads keep theirs");
+        assert_eq!(thread_nice(), main, "other threads keep theirs");
     }
 }
