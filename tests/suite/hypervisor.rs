@@ -448,11 +448,8 @@ fn highest_nice(pid: i32) -> i32 {
     tasks
         .flatten()
         .filter_map(|t| fs::read_to_string(t.path().join("stat")).ok())
-        .filter_map(|st| {
-            // Field 19 (nice), counted from field 3, the first after the name.
-            let rest = &st[st.rfind(')')? + 2..];
-            rest.split(' ').nth(16)?.parse().ok()
-        })
+        // Field 19 (nice), counted from field 3, the first after the name.
+        .filter_map(|st| stat_fields(&st)?.nth(16)?.parse().ok())
         .max()
         .unwrap_or(i32::MIN)
 }

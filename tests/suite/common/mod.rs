@@ -358,13 +358,10 @@ pub fn is_mounted(path: &Path) -> bool {
 /// the leader turns zombie before the other threads have exited, and until
 /// the last one has, their shared descriptors (the pool's flocks) stay open.
 pub fn pid_alive(pid: i32) -> bool {
-    let running = |stat: &str| match stat.rfind(')') {
-        // the state is the field after the ")" that closes comm
-        Some(i) => {
-            let state = stat[i + 1..].trim_start();
-            !(state.starts_with('Z') || state.starts_with('X'))
-        }
-        None => true,
+    let running = |stat: &str| {
+        stat_fields(stat)
+            .and_then(|mut f| f.next())
+            .is_none_or(|state| !(state.starts_with('Z') || state.starts_with('X')))
     };
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return false;
@@ -374,6 +371,12 @@ pub fn pid_alive(pid: i32) -> bool {
             .map(|s| running(&s))
             .unwrap_or(false)
     })
+}
+
+/// The fields of a `/proc/<pid>/stat` line after the command name (which
+/// may hold spaces and parentheses): the state (field 3) first.
+pub fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace())
 }
 
 /// Poll `f` every 50 ms until it returns true or `timeout` passes.
