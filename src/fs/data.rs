@@ -54,6 +54,27 @@ impl Live<'_> {
         vol.read_io(&self.pool, off, len as usize, size, direct)
     }
 
+    /// A long read of a cached open (the kernel's readahead), served from
+    /// the daemon's read-ahead where it holds the range (see
+    /// [`Volume::read_stream`]).
+    pub(crate) fn read_stream(&self, fh: u64, off: u64, len: u32) -> FsResult<ReadBuf> {
+        let node = self.file_node(fh)?;
+        let vol = node.volume.as_ref().ok_or(FsError::IsDir)?;
+        let size = node.meta.lock().size;
+        vol.read_stream(&self.pool, off, len as usize, size)
+    }
+
+    /// After [`Live::read_stream`] was answered: reads the stream's next
+    /// request ahead (see [`Volume::read_ahead`]). Best effort.
+    pub(crate) fn read_ahead(&self, fh: u64, off: u64, len: u32) {
+        if let Ok(node) = self.file_node(fh)
+            && let Some(vol) = node.volume.as_ref()
+        {
+            let size = node.meta.lock().size;
+            vol.read_ahead(&self.pool, off, len as usize, size);
+        }
+    }
+
     /// A write in `mode` (see [`Volume::write_io`]).
     pub(crate) fn write_io(
         &self,
@@ -672,5 +693,248 @@ mod tests {
         let mut want = vec![0u8; 300_000];
         want[200_000..200_004].copy_from_slice(b"tail");
         assert!(got == want);
+    }
+
+    // ----- the daemon's read-ahead (volume/ahead.rs) -----
+
+    const REQ: u32 = 128 << 10;
+
+    /// The member files holding inode `ino`'s data (checksum tables left out).
+    fn member_files(dirs: &[std::path::PathBuf], ino: u64) -> Vec<std::path::PathBuf> {
+        let prefix = format!("{ino}.");
+        dirs.iter()
+            .flat_map(|d| std::fs::read_dir(d.join("data")).unwrap())
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                n.starts_with(&prefix) && !n.ends_with(".sum")
+            })
+            .collect()
+    }
+
+    /// Overwrites every member file of `ino` with other bytes, behind the
+    /// daemon's back: a read that reaches the members now fails its
+    /// checksums (one copy, nothing to repair from).
+    fn spoil(dirs: &[std::path::PathBuf], ino: u64) {
+        use std::os::unix::fs::FileExt;
+        let files = member_files(dirs, ino);
+        assert!(!files.is_empty());
+        for p in files {
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            let len = f.metadata().unwrap().len() as usize;
+            f.write_all_at(&vec![0xEEu8; len], 0).unwrap();
+        }
+    }
+
+    fn pattern(len: usize, seed: u32) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(31).wrapping_add(seed) % 251) as u8)
+            .collect()
+    }
+
+    /// A file of 8 requests in one extent, written and synced, one copy.
+    fn streamed_file() -> (
+        tempfile::TempDir,
+        Vec<std::path::PathBuf>,
+        crate::fs::Vfs,
+        u64,
+        u64,
+        Vec<u8>,
+    ) {
+        let (d, dirs) = setup(1, 4 << 20);
+        let v = open(&dirs[0]);
+        let (a, fh) = v.create(ROOT_INO, b"img", 0o644, 0, ME).unwrap();
+        let data = pattern(8 * REQ as usize, 1);
+        v.write(fh, 0, &data).unwrap();
+        v.fsync(fh, false).unwrap();
+        (d, dirs, v, a.ino, fh, data)
+    }
+
+    /// A request that continues a stream is answered from the range read
+    /// ahead after the one before: the members are not read again (they are
+    /// spoiled in between, and the read still returns the file's bytes).
+    #[test]
+    fn a_stream_read_is_served_from_the_range_read_ahead() {
+        let (_d, dirs, v, ino, fh, data) = streamed_file();
+        let r = REQ as usize;
+        assert_eq!(&*v.read_stream(fh, 0, REQ).unwrap(), &data[..r]);
+        assert_eq!(
+            &*v.read_stream(fh, REQ as u64, REQ).unwrap(),
+            &data[r..2 * r]
+        );
+        v.read_ahead(fh, REQ as u64, REQ);
+        spoil(&dirs, ino);
+        let got = v.read_stream(fh, 2 * REQ as u64, REQ).unwrap();
+        assert_eq!(&*got, &data[2 * r..3 * r]);
+        // The next range was not read ahead: it comes from the spoiled members.
+        assert!(matches!(
+            v.read_stream(fh, 3 * REQ as u64, REQ),
+            Err(FsError::Io(_))
+        ));
+    }
+
+    /// A read that does not continue a stream reads nothing ahead, and a
+    /// file's ranges read ahead are dropped when its last handle closes.
+    #[test]
+    fn only_a_stream_is_read_ahead_and_only_while_the_file_is_open() {
+        let (_d, dirs, v, ino, fh, _data) = streamed_file();
+        let r = REQ as u64;
+        v.read_stream(fh, 5 * r, REQ).unwrap();
+        v.read_ahead(fh, 5 * r, REQ);
+        v.read_stream(fh, 0, REQ).unwrap();
+        v.read_stream(fh, r, REQ).unwrap();
+        v.read_ahead(fh, r, REQ);
+        v.release(fh).unwrap();
+        spoil(&dirs, ino);
+        let fh = v.open(ino, false).unwrap();
+        for at in [6 * r, 2 * r] {
+            assert!(
+                matches!(v.read_stream(fh, at, REQ), Err(FsError::Io(_))),
+                "a range at {at} was kept"
+            );
+        }
+    }
+
+    /// Every kind of change made after a range was read ahead shows in the
+    /// read of that range: the range read ahead is dropped, not served.
+    #[test]
+    fn a_change_after_the_read_ahead_shows_in_the_read() {
+        let r = REQ as u64;
+        let ru = REQ as usize;
+        // (what, the change: vfs, inode, handle, the bytes it leaves)
+        type Change<'a> = Box<dyn Fn(&crate::fs::Vfs, u64, u64, &mut Vec<u8>) + 'a>;
+        let changes: Vec<(&str, Change)> = vec![
+            (
+                "write",
+                Box::new(|v, _ino, fh, want| {
+                    let new = pattern(1000, 9);
+                    v.write(fh, 2 * r + 5000, &new).unwrap();
+                    want[2 * ru + 5000..2 * ru + 6000].copy_from_slice(&new);
+                }),
+            ),
+            (
+                "punch",
+                Box::new(|v, _ino, fh, want| {
+                    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                    v.fallocate(fh, 2 * r, 8192, mode).unwrap();
+                    want[2 * ru..2 * ru + 8192].fill(0);
+                }),
+            ),
+            (
+                "zero range",
+                Box::new(|v, _ino, fh, want| {
+                    v.fallocate(fh, 2 * r + 4096, 4096, libc::FALLOC_FL_ZERO_RANGE)
+                        .unwrap();
+                    want[2 * ru + 4096..2 * ru + 8192].fill(0);
+                }),
+            ),
+            (
+                "truncate and extend",
+                Box::new(|v, ino, _fh, want| {
+                    let size = want.len() as u64;
+                    for s in [2 * r + 100, size] {
+                        let set = SetAttr {
+                            size: Some(s),
+                            ..SetAttr::default()
+                        };
+                        v.setattr(ino, set).unwrap();
+                    }
+                    want[2 * ru + 100..].fill(0);
+                }),
+            ),
+            (
+                "copy_file_range",
+                Box::new(|v, _ino, fh, want| {
+                    let (_, src) = v.create(ROOT_INO, b"src", 0o644, 0, ME).unwrap();
+                    let new = pattern(8192, 5);
+                    v.write(src, 0, &new).unwrap();
+                    assert_eq!(v.copy_file_range(src, 0, fh, 2 * r, 8192).unwrap(), 8192);
+                    want[2 * ru..2 * ru + 8192].copy_from_slice(&new);
+                    v.release(src).unwrap();
+                }),
+            ),
+        ];
+        for (what, change) in changes {
+            let (_d, _dirs, v, ino, fh, mut want) = streamed_file();
+            v.read_stream(fh, 0, REQ).unwrap();
+            v.read_stream(fh, r, REQ).unwrap();
+            v.read_ahead(fh, r, REQ);
+            change(&v, ino, fh, &mut want);
+            let got = v.read_stream(fh, 2 * r, REQ).unwrap();
+            assert!(
+                *got == want[2 * ru..3 * ru],
+                "{what}: the range read ahead was served"
+            );
+        }
+    }
+
+    /// A writer and a streaming reader at once: every read shows at least
+    /// the version of each block whose write was acknowledged before the
+    /// read began (a range read ahead before such a write must not be
+    /// served).
+    #[test]
+    fn a_streaming_reader_sees_every_write_acknowledged_before_its_read() {
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        const BLOCKS: usize = 64;
+        const BS: usize = 4096;
+        const REQ_BLOCKS: usize = 4;
+        let (_d, dirs) = setup(1, 1 << 20);
+        let v = open(&dirs[0]);
+        let (_, fh) = v.create(ROOT_INO, b"img", 0o644, 0, ME).unwrap();
+        let block = |b: usize, ver: u32| -> Vec<u8> {
+            let mut x = vec![0u8; BS];
+            x[..4].copy_from_slice(&ver.to_le_bytes());
+            x[4..8].copy_from_slice(&(b as u32).to_le_bytes());
+            x
+        };
+        for b in 0..BLOCKS {
+            v.write(fh, (b * BS) as u64, &block(b, 0)).unwrap();
+        }
+        let acked: Vec<AtomicU32> = (0..BLOCKS).map(|_| AtomicU32::new(0)).collect();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut ver = 0u32;
+                let mut b = 7usize;
+                while !stop.load(Ordering::Acquire) {
+                    ver += 1;
+                    b = (b * 17 + 5) % BLOCKS;
+                    v.write(fh, (b * BS) as u64, &block(b, ver)).unwrap();
+                    acked[b].store(ver, Ordering::Release);
+                }
+            });
+            // The writer stops when the reader is done, or fails.
+            struct Stop<'a>(&'a AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Release);
+                }
+            }
+            let _stop = Stop(&stop);
+            let t0 = std::time::Instant::now();
+            let mut reads = 0;
+            while t0.elapsed() < std::time::Duration::from_millis(400) || reads < 200 {
+                for r in 0..BLOCKS / REQ_BLOCKS {
+                    let off = (r * REQ_BLOCKS * BS) as u64;
+                    let len = (REQ_BLOCKS * BS) as u32;
+                    let floor: Vec<u32> = (r * REQ_BLOCKS..(r + 1) * REQ_BLOCKS)
+                        .map(|b| acked[b].load(Ordering::Acquire))
+                        .collect();
+                    let got = v.read_stream(fh, off, len).unwrap();
+                    for (i, want) in floor.iter().enumerate() {
+                        let b = r * REQ_BLOCKS + i;
+                        let x = &got[i * BS..(i + 1) * BS];
+                        let ver = u32::from_le_bytes(x[..4].try_into().unwrap());
+                        assert_eq!(u32::from_le_bytes(x[4..8].try_into().unwrap()), b as u32);
+                        assert!(
+                            ver >= *want,
+                            "block {b}: version {ver} read after {want} was acknowledged"
+                        );
+                    }
+                    v.read_ahead(fh, off, len);
+                    reads += 1;
+                }
+            }
+        });
     }
 }

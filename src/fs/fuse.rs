@@ -606,12 +606,32 @@ impl Filesystem for FuseFs {
         reply: ReplyData,
     ) {
         let direct = self.direct_read(flags, size as usize);
+        // The kernel's readahead of a cached open: the daemon reads the
+        // stream's next request ahead, after the reply (volume/ahead.rs).
+        let stream = direct && !self.direct(flags);
         let r = Traced::new("read")
             .ino(ino.0)
             .fh(fh.0)
             .size(size as u64)
-            .run(|| self.vfs.read_io(fh.0, offset, size, direct));
+            .run(|| {
+                if stream {
+                    self.vfs.read_stream(fh.0, offset, size)
+                } else {
+                    self.vfs.read_io(fh.0, offset, size, direct)
+                }
+            });
+        let served = r.is_ok();
         data(reply, r);
+        if stream && served {
+            let _ = Traced::new("read_ahead")
+                .ino(ino.0)
+                .fh(fh.0)
+                .size(size as u64)
+                .run(|| {
+                    self.vfs.read_ahead(fh.0, offset, size);
+                    Ok(())
+                });
+        }
     }
 
     fn write(

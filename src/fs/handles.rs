@@ -87,6 +87,9 @@ impl Live<'_> {
         if let Handle::File { node } = h.as_ref()
             && node.open.fetch_sub(1, Ordering::AcqRel) == 1
         {
+            if let Some(v) = &node.volume {
+                v.forget_read_ahead();
+            }
             if node.meta.lock().nlink == 0 {
                 let mut ns = self.ns.write();
                 // Re-check under the namespace lock: a link() may have raced.

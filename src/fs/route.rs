@@ -285,6 +285,24 @@ impl Vfs {
         }
     }
 
+    /// A long read of a cached open (the kernel's readahead): like
+    /// [`Vfs::read_io`] with `direct`, served from the daemon's read-ahead
+    /// where it holds the range.
+    pub fn read_stream(&self, fh: u64, off: u64, len: u32) -> FsResult<ReadBuf> {
+        match self.by_handle(fh) {
+            Ok(live) => live.read_stream(fh, off, len),
+            Err(snap) => snap.read(fh, off, len).map(ReadBuf::from),
+        }
+    }
+
+    /// After a [`Vfs::read_stream`] was answered: reads the stream's next
+    /// request ahead (live files; best effort).
+    pub fn read_ahead(&self, fh: u64, off: u64, len: u32) {
+        if let Ok(live) = self.by_handle(fh) {
+            live.read_ahead(fh, off, len);
+        }
+    }
+
     pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> FsResult<u32> {
         self.write_io(fh, off, data, WriteMode::Cached)
     }

@@ -282,6 +282,7 @@ impl Volume {
         if let Some(e) = m.get(&index) {
             return Ok(e.clone());
         }
+        self.changed();
         let (fid, files) = pool.create_extent_files(self.ino, index, need)?;
         let mut members = Vec::with_capacity(files.len());
         for (m, f) in files {

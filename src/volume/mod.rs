@@ -35,6 +35,7 @@
 //! - buffers.rs: the aligned memory member I/O goes through, and the reply
 //!   buffers of reads.
 
+mod ahead;
 mod buffers;
 mod cbt;
 mod extent;
@@ -46,6 +47,7 @@ mod write;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -117,6 +119,11 @@ pub struct Volume {
     cbt: Mutex<Cbt>,
     /// Checksum of an all-zero block (holes, punched and never-written blocks).
     zcrc: u32,
+    /// Changes begun to the blocks or the map: bumped under every exclusive
+    /// stripe lock and every write lock of the map ([`Volume::changed`]).
+    /// What a read-ahead slot is checked against (ahead.rs).
+    changes: AtomicU64,
+    ahead: ahead::Ahead,
 }
 
 /// An extent file that can be removed once the commit dropping it is durable.
@@ -185,7 +192,19 @@ impl Volume {
                 dirty: BTreeSet::new(),
             }),
             zcrc: sums::zero_crc(bs as usize),
+            changes: AtomicU64::new(0),
+            ahead: ahead::Ahead::default(),
         }
+    }
+
+    /// Counts a change to the blocks or the map as begun; called with the
+    /// blocks' stripes or the map held exclusively.
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
     }
 
     fn blocks_per_extent(&self) -> u64 {

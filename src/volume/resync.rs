@@ -154,6 +154,7 @@ impl Volume {
         if !m.get(&old.index).is_some_and(|e| Arc::ptr_eq(e, old)) {
             return false;
         }
+        self.changed();
         m.insert(old.index, Arc::new(old.with_copies(copies)));
         true
     }

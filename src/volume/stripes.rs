@@ -103,11 +103,15 @@ impl Volume {
             .collect()
     }
 
+    /// The blocks' stripes, exclusively: every change to blocks takes
+    /// them, and counts as begun once it holds them (`Volume::changed`).
     pub(super) fn lock_excl(&self, index: u64, b0: u64, b1: u64) -> Vec<RwLockWriteGuard<'_, ()>> {
-        stripe_slots(self.ino, index, b0, b1)
+        let g = stripe_slots(self.ino, index, b0, b1)
             .into_iter()
             .map(|i| STRIPE_LOCKS[i].write())
-            .collect()
+            .collect();
+        self.changed();
+        g
     }
 
     /// The extent's checksum table, loaded on first use (see `load_sums`).

@@ -288,6 +288,7 @@ impl Volume {
             }
         }
         let mut m = self.map.write();
+        self.changed();
         let dead: Vec<u64> = m.range(first_dead..).map(|(k, _)| *k).collect();
         let mut out = Vec::new();
         for k in dead {

@@ -665,6 +665,20 @@ pub fn check_content(v: &Vfs, what: &str, fh: u64, want: &[u8]) {
         );
         pos = end;
     }
+    // As the kernel's readahead reads it: each request taken from the
+    // range the daemon read ahead after the one before.
+    let mut pos = 0usize;
+    while pos < want.len() {
+        let piece = v.read_stream(fh, pos as u64, 12_288).unwrap();
+        let end = (pos + 12_288).min(want.len());
+        assert!(
+            *piece == want[pos..end],
+            "{what}: stream read at {pos} differs (first diff at {:?})",
+            first_diff(&piece, &want[pos..end]).map(|d| d + pos)
+        );
+        v.read_ahead(fh, pos as u64, 12_288);
+        pos = end;
+    }
     // Whatever SEEK_HOLE/SEEK_DATA call a hole must read as zeros.
     let size = want.len() as u64;
     let mut pos = 0u64;
