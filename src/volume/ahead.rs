@@ -213,3 +213,27 @@ impl Volume {
         HELD.load(Ordering::Acquire)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{AHEAD_BYTES, SLOTS};
+
+    /// docs/design.md ("Read-ahead in the daemon") states the bounds.
+    #[test]
+    fn the_design_states_the_bounds() {
+        // Words as written, whatever the line breaks.
+        let design = include_str!("../../docs/design.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for said in [
+            format!("{SLOTS} slots per file"),
+            format!("{} MiB for all files", AHEAD_BYTES >> 20),
+        ] {
+            assert!(
+                design.contains(&said),
+                "docs/design.md does not say {said:?}"
+            );
+        }
+    }
+}
