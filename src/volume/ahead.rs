@@ -207,11 +207,6 @@ impl Volume {
         s.recent.clear();
         s.frontier = 0;
     }
-
-    /// Bytes held by the slots of every file (for tests).
-    pub fn read_ahead_held() -> usize {
-        HELD.load(Ordering::Acquire)
-    }
 }
 
 #[cfg(test)]
