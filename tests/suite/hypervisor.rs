@@ -2,7 +2,9 @@
 //! daemon handles kill-priv (issue 11): set-id bits cleared on write, truncate
 //! and `O_TRUNC` open by a caller without `CAP_FSETID` (and kept for root),
 //! attributes right at once after changes through another name or
-//! descriptor, and O_DIRECT reads and writes of aligned and unaligned pieces.
+//! descriptor, O_DIRECT reads and writes of aligned and unaligned pieces, and
+//! a sequential reader seeing direct writes made in the ranges the daemon
+//! read ahead of it.
 //! All on a real mount; needs root (FUSE, setpriv).
 
 use crate::common;
@@ -504,5 +506,88 @@ fn the_mounts_writeback_is_served_at_the_lowest_cpu_priority() {
         );
         drop(f);
         m.unmount();
+    }
+}
+
+/// A sequential reader through the page cache, which the daemon reads ahead
+/// of (volume/ahead.rs), sees what `O_DIRECT` writes put in the ranges ahead
+/// of it meanwhile: a range the daemon read before such a write is not
+/// served after it.
+#[test]
+fn a_sequential_reader_sees_direct_writes_made_ahead_of_it() {
+    use std::os::unix::io::AsRawFd;
+    let pool = Pool::new(2, &["--extent-size", "4M"]);
+    let m = pool.mount();
+    let p = m.join("img");
+    let size = 64 * MIB as usize;
+    let mut want = pattern(1, size);
+    fs::write(&p, &want).unwrap();
+    let r = File::open(&p).unwrap();
+    r.sync_all().unwrap();
+    // SAFETY: posix_fadvise on a live descriptor with plain integers: the
+    // mount's cached pages of the file go, so the reads reach the daemon.
+    let rc = unsafe { libc::posix_fadvise(r.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise");
+    let step = MIB as usize;
+    let mut got = vec![0u8; size];
+    // The first 16 MiB: the kernel and the daemon now hold ranges ahead.
+    for off in (0..16 * step).step_by(step) {
+        r.read_exact_at(&mut got[off..off + step], off as u64)
+            .unwrap();
+    }
+    // New bytes from the first MiB the mount has not cached (the kernel's
+    // readahead ends there, and the daemon's begins) over 32 MiB, past the
+    // mount's cache: the kernel's stream goes on undisturbed into ranges
+    // the daemon read before the write.
+    let ahead = first_uncached(&r, 16 * step, step);
+    {
+        let w = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&p)
+            .unwrap();
+        let mut buf = AlignedBuf::new(step, 4096);
+        for off in (ahead..ahead + 32 * step).step_by(step) {
+            let new = pattern(2 + off as u64, step);
+            buf.as_mut_slice().copy_from_slice(&new);
+            w.write_all_at(buf.as_slice(), off as u64).unwrap();
+            want[off..off + step].copy_from_slice(&new);
+        }
+    }
+    for off in (16 * step..size).step_by(step) {
+        r.read_exact_at(&mut got[off..off + step], off as u64)
+            .unwrap();
+    }
+    assert_same(
+        &got,
+        &want,
+        "the file read sequentially around direct writes",
+    );
+}
+
+/// The first offset from `from`, in steps of `step`, whose page the mount's
+/// cache does not hold (`mincore` of a shared mapping of `f`).
+fn first_uncached(f: &File, from: usize, step: usize) -> usize {
+    use std::os::unix::io::AsRawFd;
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a read-only shared mapping of a live descriptor, unmapped
+    // below; mincore writes one byte per page into `vec`, sized for it.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED, "mmap");
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0, "mincore");
+        libc::munmap(map, len);
+        (from..len)
+            .step_by(step)
+            .find(|off| vec[off / 4096] & 1 == 0)
+            .expect("the whole file is cached")
     }
 }
