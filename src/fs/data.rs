@@ -371,6 +371,7 @@ impl Live<'_> {
 #[cfg(test)]
 mod tests {
     use crate::error::FsError;
+    use crate::export::testing::pattern;
     use crate::fs::SetAttr;
     use crate::fs::testing::{ME, open, setup, setup_with};
     use crate::pool::CreateOptions;
@@ -726,12 +727,6 @@ mod tests {
         }
     }
 
-    fn pattern(len: usize, seed: u32) -> Vec<u8> {
-        (0..len as u32)
-            .map(|i| (i.wrapping_mul(31).wrapping_add(seed) % 251) as u8)
-            .collect()
-    }
-
     /// A file of 8 requests in one extent, written and synced, one copy.
     fn streamed_file() -> (
         tempfile::TempDir,
@@ -744,7 +739,7 @@ mod tests {
         let (d, dirs) = setup(1, 4 << 20);
         let v = open(&dirs[0]);
         let (a, fh) = v.create(ROOT_INO, b"img", 0o644, 0, ME).unwrap();
-        let data = pattern(8 * REQ as usize, 1);
+        let data = pattern(1, 8 * REQ as usize);
         v.write(fh, 0, &data).unwrap();
         v.fsync(fh, false).unwrap();
         (d, dirs, v, a.ino, fh, data)
@@ -807,7 +802,7 @@ mod tests {
             (
                 "write",
                 Box::new(|v, _ino, fh, want| {
-                    let new = pattern(1000, 9);
+                    let new = pattern(9, 1000);
                     v.write(fh, 2 * r + 5000, &new).unwrap();
                     want[2 * ru + 5000..2 * ru + 6000].copy_from_slice(&new);
                 }),
@@ -846,7 +841,7 @@ mod tests {
                 "copy_file_range",
                 Box::new(|v, _ino, fh, want| {
                     let (_, src) = v.create(ROOT_INO, b"src", 0o644, 0, ME).unwrap();
-                    let new = pattern(8192, 5);
+                    let new = pattern(5, 8192);
                     v.write(src, 0, &new).unwrap();
                     assert_eq!(v.copy_file_range(src, 0, fh, 2 * r, 8192).unwrap(), 8192);
                     want[2 * ru..2 * ru + 8192].copy_from_slice(&new);
