@@ -27,8 +27,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::Volume;
 use super::buffers::ReadBuf;
+use super::{Volume, clip};
 use crate::error::FsResult;
 use crate::pool::Pool;
 
@@ -110,15 +110,6 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         HELD.fetch_sub(self.len, Ordering::AcqRel);
-    }
-}
-
-/// `len` clipped to a file of `size` bytes at `off` (0 past the end).
-fn clip(off: u64, len: usize, size: u64) -> usize {
-    if off >= size {
-        0
-    } else {
-        (len as u64).min(size - off) as usize
     }
 }
 

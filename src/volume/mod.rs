@@ -141,6 +141,15 @@ struct Piece {
     buf_off: usize,
 }
 
+/// `len` clipped to a file of `size` bytes at `off` (0 past the end).
+fn clip(off: u64, len: usize, size: u64) -> usize {
+    if off >= size {
+        0
+    } else {
+        (len as u64).min(size - off) as usize
+    }
+}
+
 fn pieces(esize: u64, off: u64, len: usize) -> impl Iterator<Item = Piece> {
     let mut pos = off;
     let end = off + len as u64;

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use super::buffers::ReadBuf;
 use super::extent::Extent;
 use super::raw::{eio, map_write_err, read_full_io, seek_data_ranges, widen_merge};
-use super::{Segment, Volume, pieces};
+use super::{Segment, Volume, clip, pieces};
 use crate::error::{FsError, FsResult};
 use crate::pool::Pool;
 use crate::pool::sums::block_crc;
@@ -39,10 +39,10 @@ impl Volume {
         size: u64,
         direct: bool,
     ) -> FsResult<ReadBuf> {
-        if off >= size {
+        let len = clip(off, len, size);
+        if len == 0 {
             return Ok(ReadBuf::zeroed(0, false));
         }
-        let len = (len as u64).min(size - off) as usize;
         let mut buf = ReadBuf::zeroed(len, direct);
         for p in pieces(self.esize, off, len) {
             let Some(ext) = self.get(p.index) else {
