@@ -8,6 +8,8 @@
 #   VPOOL_TEST_ARGS     extra arguments for `cargo test --profile ci --features
 #                       fault-injection` (e.g. a filter)
 #   VPOOL_TEST_TIMEOUT  seconds before `cargo test` is killed (default 1500)
+# The test daemons log into a temporary directory ($VPOOL_LOG_DIR), removed
+# when every check passes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -18,6 +20,10 @@ TEST_TIMEOUT="${VPOOL_TEST_TIMEOUT:-1500}"
 STEPS=()
 CURRENT=""
 TEST_LOG="$(mktemp -t vpool-test.XXXXXX)"
+# The daemons the tests mount log here, not one file per test pool in
+# /var/log/vpool; kept when a test fails, for its daemon's log.
+VPOOL_LOG_DIR="$(mktemp -d -t vpool-test-logs.XXXXXX)"
+export VPOOL_LOG_DIR
 
 summary() {
     local rc=$?
@@ -33,8 +39,10 @@ summary() {
     fi
     echo "  total $((SECONDS - START))s"
     if [[ $rc -eq 0 ]]; then
+        rm -rf -- "$VPOOL_LOG_DIR"
         echo "RESULT: all checks passed"
     else
+        echo "  the test daemons' logs: $VPOOL_LOG_DIR"
         echo "RESULT: FAILED"
     fi
     if [[ -n ${TESTS_LINE:-} ]]; then

@@ -227,9 +227,13 @@ fn redirect_stdout_to_null() {
     }
 }
 
-/// The directory of the daemons' log files: `/var/log/vpool` for root,
-/// `$XDG_STATE_HOME/vpool` (or `~/.local/state/vpool`) otherwise.
+/// The directory of the daemons' log files: `$VPOOL_LOG_DIR` when set, else
+/// `/var/log/vpool` for root, `$XDG_STATE_HOME/vpool` (or
+/// `~/.local/state/vpool`) otherwise.
 pub fn log_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("VPOOL_LOG_DIR").filter(|s| !s.is_empty()) {
+        return PathBuf::from(d);
+    }
     // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } == 0 {
         return PathBuf::from("/var/log/vpool");

@@ -223,6 +223,37 @@ fn foreground_daemon_speaks_sd_notify_and_stops_on_sigterm() {
     m.unmount();
 }
 
+/// `VPOOL_LOG_DIR` in the environment of `vpool mount` puts the daemon's
+/// log file there (a test run or an admin keeps logs out of /var/log).
+#[test]
+fn the_log_directory_can_be_chosen() {
+    let _s = serial();
+    let pool = Pool::new(1, &[]);
+    let dir = pool.scratch("logs");
+    let o = run_t_env(
+        60,
+        VPOOL,
+        &args!["mount", &pool.members[0], &pool.mnt()],
+        &[("VPOOL_LOG_DIR", dir.to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", describe(&o));
+    let m = Mount::adopt(&pool.members[0], &pool.mnt());
+    let st = m.status();
+    let log = PathBuf::from(
+        st["log"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no log in {st}")),
+    );
+    assert_eq!(
+        log,
+        dir.join(format!("{}.log", st["pool"].as_str().unwrap())),
+        "{st}"
+    );
+    m.unmount();
+    let l = fs::read_to_string(&log).unwrap();
+    assert!(l.contains("serving"), "{l}");
+}
+
 /// A detached daemon: silent mount, `/` as working directory, a log file
 /// per pool that `status` names, appended to across mounts.
 #[test]
