@@ -198,6 +198,10 @@ for mode in ("buffered", "direct"):
               f" all: {', '.join(f'{w:.1f}' for w in worst)}), p99"
               f" {sorted(r['p99_ms'] for r in runs)[len(runs) // 2]:.2f} ms,"
               f" {sum(r['seconds'] for r in runs) / len(runs):.1f} s of snapshots")
+        steal = [r["steal_pct"] for r in runs if r.get("steal_pct") is not None]
+        if steal:
+            print(f"  host steal (the CPUs' time the host ran something else) during those rounds:"
+                  f" {', '.join(f'{x:.1f} %' for x in steal)}")
 PY
 } | tee "$OUT/table.md"
 }
@@ -343,7 +347,7 @@ json.dump({"start_ns": starts.tolist(), "lat_ns": lats.tolist()}, open(logpath, 
 # incremental one requested 2 s into its capture, under the writer; keeps
 # the writes that overlap the snapshots as ${target}_stall_MODE_rN.json.
 stall_run() {
-    local target="$1" mnt="$2" mode="$3" log pid t0 t1 full incr
+    local target="$1" mnt="$2" mode="$3" log pid t0 t1 s0 s1 full incr
     log="$OUT/${target}_stall_${mode}_r${ROUND}.log"
     rm -f -- "$log" "$log.ready"
     log "[$target] writer stall ($mode) during a full snapshot of $STALL_SIZE + an incremental (round $ROUND/$REPEAT)"
@@ -351,6 +355,9 @@ stall_run() {
     pid=$!
     while [[ ! -e $log.ready ]]; do sleep 0.1; done
     sleep 1
+    # CPU time the host took from this machine (steal) over the round: a
+    # vCPU not running stalls the writer whatever the filesystem does.
+    s0="$(awk '/^cpu /{print $9}' /proc/stat)"
     t0="$(date +%s.%N)"
     "$VPOOL" snapshot create --kind full --wait "$mnt" "full-$mode-$ROUND" >/dev/null 2>&1 &
     full=$!
@@ -361,13 +368,17 @@ stall_run() {
     wait "$full" || warn "[$target] the full snapshot failed"
     wait "$incr" || warn "[$target] the incremental snapshot failed"
     t1="$(date +%s.%N)"
+    s1="$(awk '/^cpu /{print $9}' /proc/stat)"
     sleep 1
     kill -TERM "$pid"
     wait "$pid" || warn "[$target] the writer failed"
-    python3 - "$log" "$t0" "$t1" "$mode" >"$OUT/${target}_stall_${mode}_r${ROUND}.json" <<'PY'
+    python3 - "$log" "$t0" "$t1" "$mode" "$((s1 - s0))" "$(getconf CLK_TCK)" "$(nproc)" \
+        >"$OUT/${target}_stall_${mode}_r${ROUND}.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 t0, t1 = float(sys.argv[2]) * 1e9, float(sys.argv[3]) * 1e9
+steal_ms = int(sys.argv[5]) * 1000 / int(sys.argv[6])
+steal_pct = 100 * steal_ms / ((t1 - t0) / 1e6 * int(sys.argv[7]))
 pairs = [(s, l) for s, l in zip(d["start_ns"], d["lat_ns"]) if s < t1 and s + l > t0]
 lats = sorted(l for _, l in pairs)
 n = len(lats)
@@ -377,6 +388,7 @@ top = sorted(pairs, key=lambda p: -p[1])[:5]
 print(json.dumps({"mode": sys.argv[4], "writes": n, "seconds": (t1 - t0) / 1e9,
                   "max_ms": lats[-1] / 1e6 if n else None,
                   "p99_ms": lats[min(n - 1, int(n * 0.99))] / 1e6 if n else None,
+                  "steal_ms": round(steal_ms), "steal_pct": round(steal_pct, 1),
                   "longest": [[round((s - t0) / 1e9, 3), round(l / 1e6, 1)] for s, l in top]}))
 PY
     rm -f -- "$log" "$log.ready"
