@@ -10,9 +10,15 @@
 //! thread waits for the ranges in the order they came and drops their pages,
 //! so the pages are reused while the host still backs them (change 16).
 //!
+//! A random writer's short writes behind (the writeback of pages the mount
+//! also holds) hand their extent over once per batch written into it, so
+//! that their member pages go too once written back (change 21).
+//!
 //! Invariants: at most `lag` bytes wait here (a range longer than that alone);
 //! a caller that would exceed it waits for room, so the members' cache holds
-//! at most `lag` bytes of streamed data besides what is being copied. Only a
+//! at most `lag` bytes of streamed data besides what is being copied. (For an
+//! extent handed over by a batch, only the batch counts; an extent already
+//! waiting is not queued twice.) Only a
 //! hint to the page cache: nothing here changes a file's content or when it
 //! is durable (that is `sync_data`'s job), and errors are left to that sync.
 
@@ -43,8 +49,9 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<(Handle, u64, u64)>,
-    /// Bytes queued or being waited for.
+    /// (file, offset, length, bytes counted against the lag).
+    queue: VecDeque<(Handle, u64, u64, u64)>,
+    /// Bytes counted of the ranges queued or being waited for.
     bytes: u64,
     started: bool,
     closed: bool,
@@ -65,9 +72,24 @@ impl Drain {
     /// Hands over `[off, off+len)` of `f`, whose writeback was started: the
     /// drain waits for it and drops its pages. Waits for room first.
     pub fn push(&self, f: Handle, off: u64, len: u64) {
+        self.push_counted(f, off, len, len);
+    }
+
+    /// [`Drain::push`] of a range that holds only `counted` bytes written
+    /// since its last push (an extent of a random writer, handed over once
+    /// per batch written into it): `counted` is what counts against the
+    /// lag. A range already waiting, not yet taken, is not queued twice.
+    pub fn push_counted(&self, f: Handle, off: u64, len: u64, counted: u64) {
         let sh = &self.shared;
         let mut st = sh.state.lock();
-        while st.bytes > 0 && st.bytes + len > sh.lag {
+        if st
+            .queue
+            .iter()
+            .any(|(g, o, l, _)| Arc::ptr_eq(g, &f) && (*o, *l) == (off, len))
+        {
+            return;
+        }
+        while st.bytes > 0 && st.bytes + counted > sh.lag {
             sh.room.wait(&mut st);
         }
         if !st.started {
@@ -84,8 +106,8 @@ impl Drain {
             }
             st.started = true;
         }
-        st.bytes += len;
-        st.queue.push_back((f, off, len));
+        st.bytes += counted;
+        st.queue.push_back((f, off, len, counted));
         sh.work.notify_one();
     }
 
@@ -111,7 +133,7 @@ impl Shared {
     fn run(&self) {
         let mut st = self.state.lock();
         loop {
-            let Some((f, off, len)) = st.queue.pop_front() else {
+            let Some((f, off, len, counted)) = st.queue.pop_front() else {
                 if st.closed {
                     return;
                 }
@@ -122,7 +144,7 @@ impl Shared {
             f.write_behind(off, len, true);
             drop(f);
             st = self.state.lock();
-            st.bytes -= len;
+            st.bytes -= counted;
             self.room.notify_all();
         }
     }
@@ -209,6 +231,43 @@ mod tests {
         assert_eq!(
             waited,
             (0..4u64).map(|i| (i << 20, 1 << 20)).collect::<Vec<_>>()
+        );
+    }
+
+    /// An extent handed over per batch counts only its batch against the
+    /// lag, and one already waiting is not queued again; once the drain has
+    /// taken it, the next batch queues it anew.
+    #[test]
+    fn extents_count_their_batch_and_wait_once() {
+        let drain = Arc::new(Drain::new(8 << 20));
+        let gate = Arc::new(Gate::default());
+        let other = Arc::new(Gate::default());
+        other.open.store(true, Ordering::Release);
+        let (f, g): (Handle, Handle) = (gate.clone(), other.clone());
+        // Parked on the first extent: it is taken, the next ones wait.
+        drain.push_counted(f.clone(), 0, 64 << 20, 1 << 20);
+        while drain.shared.state.lock().queue.len() == 1 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for _ in 0..5 {
+            drain.push_counted(f.clone(), 64 << 20, 64 << 20, 1 << 20);
+        }
+        // The same range of another file is another range.
+        drain.push_counted(g, 64 << 20, 64 << 20, 1 << 20);
+        {
+            let st = drain.shared.state.lock();
+            assert_eq!(st.queue.len(), 2, "an extent waiting was queued twice");
+            assert_eq!(st.bytes, 3 << 20, "only the batches count");
+        }
+        // Taken by the drain (in write-behind), it can be queued again.
+        drain.push_counted(f.clone(), 0, 64 << 20, 1 << 20);
+        assert_eq!(drain.shared.state.lock().queue.len(), 3);
+        assert_eq!(drain.shared.state.lock().bytes, 4 << 20);
+        gate.open.store(true, Ordering::Release);
+        drain.settle();
+        assert_eq!(
+            gate.waited.lock().clone(),
+            vec![(0, 64 << 20), (64 << 20, 64 << 20), (0, 64 << 20)]
         );
     }
 

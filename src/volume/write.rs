@@ -128,10 +128,10 @@ impl Volume {
     /// which waits for that writeback and drops those member pages (the
     /// mount keeps its own copy until the request is answered: the members'
     /// would be a second one, and new page cache is costly where the host
-    /// backs guest memory on first touch); with
-    /// [`WriteMode::Behind`] nothing is dropped (the pages of a random
-    /// writer are not behind anything) and the extent's writeback starts
-    /// once per `BEHIND_BATCH` (`write_behind_batched`). Write-behind
+    /// backs guest memory on first touch); with [`WriteMode::Behind`] the
+    /// extent's writeback starts once per `BEHIND_BATCH` and the extent goes
+    /// to the drain, which drops its member pages once written back, for
+    /// the same reason (`write_behind_batched`). Write-behind
     /// is only a hint to the member's page cache: it changes when data
     /// reaches the disk, never what a crash may leave, since durability
     /// still comes from the fdatasync at commit. The ordering rules are
@@ -177,7 +177,9 @@ impl Volume {
 
     /// Counts `len` bytes written to `ext` in [`WriteMode::Behind`] and,
     /// once [`BEHIND_BATCH`] have gathered, starts the writeback of every
-    /// dirty page of the extent's copies in one call. Outside the stripe
+    /// dirty page of the extent's copies in one call, and hands the extent
+    /// to the drain, which waits for that writeback and drops the clean
+    /// pages (the mount holds its own copy of each). Outside the stripe
     /// lock: a hint to the member's page cache, it changes no content and
     /// no ordering. Only files the descriptor cache holds get it, and
     /// nothing is opened: a file removed meanwhile (a truncate, a move) was
@@ -192,6 +194,7 @@ impl Volume {
         for c in ext.copies.iter().filter(|c| pool.usable(c.member)) {
             if let Some(f) = pool.fds.cached(&ext.file_on(self.ino, c.member)) {
                 f.write_behind(0, self.esize, false);
+                pool.drain.push_counted(f, 0, self.esize, BEHIND_BATCH);
             }
         }
     }
