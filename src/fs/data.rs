@@ -449,6 +449,7 @@ mod tests {
             WriteMode::Direct,
             WriteMode::Stream,
             WriteMode::Behind,
+            WriteMode::BehindKept,
         ]
         .into_iter()
         .enumerate()
@@ -562,31 +563,40 @@ mod tests {
     /// Short writes behind (the writeback of a random writer's pages, which
     /// the mount still holds) leave no copy in the members' cache once their
     /// batch is written back: a second copy of every page doubles the memory
-    /// a buffered guest takes (docs/perf, change 21).
+    /// a buffered guest takes (docs/perf, change 21). `odirect=cached`
+    /// (`BehindKept`) keeps them.
     #[test]
     fn short_writes_behind_leave_no_member_pages_cached() {
         use crate::volume::WriteMode;
-        let Some((_d, dirs)) = setup_with_writeback(4 << 20) else {
-            return;
-        };
-        let v = open(&dirs[0]);
-        let (_, fh) = v.create(ROOT_INO, b"img", 0o644, 0, ME).unwrap();
-        // Two batches of 256 pages, every other page of the extent.
-        for i in 0..512u64 {
-            v.write_io(fh, i * 8192, &[i as u8; 4096], WriteMode::Behind)
-                .unwrap();
-        }
-        v.pool.drain.settle();
-        let Some((cached, _)) = page_cache(&first_extent_file(&dirs[0])) else {
-            eprintln!("skipped: no cachestat(2)");
-            return;
-        };
-        assert!(
-            cached <= 8,
-            "{cached} pages of 512 written behind stay in the member's cache"
-        );
-        for i in 0..512u64 {
-            assert_eq!(v.read(fh, i * 8192, 4096).unwrap(), vec![i as u8; 4096]);
+        for (mode, dropped) in [(WriteMode::Behind, true), (WriteMode::BehindKept, false)] {
+            let Some((_d, dirs)) = setup_with_writeback(4 << 20) else {
+                return;
+            };
+            let v = open(&dirs[0]);
+            let (_, fh) = v.create(ROOT_INO, b"img", 0o644, 0, ME).unwrap();
+            // Two batches of 256 pages, every other page of the extent.
+            for i in 0..512u64 {
+                v.write_io(fh, i * 8192, &[i as u8; 4096], mode).unwrap();
+            }
+            v.pool.drain.settle();
+            let Some((cached, _)) = page_cache(&first_extent_file(&dirs[0])) else {
+                eprintln!("skipped: no cachestat(2)");
+                return;
+            };
+            if dropped {
+                assert!(
+                    cached <= 8,
+                    "{cached} pages of 512 written behind stay in the member's cache"
+                );
+            } else {
+                assert!(
+                    cached >= 500,
+                    "{mode:?} dropped pages: {cached} of 512 left"
+                );
+            }
+            for i in 0..512u64 {
+                assert_eq!(v.read(fh, i * 8192, 4096).unwrap(), vec![i as u8; 4096]);
+            }
         }
     }
 

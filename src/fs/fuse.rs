@@ -101,7 +101,8 @@ impl FuseFs {
     /// cache; a cached open's long one (the writeback of a sequential
     /// writer's pages) streamed through it with write-behind; short ones
     /// through it, with write-behind when the mount holds the page in its
-    /// own writeback cache, else left to the members' cache (it absorbs
+    /// own writeback cache (and the member pages dropped once written back,
+    /// unless `odirect=cached`), else left to the members' cache (it absorbs
     /// small random writes).
     fn write_mode(&self, flags: OpenFlags, size: usize) -> WriteMode {
         write_mode(
@@ -121,8 +122,10 @@ fn write_mode(direct: bool, direct_members: bool, writeback_cache: bool, size: u
         WriteMode::Direct
     } else if direct_members && size >= STREAM_IO {
         WriteMode::Stream
-    } else if writeback_cache {
+    } else if writeback_cache && direct_members {
         WriteMode::Behind
+    } else if writeback_cache {
+        WriteMode::BehindKept
     } else {
         WriteMode::Cached
     }
@@ -1088,7 +1091,8 @@ mod tests {
         assert_eq!(write_mode(false, true, true, long), Stream);
         assert_eq!(write_mode(false, true, false, long), Stream);
         assert_eq!(write_mode(false, true, true, long - 1), Behind);
-        assert_eq!(write_mode(false, false, true, long), Behind);
+        assert_eq!(write_mode(false, false, true, long), BehindKept);
+        assert_eq!(write_mode(false, false, true, small), BehindKept);
         assert_eq!(write_mode(false, true, false, small), Cached);
         assert_eq!(write_mode(false, false, false, long), Cached);
     }

@@ -81,14 +81,19 @@ pub enum WriteMode {
     /// 0.79 of the plain directory's speed (docs/perf, change 7).
     Stream,
     /// A short write of a mount with the writeback cache (the writeback of
-    /// a page the mount still holds): through the members' cache, nothing
-    /// dropped, its extent's writeback started once 1 MiB of such writes
-    /// have gathered (`BEHIND_BATCH`, volume/write.rs). Left dirty, the page
-    /// would count twice against the host's dirty limit (once in the
-    /// mount's cache, once in the members'), and a random writer reached
+    /// a page the mount still holds): through the members' cache, its
+    /// extent's writeback started once 1 MiB of such writes have gathered
+    /// (`BEHIND_BATCH`, volume/write.rs), and then the extent handed to the
+    /// drain, which drops its clean member pages (the mount holds the page:
+    /// a second copy only takes memory; docs/perf, change 21). Left dirty,
+    /// the page would count twice against the host's dirty limit (once in
+    /// the mount's cache, once in the members'), and a random writer reached
     /// that limit and was throttled for up to 660 ms during a snapshot; with
     /// write-behind its longest stall was 39 ms (docs/perf, change 9).
     Behind,
+    /// [`WriteMode::Behind`] with the member pages kept: a mount whose
+    /// opens all go through the members' cache (`odirect=cached`).
+    BehindKept,
 }
 
 /// A range of blocks as a snapshot captures it.

@@ -131,7 +131,8 @@ impl Volume {
     /// backs guest memory on first touch); with [`WriteMode::Behind`] the
     /// extent's writeback starts once per `BEHIND_BATCH` and the extent goes
     /// to the drain, which drops its member pages once written back, for
-    /// the same reason (`write_behind_batched`). Write-behind
+    /// the same reason (`write_behind_batched`; [`WriteMode::BehindKept`]
+    /// keeps them). Write-behind
     /// is only a hint to the member's page cache: it changes when data
     /// reaches the disk, never what a crash may leave, since durability
     /// still comes from the fdatasync at commit. The ordering rules are
@@ -143,7 +144,8 @@ impl Volume {
             let piece = &data[p.buf_off..p.buf_off + p.len];
             let aligned = (mode == WriteMode::Direct && direct_fits(p.within, p.len))
                 .then(|| AlignedBuf::copy_of(piece));
-            let batch = (mode == WriteMode::Behind).then(|| ext.clone());
+            let batch =
+                matches!(mode, WriteMode::Behind | WriteMode::BehindKept).then(|| ext.clone());
             let mut streamed = Vec::new();
             self.change(pool, ext, &p, Some(Some(piece)), |member, f| {
                 check_room(pool, member, f, p.within, p.len as u64)?;
@@ -169,7 +171,7 @@ impl Volume {
                 pool.drain.push(f, p.within, p.len as u64);
             }
             if let Some(ext) = batch {
-                self.write_behind_batched(pool, &ext, p.len as u64);
+                self.write_behind_batched(pool, &ext, p.len as u64, mode == WriteMode::Behind);
             }
         }
         Ok(())
@@ -177,14 +179,14 @@ impl Volume {
 
     /// Counts `len` bytes written to `ext` in [`WriteMode::Behind`] and,
     /// once [`BEHIND_BATCH`] have gathered, starts the writeback of every
-    /// dirty page of the extent's copies in one call, and hands the extent
-    /// to the drain, which waits for that writeback and drops the clean
-    /// pages (the mount holds its own copy of each). Outside the stripe
+    /// dirty page of the extent's copies in one call, and (`drop`) hands
+    /// the extent to the drain, which waits for that writeback and drops the
+    /// clean pages (the mount holds its own copy of each). Outside the stripe
     /// lock: a hint to the member's page cache, it changes no content and
     /// no ordering. Only files the descriptor cache holds get it, and
     /// nothing is opened: a file removed meanwhile (a truncate, a move) was
     /// dropped from the cache first, and must not be reported missing.
-    fn write_behind_batched(&self, pool: &Pool, ext: &Extent, len: u64) {
+    fn write_behind_batched(&self, pool: &Pool, ext: &Extent, len: u64, drop: bool) {
         let gathered = ext.behind.fetch_add(len, Ordering::AcqRel) + len;
         // Of two writers past the line at once, the first to take the count
         // starts the writeback.
@@ -194,7 +196,9 @@ impl Volume {
         for c in ext.copies.iter().filter(|c| pool.usable(c.member)) {
             if let Some(f) = pool.fds.cached(&ext.file_on(self.ino, c.member)) {
                 f.write_behind(0, self.esize, false);
-                pool.drain.push_counted(f, 0, self.esize, BEHIND_BATCH);
+                if drop {
+                    pool.drain.push_counted(f, 0, self.esize, BEHIND_BATCH);
+                }
             }
         }
     }
