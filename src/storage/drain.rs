@@ -72,7 +72,8 @@ impl Drain {
     /// Hands over `[off, off+len)` of `f`, whose writeback was started: the
     /// drain waits for it and drops its pages. Waits for room first.
     pub fn push(&self, f: Handle, off: u64, len: u64) {
-        self.push_counted(f, off, len, len);
+        let st = self.shared.state.lock();
+        self.enqueue(st, f, off, len, len);
     }
 
     /// [`Drain::push`] of a range that holds only `counted` bytes written
@@ -80,8 +81,7 @@ impl Drain {
     /// per batch written into it): `counted` is what counts against the
     /// lag. A range already waiting, not yet taken, is not queued twice.
     pub fn push_counted(&self, f: Handle, off: u64, len: u64, counted: u64) {
-        let sh = &self.shared;
-        let mut st = sh.state.lock();
+        let st = self.shared.state.lock();
         if st
             .queue
             .iter()
@@ -89,6 +89,20 @@ impl Drain {
         {
             return;
         }
+        self.enqueue(st, f, off, len, counted);
+    }
+
+    /// Queues a range once `counted` more bytes fit in the lag (`st` is the
+    /// state, locked by the caller).
+    fn enqueue(
+        &self,
+        mut st: parking_lot::MutexGuard<'_, State>,
+        f: Handle,
+        off: u64,
+        len: u64,
+        counted: u64,
+    ) {
+        let sh = &self.shared;
         while st.bytes > 0 && st.bytes + counted > sh.lag {
             sh.room.wait(&mut st);
         }

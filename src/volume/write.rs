@@ -177,7 +177,8 @@ impl Volume {
         Ok(())
     }
 
-    /// Counts `len` bytes written to `ext` in [`WriteMode::Behind`] and,
+    /// Counts `len` bytes written to `ext` in [`WriteMode::Behind`] (or
+    /// [`WriteMode::BehindKept`]) and,
     /// once [`BEHIND_BATCH`] have gathered, starts the writeback of every
     /// dirty page of the extent's copies in one call, and (`drop`) hands
     /// the extent to the drain, which waits for that writeback and drops the
