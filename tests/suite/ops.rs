@@ -223,6 +223,15 @@ fn foreground_daemon_speaks_sd_notify_and_stops_on_sigterm() {
     m.unmount();
 }
 
+/// The daemon's log file that `status --json` names.
+fn status_log(st: &serde_json::Value) -> PathBuf {
+    PathBuf::from(
+        st["log"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no log in {st}")),
+    )
+}
+
 /// `VPOOL_LOG_DIR` in the environment of `vpool mount` puts the daemon's
 /// log file there (a test run or an admin keeps logs out of /var/log).
 #[test]
@@ -239,11 +248,7 @@ fn the_log_directory_can_be_chosen() {
     assert!(o.status.success(), "{}", describe(&o));
     let m = Mount::adopt(&pool.members[0], &pool.mnt());
     let st = m.status();
-    let log = PathBuf::from(
-        st["log"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no log in {st}")),
-    );
+    let log = status_log(&st);
     assert_eq!(
         log,
         dir.join(format!("{}.log", st["pool"].as_str().unwrap())),
@@ -269,11 +274,7 @@ fn detached_daemon_leaves_its_directory_and_keeps_one_log() {
     let pid = m.pid.unwrap();
     assert_eq!(cwd_of(pid), Path::new("/"));
     let st = m.status();
-    let log = PathBuf::from(
-        st["log"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no log in {st}")),
-    );
+    let log = status_log(&st);
     assert!(
         log.ends_with(format!("{}.log", st["pool"].as_str().unwrap())),
         "{log:?}"
