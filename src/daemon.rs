@@ -51,6 +51,11 @@ pub struct MountOptions {
     /// while it writes the mount's page cache back, where the daemon has
     /// its own CPU share ([`crate::fs::priority::enable`]); 0 turns it off.
     pub writeback_nice: i32,
+    /// `writeback_group_nice=N` (0-19, default
+    /// [`crate::fs::priority::WRITEBACK_GROUP_NICE`]): the nice value of
+    /// the daemon's autogroup while it serves only writeback
+    /// ([`crate::fs::priority::enable_group`]); 0 turns it off.
+    pub writeback_group_nice: i32,
     /// `event_hooks=DIR`: where the event hooks are (default
     /// [`crate::hooks::DEFAULT_DIR`]).
     pub event_hooks: Option<PathBuf>,
@@ -116,6 +121,7 @@ impl MountOptions {
             direct_members: true,
             max_request: crate::kernel::DEFAULT_MAX_REQUEST,
             writeback_nice: crate::fs::priority::WRITEBACK_NICE,
+            writeback_group_nice: crate::fs::priority::WRITEBACK_GROUP_NICE,
             ..Default::default()
         };
         for item in list
@@ -169,14 +175,17 @@ impl MountOptions {
                             Error::Invalid(format!("threads={n}: expected 1 to {MAX_THREADS}"))
                         })?
                 }
-                ("writeback_nice", Some(n)) => {
-                    o.writeback_nice =
-                        n.parse()
-                            .ok()
-                            .filter(|n| (0..=19).contains(n))
-                            .ok_or_else(|| {
-                                Error::Invalid(format!("writeback_nice={n}: expected 0 to 19"))
-                            })?
+                (knob @ ("writeback_nice" | "writeback_group_nice"), Some(n)) => {
+                    let nice = n
+                        .parse()
+                        .ok()
+                        .filter(|n| (0..=19).contains(n))
+                        .ok_or_else(|| Error::Invalid(format!("{knob}={n}: expected 0 to 19")))?;
+                    if knob == "writeback_nice" {
+                        o.writeback_nice = nice;
+                    } else {
+                        o.writeback_group_nice = nice;
+                    }
                 }
                 ("max_request", Some(v)) => {
                     o.max_request = crate::kernel::parse_max_request(v).map_err(Error::Invalid)?
@@ -408,6 +417,14 @@ pub fn run(member: &Path, mountpoint: &Path, opts: &MountOptions, rep: Reporter)
         ),
         Ok(()) => {}
         Err(why) => tracing::info!(%why, "the mount's writeback is served at normal CPU priority"),
+    }
+    match crate::fs::priority::enable_group(opts.writeback_group_nice) {
+        Ok(()) if opts.writeback_group_nice > 0 => tracing::info!(
+            nice = opts.writeback_group_nice,
+            "the daemon's CPU share is lowered while it serves only writeback"
+        ),
+        Ok(()) => {}
+        Err(why) => tracing::info!(%why, "the daemon's CPU share stays whole during writeback"),
     }
 
     (rep.step)("mounting");
@@ -726,10 +743,15 @@ mod tests {
         assert_eq!(o.writeback_nice, 0);
         let o = MountOptions::parse(&["writeback_nice=7".into()]).unwrap();
         assert_eq!(o.writeback_nice, 7);
+        assert_eq!(o.writeback_group_nice, 5, "the group's knob is apart");
+        let o = MountOptions::parse(&["writeback_group_nice=0".into()]).unwrap();
+        assert_eq!((o.writeback_nice, o.writeback_group_nice), (19, 0));
         for bad in [
             "writeback_nice=20",
             "writeback_nice=-1",
             "writeback_nice=low",
+            "writeback_group_nice=20",
+            "writeback_group_nice=",
         ] {
             let e = MountOptions::parse(&[bad.into()]).unwrap_err().to_string();
             assert!(e.contains(bad), "{bad}: {e}");

@@ -100,7 +100,7 @@ pub enum Command {
         /// Mount options: allow_other, allow_root, ro, noatime, ..., nonempty, threads=N,
         /// odirect=direct|cached, max_request=SIZE (1M-16M, default 4M; raises
         /// fs.fuse.max_pages_limit as root), nowritebackcache, writeback_nice=N (0-19, default 19;
-        /// 0: off), snapdir=visible, event_hooks=DIR. fstab's
+        /// 0: off), writeback_group_nice=N (0-19, default 5; 0: off), snapdir=visible, event_hooks=DIR. fstab's
         /// defaults, nofail, noauto, _netdev and x-* are accepted and ignored.
         #[arg(short = 'o', value_name = "OPTION,...")]
         options: Vec<String>,

@@ -19,14 +19,42 @@
 //! `fsync` take 8-10 s instead of 1.3. And only where a lowered thread can
 //! come back ([`can_restore`]: raising a nice value needs `CAP_SYS_NICE`
 //! or `RLIMIT_NICE`), or a worker would serve applications at nice 19.
+//!
+//! The whole daemon's share ([`enable_group`], change 22): thread nice
+//! values order threads only inside the daemon's group, and the group as a
+//! whole weighs as much as an application's. When `syncfs` (a snapshot)
+//! sends a gigabyte of writeback at once, the flusher and the daemon's
+//! workers fill both CPUs of a small machine, and a buffered writer that was
+//! runnable waited 31-73 ms for a CPU (its longest writes during a snapshot,
+//! all at that `syncfs`). So while the daemon serves writeback and no other
+//! request came for [`QUIET_NS`], its autogroup's nice is raised to
+//! [`WRITEBACK_GROUP_NICE`]; the next other request sets it back before it
+//! is served. Only for an autogroup: a service's cgroup weight belongs to
+//! whoever runs the service.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use parking_lot::Mutex;
 
 use crate::util::{set_thread_nice, thread_nice};
 
 /// The nice value of a worker while it serves the mount's writeback.
 pub const WRITEBACK_NICE: i32 = 19;
+
+/// The nice value of the daemon's autogroup while it serves only
+/// writeback: a third of an application's weight (335 against 1024).
+pub const WRITEBACK_GROUP_NICE: i32 = 5;
+
+/// How long after its last other request the daemon may lower its share,
+/// and how long after one change it may lower again: bounds the changes
+/// to 50 a second under mixed requests (each one write to `/proc`).
+pub const QUIET_NS: u64 = 20_000_000;
+
+/// The kernel's file for the calling process's autogroup (`sched(7)`).
+const AUTOGROUP: &str = "/proc/self/autogroup";
 
 /// Nice value for writeback requests; 0 while disabled.
 static NICE: AtomicI32 = AtomicI32::new(0);
@@ -57,6 +85,9 @@ pub fn enable(nice: i32) -> Result<(), String> {
 /// The calling worker is about to serve a request: writeback (`true`) or
 /// anything else. Costs a system call only when the class changes.
 pub fn serve(writeback: bool) {
+    if let Some(g) = GROUP.get() {
+        g.serve(writeback);
+    }
     let nice = NICE.load(Ordering::Relaxed);
     if nice == 0 {
         return;
@@ -72,6 +103,147 @@ pub fn serve(writeback: bool) {
         (false, Some(own)) if set_thread_nice(own) => l.set(None),
         _ => {}
     });
+}
+
+/// The daemon's autogroup, lowered while it serves only writeback.
+static GROUP: OnceLock<Group> = OnceLock::new();
+
+struct Group {
+    /// Its nice value while lowered, and its own.
+    nice: i32,
+    own: i32,
+    /// The clock of `last_other` and [`Share`].
+    base: Instant,
+    /// Whether it is lowered now (read without the lock).
+    lowered: AtomicBool,
+    /// When the last request other than writeback came (ns from `base`;
+    /// updated at most once a millisecond, so that requests do not all
+    /// write one cache line).
+    last_other: AtomicU64,
+    share: Mutex<Share>,
+}
+
+impl Group {
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+
+    fn serve(&self, writeback: bool) {
+        let lowered = self.lowered.load(Ordering::Relaxed);
+        if writeback {
+            if lowered {
+                return;
+            }
+            let now = self.now();
+            if now.saturating_sub(self.last_other.load(Ordering::Relaxed)) < QUIET_NS {
+                return;
+            }
+            let mut share = self.share.lock();
+            if share.lower(now, self.last_other.load(Ordering::Relaxed))
+                && set_autogroup_nice(self.nice)
+            {
+                share.changed(true, now);
+                self.lowered.store(true, Ordering::Relaxed);
+            }
+        } else {
+            let now = self.now();
+            if now.saturating_sub(self.last_other.load(Ordering::Relaxed)) >= 1_000_000 {
+                self.last_other.store(now, Ordering::Relaxed);
+            }
+            // A request that races a lowering may be served lowered; the
+            // next one sets the share back.
+            if lowered {
+                let mut share = self.share.lock();
+                self.last_other.store(now, Ordering::Relaxed);
+                // If this fails the next request tries again.
+                if share.lowered && set_autogroup_nice(self.own) {
+                    share.changed(false, now);
+                    self.lowered.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// When the daemon's share is lowered: a pure function of request times
+/// (ns), kept apart for tests.
+#[derive(Debug, Default)]
+struct Share {
+    lowered: bool,
+    last_change: Option<u64>,
+}
+
+impl Share {
+    /// A writeback request at `now`, the last other request at
+    /// `last_other`: lower the share now?
+    fn lower(&self, now: u64, last_other: u64) -> bool {
+        !self.lowered
+            && now.saturating_sub(last_other) >= QUIET_NS
+            && self
+                .last_change
+                .is_none_or(|t| now.saturating_sub(t) >= QUIET_NS)
+    }
+
+    fn changed(&mut self, lowered: bool, now: u64) {
+        self.lowered = lowered;
+        self.last_change = Some(now);
+    }
+}
+
+/// The nice value in an autogroup file's text (`/autogroup-25 nice 0`).
+fn autogroup_nice(text: &str) -> Option<i32> {
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "nice")?;
+    words.next()?.parse().ok()
+}
+
+fn set_autogroup_nice(nice: i32) -> bool {
+    std::fs::write(AUTOGROUP, nice.to_string()).is_ok()
+}
+
+/// Lower the whole daemon's CPU share to autogroup nice `nice` (1 to 19;
+/// 0 turns it off) while it serves only writeback, if it can: it leads its
+/// own autogroup (in the root CPU cgroup, autogroups on, a session leader)
+/// and can set that group's nice back. Otherwise the reason it cannot.
+pub fn enable_group(nice: i32) -> Result<(), String> {
+    if nice <= 0 {
+        return Ok(());
+    }
+    // SAFETY: geteuid cannot fail and touches no memory.
+    if unsafe { libc::geteuid() } != 0 {
+        // Without CAP_SYS_ADMIN the kernel takes ten changes a second, so a
+        // request could wait 100 ms at the lowered share.
+        return Err(
+            "an unprivileged daemon may change its autogroup only ten times a second".into(),
+        );
+    }
+    if !own_autogroup() {
+        return Err("the daemon does not lead an autogroup of its own".into());
+    }
+    let own = std::fs::read_to_string(AUTOGROUP)
+        .ok()
+        .as_deref()
+        .and_then(autogroup_nice)
+        .ok_or_else(|| format!("cannot read {AUTOGROUP}"))?;
+    if own >= nice {
+        return Err(format!("its autogroup is already at nice {own}"));
+    }
+    // Setting its own value back is what restoring takes (a negative one
+    // needs CAP_SYS_NICE).
+    if !set_autogroup_nice(own) {
+        return Err(format!("cannot write {AUTOGROUP}"));
+    }
+    let g = Group {
+        nice: nice.min(19),
+        own,
+        base: Instant::now(),
+        lowered: AtomicBool::new(false),
+        last_other: AtomicU64::new(0),
+        share: Mutex::new(Share::default()),
+    };
+    GROUP
+        .set(g)
+        .map_err(|_| "already enabled in this process".to_string())
 }
 
 /// Can a thread of this process lower its priority and regain it? Tried
@@ -105,15 +277,23 @@ pub fn own_cpu_group() -> bool {
             let parent = unsafe { libc::getppid() } as u32;
             procs.is_some_and(|p| alone_in(&p, &[std::process::id(), parent]))
         }
-        _ => {
-            let autogroup = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled")
-                .is_ok_and(|s| s.trim() == "1");
-            // SAFETY: getsid and getpid take no pointers and cannot fail
-            // for the calling process.
-            let leader = unsafe { libc::getsid(0) == libc::getpid() };
-            autogroup && leader
-        }
+        _ => own_autogroup(),
     }
+}
+
+/// Is this process in the root CPU cgroup with the kernel's autogroups on,
+/// and does it lead its own session (and so its own autogroup)?
+fn own_autogroup() -> bool {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    if cpu_cgroup(&cgroup).is_some_and(|p| p != "/") {
+        return false;
+    }
+    let autogroup = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled")
+        .is_ok_and(|s| s.trim() == "1");
+    // SAFETY: getsid and getpid take no pointers and cannot fail for the
+    // calling process.
+    let leader = unsafe { libc::getsid(0) == libc::getpid() };
+    autogroup && leader
 }
 
 /// The path of the CPU controller's cgroup in `text` (`/proc/self/cgroup`):
@@ -161,6 +341,35 @@ mod tests {
         // A v2 cgroup without the CPU controller shares the root's.
         assert_eq!(cpu_cgroup("0::/no/such/group/here\n"), None);
         assert_eq!(cpu_cgroup("garbage\n\n"), None);
+    }
+
+    #[test]
+    fn the_autogroup_nice_is_read_from_its_file() {
+        assert_eq!(autogroup_nice("/autogroup-10158 nice 0\n"), Some(0));
+        assert_eq!(autogroup_nice("/autogroup-7 nice -3\n"), Some(-3));
+        assert_eq!(autogroup_nice("/autogroup-7 nice\n"), None);
+        assert_eq!(autogroup_nice(""), None);
+    }
+
+    /// The share is lowered by writeback only after a quiet spell of other
+    /// requests and of changes; restoring is up to the caller (at once).
+    #[test]
+    fn the_share_is_lowered_after_a_quiet_spell_only() {
+        let q = QUIET_NS;
+        let mut s = Share::default();
+        assert!(!s.lower(q - 1, 0), "another request came {}ns ago", q - 1);
+        assert!(s.lower(q, 0));
+        s.changed(true, q);
+        assert!(!s.lower(10 * q, 0), "already lowered");
+        // Restored by a request at 2q: writeback right after waits.
+        s.changed(false, 2 * q);
+        assert!(!s.lower(2 * q + 1, 0), "changed {}ns ago", 1);
+        assert!(
+            !s.lower(3 * q, 2 * q + q / 2),
+            "another request {}ns ago",
+            q / 2
+        );
+        assert!(s.lower(3 * q + q / 2, 2 * q + q / 2));
     }
 
     #[test]

@@ -509,6 +509,89 @@ fn the_mounts_writeback_is_served_at_the_lowest_cpu_priority() {
     }
 }
 
+/// The nice value of a process's autogroup (`/proc/PID/autogroup`).
+fn autogroup_nice(pid: i32) -> i32 {
+    let text = fs::read_to_string(format!("/proc/{pid}/autogroup")).unwrap_or_default();
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "nice");
+    words
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(i32::MIN)
+}
+
+/// Does `pid` share the root CPU cgroup with the kernel's autogroups on
+/// (so that `vpool mount`'s daemon, a session leader, has its own)?
+fn in_root_cpu_group_with_autogroups(pid: i32) -> bool {
+    let on = fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled")
+        .is_ok_and(|s| s.trim() == "1");
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    on && cgroup.lines().all(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctrl, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or("/"));
+        !(ctrl.is_empty() || ctrl.split(',').any(|c| c == "cpu")) || path == "/"
+    })
+}
+
+/// The daemon's whole CPU share, its autogroup, is lowered to nice 5 while
+/// it serves only writeback, and set back by the next request of another
+/// kind, before it is served (docs/perf change 22): seen while an fsync
+/// writes 64 MiB back, and back at 0 once the fsync (its `FSYNC` request)
+/// returns; with `writeback_group_nice=0` it stays at 0 throughout.
+#[test]
+fn the_daemons_share_is_lowered_while_it_serves_only_writeback() {
+    let pool = pool();
+    for (opts, want) in [(&[][..], 5), (&["writeback_group_nice=0"][..], 0)] {
+        let m = pool.mount_opts(opts);
+        let pid = m.pid.expect("daemon pid");
+        let st = m.status();
+        let log = fs::read_to_string(st["log"].as_str().unwrap_or_else(|| panic!("{st}"))).unwrap();
+        let said = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("the daemon's CPU share"))
+            .unwrap_or_default()
+            .to_string();
+        if want == 5 && !in_root_cpu_group_with_autogroups(pid) {
+            // Autogroups off, or a CPU cgroup (a service's) instead.
+            eprintln!("SKIPPED the lowered half: no autogroup of its own ({said})");
+            m.unmount();
+            continue;
+        }
+        assert_eq!(
+            autogroup_nice(pid),
+            0,
+            "{opts:?}: whole before any writeback"
+        );
+        let f = File::create(m.join("w.img")).unwrap();
+        f.write_all_at(&pattern(6, 64 << 20), 0).unwrap();
+        // Past the quiet spell after the create (fs::priority::QUIET_NS).
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (seen, after) = std::thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let mut hi = i32::MIN;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    hi = hi.max(autogroup_nice(pid));
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                hi
+            });
+            f.sync_all().unwrap();
+            let after = autogroup_nice(pid);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            (sampler.join().unwrap(), after)
+        });
+        assert_eq!(
+            seen, want,
+            "{opts:?}: the autogroup's highest nice while writing back ({said})"
+        );
+        assert_eq!(after, 0, "{opts:?}: set back by the fsync's own request");
+        drop(f);
+        m.unmount();
+    }
+}
+
 /// A sequential reader through the page cache, which the daemon reads ahead
 /// of (volume/ahead.rs), sees what `O_DIRECT` writes put in the ranges ahead
 /// of it meanwhile: a range the daemon read before such a write is not
