@@ -350,6 +350,26 @@ mod tests {
         assert_eq!(cpu_cgroup("garbage\n\n"), None);
     }
 
+    /// docs/design.md (the FUSE workers' row) states the share's numbers.
+    #[test]
+    fn the_design_states_the_share() {
+        // Words as written, whatever the line breaks.
+        let design = include_str!("../../docs/design.md")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        for said in [
+            format!("no other request for {} ms", OTHER_GAP_NS / 1_000_000),
+            format!("its whole autogroup is at nice {WRITEBACK_GROUP_NICE}"),
+            format!("{} ms after its last change", QUIET_NS / 1_000_000),
+        ] {
+            assert!(
+                design.contains(&said),
+                "docs/design.md does not say {said:?}"
+            );
+        }
+    }
+
     #[test]
     fn the_autogroup_nice_is_read_from_its_file() {
         assert_eq!(autogroup_nice("/autogroup-10158 nice 0\n"), Some(0));
