@@ -456,6 +456,37 @@ fn highest_nice(pid: i32) -> i32 {
         .unwrap_or(i32::MIN)
 }
 
+/// The daemon log's last line that contains `what`.
+fn last_said(m: &Mount, what: &str) -> String {
+    let st = m.status();
+    let log = fs::read_to_string(st["log"].as_str().unwrap_or_else(|| panic!("{st}"))).unwrap();
+    log.lines()
+        .rev()
+        .find(|l| l.contains(what))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The highest value of `probe`, sampled every 200 us while `work` runs,
+/// and what `work` returned.
+fn highest_during<T>(probe: impl Fn() -> i32 + Sync, work: impl FnOnce() -> T) -> (i32, T) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut hi = i32::MIN;
+            while !done.load(Ordering::SeqCst) {
+                hi = hi.max(probe());
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            hi
+        });
+        let out = work();
+        done.store(true, Ordering::SeqCst);
+        (sampler.join().unwrap(), out)
+    })
+}
+
 /// The workers write the mount's page cache back at nice 19 where the
 /// daemon has a CPU share of its own (docs/perf change 19): seen while an
 /// fsync writes 64 MiB back; with `writeback_nice=0` no thread is lowered.
@@ -465,14 +496,7 @@ fn the_mounts_writeback_is_served_at_the_lowest_cpu_priority() {
     for (opts, want) in [(&[][..], 19), (&["writeback_nice=0"][..], 0)] {
         let m = pool.mount_opts(opts);
         let pid = m.pid.expect("daemon pid");
-        let st = m.status();
-        let log = fs::read_to_string(st["log"].as_str().unwrap_or_else(|| panic!("{st}"))).unwrap();
-        let said = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("the mount's writeback is served at"))
-            .unwrap_or_default()
-            .to_string();
+        let said = last_said(&m, "the mount's writeback is served at");
         if want == 19 && said.contains("normal CPU priority") {
             // Root without its own CPU share (autogroups off, a shared cgroup).
             eprintln!("SKIPPED the lowered half: {said}");
@@ -486,20 +510,8 @@ fn the_mounts_writeback_is_served_at_the_lowest_cpu_priority() {
         );
         let f = File::create(m.join("w.img")).unwrap();
         f.write_all_at(&pattern(5, 64 << 20), 0).unwrap();
-        let done = std::sync::atomic::AtomicBool::new(false);
-        let seen = std::thread::scope(|s| {
-            let sampler = s.spawn(|| {
-                let mut hi = i32::MIN;
-                while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                    hi = hi.max(highest_nice(pid));
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                }
-                hi.max(highest_nice(pid))
-            });
-            f.sync_all().unwrap();
-            done.store(true, std::sync::atomic::Ordering::SeqCst);
-            sampler.join().unwrap()
-        });
+        let (seen, ()) = highest_during(|| highest_nice(pid), || f.sync_all().unwrap());
+        let seen = seen.max(highest_nice(pid));
         assert_eq!(
             seen, want,
             "{opts:?}: highest nice while writing back ({said})"
@@ -544,14 +556,7 @@ fn the_daemons_share_is_lowered_while_it_serves_only_writeback() {
     for (opts, want) in [(&[][..], 5), (&["writeback_group_nice=0"][..], 0)] {
         let m = pool.mount_opts(opts);
         let pid = m.pid.expect("daemon pid");
-        let st = m.status();
-        let log = fs::read_to_string(st["log"].as_str().unwrap_or_else(|| panic!("{st}"))).unwrap();
-        let said = log
-            .lines()
-            .rev()
-            .find(|l| l.contains("the daemon's CPU share"))
-            .unwrap_or_default()
-            .to_string();
+        let said = last_said(&m, "the daemon's CPU share");
         if want == 5 && !in_root_cpu_group_with_autogroups(pid) {
             // Autogroups off, or a CPU cgroup (a service's) instead.
             eprintln!("SKIPPED the lowered half: no autogroup of its own ({said})");
@@ -565,23 +570,15 @@ fn the_daemons_share_is_lowered_while_it_serves_only_writeback() {
         );
         let f = File::create(m.join("w.img")).unwrap();
         f.write_all_at(&pattern(6, 64 << 20), 0).unwrap();
-        // Past the quiet spell after the create (fs::priority::QUIET_NS).
+        // Past the gap after the create (fs::priority::OTHER_GAP_NS).
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let done = std::sync::atomic::AtomicBool::new(false);
-        let (seen, after) = std::thread::scope(|s| {
-            let sampler = s.spawn(|| {
-                let mut hi = i32::MIN;
-                while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                    hi = hi.max(autogroup_nice(pid));
-                    std::thread::sleep(std::time::Duration::from_micros(200));
-                }
-                hi
-            });
-            f.sync_all().unwrap();
-            let after = autogroup_nice(pid);
-            done.store(true, std::sync::atomic::Ordering::SeqCst);
-            (sampler.join().unwrap(), after)
-        });
+        let (seen, after) = highest_during(
+            || autogroup_nice(pid),
+            || {
+                f.sync_all().unwrap();
+                autogroup_nice(pid)
+            },
+        );
         assert_eq!(
             seen, want,
             "{opts:?}: the autogroup's highest nice while writing back ({said})"
