@@ -195,6 +195,22 @@ pub fn utc_string(secs: i64) -> String {
 /// layer that runs long work, so that none has to look up for it.
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64) -> bool;
 
+/// Asserts that docs/design.md says each of `said`, word for word,
+/// whatever its line breaks: the tests that pin the design's numbers.
+#[cfg(test)]
+pub(crate) fn assert_design_says(said: &[String]) {
+    let design = include_str!("../docs/design.md")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for said in said {
+        assert!(
+            design.contains(said.as_str()),
+            "docs/design.md does not say {said:?}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -154,9 +154,6 @@ impl Group {
             }
         } else {
             let now = self.now();
-            if now.saturating_sub(self.last_other.load(Ordering::Relaxed)) >= OTHER_GAP_NS {
-                self.last_other.store(now, Ordering::Relaxed);
-            }
             // A request that races a lowering may be served lowered; the
             // next one sets the share back.
             if lowered {
@@ -167,6 +164,8 @@ impl Group {
                     share.changed(false, now);
                     self.lowered.store(false, Ordering::Relaxed);
                 }
+            } else if now.saturating_sub(self.last_other.load(Ordering::Relaxed)) >= OTHER_GAP_NS {
+                self.last_other.store(now, Ordering::Relaxed);
             }
         }
     }
@@ -198,7 +197,7 @@ impl Share {
 }
 
 /// The nice value in an autogroup file's text (`/autogroup-25 nice 0`).
-fn autogroup_nice(text: &str) -> Option<i32> {
+pub fn autogroup_nice(text: &str) -> Option<i32> {
     let mut words = text.split_whitespace();
     words.find(|w| *w == "nice")?;
     words.next()?.parse().ok()
@@ -306,7 +305,7 @@ fn own_autogroup() -> bool {
 /// The path of the CPU controller's cgroup in `text` (`/proc/self/cgroup`):
 /// the v1 line naming `cpu`, else the v2 line (`0::`) when the v2 cgroup
 /// has the CPU controller (then a `cpu.weight` file exists).
-fn cpu_cgroup(text: &str) -> Option<String> {
+pub fn cpu_cgroup(text: &str) -> Option<String> {
     let mut v2 = None;
     for line in text.lines() {
         let mut f = line.splitn(3, ':');
@@ -353,21 +352,11 @@ mod tests {
     /// docs/design.md (the FUSE workers' row) states the share's numbers.
     #[test]
     fn the_design_states_the_share() {
-        // Words as written, whatever the line breaks.
-        let design = include_str!("../../docs/design.md")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        for said in [
+        crate::util::assert_design_says(&[
             format!("no other request for {} ms", OTHER_GAP_NS / 1_000_000),
             format!("its whole autogroup is at nice {WRITEBACK_GROUP_NICE}"),
             format!("{} ms after its last change", QUIET_NS / 1_000_000),
-        ] {
-            assert!(
-                design.contains(&said),
-                "docs/design.md does not say {said:?}"
-            );
-        }
+        ]);
     }
 
     #[test]

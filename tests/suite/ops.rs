@@ -223,15 +223,6 @@ fn foreground_daemon_speaks_sd_notify_and_stops_on_sigterm() {
     m.unmount();
 }
 
-/// The daemon's log file that `status --json` names.
-fn status_log(st: &serde_json::Value) -> PathBuf {
-    PathBuf::from(
-        st["log"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no log in {st}")),
-    )
-}
-
 /// `VPOOL_LOG_DIR` in the environment of `vpool mount` puts the daemon's
 /// log file there (a test run or an admin keeps logs out of /var/log).
 #[test]

@@ -435,6 +435,15 @@ pub fn member_status<'a>(st: &'a serde_json::Value, path: &Path) -> &'a serde_js
         .unwrap_or_else(|| panic!("member {path:?} not in status: {st}"))
 }
 
+/// The daemon's log file that `status --json` names.
+pub fn status_log(st: &serde_json::Value) -> PathBuf {
+    PathBuf::from(
+        st["log"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no log in {st}")),
+    )
+}
+
 pub fn status_json(target: &Path) -> serde_json::Value {
     let o = run_t(60, VPOOL, &args!["status", "--json", target]);
     // 3: the pool is degraded (a status all the same).
