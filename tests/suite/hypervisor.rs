@@ -298,8 +298,7 @@ fn mount_traced(pool: &Pool, opts: &[&str]) -> (Mount, (std::path::PathBuf, usiz
         opts,
     )
     .unwrap_or_else(|o| panic!("mount {opts:?}\n{}", describe(&o)));
-    let st = m.status();
-    let log = std::path::PathBuf::from(st["log"].as_str().unwrap_or_else(|| panic!("{st}")));
+    let log = status_log(&m.status());
     let len = fs::metadata(&log).map_or(0, |md| md.len() as usize);
     (m, (log, len))
 }
@@ -458,8 +457,7 @@ fn highest_nice(pid: i32) -> i32 {
 
 /// The daemon log's last line that contains `what`.
 fn last_said(m: &Mount, what: &str) -> String {
-    let st = m.status();
-    let log = fs::read_to_string(st["log"].as_str().unwrap_or_else(|| panic!("{st}"))).unwrap();
+    let log = fs::read_to_string(status_log(&m.status())).unwrap();
     log.lines()
         .rev()
         .find(|l| l.contains(what))
@@ -524,12 +522,7 @@ fn the_mounts_writeback_is_served_at_the_lowest_cpu_priority() {
 /// The nice value of a process's autogroup (`/proc/PID/autogroup`).
 fn autogroup_nice(pid: i32) -> i32 {
     let text = fs::read_to_string(format!("/proc/{pid}/autogroup")).unwrap_or_default();
-    let mut words = text.split_whitespace();
-    words.find(|w| *w == "nice");
-    words
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(i32::MIN)
+    vpool::fs::priority::autogroup_nice(&text).unwrap_or(i32::MIN)
 }
 
 /// Does `pid` share the root CPU cgroup with the kernel's autogroups on
@@ -538,18 +531,15 @@ fn in_root_cpu_group_with_autogroups(pid: i32) -> bool {
     let on = fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled")
         .is_ok_and(|s| s.trim() == "1");
     let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    on && cgroup.lines().all(|l| {
-        let mut f = l.splitn(3, ':');
-        let (_, ctrl, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or("/"));
-        !(ctrl.is_empty() || ctrl.split(',').any(|c| c == "cpu")) || path == "/"
-    })
+    on && vpool::fs::priority::cpu_cgroup(&cgroup).is_none_or(|p| p == "/")
 }
 
 /// The daemon's whole CPU share, its autogroup, is lowered to nice 5 while
 /// it serves only writeback, and set back by the next request of another
-/// kind, before it is served (docs/perf change 22): seen while an fsync
-/// writes 64 MiB back, and back at 0 once the fsync (its `FSYNC` request)
-/// returns; with `writeback_group_nice=0` it stays at 0 throughout.
+/// kind, before it is served (docs/perf change 22): seen while 64 MiB is
+/// written and an fsync writes it back, and back at 0 once the fsync (its
+/// `FSYNC` request) returns; with `writeback_group_nice=0` it stays at 0
+/// throughout.
 #[test]
 fn the_daemons_share_is_lowered_while_it_serves_only_writeback() {
     let pool = pool();
@@ -569,12 +559,15 @@ fn the_daemons_share_is_lowered_while_it_serves_only_writeback() {
             "{opts:?}: whole before any writeback"
         );
         let f = File::create(m.join("w.img")).unwrap();
-        f.write_all_at(&pattern(6, 64 << 20), 0).unwrap();
-        // Past the gap after the create (fs::priority::OTHER_GAP_NS).
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        let data = pattern(6, 64 << 20);
+        // Sampled from the write on: beside busy neighbours the kernel may
+        // write the pages back before the fsync asks it to.
         let (seen, after) = highest_during(
             || autogroup_nice(pid),
             || {
+                f.write_all_at(&data, 0).unwrap();
+                // Past the gap after the create (fs::priority::OTHER_GAP_NS).
+                std::thread::sleep(std::time::Duration::from_millis(10));
                 f.sync_all().unwrap();
                 autogroup_nice(pid)
             },
